@@ -1,0 +1,41 @@
+"""hf_specssm: lossless speculative decoding with and for state-space models in Hugging Face transformers.
+
+Quick start:
+    >>> import hf_specssm
+    >>> hf_specssm.enable(target)
+    >>> out = target.generate(input_ids, assistant_model=mamba_drafter, max_new_tokens=64)
+"""
+
+from hf_specssm._compat import check_transformers_version
+
+check_transformers_version()
+
+from hf_specssm.cache import CacheSnapshot, ForkableCache  # noqa: E402
+from hf_specssm.config import DraftConfig  # noqa: E402
+from hf_specssm.drafters import Draft, Drafter, ModelDrafter  # noqa: E402
+from hf_specssm.generation import (  # noqa: E402
+    SpeculativeDecoderOnlyOutput,
+    enable,
+    generate,
+    is_enabled,
+    speculative_generate,
+)
+from hf_specssm.stats import SpeculationStats  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheSnapshot",
+    "Draft",
+    "DraftConfig",
+    "Drafter",
+    "ForkableCache",
+    "ModelDrafter",
+    "SpeculationStats",
+    "SpeculativeDecoderOnlyOutput",
+    "__version__",
+    "enable",
+    "generate",
+    "is_enabled",
+    "speculative_generate",
+]

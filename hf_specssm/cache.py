@@ -1,0 +1,327 @@
+"""A transformers `Cache` that speculative decoding can snapshot, roll back, fork and select.
+
+transformers 5.x keeps SSM state in `LinearAttention*` cache layers that cannot be rolled back (their
+`crop` only trims the conv window and leaves the recurrent state at its post-draft value) and cannot be
+forked (`batch_repeat_interleave` is missing). `ForkableCache` keeps the same layer objects, so every
+model reads and writes its state exactly as it would with a `DynamicCache`, and adds:
+
+- `checkpoint()` / `rollback_to(length)` / `rollback(num_tokens)`: restore conv *and* recurrent state to
+  any prefix that was checkpointed, and crop attention layers to the same length;
+- `snapshot()` / `restore(snapshot)`: an explicit copy of the whole recurrent state;
+- `fork(k)` / `select(indices)`: copy rows along the batch axis, or keep some of them;
+- `get_seq_length()` that works when no attention layer exists.
+
+Checkpoints live in a pool of preallocated state buffers: taking one is a `copy_` into a free slot, never
+a reference to the live tensors (the single-step kernels update those in place).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import (
+    DynamicCache,
+    DynamicLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer,
+)
+
+from hf_specssm import _compat
+from hf_specssm_kernels.state_gather import gather_rows
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """A copy of a cache's recurrent state at one sequence length.
+
+    Attributes:
+        seq_length: number of tokens the cache had consumed when the snapshot was taken.
+        states: clones of every initialised conv / recurrent state tensor, in `ForkableCache` layer order;
+            conv states are `[B, C, K]`, recurrent states `[B, D, N]` (Mamba) or `[B, H, P, N]` (Mamba2).
+        batch_size: batch size of the cache at that time.
+    """
+
+    seq_length: int
+    states: tuple[torch.Tensor, ...]
+    batch_size: int
+
+
+class ForkableCache(DynamicCache):
+    """A `DynamicCache` for attention, SSM and hybrid models that supports speculative decoding.
+
+    Args:
+        config: the model config (`layer_types` decide which layers are recurrent and which attend).
+
+    Example:
+        >>> cache = ForkableCache(model.config)
+        >>> model(input_ids, cache_params=cache, use_cache=True)   # `past_key_values=` for attention models
+        >>> cache.advance(input_ids.shape[1])
+        >>> cache.checkpoint()                  # remember the state at this length
+        >>> model(draft_ids, cache_params=cache, use_cache=True); cache.advance(draft_ids.shape[1])
+        >>> cache.rollback(draft_ids.shape[1])  # back to the checkpoint, conv and SSM state included
+    """
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config=config)
+        for idx, layer in enumerate(self.layers):
+            # A hybrid layer with a sliding window would need past recording, which also changes how its
+            # mixer updates the conv window. Keeping all keys instead is exact (the mask applies the window).
+            if isinstance(layer, LinearAttentionAndSlidingWindowAttentionLayer):
+                self.layers[idx] = LinearAttentionAndFullAttentionLayer()
+        _compat.enable_attention_rollback(self)
+        self._seen_tokens = 0
+        self._has_linear = any(_compat.is_linear_layer(layer) for layer in self.layers)
+        self._has_attention = any(_compat.is_attention_layer(layer) for layer in self.layers)
+        # Pool of checkpoint slots: each slot holds one buffer per live state tensor.
+        self._slots: list[list[torch.Tensor] | None] = []
+        self._free_slots: list[int] = []
+        self._checkpoints: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ length
+
+    @property
+    def seen_tokens(self) -> int:
+        """Number of tokens whose effect the cache holds."""
+        return self._seen_tokens
+
+    @property
+    def has_recurrent_state(self) -> bool:
+        """Whether the model keeps SSM / linear-attention state in this cache."""
+        return self._has_linear
+
+    def advance(self, num_tokens: int) -> None:
+        """Record that a forward consumed `num_tokens` more tokens (the recurrent layers cannot count them)."""
+        if num_tokens < 0:
+            raise ValueError(f"advance() takes a non-negative count, got {num_tokens}.")
+        self._seen_tokens += num_tokens
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens consumed: the attention layers' length if the model has any, otherwise the tracked count."""
+        if self._has_attention:
+            try:
+                return super().get_seq_length(layer_idx)
+            except ValueError:
+                return self._seen_tokens
+        return self._seen_tokens
+
+    @property
+    def is_croppable(self) -> bool:
+        """Always True: `crop` restores recurrent state from checkpoints."""
+        return True
+
+    # ------------------------------------------------------------------ state access
+
+    def _live_state_slots(self) -> list[tuple[dict, int]]:
+        slots = []
+        for layer in self.layers:
+            if _compat.is_linear_layer(layer):
+                slots.extend(_compat.linear_state_slots(layer))
+        return slots
+
+    def _live_states(self) -> list[torch.Tensor]:
+        return [store[key] for store, key in self._live_state_slots()]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The live recurrent state tensors (conv `[B, C, K]`, SSM `[B, D, N]` or `[B, H, P, N]`), by layer.
+
+        These are the tensors the model updates in place; clone them to keep a copy.
+        """
+        return self._live_states()
+
+    def attention_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`(keys, values)` `[B, H_kv, S, D]` of every attention layer that holds tokens."""
+        return [(layer.keys, layer.values) for layer in self._initialized_attention_layers()]
+
+    def _write_states(self, states: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
+        slots = self._live_state_slots()
+        if len(slots) != len(states):
+            raise RuntimeError(
+                f"the cache has {len(slots)} state tensors but the saved state has {len(states)}; "
+                "it was taken from a cache of another model or before the first forward."
+            )
+        for (store, key), saved in zip(slots, states):
+            live = store[key]
+            if live.shape == saved.shape:
+                # In place: transformers marks these tensors as static addresses.
+                live.copy_(saved)
+            else:
+                store[key] = saved.clone()
+
+    def _initialized_attention_layers(self) -> list:
+        return [
+            layer
+            for layer in self.layers
+            if _compat.is_attention_layer(layer)
+            and getattr(layer, "is_initialized", False)
+            and layer.keys is not None
+            and layer.keys.numel() > 0
+        ]
+
+    def _batch_size(self) -> int:
+        states = self._live_states()
+        if states:
+            return states[0].shape[0]
+        attention = self._initialized_attention_layers()
+        return attention[0].keys.shape[0] if attention else 0
+
+    def _crop_attention_to(self, length: int) -> None:
+        for layer in self.layers:
+            if not _compat.is_attention_layer(layer):
+                continue
+            current = layer.get_seq_length()
+            if length > current:
+                raise RuntimeError(f"cannot extend an attention layer from {current} to {length} tokens.")
+            # `crop` on hybrid layers also trims the conv window; only their attention part is cropped here.
+            if _compat.is_linear_layer(layer):
+                DynamicLayer.crop(layer, length - current)
+            else:
+                layer.crop(length - current)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self) -> CacheSnapshot:
+        """Copy the recurrent state (attention layers are restored by cropping, so they are not copied)."""
+        return CacheSnapshot(
+            seq_length=self._seen_tokens,
+            states=tuple(state.clone() for state in self._live_states()),
+            batch_size=self._batch_size(),
+        )
+
+    def restore(self, snapshot: CacheSnapshot) -> None:
+        """Put the cache back to `snapshot`: copy its recurrent state, crop attention layers to its length."""
+        if snapshot.seq_length > self._seen_tokens:
+            raise ValueError(
+                f"cannot restore a snapshot at {snapshot.seq_length} tokens into a cache at {self._seen_tokens}."
+            )
+        self._write_states(snapshot.states)
+        self._crop_attention_to(snapshot.seq_length)
+        self._seen_tokens = snapshot.seq_length
+
+    def checkpoint(self) -> None:
+        """Remember the state at the current length, so `rollback_to(current length)` can return here.
+
+        Costs one `copy_` of the recurrent state into a pooled buffer; nothing for attention-only models.
+        """
+        length = self._seen_tokens
+        if not self._has_linear:
+            self._checkpoints[length] = -1
+            return
+        live = self._live_states()
+        slot_idx = self._checkpoints.get(length)
+        if slot_idx is None or slot_idx < 0:
+            slot_idx = self._free_slots.pop() if self._free_slots else self._new_slot()
+        buffers = self._slots[slot_idx]
+        if buffers is None or len(buffers) != len(live) or any(
+            b.shape != s.shape or b.dtype != s.dtype or b.device != s.device for b, s in zip(buffers, live)
+        ):
+            buffers = [torch.empty_like(state) for state in live]
+            self._slots[slot_idx] = buffers
+        for buffer, state in zip(buffers, live):
+            buffer.copy_(state)
+        self._checkpoints[length] = slot_idx
+
+    def _new_slot(self) -> int:
+        self._slots.append(None)
+        return len(self._slots) - 1
+
+    @property
+    def checkpoint_lengths(self) -> list[int]:
+        """Sequence lengths that `rollback_to` can return to."""
+        return sorted(self._checkpoints)
+
+    def rollback_to(self, length: int) -> None:
+        """Return to `length` consumed tokens, which must be the current length or a checkpointed one.
+
+        Attention layers are cropped; conv and recurrent states are copied back from the checkpoint.
+        Checkpoints past `length` are dropped, the one at `length` is kept.
+        """
+        if length == self._seen_tokens:
+            self._drop_checkpoints_after(length)
+            return
+        if length > self._seen_tokens or length < 0:
+            raise ValueError(f"cannot roll back to {length} tokens from {self._seen_tokens}.")
+        if self._has_linear:
+            slot_idx = self._checkpoints.get(length)
+            if slot_idx is None:
+                raise ValueError(
+                    f"no checkpoint at {length} tokens (have {self.checkpoint_lengths}); "
+                    "recurrent state cannot be un-consumed without one."
+                )
+            self._write_states(self._slots[slot_idx])
+        self._crop_attention_to(length)
+        self._seen_tokens = length
+        self._drop_checkpoints_after(length)
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` tokens (see `rollback_to`)."""
+        if num_tokens < 0:
+            raise ValueError(f"rollback() takes a non-negative count, got {num_tokens}.")
+        self.rollback_to(self._seen_tokens - num_tokens)
+
+    def _drop_checkpoints_after(self, length: int) -> None:
+        for key in [key for key in self._checkpoints if key > length]:
+            slot_idx = self._checkpoints.pop(key)
+            if slot_idx >= 0:
+                self._free_slots.append(slot_idx)
+
+    def clear_checkpoints(self) -> None:
+        """Forget every checkpoint (their buffers stay in the pool for reuse)."""
+        for slot_idx in self._checkpoints.values():
+            if slot_idx >= 0:
+                self._free_slots.append(slot_idx)
+        self._checkpoints.clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' `crop`: a negative count removes that many tokens (through `rollback`)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop() takes a negative number of tokens to remove, as in transformers 5.")
+        self.rollback(-tokens_to_remove)
+
+    # ------------------------------------------------------------------ batch axis
+
+    def select(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (a 1-D long tensor, repeats allowed) of every layer, in that order.
+
+        Checkpoints are dropped: they describe rows that no longer exist.
+        """
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.ndim != 1:
+            raise ValueError(f"select() takes a 1-D index tensor, got shape {tuple(indices.shape)}.")
+        batch = self._batch_size()
+        if batch and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= batch):
+            raise ValueError(f"row indices {indices.tolist()} are out of range for batch size {batch}.")
+        for store, key in self._live_state_slots():
+            store[key] = gather_rows(store[key], indices.to(store[key].device))
+        for layer in self._initialized_attention_layers():
+            layer.keys = gather_rows(layer.keys, indices.to(layer.keys.device))
+            layer.values = gather_rows(layer.values, indices.to(layer.values.device))
+        self.clear_checkpoints()
+        self._slots = []
+        self._free_slots = []
+
+    def fork(self, repeats: int) -> None:
+        """Repeat each row `repeats` times along the batch axis (row b becomes rows b*repeats … b*repeats+repeats-1)."""
+        if repeats < 1:
+            raise ValueError(f"fork() needs repeats >= 1, got {repeats}.")
+        batch = self._batch_size()
+        self.select(torch.arange(batch).repeat_interleave(repeats))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """transformers' name for `fork`."""
+        self.fork(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """transformers' name for `select`."""
+        self.select(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """transformers' beam reordering, through `select`."""
+        self.select(beam_idx)
+
+    def reset(self) -> None:
+        """Drop all state: the next forward starts from an empty cache."""
+        super().reset()
+        self._seen_tokens = 0
+        self.clear_checkpoints()

@@ -1,0 +1,244 @@
+"""The speculative decoding loop and the ways users reach it from `model.generate`.
+
+One round reads like the papers: draft → verify → accept → commit. The loop is exposed three ways:
+
+- `enable(model)`: after it, `model.generate(ids, assistant_model=drafter, ...)` runs this loop;
+- `speculative_generate`: a `custom_generate` callable (`model.generate(ids, custom_generate=
+  speculative_generate, drafter=drafter)`);
+- the Hub-style `custom_generate/` folder at the repository root.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from hf_specssm import _compat
+from hf_specssm.acceptance import accept_greedy, accept_sampling
+from hf_specssm.drafters import Draft, Drafter, DraftSampler, as_drafter
+from hf_specssm.drafters.model import _check_causal_lm
+from hf_specssm.stats import SpeculationStats
+from hf_specssm.verification import AttentionTarget, process_scores
+
+_ENABLED_FLAG = "_hf_specssm_enabled"
+
+
+@dataclass
+class SpeculativeDecoderOnlyOutput(GenerateDecoderOnlyOutput):
+    """transformers' `GenerateDecoderOnlyOutput` plus what speculative decoding did.
+
+    Attributes:
+        speculation_stats: rounds, accepted lengths, drafted tokens and timings of this call.
+    """
+
+    speculation_stats: SpeculationStats | None = None
+
+
+def _validate_call(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    generation_config: GenerationConfig,
+    model_kwargs: dict,
+    drafter: Drafter,
+) -> None:
+    """Raise `ValueError` for every input the loop does not handle, before anything is touched."""
+    _check_causal_lm(model, role="target")
+    if _compat.is_stateful_model(model) or _compat.config_has_recurrent_layers(model.config):
+        raise ValueError(
+            f"{type(model).__name__} keeps recurrent (SSM) state; speculative decoding of SSM and hybrid "
+            "targets is not supported by this version of hf_specssm. Use it as the drafter instead."
+        )
+    if generation_config.num_return_sequences > 1:
+        raise ValueError("speculative decoding returns one sequence per prompt: set num_return_sequences=1.")
+    if generation_config.num_beams > 1:
+        raise ValueError("speculative decoding does not combine with beam search: set num_beams=1.")
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"speculative decoding takes one prompt per call in this version; got a batch of {input_ids.shape[0]}."
+        )
+    if _compat.normalize_attention_mask(model_kwargs.get("attention_mask")) is not None:
+        raise ValueError("the prompt's attention_mask masks tokens; pass the prompt without padding.")
+    if model_kwargs.get("use_cache") is False or generation_config.use_cache is False:
+        raise ValueError("speculative decoding needs the target's cache: do not set use_cache=False.")
+    if generation_config.output_attentions or generation_config.output_hidden_states:
+        raise ValueError(
+            "output_attentions / output_hidden_states are not available with speculative decoding."
+        )
+    drafter.validate_for(model)
+
+
+def _select_next(
+    draft: Draft,
+    scores: torch.Tensor,
+    do_sample: bool,
+) -> tuple[int, int]:
+    """Acceptance for one round: `(num_accepted, next_token)`."""
+    if not do_sample:
+        return accept_greedy(draft.tokens[0], scores)
+    target_probs = torch.softmax(scores, dim=-1)
+    draft_probs = draft.probs[0] if draft.probs is not None else None
+    return accept_sampling(draft.tokens[0], draft_probs, target_probs)
+
+
+@torch.no_grad()
+def speculative_generate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    drafter: Drafter | PreTrainedModel | None = None,
+    spec_streamer=None,
+    **model_kwargs,
+) -> torch.Tensor | SpeculativeDecoderOnlyOutput:
+    """Speculative decoding loop, usable as `model.generate(..., custom_generate=speculative_generate)`.
+
+    Args:
+        model: the target causal LM.
+        input_ids: `[1, L]` prompt.
+        logits_processor: prepared by `generate` (processors, and warpers when sampling).
+        stopping_criteria: prepared by `generate` (max length, EOS, user criteria); checked after every
+            committed token, so a stop inside an accepted block is exact.
+        generation_config: the merged generation config.
+        drafter: a `Drafter`, or a causal LM that gets `ModelDrafter` defaults.
+        spec_streamer: a streamer that receives each committed token (`generate`'s own `streamer` is not
+            forwarded to `custom_generate` callables; `enable`/`hf_specssm.generate` pass it here).
+        **model_kwargs: `generate`'s model kwargs (the target cache, attention mask, …).
+
+    Returns:
+        `[1, L + n]` sequences, or `SpeculativeDecoderOnlyOutput` with `return_dict_in_generate=True`.
+    """
+    if drafter is None:
+        raise ValueError("speculative decoding needs a drafter: pass assistant_model= (or drafter=).")
+    drafter = as_drafter(drafter)
+    _validate_call(model, input_ids, generation_config, model_kwargs, drafter)
+
+    cache_name = _compat.cache_kwarg_name(model)
+    target = AttentionTarget(model, model_kwargs.get(cache_name))
+    sampler = DraftSampler(logits_processor, generation_config.do_sample)
+    policy = drafter.length_policy
+    stats = SpeculationStats()
+    want_dict = generation_config.return_dict_in_generate
+    scores_out = () if want_dict and generation_config.output_scores else None
+    logits_out = () if want_dict and generation_config.output_logits else None
+    max_length = generation_config.max_length
+
+    loop_start = time.perf_counter()
+    drafter.begin(input_ids)
+    try:
+        finished = input_ids.shape[1] >= max_length
+        while not finished:
+            room = max_length - input_ids.shape[1]
+            num_draft = max(0, min(policy.next_length(), room - 1))
+
+            t0 = time.perf_counter()
+            if num_draft > 0:
+                draft = drafter.draft(input_ids, num_draft, sampler)
+            else:
+                draft = Draft(tokens=input_ids.new_empty((1, 0)))
+            t1 = time.perf_counter()
+
+            prefix_length = input_ids.shape[1]
+            logits = target.score(input_ids, draft.tokens)
+            scores = process_scores(logits_processor, input_ids, draft.tokens, logits)
+            num_accepted, next_token = _select_next(draft, scores, generation_config.do_sample)
+            t2 = time.perf_counter()
+
+            new_tokens = [*draft.tokens[0, :num_accepted].tolist(), next_token]
+            committed = 0
+            for position, token in enumerate(new_tokens):
+                input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+                committed += 1
+                if scores_out is not None:
+                    scores_out += (scores[position : position + 1],)
+                if logits_out is not None:
+                    logits_out += (logits[:, position],)
+                if spec_streamer is not None:
+                    spec_streamer.put(input_ids[:, -1].cpu())
+                if bool(stopping_criteria(input_ids, scores_out).all()):
+                    finished = True
+                    break
+
+            kept_drafts = min(num_accepted, committed)
+            target.keep(prefix_length + kept_drafts)
+            drafter.commit(input_ids, kept_drafts)
+            policy.update(draft.length, num_accepted, t1 - t0, t2 - t1)
+            stats.record_round(draft.length, num_accepted, committed)
+            stats.draft_time_s += t1 - t0
+            stats.verify_time_s += t2 - t1
+    finally:
+        drafter.end()
+    stats.total_time_s = time.perf_counter() - loop_start
+
+    if spec_streamer is not None:
+        spec_streamer.end()
+    model.last_speculation_stats = stats
+    if want_dict:
+        return SpeculativeDecoderOnlyOutput(
+            sequences=input_ids,
+            scores=scores_out,
+            logits=logits_out,
+            past_key_values=target.cache,
+            speculation_stats=stats,
+        )
+    return input_ids
+
+
+def generate(
+    model: PreTrainedModel,
+    *args,
+    drafter: Drafter | PreTrainedModel | None = None,
+    streamer=None,
+    **kwargs,
+) -> torch.Tensor | SpeculativeDecoderOnlyOutput:
+    """`model.generate(*args, **kwargs)` with speculative decoding by `drafter`, without patching `model`.
+
+    Input preparation, generation config, logits processors and stopping criteria are transformers' own;
+    only the decoding loop is ours.
+    """
+    if "custom_generate" in kwargs:
+        raise ValueError("hf_specssm runs its own decoding loop; do not pass custom_generate as well.")
+    if kwargs.get("num_return_sequences", 1) > 1:
+        raise ValueError("speculative decoding returns one sequence per prompt: set num_return_sequences=1.")
+    return type(model).generate(
+        model,
+        *args,
+        custom_generate=speculative_generate,
+        drafter=drafter,
+        spec_streamer=streamer,
+        streamer=streamer,
+        **kwargs,
+    )
+
+
+def enable(model: PreTrainedModel) -> PreTrainedModel:
+    """Route `model.generate(..., assistant_model=...)` through hf_specssm's loop; returns `model`.
+
+    Calls without `assistant_model` run transformers' own `generate` unchanged. Calling `enable` twice is
+    harmless.
+    """
+    if not isinstance(model, PreTrainedModel) or not model.can_generate():
+        raise ValueError(f"enable() takes a transformers model that can generate, got {type(model).__name__}.")
+    if is_enabled(model):
+        return model
+    original_generate = model.generate
+
+    @functools.wraps(original_generate)
+    def speculative_aware_generate(*args, assistant_model=None, **kwargs):
+        if assistant_model is None:
+            return original_generate(*args, **kwargs)
+        return generate(model, *args, drafter=assistant_model, **kwargs)
+
+    model.generate = speculative_aware_generate
+    setattr(model, _ENABLED_FLAG, True)
+    return model
+
+
+def is_enabled(model: PreTrainedModel) -> bool:
+    """Whether `enable(model)` has been called."""
+    return bool(getattr(model, _ENABLED_FLAG, False))

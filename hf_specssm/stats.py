@@ -1,0 +1,82 @@
+"""Per-call statistics of speculative decoding."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpeculationStats:
+    """What speculative decoding did during one `generate` call.
+
+    Attributes:
+        draft_lengths: tokens drafted in each round (0 for a round that only ran the target).
+        accepted_lengths: draft tokens accepted in each round (the target adds one more token per round).
+        committed_tokens: tokens appended to the output in each round (accepted + 1, fewer when a stopping
+            criterion ended the call inside a round).
+        draft_time_s: wall time spent drafting.
+        verify_time_s: wall time spent in target forwards and acceptance.
+        total_time_s: wall time of the whole decoding loop.
+    """
+
+    draft_lengths: list[int] = field(default_factory=list)
+    accepted_lengths: list[int] = field(default_factory=list)
+    committed_tokens: list[int] = field(default_factory=list)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    total_time_s: float = 0.0
+
+    def record_round(self, drafted: int, accepted: int, committed: int) -> None:
+        """Append one round's counts."""
+        self.draft_lengths.append(drafted)
+        self.accepted_lengths.append(accepted)
+        self.committed_tokens.append(committed)
+
+    @property
+    def rounds(self) -> int:
+        """Number of target forwards (draft–verify rounds)."""
+        return len(self.draft_lengths)
+
+    @property
+    def drafted_tokens(self) -> int:
+        """Total draft tokens proposed."""
+        return sum(self.draft_lengths)
+
+    @property
+    def accepted_tokens(self) -> int:
+        """Total draft tokens accepted."""
+        return sum(self.accepted_lengths)
+
+    @property
+    def new_tokens(self) -> int:
+        """Total tokens generated."""
+        return sum(self.committed_tokens)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """τ: mean tokens committed per target forward (accepted draft tokens + the target's own token)."""
+        return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of drafted tokens that were accepted."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of decoding-loop wall time."""
+        return self.new_tokens / self.total_time_s if self.total_time_s > 0 else 0.0
+
+    def accepted_length_histogram(self) -> dict[int, int]:
+        """How many rounds accepted each number of draft tokens."""
+        return dict(sorted(Counter(self.accepted_lengths).items()))
+
+    def summary(self) -> str:
+        """One line for logs."""
+        return (
+            f"{self.new_tokens} tokens in {self.rounds} rounds, τ={self.mean_accepted_length:.2f}, "
+            f"acceptance {self.acceptance_rate:.0%} of {self.drafted_tokens} drafted, "
+            f"draft {self.draft_time_s * 1e3:.0f} ms, verify {self.verify_time_s * 1e3:.0f} ms, "
+            f"{self.tokens_per_second:.1f} tok/s"
+        )

@@ -1,0 +1,71 @@
+"""The drafter's recurrent state after N rounds equals a fresh recompute on the committed prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import VOCAB, align, build
+from test_cache import fresh, max_state_diff
+
+import hf_specssm
+from hf_specssm.drafters import DraftSampler
+
+# fp32 tiny models: per-step rounding accumulates over ~60 steps; states are O(1).
+ATOL = 5e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "falcon_mamba", "bamba", "llama"])
+def test_state_after_random_acceptances_matches_recompute(kind):
+    """Drive the drafter API directly with every acceptance pattern, including partial ones."""
+    model = build(kind, seed=2)
+    drafter = hf_specssm.ModelDrafter(model, num_draft_tokens=4, schedule="constant")
+    generator = torch.Generator().manual_seed(0)
+    sequence = torch.randint(0, VOCAB, (1, 5), generator=generator)
+    drafter.begin(sequence)
+    sampler = DraftSampler(None, do_sample=False)
+    patterns = []
+    for _ in range(12):
+        num_draft = int(torch.randint(1, 6, (1,), generator=generator))
+        draft = drafter.draft(sequence, num_draft, sampler)
+        accepted = int(torch.randint(0, num_draft + 1, (1,), generator=generator))
+        bonus = torch.randint(0, VOCAB, (1, 1), generator=generator)
+        sequence = torch.cat([sequence, draft.tokens[:, :accepted], bonus], dim=1)
+        drafter.commit(sequence, accepted)
+        patterns.append((num_draft, accepted))
+        # the drafter holds a prefix of the committed sequence and has not consumed the last token
+        consumed = drafter.cache.seen_tokens
+        assert consumed < sequence.shape[1]
+        reference, _ = fresh(model, sequence[:, :consumed])
+        assert max_state_diff(drafter.cache, reference) < ATOL
+    assert {a for _, a in patterns} >= {0, 1, 2}
+    assert any(0 < a < d for d, a in patterns)
+
+
+class RecordingDrafter(hf_specssm.ModelDrafter):
+    """Keeps the final cache and committed sequence instead of releasing them."""
+
+    def end(self):
+        self.final_cache = self.cache
+        super().end()
+
+    def commit(self, input_ids, num_accepted):
+        super().commit(input_ids, num_accepted)
+        self.final_sequence = input_ids
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "falcon_mamba"])
+def test_state_after_generate_matches_recompute(kind):
+    target = hf_specssm.enable(build("llama", seed=0))
+    drafter_model = build(kind, seed=1)
+    align(target, drafter_model)
+    drafter = RecordingDrafter(drafter_model, num_draft_tokens=4, schedule="constant")
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    target.generate(prompt, assistant_model=drafter, max_new_tokens=40)
+    accepted = target.last_speculation_stats.accepted_lengths
+    assert any(0 < a < 4 for a in accepted), "no partial acceptance: the check would prove little"
+    consumed = drafter.final_cache.seen_tokens
+    assert drafter.final_sequence.shape[1] - consumed in (1, 2)
+    reference, _ = fresh(drafter_model, drafter.final_sequence[:, :consumed])
+    assert max_state_diff(drafter.final_cache, reference) < ATOL
