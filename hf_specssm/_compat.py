@@ -50,7 +50,9 @@ def cache_kwarg_name(model: torch.nn.Module) -> str:
         return "past_key_values"
     if "cache_params" in params:
         return "cache_params"
-    raise ValueError(f"{type(model).__name__}.forward takes no cache argument; it cannot decode incrementally.")
+    raise ValueError(
+        f"{type(model).__name__}.forward takes no cache argument; it cannot decode incrementally."
+    )
 
 
 def forward_accepts(model: torch.nn.Module, name: str) -> bool:

@@ -213,8 +213,13 @@ class ForkableCache(DynamicCache):
         if slot_idx is None or slot_idx < 0:
             slot_idx = self._free_slots.pop() if self._free_slots else self._new_slot()
         buffers = self._slots[slot_idx]
-        if buffers is None or len(buffers) != len(live) or any(
-            b.shape != s.shape or b.dtype != s.dtype or b.device != s.device for b, s in zip(buffers, live)
+        if (
+            buffers is None
+            or len(buffers) != len(live)
+            or any(
+                b.shape != s.shape or b.dtype != s.dtype or b.device != s.device
+                for b, s in zip(buffers, live)
+            )
         ):
             buffers = [torch.empty_like(state) for state in live]
             self._slots[slot_idx] = buffers

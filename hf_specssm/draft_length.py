@@ -57,74 +57,114 @@ def expected_committed(acceptance: float, length: int) -> float:
 
 
 class AdaptiveLength(DraftLengthPolicy):
-    """Pick the length that maximises expected committed tokens per unit of time.
+    """Pick the length that maximises expected committed tokens per second.
 
-    Acceptance is modelled per token (a round that accepted `n` of `k` drafts is `n` successes and, if
-    `n < k`, one failure) with exponentially decayed counts and a prior. Time per round is modelled as
-    `k · t_draft + t_verify(k)` with `t_verify(k) = v0 + v1 · k`, fitted by decayed least squares on the
-    measured verification times; until two lengths have been seen, `v1 = 0.15 · v0` (a Transformer verifying
-    8 tokens in fp32 on CPU costs about 2× one token). With `draft_cost_ratio` set, times are not measured:
-    `t_draft = ratio` and `t_verify(k) = 1 + 0.15 · k` in units of one target forward.
+    Acceptance is measured per draft position (Sequoia's positional acceptance vector): a round that
+    accepted `n` of `k` drafts is a success at positions `1..n` and, if `n < k`, a failure at `n + 1`;
+    later positions were not tested. `α_j`, the chance that draft `j` passes given that draft `j - 1`
+    did, is the decayed success rate at position `j`, shrunk toward the pooled rate over all positions
+    (itself starting from `acceptance_prior`, worth 4 rounds of evidence). Real acceptance is bursty and
+    depends on the position, which a single pooled rate gets wrong in both directions.
+
+    Round time (drafting plus verification) is modelled as `a + b · k`: `a` holds the fixed costs (one
+    target forward, the drafter's catch-up on the committed tokens), `b` the per-draft-token cost (one
+    draft step plus the extra verification width). Both are fitted by decayed least squares on measured
+    round times, the slope pulled toward `0.25 · a` while the observed lengths barely vary; every 8th round drafts one token more
+    than the optimum, so the slope and the next position's acceptance stay measured. With
+    `draft_cost_ratio = r` set, nothing is timed: `a = 1 + r` and `b = r + 0.15` in units of one target
+    forward (a Transformer verifying 8 tokens in fp32 on CPU costs about 2× one token), which makes the
+    chosen lengths reproducible.
+
+    The next length is `argmax_k (1 + Σ_{j≤k} Π_{i≤j} α_i) / (a + b · k)` over `[min, max]`.
     """
 
     _PRIOR_WEIGHT = 4.0
-    _DEFAULT_SLOPE = 0.15
+    _SHRINK_WEIGHT = 2.0
+    _PRIOR_SLOPE = 0.25
+    _VERIFY_SLOPE = 0.15
+    _EXPLORE_EVERY = 8
+    _RIDGE = 2.0
 
     def __init__(self, config: DraftConfig) -> None:
         self.config = config
         self.length = config.num_draft_tokens
-        self.successes = config.acceptance_prior * self._PRIOR_WEIGHT
-        self.failures = (1.0 - config.acceptance_prior) * self._PRIOR_WEIGHT
-        # decayed sufficient statistics for t_draft per token and the t_verify(k) line
-        self._draft_time = 0.0
-        self._draft_tokens = 0.0
+        self._best = config.num_draft_tokens
+        self.rounds = 0
+        positions = config.max_draft_tokens + 1
+        self._pass = [0.0] * positions
+        self._fail = [0.0] * positions
+        # decayed sufficient statistics of (k, round time)
         self._sw = self._sk = self._skk = self._st = self._skt = 0.0
 
     @property
     def acceptance(self) -> float:
-        """Current estimate of the per-token acceptance probability."""
-        return self.successes / (self.successes + self.failures)
+        """Pooled estimate of the per-token acceptance probability."""
+        passes, fails = sum(self._pass), sum(self._fail)
+        prior = self.config.acceptance_prior * self._PRIOR_WEIGHT
+        return (passes + prior) / (passes + fails + self._PRIOR_WEIGHT)
+
+    def positional_acceptance(self) -> list[float]:
+        """`α_1 … α_max`: chance that draft `j` passes given that draft `j - 1` passed."""
+        pooled = self.acceptance
+        return [
+            (self._pass[j] + self._SHRINK_WEIGHT * pooled)
+            / (self._pass[j] + self._fail[j] + self._SHRINK_WEIGHT)
+            for j in range(1, self.config.max_draft_tokens + 1)
+        ]
+
+    def expected_committed(self, length: int) -> float:
+        """Expected tokens committed by a round of `length` drafts under the positional estimates."""
+        total, survive = 1.0, 1.0
+        for alpha in self.positional_acceptance()[:length]:
+            survive *= alpha
+            total += survive
+        return total
 
     def update(self, drafted: int, accepted: int, draft_time_s: float, verify_time_s: float) -> None:
         decay = self.config.acceptance_memory
-        self.successes = self.successes * decay + accepted
-        self.failures = self.failures * decay + (1.0 if accepted < drafted else 0.0)
+        self.rounds += 1
         if drafted > 0:
-            self._draft_time = self._draft_time * decay + draft_time_s
-            self._draft_tokens = self._draft_tokens * decay + drafted
+            self._pass = [value * decay for value in self._pass]
+            self._fail = [value * decay for value in self._fail]
+            for position in range(1, accepted + 1):
+                self._pass[position] += 1.0
+            if accepted < drafted:
+                self._fail[accepted + 1] += 1.0
+        round_time = draft_time_s + verify_time_s
         self._sw = self._sw * decay + 1.0
         self._sk = self._sk * decay + drafted
         self._skk = self._skk * decay + drafted * drafted
-        self._st = self._st * decay + verify_time_s
-        self._skt = self._skt * decay + drafted * verify_time_s
-        self.length = self._best_length()
+        self._st = self._st * decay + round_time
+        self._skt = self._skt * decay + drafted * round_time
+        self._best = self._best_length()
+        explore = self.config.draft_cost_ratio is None and self.rounds % self._EXPLORE_EVERY == 0
+        self.length = min(self._best + 1, self.config.max_draft_tokens) if explore else self._best
 
-    def _verify_line(self) -> tuple[float, float]:
-        if self.config.draft_cost_ratio is not None or self._sw == 0.0:
-            return 1.0, self._DEFAULT_SLOPE
+    def cost_line(self) -> tuple[float, float]:
+        """`(a, b)` of the round-time model `a + b · k` (seconds, or target forwards with a fixed ratio).
+
+        The slope is a ridge estimate pulled toward `0.25 · a`: lengths that barely vary (the policy's
+        own choices) would otherwise turn timing noise into a steep slope and pin the length at 1.
+        """
+        ratio = self.config.draft_cost_ratio
+        if ratio is not None:
+            return 1.0 + ratio, ratio + self._VERIFY_SLOPE
+        if self._sw == 0.0:
+            return 1.0, self._PRIOR_SLOPE
         mean_k, mean_t = self._sk / self._sw, self._st / self._sw
-        var_k = self._skk / self._sw - mean_k * mean_k
-        if var_k > 1e-6:
-            slope = max(0.0, (self._skt / self._sw - mean_k * mean_t) / var_k)
-            intercept = max(mean_t - slope * mean_k, 1e-9)
-            return intercept, slope
-        intercept = mean_t / (1.0 + self._DEFAULT_SLOPE * mean_k)
-        return intercept, self._DEFAULT_SLOPE * intercept
-
-    def _draft_step_time(self, verify_intercept: float) -> float:
-        if self.config.draft_cost_ratio is not None:
-            return self.config.draft_cost_ratio * verify_intercept
-        if self._draft_tokens > 0:
-            return self._draft_time / self._draft_tokens
-        return 0.1 * verify_intercept
+        var_k = max(self._skk / self._sw - mean_k * mean_k, 0.0)
+        cov_kt = self._skt / self._sw - mean_k * mean_t
+        prior_slope = self._PRIOR_SLOPE * mean_t / (1.0 + self._PRIOR_SLOPE * mean_k)
+        slope = (cov_kt + self._RIDGE * prior_slope) / (var_k + self._RIDGE)
+        slope = max(slope, 1e-3 * mean_t)
+        intercept = max(mean_t - slope * mean_k, 1e-3 * mean_t)
+        return intercept, slope
 
     def _best_length(self) -> int:
-        v0, v1 = self._verify_line()
-        t_draft = self._draft_step_time(v0)
-        alpha = self.acceptance
+        fixed, per_token = self.cost_line()
         best, best_rate = self.config.min_draft_tokens, -math.inf
         for k in range(self.config.min_draft_tokens, self.config.max_draft_tokens + 1):
-            rate = expected_committed(alpha, k) / (k * t_draft + v0 + v1 * k)
+            rate = self.expected_committed(k) / (fixed + per_token * k)
             if rate > best_rate:
                 best, best_rate = k, rate
         return best

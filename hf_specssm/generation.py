@@ -223,7 +223,9 @@ def enable(model: PreTrainedModel) -> PreTrainedModel:
     harmless.
     """
     if not isinstance(model, PreTrainedModel) or not model.can_generate():
-        raise ValueError(f"enable() takes a transformers model that can generate, got {type(model).__name__}.")
+        raise ValueError(
+            f"enable() takes a transformers model that can generate, got {type(model).__name__}."
+        )
     if is_enabled(model):
         return model
     original_generate = model.generate

@@ -23,6 +23,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from hf_specssm.toy import align_for_agreement
+
 VOCAB = 64
 HIDDEN = 32
 
@@ -49,7 +51,9 @@ def build(kind: str, seed: int = 0, vocab: int = VOCAB) -> PreTrainedModel:
         model = Qwen2ForCausalLM(Qwen2Config(**{**_attention_kwargs(), "vocab_size": vocab}))
     elif kind == "mistral":
         # A window shorter than the test sequences exercises sliding-window rollback.
-        model = MistralForCausalLM(MistralConfig(**{**_attention_kwargs(), "vocab_size": vocab}, sliding_window=12))
+        model = MistralForCausalLM(
+            MistralConfig(**{**_attention_kwargs(), "vocab_size": vocab}, sliding_window=12)
+        )
     elif kind == "gpt_neox":
         model = GPTNeoXForCausalLM(
             GPTNeoXConfig(
@@ -64,12 +68,22 @@ def build(kind: str, seed: int = 0, vocab: int = VOCAB) -> PreTrainedModel:
         )
     elif kind == "mamba":
         model = MambaForCausalLM(
-            MambaConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=2, state_size=8, tie_word_embeddings=False)
+            MambaConfig(
+                vocab_size=vocab,
+                hidden_size=HIDDEN,
+                num_hidden_layers=2,
+                state_size=8,
+                tie_word_embeddings=False,
+            )
         )
     elif kind == "falcon_mamba":
         model = FalconMambaForCausalLM(
             FalconMambaConfig(
-                vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=2, state_size=8, tie_word_embeddings=False
+                vocab_size=vocab,
+                hidden_size=HIDDEN,
+                num_hidden_layers=2,
+                state_size=8,
+                tie_word_embeddings=False,
             )
         )
     elif kind == "mamba2":
@@ -110,30 +124,8 @@ def build(kind: str, seed: int = 0, vocab: int = VOCAB) -> PreTrainedModel:
     return model.eval()
 
 
-_MIXER_OUTPUTS = ("o_proj", "down_proj", "dense", "dense_4h_to_h", "out_proj")
-
-
 def align(
     target: PreTrainedModel, drafter: PreTrainedModel, mixer_scale: float = 0.3, head_noise: float = 0.3
 ) -> None:
-    """Make `drafter` agree with `target` part of the time.
-
-    Both models get the same embedding and LM head, and every mixer's output projection is scaled by
-    `mixer_scale`: predictions then depend mostly on the current token (shared), and partly on each
-    model's own mixers (different). `head_noise` (relative to the head's scale) is added to the drafter's
-    head. Smaller values mean more agreement; the defaults give partial agreement for every pair in the
-    suite. Needs equal hidden sizes.
-    """
-    with torch.no_grad():
-        # Unit-scale, zero-mean rows: the shared path then dominates mixers whose outputs are normalised
-        # (Mamba2, attention), and LayerNorm (GPT-NeoX) and RMSNorm models see the same direction.
-        embedding = torch.randn_like(target.get_input_embeddings().weight)
-        embedding -= embedding.mean(dim=-1, keepdim=True)
-        for model in (target, drafter):
-            model.get_input_embeddings().weight.copy_(embedding)
-        head = target.get_output_embeddings().weight
-        drafter.get_output_embeddings().weight.copy_(head + head_noise * head.std() * torch.randn_like(head))
-        for model in (target, drafter):
-            for name, module in model.named_modules():
-                if name.split(".")[-1] in _MIXER_OUTPUTS and isinstance(module, torch.nn.Linear):
-                    module.weight.mul_(mixer_scale)
+    """Make `drafter` agree with `target` on about 50-70% of next tokens (see `hf_specssm.toy`)."""
+    align_for_agreement(target, drafter, mixer_scale=mixer_scale, head_noise=head_noise, seed=0)

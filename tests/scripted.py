@@ -19,7 +19,9 @@ class ScriptedDrafter(Drafter):
         vocab_size: target vocabulary size (wrong tokens are `right + 1 mod V`).
     """
 
-    def __init__(self, reference: torch.Tensor, accept_script: list[int], num_draft_tokens: int, vocab_size: int):
+    def __init__(
+        self, reference: torch.Tensor, accept_script: list[int], num_draft_tokens: int, vocab_size: int
+    ):
         super().__init__(DraftConfig(num_draft_tokens=num_draft_tokens, schedule="constant"))
         self.reference = reference[0]
         self.script = accept_script

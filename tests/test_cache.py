@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import VOCAB, build
 
 from hf_specssm import ForkableCache
 from hf_specssm._compat import cache_kwarg_name, forward_accepts
+
+from models import VOCAB, build
 
 KINDS = ["mamba", "mamba2", "falcon_mamba", "bamba"]
 ATOL = 2e-5
@@ -62,7 +63,7 @@ def test_rollback_to_any_checkpointed_prefix(model, keep):
     for position in range(extra.shape[1]):
         cache.checkpoint()
         run(model, cache, extra[:, position : position + 1])
-    reference, reference_logits = fresh(model, torch.cat([prompt, extra[:, :keep]], dim=1))
+    reference, _ = fresh(model, torch.cat([prompt, extra[:, :keep]], dim=1))
     # Before the rollback the state is measurably different: the comparison can fail.
     assert cache.seen_tokens == 10
     cache_before = max(
@@ -89,7 +90,10 @@ def test_rollback_after_a_multi_token_forward(model):
     model(input_ids=block, **kwargs)
     cache.advance(4)
     reference, _ = fresh(model, prompt)
-    assert max((x - y).abs().max().item() for x, y in zip(cache.state_tensors(), reference.state_tensors())) > 1e-3
+    assert (
+        max((x - y).abs().max().item() for x, y in zip(cache.state_tensors(), reference.state_tensors()))
+        > 1e-3
+    )
     cache.crop(-4)  # transformers' API, routed through the checkpoints
     assert max_state_diff(cache, reference) < ATOL
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import VOCAB, align, build
-from test_cache import fresh, max_state_diff
 
 import hf_specssm
 from hf_specssm.drafters import DraftSampler
+
+from models import VOCAB, align, build
+from test_cache import fresh, max_state_diff
 
 # fp32 tiny models: per-step rounding accumulates over ~60 steps; states are O(1).
 ATOL = 5e-5
@@ -61,10 +62,15 @@ def test_state_after_generate_matches_recompute(kind):
     drafter_model = build(kind, seed=1)
     align(target, drafter_model)
     drafter = RecordingDrafter(drafter_model, num_draft_tokens=4, schedule="constant")
-    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
-    target.generate(prompt, assistant_model=drafter, max_new_tokens=40)
-    accepted = target.last_speculation_stats.accepted_lengths
-    assert any(0 < a < 4 for a in accepted), "no partial acceptance: the check would prove little"
+    # the first of a few prompts whose run has a partial acceptance (0 < accepted < drafted)
+    for seed in range(8):
+        prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(seed))
+        target.generate(prompt, assistant_model=drafter, max_new_tokens=40)
+        stats = target.last_speculation_stats
+        if any(0 < a < d for a, d in zip(stats.accepted_lengths, stats.draft_lengths)):
+            break
+    else:
+        pytest.fail("no prompt gave a partial acceptance: the check would prove little")
     consumed = drafter.final_cache.seen_tokens
     assert drafter.final_sequence.shape[1] - consumed in (1, 2)
     reference, _ = fresh(drafter_model, drafter.final_sequence[:, :consumed])

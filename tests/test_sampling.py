@@ -12,12 +12,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from models import align, build
 from scipy.stats import chisquare
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
 import hf_specssm
 from hf_specssm.acceptance import accept_sampling
+
+from models import align, build
 
 ALPHA = 1e-3
 VOCAB = 5

@@ -47,7 +47,9 @@ class DraftSampler:
         self.logits_processor = logits_processor
         self.do_sample = do_sample
 
-    def choose(self, sequence: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def choose(
+        self, sequence: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pick the next draft token.
 
         Args:

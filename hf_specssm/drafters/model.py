@@ -92,7 +92,9 @@ class ModelDrafter(Drafter):
             raise RuntimeError("call begin() before draft().")
         pending = input_ids[:, self.cache.seen_tokens :]
         if pending.shape[1] == 0:
-            raise RuntimeError("the drafter has already consumed every committed token; commit() was skipped.")
+            raise RuntimeError(
+                "the drafter has already consumed every committed token; commit() was skipped."
+            )
         logits = self._consume(pending)
         self._round_start = self.cache.seen_tokens
         self._round_drafted = num_tokens
@@ -107,9 +109,7 @@ class ModelDrafter(Drafter):
             sequence = torch.cat([sequence, token[:, None]], dim=1)
             self.cache.checkpoint()
             logits = self._forward(token[:, None])
-        draft_tokens = (
-            torch.stack(tokens, dim=1) if tokens else input_ids.new_empty((input_ids.shape[0], 0))
-        )
+        draft_tokens = torch.stack(tokens, dim=1) if tokens else input_ids.new_empty((input_ids.shape[0], 0))
         draft_probs = torch.stack(probs, dim=1) if probs and probs[0] is not None else None
         return Draft(tokens=draft_tokens, probs=draft_probs)
 
@@ -127,11 +127,17 @@ class ModelDrafter(Drafter):
 def _check_causal_lm(model: object, role: str) -> None:
     """Raise `ValueError` unless `model` is a decoder-only transformers LM with a cache."""
     if not isinstance(model, PreTrainedModel):
-        raise ValueError(f"the {role} must be a transformers PreTrainedModel or a hf_specssm Drafter, got {type(model).__name__}.")
+        raise ValueError(
+            f"the {role} must be a transformers PreTrainedModel or a hf_specssm Drafter, got {type(model).__name__}."
+        )
     if model.config.is_encoder_decoder:
-        raise ValueError(f"the {role} must be a decoder-only causal LM; {type(model).__name__} is encoder-decoder.")
+        raise ValueError(
+            f"the {role} must be a decoder-only causal LM; {type(model).__name__} is encoder-decoder."
+        )
     if model.get_output_embeddings() is None or not model.can_generate():
-        raise ValueError(f"the {role} must be a causal LM with a language-modelling head; got {type(model).__name__}.")
+        raise ValueError(
+            f"the {role} must be a causal LM with a language-modelling head; got {type(model).__name__}."
+        )
     _compat.cache_kwarg_name(model)
 
 

@@ -1,0 +1,107 @@
+"""Draft-length schedules on simulated acceptance (no models, no timing)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hf_specssm import DraftConfig
+from hf_specssm.draft_length import (
+    AdaptiveLength,
+    ConstantLength,
+    HeuristicLength,
+    expected_committed,
+    make_policy,
+)
+
+
+def simulate(policy, accept_position, rounds=200, seed=0):
+    """Run `rounds` rounds; `accept_position(j, rng)` says whether draft j (1-based) passes."""
+    rng = random.Random(seed)
+    lengths = []
+    for _ in range(rounds):
+        k = policy.next_length()
+        accepted = 0
+        while accepted < k and accept_position(accepted + 1, rng):
+            accepted += 1
+        policy.update(k, accepted, 0.0, 0.0)
+        lengths.append(k)
+    return lengths
+
+
+def test_make_policy_dispatch():
+    assert isinstance(make_policy(DraftConfig(schedule="constant")), ConstantLength)
+    assert isinstance(make_policy(DraftConfig(schedule="heuristic")), HeuristicLength)
+    assert isinstance(make_policy(DraftConfig(schedule="adaptive")), AdaptiveLength)
+
+
+def test_heuristic_follows_transformers_rule_within_bounds():
+    policy = HeuristicLength(
+        DraftConfig(num_draft_tokens=4, schedule="heuristic", min_draft_tokens=2, max_draft_tokens=7)
+    )
+    policy.update(4, 4, 0, 0)
+    assert policy.next_length() == 6
+    policy.update(6, 6, 0, 0)
+    assert policy.next_length() == 7  # capped
+    for _ in range(9):
+        policy.update(7, 0, 0, 0)
+    assert policy.next_length() == 2  # floored
+
+
+def test_expected_committed():
+    assert expected_committed(0.0, 5) == 1.0
+    assert expected_committed(1.0, 5) == 6.0
+    assert expected_committed(0.5, 2) == pytest.approx(1.75)
+
+
+@pytest.mark.parametrize(
+    "alpha, low, high",
+    [
+        pytest.param(0.95, 6, 16, id="high-acceptance-drafts-long"),
+        pytest.param(0.6, 1, 6, id="medium"),
+        pytest.param(0.1, 1, 1, id="low-acceptance-drafts-one"),
+    ],
+)
+def test_adaptive_tracks_iid_acceptance(alpha, low, high):
+    config = DraftConfig(schedule="adaptive", draft_cost_ratio=0.05, max_draft_tokens=16)
+    lengths = simulate(AdaptiveLength(config), lambda j, rng: rng.random() < alpha)
+    settled = sorted(lengths[-50:])
+    # 90% of the settled lengths lie in the band (the estimates keep ~10 rounds of evidence, so they move)
+    assert low <= settled[5] and settled[-6] <= high
+
+
+def test_adaptive_learns_positional_acceptance():
+    """Drafts 1-3 always pass, draft 4 never does: the best length is 3 (a 4th draft only costs)."""
+    config = DraftConfig(schedule="adaptive", draft_cost_ratio=0.05, num_draft_tokens=8)
+    lengths = simulate(AdaptiveLength(config), lambda j, rng: j <= 3)
+    # it re-tests position 4 now and then as old evidence decays, but settles on 3
+    assert lengths[-40:].count(3) >= 32 and min(lengths[-40:]) >= 3
+
+
+def test_adaptive_adapts_when_acceptance_drops():
+    config = DraftConfig(schedule="adaptive", draft_cost_ratio=0.05)
+    policy = AdaptiveLength(config)
+    simulate(policy, lambda j, rng: rng.random() < 0.95, rounds=100)
+    long_length = policy.next_length()
+    simulate(policy, lambda j, rng: rng.random() < 0.15, rounds=60)
+    assert long_length >= 8 and policy.next_length() == 1
+
+
+def test_adaptive_fits_measured_round_times():
+    """Expensive per-token cost (slow drafter) shortens drafts at the same acceptance."""
+    config = DraftConfig(schedule="adaptive", max_draft_tokens=16)
+    lengths, slopes = {}, {}
+    for per_token in (0.02, 1.0):
+        policy = AdaptiveLength(config)
+        rng = random.Random(0)
+        for _ in range(300):
+            k = policy.next_length()
+            accepted = 0
+            while accepted < k and rng.random() < 0.85:
+                accepted += 1
+            policy.update(k, accepted, per_token * k, 1.0)
+        lengths[per_token] = policy.next_length()
+        slopes[per_token] = policy.cost_line()[1]
+    assert slopes[1.0] > 5 * slopes[0.02]
+    assert lengths[1.0] < lengths[0.02]
