@@ -144,3 +144,32 @@ def test_logits_processors_are_honoured_in_greedy():
     assert torch.equal(output, reference)
     generated = output[0, prompt.shape[1] :].tolist()
     assert 7 not in generated and 9 not in generated
+
+
+@pytest.mark.parametrize("target_kind", TARGETS)
+def test_target_cache_is_rolled_back_exactly(target_kind):
+    """After generation the target's KV equals a fresh forward over the committed tokens (minus the last)."""
+    from transformers import DynamicCache
+
+    target = hf_specssm.enable(build(target_kind, seed=0))
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
+    reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
+    # rejections of every size, so the cache has drafts of every length to undo
+    drafter = ScriptedDrafter(reference, [2, 0, 5, 1, 6, 3], 6, VOCAB)
+    output = target.generate(
+        prompt, assistant_model=drafter, max_new_tokens=30, do_sample=False, return_dict_in_generate=True
+    )
+    assert torch.equal(output.sequences, reference)
+    fresh = DynamicCache(config=target.config)
+    with torch.no_grad():
+        target(output.sequences[:, :-1], past_key_values=fresh, use_cache=True)
+    for mine, reference in zip(output.past_key_values.layers, fresh.layers, strict=True):
+        assert mine.get_seq_length() == reference.get_seq_length() == output.sequences.shape[1] - 1
+        # sliding-window layers keep only the window; compare what both hold
+        kept = min(mine.keys.shape[2], reference.keys.shape[2])
+        torch.testing.assert_close(
+            mine.keys[:, :, -kept:], reference.keys[:, :, -kept:], atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            mine.values[:, :, -kept:], reference.values[:, :, -kept:], atol=1e-5, rtol=1e-5
+        )
