@@ -21,6 +21,14 @@ def _cpu_flags() -> str:
     return ",".join(flag for flag in wanted if flag in flags) or "none of " + "/".join(wanted)
 
 
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / 1024 if platform.system() == "Darwin" else peak / 1024
+
+
 def _timed(fn) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
     result = fn()
@@ -97,7 +105,7 @@ def run_demo(args: argparse.Namespace) -> int:
     total_spec = sum(row[2] for row in rows)
     print(
         f"overall: {total_plain / total_spec:.2f}× speed-up; greedy output identical to plain decoding: "
-        f"{'yes' if all_identical else 'NO'}"
+        f"{'yes' if all_identical else 'NO'}; peak process memory {_peak_rss_mib():.0f} MiB"
     )
     return 0 if all_identical else 1
 
