@@ -26,10 +26,15 @@ from transformers.cache_utils import (
     DynamicLayer,
     LinearAttentionAndFullAttentionLayer,
     LinearAttentionAndSlidingWindowAttentionLayer,
+    LinearAttentionCacheLayerMixin,
 )
 
 from hf_specssm import _compat
 from hf_specssm_kernels.state_gather import gather_rows
+
+# checkpoint markers that own no pool slot
+_NO_STATE = -1  # attention-only cache: cropping restores everything
+_EMPTY_STATE = -2  # taken before the first forward: restoring means an empty recurrent state
 
 
 @dataclass(frozen=True)
@@ -206,9 +211,13 @@ class ForkableCache(DynamicCache):
         """
         length = self._seen_tokens
         if not self._has_linear:
-            self._checkpoints[length] = -1
+            self._checkpoints[length] = _NO_STATE
             return
         live = self._live_states()
+        if not live:
+            # before the first forward: returning here means going back to an empty recurrent state
+            self._checkpoints[length] = _EMPTY_STATE
+            return
         slot_idx = self._checkpoints.get(length)
         if slot_idx is None or slot_idx < 0:
             slot_idx = self._free_slots.pop() if self._free_slots else self._new_slot()
@@ -254,10 +263,44 @@ class ForkableCache(DynamicCache):
                     f"no checkpoint at {length} tokens (have {self.checkpoint_lengths}); "
                     "recurrent state cannot be un-consumed without one."
                 )
-            self._write_states(self._slots[slot_idx])
+            self._load_slot(slot_idx)
         self._crop_attention_to(length)
         self._seen_tokens = length
         self._drop_checkpoints_after(length)
+
+    def rewind_recurrent(self, length: int) -> None:
+        """Copy the recurrent state of the checkpoint at `length` back, leaving attention layers and the
+        token count alone (Activation Replay then advances the recurrent layers and calls `set_length`)."""
+        if not self._has_linear:
+            return
+        slot_idx = self._checkpoints.get(length)
+        if slot_idx is None:
+            raise ValueError(f"no checkpoint at {length} tokens (have {self.checkpoint_lengths}).")
+        self._load_slot(slot_idx)
+
+    def _load_slot(self, slot_idx: int) -> None:
+        if slot_idx == _EMPTY_STATE:
+            for layer in self.layers:
+                if _compat.is_linear_layer(layer):
+                    # only the recurrent part: hybrid layers keep their keys (cropped separately)
+                    LinearAttentionCacheLayerMixin.reset(layer)
+            return
+        self._write_states(self._slots[slot_idx])
+
+    def crop_attention(self, length: int) -> None:
+        """Crop every attention layer to `length` tokens (recurrent layers are left alone)."""
+        self._crop_attention_to(length)
+
+    def set_length(self, length: int) -> None:
+        """Declare that the cache now holds `length` tokens; checkpoints past it are dropped."""
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}.")
+        self._seen_tokens = length
+        self._drop_checkpoints_after(length)
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes held by the checkpoint pool."""
+        return sum(buffer.numel() * buffer.element_size() for slot in self._slots if slot for buffer in slot)
 
     def rollback(self, num_tokens: int) -> None:
         """Undo the last `num_tokens` tokens (see `rollback_to`)."""

@@ -23,7 +23,7 @@ from hf_specssm.acceptance import accept_greedy, accept_sampling
 from hf_specssm.drafters import Draft, Drafter, DraftSampler, as_drafter
 from hf_specssm.drafters.model import _check_causal_lm
 from hf_specssm.stats import SpeculationStats
-from hf_specssm.verification import AttentionTarget, process_scores
+from hf_specssm.verification import VERIFICATION_METHODS, AttentionTarget, RecurrentTarget, process_scores
 
 _ENABLED_FLAG = "_hf_specssm_enabled"
 
@@ -48,11 +48,6 @@ def _validate_call(
 ) -> None:
     """Raise `ValueError` for every input the loop does not handle, before anything is touched."""
     _check_causal_lm(model, role="target")
-    if _compat.is_stateful_model(model) or _compat.config_has_recurrent_layers(model.config):
-        raise ValueError(
-            f"{type(model).__name__} keeps recurrent (SSM) state; speculative decoding of SSM and hybrid "
-            "targets is not supported by this version of hf_specssm. Use it as the drafter instead."
-        )
     if generation_config.num_return_sequences > 1:
         raise ValueError("speculative decoding returns one sequence per prompt: set num_return_sequences=1.")
     if generation_config.num_beams > 1:
@@ -70,6 +65,16 @@ def _validate_call(
             "output_attentions / output_hidden_states are not available with speculative decoding."
         )
     drafter.validate_for(model)
+
+
+def _make_target(model: PreTrainedModel, model_kwargs: dict, verification: str) -> AttentionTarget:
+    """The verifier for `model`, chosen by its cache layer types (recurrent layers or attention only)."""
+    if verification not in VERIFICATION_METHODS:
+        raise ValueError(f"verification must be one of {VERIFICATION_METHODS}, got {verification!r}.")
+    if _compat.config_has_recurrent_layers(model.config):
+        # generate() prepared a DynamicCache; ours replaces it (same layers, plus rollback).
+        return RecurrentTarget(model, method=verification)
+    return AttentionTarget(model, model_kwargs.get(_compat.cache_kwarg_name(model)))
 
 
 def _select_next(
@@ -94,6 +99,7 @@ def speculative_generate(
     generation_config: GenerationConfig,
     drafter: Drafter | PreTrainedModel | None = None,
     spec_streamer=None,
+    verification: str = "replay",
     **model_kwargs,
 ) -> torch.Tensor | SpeculativeDecoderOnlyOutput:
     """Speculative decoding loop, usable as `model.generate(..., custom_generate=speculative_generate)`.
@@ -108,6 +114,8 @@ def speculative_generate(
         drafter: a `Drafter`, or a causal LM that gets `ModelDrafter` defaults.
         spec_streamer: a streamer that receives each committed token (`generate`'s own `streamer` is not
             forwarded to `custom_generate` callables; `enable`/`hf_specssm.generate` pass it here).
+        verification: for SSM and hybrid targets, how the state is brought to the accepted prefix:
+            `"replay"` (Activation Replay, default) or `"refeed"` (snapshot and re-feed).
         **model_kwargs: `generate`'s model kwargs (the target cache, attention mask, …).
 
     Returns:
@@ -118,8 +126,7 @@ def speculative_generate(
     drafter = as_drafter(drafter)
     _validate_call(model, input_ids, generation_config, model_kwargs, drafter)
 
-    cache_name = _compat.cache_kwarg_name(model)
-    target = AttentionTarget(model, model_kwargs.get(cache_name))
+    target = _make_target(model, model_kwargs, verification)
     sampler = DraftSampler(logits_processor, generation_config.do_sample)
     policy = drafter.length_policy
     stats = SpeculationStats()
@@ -174,6 +181,7 @@ def speculative_generate(
     finally:
         drafter.end()
     stats.total_time_s = time.perf_counter() - loop_start
+    stats.peak_verification_bytes = target.peak_verification_bytes
 
     if spec_streamer is not None:
         spec_streamer.end()

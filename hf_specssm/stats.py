@@ -18,6 +18,8 @@ class SpeculationStats:
         draft_time_s: wall time spent drafting.
         verify_time_s: wall time spent in target forwards and acceptance.
         total_time_s: wall time of the whole decoding loop.
+        peak_verification_bytes: most extra memory held for rolling back a recurrent target in one round
+            (state checkpoint, plus recorded mixer activations with Activation Replay); 0 for Transformers.
     """
 
     draft_lengths: list[int] = field(default_factory=list)
@@ -26,6 +28,7 @@ class SpeculationStats:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     total_time_s: float = 0.0
+    peak_verification_bytes: int = 0
 
     def record_round(self, drafted: int, accepted: int, committed: int) -> None:
         """Append one round's counts."""

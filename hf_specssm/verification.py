@@ -7,6 +7,10 @@ from transformers import LogitsProcessorList, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
 from hf_specssm import _compat
+from hf_specssm.cache import ForkableCache
+from hf_specssm.mixers import MixerInputRecorder, exact_continuation
+
+VERIFICATION_METHODS = ("replay", "refeed")
 
 
 class AttentionTarget:
@@ -28,6 +32,20 @@ class AttentionTarget:
         _compat.enable_attention_rollback(self.cache)
         self.consumed = self.cache.get_seq_length()
         self._pass_logits_to_keep = _compat.forward_accepts(model, "logits_to_keep")
+        self._pass_positions = _compat.forward_accepts(model, "position_ids")
+        self.peak_verification_bytes = 0
+
+    def _forward(self, tokens: torch.Tensor, num_logits: int) -> torch.Tensor:
+        """Run `tokens` `[1, T]` from the cache; return the last `num_logits` logits `[1, num_logits, V]`."""
+        start = self.consumed
+        kwargs = {self.cache_name: self.cache, "use_cache": True}
+        if self._pass_positions:
+            kwargs["position_ids"] = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
+        if self._pass_logits_to_keep:
+            kwargs["logits_to_keep"] = num_logits
+        logits = self.model(input_ids=tokens, **kwargs).logits[:, -num_logits:].float()
+        self.consumed = start + tokens.shape[1]
+        return logits
 
     def score(self, input_ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
         """Logits after each prefix of the draft, in one forward.
@@ -40,18 +58,7 @@ class AttentionTarget:
             `[1, k + 1, V]` float32 logits; row `i` predicts the token after `i` drafts.
         """
         new_tokens = torch.cat([input_ids[:, self.consumed :], draft_tokens], dim=1)
-        start = self.consumed
-        kwargs = {
-            self.cache_name: self.cache,
-            "use_cache": True,
-            "position_ids": torch.arange(start, start + new_tokens.shape[1], device=new_tokens.device)[None],
-        }
-        num_logits = draft_tokens.shape[1] + 1
-        if self._pass_logits_to_keep:
-            kwargs["logits_to_keep"] = num_logits
-        logits = self.model(input_ids=new_tokens, **kwargs).logits[:, -num_logits:].float()
-        self.consumed = start + new_tokens.shape[1]
-        return logits
+        return self._forward(new_tokens, draft_tokens.shape[1] + 1)
 
     def keep(self, length: int) -> None:
         """Drop every cached token past `length` (the accepted prefix)."""
@@ -59,6 +66,87 @@ class AttentionTarget:
             raise ValueError(f"cannot keep {length} tokens, the cache holds {self.consumed}.")
         self.cache.crop(length - self.consumed)
         self.consumed = length
+
+
+class RecurrentTarget(AttentionTarget):
+    """An SSM or hybrid target: verify `k` drafts in one forward, then commit exactly the accepted prefix.
+
+    Before the verification forward the recurrent state is checkpointed (one copy). Afterwards:
+
+    - `"replay"` (Activation Replay, default): the SSM mixers' inputs recorded during verification are
+      replayed for the accepted tokens only, from the checkpoint; attention layers are cropped. Extra
+      memory per round: one `[1, k + 1, H]` activation per SSM layer plus one state copy.
+    - `"refeed"` (snapshot and re-feed, for comparison): restore the checkpoint and run the whole model
+      again on the accepted tokens.
+
+    Multi-token forwards run inside `mixers.exact_continuation`, which makes transformers' Mamba v1 /
+    Jamba scans start from the cached state instead of zeros.
+
+    Args:
+        model: the target causal LM (Mamba, Mamba2, FalconMamba, Jamba, Bamba, Falcon-H1, Zamba2, …).
+        method: `"replay"` or `"refeed"`.
+    """
+
+    def __init__(self, model: PreTrainedModel, method: str = "replay") -> None:
+        if method not in VERIFICATION_METHODS:
+            raise ValueError(f"verification must be one of {VERIFICATION_METHODS}, got {method!r}.")
+        super().__init__(model, ForkableCache(model.config))
+        self.method = method
+        self.recorder = MixerInputRecorder(model)
+        self._round_start = 0
+
+    def _forward(self, tokens: torch.Tensor, num_logits: int) -> torch.Tensor:
+        logits = super()._forward(tokens, num_logits)
+        self.cache.advance(tokens.shape[1])
+        return logits
+
+    def score(self, input_ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+        pending = input_ids[:, self.consumed :]
+        if self.consumed == 0 and pending.shape[1] > 1:
+            # Prefill apart from the round, so the checkpoint below holds an initialised state.
+            self._forward(pending[:, :-1], 1)
+            pending = pending[:, -1:]
+        self.cache.clear_checkpoints()
+        self.cache.checkpoint()
+        self._round_start = self.consumed
+        new_tokens = torch.cat([pending, draft_tokens], dim=1)
+        self._kept_tokens = new_tokens
+        with exact_continuation(self.model):
+            if self.method == "replay":
+                with self.recorder.recording():
+                    logits = self._forward(new_tokens, draft_tokens.shape[1] + 1)
+            else:
+                logits = self._forward(new_tokens, draft_tokens.shape[1] + 1)
+        extra = self.cache.checkpoint_bytes() + (
+            self.recorder.recorded_bytes if self.method == "replay" else 0
+        )
+        self.peak_verification_bytes = max(self.peak_verification_bytes, extra)
+        return logits
+
+    def keep(self, length: int) -> None:
+        if not self._round_start <= length <= self.consumed:
+            raise ValueError(
+                f"can keep between {self._round_start} and {self.consumed} tokens this round, not {length}."
+            )
+        if length == self.consumed:
+            self.cache.clear_checkpoints()
+            self.recorder.clear()
+            return
+        if self.method == "replay":
+            self.cache.rewind_recurrent(self._round_start)
+            self.cache.crop_attention(length)
+            self.recorder.replay(start=0, length=length - self._round_start)
+            self.cache.set_length(length)
+            self.consumed = length
+        else:
+            kept = self._kept_tokens
+            self.cache.rollback_to(self._round_start)
+            self.consumed = self._round_start
+            if length > self._round_start:
+                with exact_continuation(self.model):
+                    self._forward(kept[:, : length - self._round_start], 1)
+        self.cache.clear_checkpoints()
+        self.recorder.clear()
 
 
 def process_scores(

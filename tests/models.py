@@ -6,10 +6,14 @@ import torch
 from transformers import (
     BambaConfig,
     BambaForCausalLM,
+    FalconH1Config,
+    FalconH1ForCausalLM,
     FalconMambaConfig,
     FalconMambaForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    JambaConfig,
+    JambaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     Mamba2Config,
@@ -21,6 +25,8 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Zamba2Config,
+    Zamba2ForCausalLM,
 )
 
 from hf_specssm.toy import align_for_agreement
@@ -116,6 +122,67 @@ def build(kind: str, seed: int = 0, vocab: int = VOCAB) -> PreTrainedModel:
                 mamba_n_groups=1,
                 mamba_d_state=8,
                 mamba_chunk_size=8,
+                tie_word_embeddings=False,
+            )
+        )
+    elif kind == "jamba":
+        model = JambaForCausalLM(
+            JambaConfig(
+                vocab_size=vocab,
+                hidden_size=HIDDEN,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                attn_layer_period=3,
+                attn_layer_offset=1,
+                expert_layer_period=100,
+                num_experts=1,
+                mamba_d_state=8,
+                mamba_d_conv=4,
+                mamba_expand=2,
+                tie_word_embeddings=False,
+            )
+        )
+    elif kind == "falcon_h1":
+        model = FalconH1ForCausalLM(
+            FalconH1Config(
+                vocab_size=vocab,
+                hidden_size=HIDDEN,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                mamba_n_heads=4,
+                mamba_d_head=16,
+                mamba_d_ssm=64,
+                mamba_n_groups=1,
+                mamba_d_state=8,
+                mamba_d_conv=4,
+                mamba_expand=2,
+                mamba_chunk_size=8,
+                tie_word_embeddings=False,
+            )
+        )
+    elif kind == "zamba2":
+        model = Zamba2ForCausalLM(
+            Zamba2Config(
+                vocab_size=vocab,
+                hidden_size=HIDDEN,
+                num_hidden_layers=4,
+                layers_block_type=["mamba", "hybrid", "mamba", "mamba"],
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                attention_head_dim=16,
+                mamba_d_state=8,
+                mamba_ngroups=1,
+                mamba_headdim=16,
+                n_mamba_heads=4,
+                chunk_size=8,
+                num_mem_blocks=1,
+                use_shared_attention_adapter=False,
+                use_mem_rope=True,
                 tie_word_embeddings=False,
             )
         )

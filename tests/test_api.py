@@ -157,15 +157,6 @@ def test_vocab_mismatch(pair, prompt):
     _assert_recovers(target, drafter, prompt)
 
 
-@pytest.mark.parametrize("kind", ["mamba2", "bamba"])
-def test_ssm_target_is_refused_clearly(kind, prompt):
-    target = hf_specssm.enable(build(kind, seed=0))
-    with pytest.raises(ValueError, match="recurrent"):
-        target.generate(prompt, assistant_model=build("mamba", seed=1), max_new_tokens=5)
-    # plain generation of that model still works afterwards
-    assert target.generate(prompt, max_new_tokens=3).shape[1] == prompt.shape[1] + 3
-
-
 def test_unsupported_drafter_kinds(pair, prompt):
     target, drafter = pair
     t5 = T5ForConditionalGeneration(
