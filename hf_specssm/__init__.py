@@ -12,7 +12,7 @@ check_transformers_version()
 
 from hf_specssm.cache import CacheSnapshot, ForkableCache  # noqa: E402
 from hf_specssm.config import DraftConfig  # noqa: E402
-from hf_specssm.drafters import Draft, Drafter, ModelDrafter  # noqa: E402
+from hf_specssm.drafters import Draft, Drafter, ModelDrafter, NgramTableDrafter, PromptLookupDrafter  # noqa: E402
 from hf_specssm.generation import (  # noqa: E402
     SpeculativeDecoderOnlyOutput,
     enable,
@@ -31,6 +31,8 @@ __all__ = [
     "Drafter",
     "ForkableCache",
     "ModelDrafter",
+    "NgramTableDrafter",
+    "PromptLookupDrafter",
     "SpeculationStats",
     "SpeculativeDecoderOnlyOutput",
     "__version__",

@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench_ssm = sub.add_parser(
+        "bench-ssm", help="SSM target benchmark: k-token verification cost, prompt lookup"
+    )
+    from hf_specssm.bench_ssm import add_arguments
+
+    add_arguments(bench_ssm)
     return parser
 
 
@@ -138,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
+    if args.command == "bench-ssm":
+        import transformers
+
+        from hf_specssm.bench_ssm import run
+
+        transformers.logging.set_verbosity_error()
+        return run(args)
     return run_demo(args)
 
 

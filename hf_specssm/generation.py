@@ -22,6 +22,7 @@ from hf_specssm import _compat
 from hf_specssm.acceptance import accept_greedy, accept_sampling
 from hf_specssm.drafters import Draft, Drafter, DraftSampler, as_drafter
 from hf_specssm.drafters.model import _check_causal_lm
+from hf_specssm.drafters.ngram import PromptLookupDrafter
 from hf_specssm.stats import SpeculationStats
 from hf_specssm.verification import VERIFICATION_METHODS, AttentionTarget, RecurrentTarget, process_scores
 
@@ -225,10 +226,11 @@ def generate(
 
 
 def enable(model: PreTrainedModel) -> PreTrainedModel:
-    """Route `model.generate(..., assistant_model=...)` through hf_specssm's loop; returns `model`.
+    """Route speculative `model.generate` calls through hf_specssm's loop; returns `model`.
 
-    Calls without `assistant_model` run transformers' own `generate` unchanged. Calling `enable` twice is
-    harmless.
+    `assistant_model=` (a causal LM or a `Drafter`) and `prompt_lookup_num_tokens=` (with
+    `max_matching_ngram_size=`) run our loop, for Transformer, SSM and hybrid targets alike; every other
+    call runs transformers' own `generate` unchanged. Calling `enable` twice is harmless.
     """
     if not isinstance(model, PreTrainedModel) or not model.can_generate():
         raise ValueError(
@@ -240,8 +242,14 @@ def enable(model: PreTrainedModel) -> PreTrainedModel:
 
     @functools.wraps(original_generate)
     def speculative_aware_generate(*args, assistant_model=None, **kwargs):
-        if assistant_model is None:
+        lookup_tokens = kwargs.pop("prompt_lookup_num_tokens", None)
+        if assistant_model is None and lookup_tokens is None:
             return original_generate(*args, **kwargs)
+        if lookup_tokens is not None:
+            if assistant_model is not None:
+                raise ValueError("pass either assistant_model or prompt_lookup_num_tokens, not both.")
+            ngram_size = kwargs.pop("max_matching_ngram_size", None) or 2
+            assistant_model = PromptLookupDrafter(max_ngram_size=ngram_size, num_draft_tokens=lookup_tokens)
         return generate(model, *args, drafter=assistant_model, **kwargs)
 
     model.generate = speculative_aware_generate

@@ -2,5 +2,14 @@
 
 from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
 from hf_specssm.drafters.model import ModelDrafter, as_drafter
+from hf_specssm.drafters.ngram import NgramTableDrafter, PromptLookupDrafter
 
-__all__ = ["Draft", "DraftSampler", "Drafter", "ModelDrafter", "as_drafter"]
+__all__ = [
+    "Draft",
+    "DraftSampler",
+    "Drafter",
+    "ModelDrafter",
+    "NgramTableDrafter",
+    "PromptLookupDrafter",
+    "as_drafter",
+]

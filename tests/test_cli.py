@@ -1,0 +1,21 @@
+"""The console commands run end to end (tiny settings)."""
+
+from __future__ import annotations
+
+from hf_specssm.cli import main
+
+
+def test_demo_runs_and_reports_identity(capsys):
+    assert main(["demo", "--max-new-tokens", "6", "--prompt-lengths", "5", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy output identical to plain decoding: yes" in out
+    assert "transformers' own assisted decoding" in out
+    assert "| 5 |" in out
+
+
+def test_bench_ssm_runs(capsys):
+    args = ["bench-ssm", "--sizes", "mamba2-8M", "--repeats", "1", "--prompts", "1"]
+    assert main([*args, "--max-new-tokens", "4", "--prompt-bytes", "40"]) == 0
+    out = capsys.readouterr().out
+    for part in ("### A.", "### B.", "### C.", "| mamba2-8M |", "peak process memory"):
+        assert part in out
