@@ -329,6 +329,73 @@ class ForkableCache(DynamicCache):
 
     # ------------------------------------------------------------------ batch axis
 
+    @classmethod
+    def stack(cls, config: PretrainedConfig, caches: list[ForkableCache]) -> ForkableCache:
+        """One batch from batch-1 caches of the same model (ragged rows).
+
+        Recurrent states are concatenated along the batch axis; a row that has consumed no token yet gets
+        a zero state, which is what the mixers start from anyway. Attention keys/values are left-padded
+        with zeros to the longest row: the caller masks those positions (`[B, S]` attention mask).
+        """
+        batch = cls(config)
+        template = next((cache for cache in caches if cache.state_tensors()), None)
+        for idx, layer in enumerate(batch.layers):
+            rows = [cache.layers[idx] for cache in caches]
+            if _compat.is_linear_layer(layer) and template is not None:
+                source = template.layers[idx]
+                layer.device, layer.dtype = source.device, source.dtype
+                for key in range(layer.number_of_states):
+                    layer.conv_kernel_size[key] = source.conv_kernel_size[key]
+                    for store, flag in (("conv_states", "is_conv_states_initialized"),
+                                        ("recurrent_states", "is_recurrent_states_initialized")):  # fmt: skip
+                        if not getattr(source, flag)[key]:
+                            continue
+                        zeros = torch.zeros_like(getattr(source, store)[key])
+                        parts = [
+                            getattr(row, store)[key]
+                            if getattr(row, flag)[key] and row.has_previous_state[key]
+                            else zeros
+                            for row in rows
+                        ]
+                        getattr(layer, store)[key] = torch.cat(parts, dim=0)
+                        getattr(layer, flag)[key] = True
+                    layer.has_previous_state[key] = True
+            if _compat.is_attention_layer(layer):
+                filled = [
+                    row for row in rows if getattr(row, "is_initialized", False) and row.keys.numel() > 0
+                ]
+                if not filled:
+                    continue
+                longest = max(row.keys.shape[2] for row in filled)
+                keys, values = [], []
+                for row in rows:
+                    length = row.keys.shape[2] if row in filled else 0
+                    pad_shape = (1, filled[0].keys.shape[1], longest - length, filled[0].keys.shape[3])
+                    pad = filled[0].keys.new_zeros(pad_shape)
+                    keys.append(torch.cat([pad, row.keys], dim=2) if length else pad)
+                    values.append(torch.cat([pad, row.values], dim=2) if length else pad)
+                DynamicLayer.lazy_initialization(layer, keys[0], values[0])
+                layer.keys, layer.values = torch.cat(keys, dim=0), torch.cat(values, dim=0)
+        batch._seen_tokens = max(cache.seen_tokens for cache in caches)
+        return batch
+
+    def realign_rows(self, starts: torch.Tensor, ends: torch.Tensor) -> None:
+        """Keep attention positions `[starts[b], ends[b])` of every row, right-aligned (left padding).
+
+        After a ragged verification each row keeps a different number of tokens; this gathers each row's
+        kept span to the end of a `max(ends - starts)`-long sequence axis. Positions before a row's span
+        hold stale keys and must be masked by the caller.
+        """
+        new_length = int((ends - starts).max())
+        offsets = torch.arange(new_length, device=ends.device)
+        source = (ends[:, None] - new_length + offsets[None]).clamp_min(0)  # [B, S']
+        for layer in self._initialized_attention_layers():
+            index = source.to(layer.keys.device)[:, None, :, None]
+            layer.keys = layer.keys.gather(2, index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+            layer.values = layer.values.gather(
+                2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[3])
+            )
+
     def select(self, indices: torch.Tensor) -> None:
         """Keep rows `indices` (a 1-D long tensor, repeats allowed) of every layer, in that order.
 

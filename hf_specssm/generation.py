@@ -20,6 +20,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from hf_specssm import _compat
 from hf_specssm.acceptance import accept_greedy, accept_sampling
+from hf_specssm.batch import batched_speculative_generate
 from hf_specssm.drafters import Draft, Drafter, DraftSampler, as_drafter
 from hf_specssm.drafters.model import _check_causal_lm
 from hf_specssm.drafters.ngram import PromptLookupDrafter
@@ -53,12 +54,13 @@ def _validate_call(
         raise ValueError("speculative decoding returns one sequence per prompt: set num_return_sequences=1.")
     if generation_config.num_beams > 1:
         raise ValueError("speculative decoding does not combine with beam search: set num_beams=1.")
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"speculative decoding takes one prompt per call in this version; got a batch of {input_ids.shape[0]}."
-        )
-    if _compat.normalize_attention_mask(model_kwargs.get("attention_mask")) is not None:
+    if (
+        input_ids.shape[0] == 1
+        and _compat.normalize_attention_mask(model_kwargs.get("attention_mask")) is not None
+    ):
         raise ValueError("the prompt's attention_mask masks tokens; pass the prompt without padding.")
+    if input_ids.shape[0] > 1 and (generation_config.output_scores or generation_config.output_logits):
+        raise ValueError("output_scores / output_logits are available for one prompt per call only.")
     if model_kwargs.get("use_cache") is False or generation_config.use_cache is False:
         raise ValueError("speculative decoding needs the target's cache: do not set use_cache=False.")
     if generation_config.output_attentions or generation_config.output_hidden_states:
@@ -126,6 +128,26 @@ def speculative_generate(
         raise ValueError("speculative decoding needs a drafter: pass assistant_model= (or drafter=).")
     drafter = as_drafter(drafter)
     _validate_call(model, input_ids, generation_config, model_kwargs, drafter)
+    if input_ids.shape[0] > 1:
+        if spec_streamer is not None:
+            raise ValueError("streamers take one sequence: pass one prompt per call to stream.")
+        sequences, stats, cache = batched_speculative_generate(
+            model,
+            input_ids,
+            model_kwargs.get("attention_mask"),
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            drafter,
+            _select_next,
+            process_scores,
+        )
+        model.last_speculation_stats = stats
+        if generation_config.return_dict_in_generate:
+            return SpeculativeDecoderOnlyOutput(
+                sequences=sequences, past_key_values=cache, speculation_stats=stats
+            )
+        return sequences
 
     target = _make_target(model, model_kwargs, verification)
     sampler = DraftSampler(logits_processor, generation_config.do_sample)
@@ -179,6 +201,7 @@ def speculative_generate(
             stats.record_round(draft.length, num_accepted, committed)
             stats.draft_time_s += t1 - t0
             stats.verify_time_s += t2 - t1
+            stats.forward_passes += 1
     finally:
         drafter.end()
     stats.total_time_s = time.perf_counter() - loop_start

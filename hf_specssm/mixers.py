@@ -209,6 +209,32 @@ class MixerInputRecorder:
                 }
                 mixer(*sliced_args, **sliced_kwargs)
 
+    def replay_rows(self, cache, lengths: torch.Tensor) -> None:
+        """Replay recorded positions `0 … lengths[b] - 1` for each row `b` of a batch, one step at a time.
+
+        Rows whose replay is over keep their state: after each step their rows of every recurrent state are
+        copied back from before the step. Exact for right-padded verification batches.
+
+        Args:
+            cache: the `ForkableCache`, holding every row's state from just before position 0.
+            lengths: `[B]` number of positions to replay per row.
+        """
+        steps = int(lengths.max()) if lengths.numel() else 0
+        with exact_continuation(self.model):
+            for step in range(steps):
+                idle = (lengths <= step).nonzero()[:, 0]
+                saved = [state[idle].clone() for state in cache.state_tensors()] if idle.numel() else None
+                for mixer in self.mixers:
+                    args, kwargs = self._records[id(mixer)]
+                    total = args[0].shape[1]
+                    mixer(
+                        *(_slice_tokens(value, total, step, 1) for value in args),
+                        **{key: _slice_tokens(value, total, step, 1) for key, value in kwargs.items()},
+                    )
+                if saved is not None:
+                    for state, kept in zip(cache.state_tensors(), saved):
+                        state[idle] = kept
+
     def clear(self) -> None:
         """Drop the recorded activations."""
         self._records.clear()

@@ -18,6 +18,7 @@ class SpeculationStats:
         draft_time_s: wall time spent drafting.
         verify_time_s: wall time spent in target forwards and acceptance.
         total_time_s: wall time of the whole decoding loop.
+        forward_passes: target verification forwards (one per round; a batch shares each forward).
         peak_verification_bytes: most extra memory held for rolling back a recurrent target in one round
             (state checkpoint, plus recorded mixer activations with Activation Replay); 0 for Transformers.
     """
@@ -29,6 +30,7 @@ class SpeculationStats:
     verify_time_s: float = 0.0
     total_time_s: float = 0.0
     peak_verification_bytes: int = 0
+    forward_passes: int = 0
 
     def record_round(self, drafted: int, accepted: int, committed: int) -> None:
         """Append one round's counts."""
@@ -38,7 +40,7 @@ class SpeculationStats:
 
     @property
     def rounds(self) -> int:
-        """Number of target forwards (draft–verify rounds)."""
+        """Number of draft–verify rounds, counted per row (equals `forward_passes` for one prompt)."""
         return len(self.draft_lengths)
 
     @property

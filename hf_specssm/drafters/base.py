@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -120,3 +121,10 @@ class Drafter(ABC):
 
     def end(self) -> None:
         """Release per-sequence state."""
+
+    def spawn(self) -> Drafter:
+        """A drafter for another row of a batch: same model and options, its own per-sequence state.
+
+        The draft-length policy is shared, so every row learns from every row's acceptance.
+        """
+        return copy.copy(self)
