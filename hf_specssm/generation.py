@@ -131,6 +131,8 @@ def speculative_generate(
     if input_ids.shape[0] > 1:
         if spec_streamer is not None:
             raise ValueError("streamers take one sequence: pass one prompt per call to stream.")
+        if verification != "replay":
+            raise ValueError("batched speculative decoding commits SSM state by Activation Replay only.")
         sequences, stats, cache = batched_speculative_generate(
             model,
             input_ids,

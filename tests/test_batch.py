@@ -126,6 +126,10 @@ def test_batch_errors():
             ids, attention_mask=mask, assistant_model=drafter, max_new_tokens=4,
             return_dict_in_generate=True, output_scores=True,
         )  # fmt: skip
+    with pytest.raises(ValueError, match="Activation Replay only"):
+        target.generate(
+            ids, attention_mask=mask, assistant_model=drafter, max_new_tokens=4, verification="refeed"
+        )
     mistral = hf_specssm.enable(build("mistral", seed=0))
     with pytest.raises(ValueError, match="sliding-window"):
         mistral.generate(ids, attention_mask=mask, assistant_model=drafter, max_new_tokens=4)

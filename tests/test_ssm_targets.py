@@ -27,7 +27,7 @@ def _prompt(length: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("drafter_kind", ["mamba2", "llama"])
+@pytest.mark.parametrize("drafter_kind", ["mamba", "mamba2", "llama"])
 @pytest.mark.parametrize("target_kind", TARGETS)
 def test_greedy_parity(target_kind, drafter_kind, method):
     target = hf_specssm.enable(build(target_kind, seed=0))
