@@ -92,6 +92,29 @@ def exact_distribution(model, prompt: torch.Tensor) -> np.ndarray:
     return probs
 
 
+def sample_continuations(target, drafter_model, prompt, samples: int, seed: int, vocab: int = VOCAB):
+    """Counts of each NEW_TOKENS continuation over `samples` speculative sampling calls, and every
+    round's accepted length."""
+    index = {outcome: i for i, outcome in enumerate(itertools.product(range(vocab), repeat=NEW_TOKENS))}
+    torch.manual_seed(seed)
+    drafter = hf_specssm.ModelDrafter(drafter_model, num_draft_tokens=2, schedule="constant")
+    counts = np.zeros(len(index))
+    accepted = []
+    for _ in range(samples):
+        output = target.generate(
+            prompt,
+            assistant_model=drafter,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=True,
+            temperature=TEMPERATURE,
+            top_k=TOP_K,
+            top_p=1.0,
+        )
+        counts[index[tuple(output[0, prompt.shape[1] :].tolist())]] += 1
+        accepted += target.last_speculation_stats.accepted_lengths
+    return counts, accepted
+
+
 def _no_eos(model):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -111,24 +134,7 @@ def test_speculative_sampling_matches_target_distribution(drafter_quality):
     hf_specssm.enable(target)
     prompt = torch.tensor([[1, 3, 4]])
     probs = exact_distribution(target, prompt)
-    index = {outcome: i for i, outcome in enumerate(itertools.product(range(VOCAB), repeat=NEW_TOKENS))}
-
-    torch.manual_seed(1234)
-    drafter = hf_specssm.ModelDrafter(drafter_model, num_draft_tokens=2, schedule="constant")
-    counts = np.zeros(len(index))
-    accepted = []
-    for _ in range(2500):
-        output = target.generate(
-            prompt,
-            assistant_model=drafter,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=True,
-            temperature=TEMPERATURE,
-            top_k=TOP_K,
-            top_p=1.0,
-        )
-        counts[index[tuple(output[0, prompt.shape[1] :].tolist())]] += 1
-        accepted += target.last_speculation_stats.accepted_lengths
+    counts, accepted = sample_continuations(target, drafter_model, prompt, samples=2500, seed=1234)
     assert chi_square_p_value(counts, probs) > ALPHA
     # the runs exercised rejections and acceptances
     assert 0 in accepted and 2 in accepted

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
-import numpy as np
 import pytest
 import torch
 
@@ -123,30 +120,13 @@ def test_verification_statistics_and_bad_method():
 
 @pytest.mark.parametrize("target_kind", ["mamba2", "bamba"])
 def test_sampling_distribution_on_recurrent_targets(target_kind):
-    from test_sampling import NEW_TOKENS, TEMPERATURE, TOP_K, _no_eos, chi_square_p_value, exact_distribution
+    from test_sampling import _no_eos, chi_square_p_value, exact_distribution, sample_continuations
 
     vocab = 5
-    target = _no_eos(build(target_kind, seed=0, vocab=vocab))
+    target = hf_specssm.enable(_no_eos(build(target_kind, seed=0, vocab=vocab)))
     drafter_model = _no_eos(build("mamba", seed=1, vocab=vocab))
-    hf_specssm.enable(target)
     prompt = torch.tensor([[3, 4, 3]])
     probs = exact_distribution(target, prompt)
-    index = {outcome: i for i, outcome in enumerate(itertools.product(range(vocab), repeat=NEW_TOKENS))}
-    torch.manual_seed(99)
-    drafter = hf_specssm.ModelDrafter(drafter_model, num_draft_tokens=2, schedule="constant")
-    counts = np.zeros(len(index))
-    accepted = []
-    for _ in range(1500):
-        output = target.generate(
-            prompt,
-            assistant_model=drafter,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=True,
-            temperature=TEMPERATURE,
-            top_k=TOP_K,
-            top_p=1.0,
-        )
-        counts[index[tuple(output[0, prompt.shape[1] :].tolist())]] += 1
-        accepted += target.last_speculation_stats.accepted_lengths
+    counts, accepted = sample_continuations(target, drafter_model, prompt, samples=1500, seed=99, vocab=vocab)
     assert chi_square_p_value(counts, probs) > 1e-3
     assert 0 in accepted and 2 in accepted
