@@ -25,6 +25,8 @@ class DraftConfig:
             `None` measures it. Fixing it makes the chosen lengths independent of timing noise.
         acceptance_prior: for `"adaptive"`, the per-token acceptance rate assumed before any evidence.
         acceptance_memory: for `"adaptive"`, the decay (0..1) of old acceptance evidence per round.
+        tree_shape: draft a token tree instead of a chain: the number of children per node at each depth,
+            e.g. `(3, 2, 2, 1, 1)` (greedy decoding of Transformer targets for now).
     """
 
     num_draft_tokens: int = 5
@@ -34,6 +36,7 @@ class DraftConfig:
     draft_cost_ratio: float | None = None
     acceptance_prior: float = 0.6
     acceptance_memory: float = 0.9
+    tree_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in _SCHEDULES:
@@ -58,5 +61,16 @@ class DraftConfig:
             raise ValueError(f"draft_cost_ratio must be > 0 or None, got {self.draft_cost_ratio!r}.")
         if not 0.0 < self.acceptance_prior < 1.0:
             raise ValueError(f"acceptance_prior must lie in (0, 1), got {self.acceptance_prior!r}.")
+        if self.tree_shape is not None and (
+            not isinstance(self.tree_shape, tuple)
+            or not self.tree_shape
+            or any(
+                not isinstance(width, int) or isinstance(width, bool) or width < 1
+                for width in self.tree_shape
+            )
+        ):
+            raise ValueError(
+                f"tree_shape must be a non-empty tuple of integers >= 1, got {self.tree_shape!r}."
+            )
         if not 0.0 < self.acceptance_memory <= 1.0:
             raise ValueError(f"acceptance_memory must lie in (0, 1], got {self.acceptance_memory!r}.")

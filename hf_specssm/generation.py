@@ -25,7 +25,14 @@ from hf_specssm.drafters import Draft, Drafter, DraftSampler, as_drafter
 from hf_specssm.drafters.model import _check_causal_lm
 from hf_specssm.drafters.ngram import PromptLookupDrafter
 from hf_specssm.stats import SpeculationStats
-from hf_specssm.verification import VERIFICATION_METHODS, AttentionTarget, RecurrentTarget, process_scores
+from hf_specssm.tree import accept_tree_greedy
+from hf_specssm.verification import (
+    VERIFICATION_METHODS,
+    AttentionTarget,
+    RecurrentTarget,
+    process_scores,
+    process_tree_scores,
+)
 
 _ENABLED_FLAG = "_hf_specssm_enabled"
 
@@ -78,6 +85,16 @@ def _make_target(model: PreTrainedModel, model_kwargs: dict, verification: str) 
         # generate() prepared a DynamicCache; ours replaces it (same layers, plus rollback).
         return RecurrentTarget(model, method=verification)
     return AttentionTarget(model, model_kwargs.get(_compat.cache_kwarg_name(model)))
+
+
+def _check_tree_round(model: PreTrainedModel, generation_config: GenerationConfig, drafter: Drafter) -> None:
+    """Raise `ValueError` for what tree rounds do not cover yet."""
+    if not hasattr(drafter, "draft_tree"):
+        raise ValueError(f"{type(drafter).__name__} cannot draft trees; drop tree_shape or use ModelDrafter.")
+    if generation_config.do_sample:
+        raise ValueError("tree drafts verify greedily for now; use a chain (no tree_shape) to sample.")
+    if _compat.config_has_recurrent_layers(model.config):
+        raise ValueError("tree verification of SSM and hybrid targets is not available yet; use a chain.")
 
 
 def _select_next(
@@ -160,47 +177,71 @@ def speculative_generate(
     logits_out = () if want_dict and generation_config.output_logits else None
     max_length = generation_config.max_length
 
+    tree_shape = drafter.config.tree_shape
+    if tree_shape is not None:
+        _check_tree_round(model, generation_config, drafter)
+
+    def commit_tokens(tokens: list[int], scores: torch.Tensor, logits_rows: torch.Tensor) -> tuple[int, bool]:
+        """Append `tokens` one by one, honouring the stopping criteria; returns `(committed, finished)`."""
+        nonlocal input_ids, scores_out, logits_out
+        for position, token in enumerate(tokens):
+            input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+            if scores_out is not None:
+                scores_out += (scores[position : position + 1],)
+            if logits_out is not None:
+                logits_out += (logits_rows[position : position + 1],)
+            if spec_streamer is not None:
+                spec_streamer.put(input_ids[:, -1].cpu())
+            if bool(stopping_criteria(input_ids, scores_out).all()):
+                return position + 1, True
+        return len(tokens), False
+
     loop_start = time.perf_counter()
     drafter.begin(input_ids)
     try:
         finished = input_ids.shape[1] >= max_length
         while not finished:
-            room = max_length - input_ids.shape[1]
-            num_draft = max(0, min(policy.next_length(), room - 1))
-
-            t0 = time.perf_counter()
-            if num_draft > 0:
-                draft = drafter.draft(input_ids, num_draft, sampler)
-            else:
-                draft = Draft(tokens=input_ids.new_empty((1, 0)))
-            t1 = time.perf_counter()
-
             prefix_length = input_ids.shape[1]
-            logits = target.score(input_ids, draft.tokens)
-            scores = process_scores(logits_processor, input_ids, draft.tokens, logits)
-            num_accepted, next_token = _select_next(draft, scores, generation_config.do_sample)
-            t2 = time.perf_counter()
-
-            new_tokens = [*draft.tokens[0, :num_accepted].tolist(), next_token]
-            committed = 0
-            for position, token in enumerate(new_tokens):
-                input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
-                committed += 1
-                if scores_out is not None:
-                    scores_out += (scores[position : position + 1],)
-                if logits_out is not None:
-                    logits_out += (logits[:, position],)
-                if spec_streamer is not None:
-                    spec_streamer.put(input_ids[:, -1].cpu())
-                if bool(stopping_criteria(input_ids, scores_out).all()):
-                    finished = True
-                    break
-
-            kept_drafts = min(num_accepted, committed)
-            target.keep(prefix_length + kept_drafts)
-            drafter.commit(input_ids, kept_drafts)
-            policy.update(draft.length, num_accepted, t1 - t0, t2 - t1)
-            stats.record_round(draft.length, num_accepted, committed)
+            room = max_length - prefix_length
+            t0 = time.perf_counter()
+            if tree_shape is not None and room > len(tree_shape):
+                # draft → verify (tree mask) → accept the longest matching path → commit
+                tree = drafter.draft_tree(input_ids, sampler)
+                t1 = time.perf_counter()
+                logits = target.score_tree(input_ids, tree)
+                scores = process_tree_scores(logits_processor, input_ids, tree, logits)
+                path, next_token = accept_tree_greedy(tree, scores)
+                t2 = time.perf_counter()
+                rows = [0, *(node + 1 for node in path)]
+                committed, finished = commit_tokens(
+                    [*tree.tokens[path].tolist(), next_token], scores[rows], logits[0, rows]
+                )
+                kept = path[: min(len(path), committed)]
+                target.keep_tree(kept)
+                drafter.commit_tree(input_ids, kept)
+                drafted, num_accepted = tree.size, len(path)
+            else:
+                # draft → verify → accept → commit
+                num_draft = max(0, min(policy.next_length(), room - 1))
+                if num_draft > 0 and tree_shape is None:
+                    draft = drafter.draft(input_ids, num_draft, sampler)
+                else:
+                    draft = Draft(tokens=input_ids.new_empty((1, 0)))
+                t1 = time.perf_counter()
+                logits = target.score(input_ids, draft.tokens)
+                scores = process_scores(logits_processor, input_ids, draft.tokens, logits)
+                num_accepted, next_token = _select_next(draft, scores, generation_config.do_sample)
+                t2 = time.perf_counter()
+                committed, finished = commit_tokens(
+                    [*draft.tokens[0, :num_accepted].tolist(), next_token], scores, logits[0]
+                )
+                kept_drafts = min(num_accepted, committed)
+                target.keep(prefix_length + kept_drafts)
+                if tree_shape is None:
+                    drafter.commit(input_ids, kept_drafts)
+                policy.update(draft.length, num_accepted, t1 - t0, t2 - t1)
+                drafted = draft.length
+            stats.record_round(drafted, num_accepted, committed)
             stats.draft_time_s += t1 - t0
             stats.verify_time_s += t2 - t1
             stats.forward_passes += 1

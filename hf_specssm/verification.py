@@ -9,6 +9,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from hf_specssm import _compat
 from hf_specssm.cache import ForkableCache
 from hf_specssm.mixers import MixerInputRecorder, exact_continuation
+from hf_specssm.tree import TokenTree, compile_tree, kept_positions
 
 VERIFICATION_METHODS = ("replay", "refeed")
 
@@ -66,6 +67,42 @@ class AttentionTarget:
             raise ValueError(f"cannot keep {length} tokens, the cache holds {self.consumed}.")
         self.cache.crop(length - self.consumed)
         self.consumed = length
+
+    def score_tree(self, input_ids: torch.Tensor, tree: TokenTree) -> torch.Tensor:
+        """Logits after the root and after every node of `tree`, in one forward with a tree mask.
+
+        Returns:
+            `[1, 1 + N, V]` float32 logits: row 0 after the root (last committed token), row `1 + i` after
+            node `i`.
+        """
+        if any(_compat.is_sliding_attention_layer(layer) for layer in self.cache.layers):
+            raise ValueError("tree verification does not support sliding-window attention targets yet.")
+        chain = input_ids[:, self.consumed :]
+        compiled = compile_tree(tree, self.consumed, chain.shape[1], self.model.dtype)
+        kwargs = {
+            self.cache_name: self.cache,
+            "use_cache": True,
+            "attention_mask": compiled.attention_mask,
+            "position_ids": compiled.position_ids,
+        }
+        if self._pass_logits_to_keep:
+            kwargs["logits_to_keep"] = tree.size + 1
+        tokens = torch.cat([chain, tree.tokens[None].to(chain.device)], dim=1)
+        logits = self.model(input_ids=tokens, **kwargs).logits[:, -(tree.size + 1) :].float()
+        self._tree_round = (self.consumed, chain.shape[1])
+        self.consumed += tokens.shape[1]
+        return logits
+
+    def keep_tree(self, path: list[int]) -> None:
+        """Keep the cached prefix, the fed chain and the nodes of `path`; drop every other node's keys."""
+        past, chain = self._tree_round
+        positions = kept_positions(past, chain, path)
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel() > 0:
+                index = positions.to(layer.keys.device)
+                layer.keys = layer.keys.index_select(2, index)
+                layer.values = layer.values.index_select(2, index)
+        self.consumed = past + chain + len(path)
 
 
 class RecurrentTarget(AttentionTarget):
@@ -147,6 +184,30 @@ class RecurrentTarget(AttentionTarget):
                     self._forward(kept[:, : length - self._round_start], 1)
         self.cache.clear_checkpoints()
         self.recorder.clear()
+
+
+def process_tree_scores(
+    logits_processor: LogitsProcessorList | None,
+    input_ids: torch.Tensor,
+    tree: TokenTree,
+    logits: torch.Tensor,
+) -> torch.Tensor:
+    """Processed scores after the root and each node, each with its own root-to-node prefix.
+
+    Args:
+        input_ids: `[1, L]` committed tokens.
+        logits: `[1, 1 + N, V]` raw target logits from `score_tree`.
+
+    Returns:
+        `[1 + N, V]`.
+    """
+    if not logits_processor:
+        return logits[0].clone()
+    rows = [logits_processor(input_ids, logits[:, 0].clone())]
+    for node in range(tree.size):
+        path_tokens = tree.tokens[tree.path(node)].to(input_ids.device)[None]
+        rows.append(logits_processor(torch.cat([input_ids, path_tokens], dim=1), logits[:, node + 1].clone()))
+    return torch.cat(rows, dim=0)
 
 
 def process_scores(

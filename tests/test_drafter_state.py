@@ -54,6 +54,10 @@ class RecordingDrafter(hf_specssm.ModelDrafter):
         super().commit(input_ids, num_accepted)
         self.final_sequence = input_ids
 
+    def commit_tree(self, input_ids, path):
+        super().commit_tree(input_ids, path)
+        self.final_sequence = input_ids
+
 
 @torch.no_grad()
 @pytest.mark.parametrize("kind", ["mamba", "mamba2", "falcon_mamba"])

@@ -6,9 +6,10 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_specssm import _compat
-from hf_specssm.cache import ForkableCache
+from hf_specssm.cache import CacheSnapshot, ForkableCache
 from hf_specssm.config import DraftConfig
 from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
+from hf_specssm.tree import TokenTree
 
 # Recurrent drafters step pending tokens one at a time up to this many: a Mamba2 multi-token forward is
 # padded to `chunk_size` and costs far more than a couple of single steps.
@@ -62,12 +63,13 @@ class ModelDrafter(Drafter):
     def end(self) -> None:
         self.cache = None
 
-    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Run `tokens` `[1, T]` through the model from the cache; return the last logits `[1, V]` (fp32)."""
+    def _forward(self, tokens: torch.Tensor, rows: int = 1) -> torch.Tensor:
+        """Run `tokens` `[R, T]` through the model from the cache; return the last logits `[R, V]` (fp32)."""
         start = self.cache.seen_tokens
         kwargs = {self._cache_name: self.cache, "use_cache": True}
         if self._pass_positions:
-            kwargs["position_ids"] = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            kwargs["position_ids"] = positions[None].expand(rows, -1)
         if self._pass_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         logits = self.model(input_ids=tokens, **kwargs).logits[:, -1].float()
@@ -113,6 +115,64 @@ class ModelDrafter(Drafter):
         draft_probs = torch.stack(probs, dim=1) if probs and probs[0] is not None else None
         return Draft(tokens=draft_tokens, probs=draft_probs)
 
+    @torch.no_grad()
+    def draft_tree(self, input_ids: torch.Tensor, sampler: DraftSampler) -> TokenTree:
+        """Draft a tree of shape `config.tree_shape` by forking the state along the batch axis.
+
+        Each depth expands every frontier node into its top-`w` children and feeds all of them in one
+        batched step (the state is copied to the new rows by `ForkableCache.select`), so the cost grows
+        with the nodes per depth, not with the prefix. The last depth is not fed.
+        """
+        shape = self.config.tree_shape
+        pending = input_ids[:, self.cache.seen_tokens :]
+        logits = self._consume(pending)
+        self._tree_root = self.cache.snapshot()
+        self._tree_levels = []
+        tokens: list[int] = []
+        parents: list[int] = []
+        frontier, paths = [-1], [input_ids]
+        for depth, width in enumerate(shape):
+            children = _top_children(sampler, paths, logits, width)
+            sources, new_frontier, new_paths = [], [], []
+            for row, parent in enumerate(frontier):
+                for token in children[row].tolist():
+                    tokens.append(token)
+                    parents.append(parent)
+                    sources.append(row)
+                    new_frontier.append(len(tokens) - 1)
+                    new_paths.append(torch.cat([paths[row], paths[row].new_tensor([[token]])], dim=1))
+            frontier, paths = new_frontier, new_paths
+            if depth == len(shape) - 1:
+                break
+            self.cache.select(torch.tensor(sources))
+            step = torch.tensor([[tokens[node]] for node in frontier])
+            logits = self._forward(step, rows=len(frontier))
+            self._tree_levels.append((list(frontier), self.cache.snapshot()))
+        return TokenTree(tokens=torch.tensor(tokens), parents=torch.tensor(parents))
+
+    def commit_tree(self, input_ids: torch.Tensor, path: list[int]) -> None:
+        """The target kept tree nodes `path` (root's child first); bring the state to the kept prefix."""
+        keep = min(len(path), len(self.config.tree_shape) - 1)
+        self.cache.select(torch.tensor([0]))
+        if keep == 0:
+            self.cache.restore(self._tree_root)
+        elif not self.cache.attention_tensors():
+            # recurrent state only: take the row that fed the deepest kept node
+            nodes, snapshot = self._tree_levels[keep - 1]
+            row = nodes.index(path[keep - 1])
+            self.cache.restore(
+                CacheSnapshot(
+                    seq_length=snapshot.seq_length,
+                    states=tuple(state[row : row + 1] for state in snapshot.states),
+                    batch_size=1,
+                )
+            )
+        else:
+            # attention drafters: the rows' keys differ per branch; re-feed the short kept path instead
+            self.cache.restore(self._tree_root)
+            self._consume(input_ids[:, self._tree_root.seq_length : self._tree_root.seq_length + keep])
+        self._tree_levels = []
+
     def commit(self, input_ids: torch.Tensor, num_accepted: int) -> None:
         if self.cache is None:
             raise RuntimeError("call begin() before commit().")
@@ -122,6 +182,20 @@ class ModelDrafter(Drafter):
             self.cache.rollback_to(keep)
         self.cache.clear_checkpoints()
         self._round_drafted = 0
+
+
+@torch.no_grad()
+def _top_children(
+    sampler: DraftSampler, sequences: list[torch.Tensor], logits: torch.Tensor, width: int
+) -> torch.Tensor:
+    """`[R, width]` best next tokens of each row, by the processed scores (greedy tree expansion)."""
+    rows = []
+    for row, sequence in enumerate(sequences):
+        scores = logits[row : row + 1]
+        if sampler.logits_processor:
+            scores = sampler.logits_processor(sequence, scores.clone())
+        rows.append(scores[0].topk(min(width, scores.shape[-1])).indices)
+    return torch.stack(rows)
 
 
 def _check_causal_lm(model: object, role: str) -> None:
