@@ -274,7 +274,8 @@ def _write_tiny_llama_gguf(path: Path):
         rms_norm_eps=1e-5,
         rope_theta=rope_theta,
         tie_word_embeddings=False,
-        bos_token_id=None,
+        # transformers 5.17's GGUF tokenizer conversion needs a BOS id (real GGUFs carry one)
+        bos_token_id=len(tokens) - 1,
         eos_token_id=len(tokens) - 1,
         pad_token_id=None,
     )
@@ -303,6 +304,7 @@ def _write_tiny_llama_gguf(path: Path):
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_merges(merges)
+    writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
 
     state = {name: tensor.detach().float() for name, tensor in model.state_dict().items()}
