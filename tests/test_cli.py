@@ -19,3 +19,9 @@ def test_bench_ssm_runs(capsys):
     out = capsys.readouterr().out
     for part in ("### A.", "### B.", "### C.", "| mamba2-8M |", "peak process memory"):
         assert part in out
+
+
+def test_bench_trees_runs(capsys):
+    assert main(["bench-trees", "--max-new-tokens", "6", "--prompt-lengths", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "| tree (3,2,2,1,1) |" in out and "| NO |" not in out
