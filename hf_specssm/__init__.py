@@ -21,6 +21,7 @@ from hf_specssm.generation import (  # noqa: E402
     speculative_generate,
 )
 from hf_specssm.stats import SpeculationStats  # noqa: E402
+from hf_specssm.tree_policy import UCBTreePolicy  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "PromptLookupDrafter",
     "SpeculationStats",
     "SpeculativeDecoderOnlyOutput",
+    "UCBTreePolicy",
     "__version__",
     "enable",
     "generate",

@@ -13,6 +13,7 @@ import torch
 
 import hf_specssm
 from hf_specssm.toy import demo_pair
+from hf_specssm.tree_policy import UCBTreePolicy
 
 METHODS: dict[str, dict | None] = {
     "plain": None,
@@ -21,6 +22,7 @@ METHODS: dict[str, dict | None] = {
     "tree (1,1,1,1,1)": {"tree_shape": (1, 1, 1, 1, 1)},
     "tree (2,2,2,1,1,1)": {"tree_shape": (2, 2, 2, 1, 1, 1)},
     "tree (3,2,2,1,1)": {"tree_shape": (3, 2, 2, 1, 1)},
+    "UCB bandit over DEFAULT_ARMS": {"tree_policy": "ucb"},
 }
 
 
@@ -38,7 +40,11 @@ def run(args: argparse.Namespace) -> int:
     print("| method | tok/s | speed-up | τ | nodes verified per round | identical |")
     print("|---|---:|---:|---:|---:|:---:|")
     plain_rate = None
+    bandit = None
     for name, options in METHODS.items():
+        if options is not None and options.get("tree_policy") == "ucb":
+            bandit = UCBTreePolicy()
+            options = {"tree_policy": bandit}
         drafter = hf_specssm.ModelDrafter(drafter_model, **options) if options is not None else None
         if drafter is not None:
             target.generate(prompts[0], assistant_model=drafter, max_new_tokens=4)
@@ -68,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
             f"{drafted / rounds:.1f} | {'yes' if identical else 'NO'} |",
             flush=True,
         )
+    if bandit is not None:
+        pulls = ", ".join(f"{arm}: {count}" for arm, count in zip(bandit.arms, bandit.counts))
+        print(f"\nbandit pulls per arm (it learns across the prompts): {pulls}")
     print(f"\npeak process memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     return 0
 

@@ -177,8 +177,10 @@ def speculative_generate(
     logits_out = () if want_dict and generation_config.output_logits else None
     max_length = generation_config.max_length
 
+    tree_policy = getattr(drafter, "tree_policy", None)
     tree_shape = drafter.config.tree_shape
-    if tree_shape is not None:
+    tree_mode = tree_shape is not None or tree_policy is not None
+    if tree_mode:
         _check_tree_round(model, generation_config, drafter)
 
     def commit_tokens(tokens: list[int], scores: torch.Tensor, logits_rows: torch.Tensor) -> tuple[int, bool]:
@@ -204,9 +206,10 @@ def speculative_generate(
             prefix_length = input_ids.shape[1]
             room = max_length - prefix_length
             t0 = time.perf_counter()
-            if tree_shape is not None and room > len(tree_shape):
+            shape = tree_policy.choose() if tree_policy is not None else tree_shape
+            if tree_mode and room > len(shape):
                 # draft → verify (tree mask) → accept the longest matching path → commit
-                tree = drafter.draft_tree(input_ids, sampler)
+                tree = drafter.draft_tree(input_ids, sampler, shape)
                 t1 = time.perf_counter()
                 logits = target.score_tree(input_ids, tree)
                 scores = process_tree_scores(logits_processor, input_ids, tree, logits)
@@ -220,10 +223,13 @@ def speculative_generate(
                 target.keep_tree(kept)
                 drafter.commit_tree(input_ids, kept)
                 drafted, num_accepted = tree.size, len(path)
+                stats.tree_shapes.append(shape)
+                if tree_policy is not None:
+                    tree_policy.update(committed, time.perf_counter() - t0)
             else:
                 # draft → verify → accept → commit
                 num_draft = max(0, min(policy.next_length(), room - 1))
-                if num_draft > 0 and tree_shape is None:
+                if num_draft > 0 and not tree_mode:
                     draft = drafter.draft(input_ids, num_draft, sampler)
                 else:
                     draft = Draft(tokens=input_ids.new_empty((1, 0)))
@@ -237,7 +243,7 @@ def speculative_generate(
                 )
                 kept_drafts = min(num_accepted, committed)
                 target.keep(prefix_length + kept_drafts)
-                if tree_shape is None:
+                if not tree_mode:
                     drafter.commit(input_ids, kept_drafts)
                 policy.update(draft.length, num_accepted, t1 - t0, t2 - t1)
                 drafted = draft.length

@@ -18,6 +18,7 @@ class SpeculationStats:
         draft_time_s: wall time spent drafting.
         verify_time_s: wall time spent in target forwards and acceptance.
         total_time_s: wall time of the whole decoding loop.
+        tree_shapes: the tree shape drafted in each tree round (what a tree policy chose, over time).
         forward_passes: target verification forwards (one per round; a batch shares each forward).
         peak_verification_bytes: most extra memory held for rolling back a recurrent target in one round
             (state checkpoint, plus recorded mixer activations with Activation Replay); 0 for Transformers.
@@ -31,6 +32,7 @@ class SpeculationStats:
     total_time_s: float = 0.0
     peak_verification_bytes: int = 0
     forward_passes: int = 0
+    tree_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
     def record_round(self, drafted: int, accepted: int, committed: int) -> None:
         """Append one round's counts."""

@@ -10,6 +10,7 @@ from hf_specssm.cache import CacheSnapshot, ForkableCache
 from hf_specssm.config import DraftConfig
 from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
 from hf_specssm.tree import TokenTree
+from hf_specssm.tree_policy import UCBTreePolicy
 
 # Recurrent drafters step pending tokens one at a time up to this many: a Mamba2 multi-token forward is
 # padded to `chunk_size` and costs far more than a couple of single steps.
@@ -29,14 +30,22 @@ class ModelDrafter(Drafter):
         model: a causal LM such as `MambaForCausalLM`, `Mamba2ForCausalLM`, `FalconMambaForCausalLM`,
             a hybrid (`BambaForCausalLM`, …) or any Transformer (`LlamaForCausalLM`, …).
         config: draft-length options (default `DraftConfig()`).
+        tree_policy: pick the tree shape per round (e.g. `UCBTreePolicy()`); overrides `tree_shape`.
         **options: shorthand for `DraftConfig` fields, e.g. `ModelDrafter(m, num_draft_tokens=4,
             schedule="constant")`.
     """
 
-    def __init__(self, model: PreTrainedModel, config: DraftConfig | None = None, **options) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: DraftConfig | None = None,
+        tree_policy: UCBTreePolicy | None = None,
+        **options,
+    ) -> None:
         if config is not None and options:
             raise ValueError("pass either `config` or DraftConfig fields as keyword arguments, not both.")
         super().__init__(config if config is not None else DraftConfig(**options))
+        self.tree_policy = tree_policy
         _check_causal_lm(model, role="drafter")
         self.model = model
         self._cache_name = _compat.cache_kwarg_name(model)
@@ -116,14 +125,17 @@ class ModelDrafter(Drafter):
         return Draft(tokens=draft_tokens, probs=draft_probs)
 
     @torch.no_grad()
-    def draft_tree(self, input_ids: torch.Tensor, sampler: DraftSampler) -> TokenTree:
-        """Draft a tree of shape `config.tree_shape` by forking the state along the batch axis.
+    def draft_tree(
+        self, input_ids: torch.Tensor, sampler: DraftSampler, shape: tuple[int, ...] | None = None
+    ) -> TokenTree:
+        """Draft a tree of `shape` (default `config.tree_shape`) by forking the state along the batch axis.
 
         Each depth expands every frontier node into its top-`w` children and feeds all of them in one
         batched step (the state is copied to the new rows by `ForkableCache.select`), so the cost grows
         with the nodes per depth, not with the prefix. The last depth is not fed.
         """
-        shape = self.config.tree_shape
+        shape = shape if shape is not None else self.config.tree_shape
+        self._tree_shape = shape
         pending = input_ids[:, self.cache.seen_tokens :]
         logits = self._consume(pending)
         self._tree_root = self.cache.snapshot()
@@ -152,7 +164,7 @@ class ModelDrafter(Drafter):
 
     def commit_tree(self, input_ids: torch.Tensor, path: list[int]) -> None:
         """The target kept tree nodes `path` (root's child first); bring the state to the kept prefix."""
-        keep = min(len(path), len(self.config.tree_shape) - 1)
+        keep = min(len(path), len(self._tree_shape) - 1)
         self.cache.select(torch.tensor([0]))
         if keep == 0:
             self.cache.restore(self._tree_root)
