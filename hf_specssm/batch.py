@@ -63,7 +63,8 @@ class BatchTarget:
     """The target side of a ragged batch (any target: attention, SSM or hybrid)."""
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int) -> None:
-        for layer in ForkableCache(model.config).layers:
+        layers = ForkableCache(model.config).layers
+        for layer in layers:
             if _compat.is_sliding_attention_layer(layer):
                 raise ValueError(
                     "batched speculative decoding does not support sliding-window attention targets yet; "
@@ -74,9 +75,7 @@ class BatchTarget:
         self.pad_token_id = pad_token_id
         self.recorder = MixerInputRecorder(model)
         self._pass_positions = _compat.forward_accepts(model, "position_ids")
-        self._has_attention = any(
-            _compat.is_attention_layer(layer) for layer in ForkableCache(model.config).layers
-        )
+        self._has_attention = any(_compat.is_attention_layer(layer) for layer in layers)
         self.cache: ForkableCache | None = None
         self.peak_verification_bytes = 0
 

@@ -46,16 +46,6 @@ class HeuristicLength(DraftLengthPolicy):
         self.length = min(self.high, max(self.low, self.length + step))
 
 
-def expected_committed(acceptance: float, length: int) -> float:
-    """Expected tokens committed by a round of `length` drafts, if each is accepted with prob. `acceptance`.
-
-    `1 + a + a² + … + a^length`: the accepted prefix plus the target's own token.
-    """
-    if acceptance >= 1.0:
-        return float(length + 1)
-    return (1.0 - acceptance ** (length + 1)) / (1.0 - acceptance)
-
-
 class AdaptiveLength(DraftLengthPolicy):
     """Pick the length that maximises expected committed tokens per second.
 

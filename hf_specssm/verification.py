@@ -140,7 +140,8 @@ class RecurrentTarget(AttentionTarget):
     def score(self, input_ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
         pending = input_ids[:, self.consumed :]
         if self.consumed == 0 and pending.shape[1] > 1:
-            # Prefill apart from the round, so the checkpoint below holds an initialised state.
+            # Prefill apart from the round: the commit then replays (or re-feeds) only this round's
+            # tokens, not the whole prompt.
             self._forward(pending[:, :-1], 1)
             pending = pending[:, -1:]
         self.cache.clear_checkpoints()

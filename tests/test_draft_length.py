@@ -11,7 +11,6 @@ from hf_specssm.draft_length import (
     AdaptiveLength,
     ConstantLength,
     HeuristicLength,
-    expected_committed,
     make_policy,
 )
 
@@ -49,10 +48,15 @@ def test_heuristic_follows_transformers_rule_within_bounds():
     assert policy.next_length() == 2  # floored
 
 
-def test_expected_committed():
-    assert expected_committed(0.0, 5) == 1.0
-    assert expected_committed(1.0, 5) == 6.0
-    assert expected_committed(0.5, 2) == pytest.approx(1.75)
+def test_expected_committed_follows_the_positional_estimates():
+    policy = AdaptiveLength(DraftConfig(schedule="adaptive", draft_cost_ratio=0.05, acceptance_prior=0.5))
+    assert policy.expected_committed(0) == 1.0
+    # no evidence yet: every position at the prior 0.5 -> 1 + 0.5 + 0.25
+    assert policy.expected_committed(2) == pytest.approx(1.75)
+    for _ in range(30):
+        policy.update(3, 1, 0.0, 0.0)  # position 1 always passes, position 2 always fails
+    alphas = policy.positional_acceptance()
+    assert alphas[0] > 0.9 and alphas[1] < 0.1
 
 
 @pytest.mark.parametrize(
