@@ -133,7 +133,9 @@ def speculative_generate(
         generation_config: the merged generation config.
         drafter: a `Drafter`, or a causal LM that gets `ModelDrafter` defaults.
         spec_streamer: a streamer that receives each committed token (`generate`'s own `streamer` is not
-            forwarded to `custom_generate` callables; `enable`/`hf_specssm.generate` pass it here).
+            forwarded to `custom_generate` callables; `enable`/`hf_specssm.generate` pass it here). If it
+            has `on_round(num_from_draft, num_committed)`, that is called after each round's tokens were
+            put: the first `num_from_draft` of them were accepted drafts, the rest came from the target.
         verification: for SSM and hybrid targets, how the state is brought to the accepted prefix:
             `"replay"` (Activation Replay, default) or `"refeed"` (snapshot and re-feed).
         **model_kwargs: `generate`'s model kwargs (the target cache, attention mask, …).
@@ -150,6 +152,10 @@ def speculative_generate(
             raise ValueError("streamers take one sequence: pass one prompt per call to stream.")
         if verification != "replay":
             raise ValueError("batched speculative decoding commits SSM state by Activation Replay only.")
+        if drafter.wants_target_hidden:
+            raise ValueError(
+                f"{type(drafter).__name__} drafts one prompt per call: pass prompts one at a time."
+            )
         sequences, stats, cache = batched_speculative_generate(
             model,
             input_ids,
@@ -179,9 +185,17 @@ def speculative_generate(
 
     tree_policy = getattr(drafter, "tree_policy", None)
     tree_shape = drafter.config.tree_shape
-    tree_mode = tree_shape is not None or tree_policy is not None
+    # drafters that shape their own trees (ReDrafter's deduplicated beams) draft chains where trees cannot
+    # be verified yet (SSM targets, sampling)
+    dynamic_trees = (
+        getattr(drafter, "drafts_trees", False)
+        and not generation_config.do_sample
+        and not _compat.config_has_recurrent_layers(model.config)
+    )
+    tree_mode = tree_shape is not None or tree_policy is not None or dynamic_trees
     if tree_mode:
         _check_tree_round(model, generation_config, drafter)
+    target.capture_hidden = drafter.wants_target_hidden
 
     def commit_tokens(tokens: list[int], scores: torch.Tensor, logits_rows: torch.Tensor) -> tuple[int, bool]:
         """Append `tokens` one by one, honouring the stopping criteria; returns `(committed, finished)`."""
@@ -207,7 +221,8 @@ def speculative_generate(
             room = max_length - prefix_length
             t0 = time.perf_counter()
             shape = tree_policy.choose() if tree_policy is not None else tree_shape
-            if tree_mode and room > len(shape):
+            max_nodes = len(shape) if shape is not None else getattr(drafter, "max_tree_nodes", 0)
+            if tree_mode and room > max_nodes:
                 # draft → verify (tree mask) → accept the longest matching path → commit
                 tree = drafter.draft_tree(input_ids, sampler, shape)
                 t1 = time.perf_counter()
@@ -221,9 +236,12 @@ def speculative_generate(
                 )
                 kept = path[: min(len(path), committed)]
                 target.keep_tree(kept)
+                if drafter.wants_target_hidden:
+                    drafter.observe_target_hidden(target.last_hidden[:, rows[committed - 1]])
                 drafter.commit_tree(input_ids, kept)
                 drafted, num_accepted = tree.size, len(path)
-                stats.tree_shapes.append(shape)
+                if shape is not None:
+                    stats.tree_shapes.append(shape)
                 if tree_policy is not None:
                     tree_policy.update(committed, time.perf_counter() - t0)
             else:
@@ -243,11 +261,15 @@ def speculative_generate(
                 )
                 kept_drafts = min(num_accepted, committed)
                 target.keep(prefix_length + kept_drafts)
+                if drafter.wants_target_hidden:
+                    drafter.observe_target_hidden(target.last_hidden[:, committed - 1])
                 if not tree_mode:
                     drafter.commit(input_ids, kept_drafts)
                 policy.update(draft.length, num_accepted, t1 - t0, t2 - t1)
                 drafted = draft.length
             stats.record_round(drafted, num_accepted, committed)
+            if spec_streamer is not None and hasattr(spec_streamer, "on_round"):
+                spec_streamer.on_round(min(num_accepted, committed), committed)
             stats.draft_time_s += t1 - t0
             stats.verify_time_s += t2 - t1
             stats.forward_passes += 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -35,6 +38,31 @@ class AttentionTarget:
         self._pass_logits_to_keep = _compat.forward_accepts(model, "logits_to_keep")
         self._pass_positions = _compat.forward_accepts(model, "position_ids")
         self.peak_verification_bytes = 0
+        #: when true, `score` / `score_tree` keep the LM head's input of the scored positions in
+        #: `last_hidden` (`[1, n, H]`, same rows as the logits they return) for draft heads.
+        self.capture_hidden = False
+        self.last_hidden: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def _hidden_capture(self, num_positions: int, row: int = 0) -> Iterator[None]:
+        """While active (and `capture_hidden` is set), keep row `row`'s last `num_positions` LM-head inputs."""
+        if not self.capture_hidden:
+            yield
+            return
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise ValueError(
+                f"{type(self.model).__name__} has no output embedding to read hidden states from."
+            )
+
+        def grab(module, args):
+            self.last_hidden = args[0][row : row + 1, -num_positions:].detach().clone()
+
+        handle = head.register_forward_pre_hook(grab)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _forward(self, tokens: torch.Tensor, num_logits: int) -> torch.Tensor:
         """Run `tokens` `[1, T]` from the cache; return the last `num_logits` logits `[1, num_logits, V]`."""
@@ -59,7 +87,8 @@ class AttentionTarget:
             `[1, k + 1, V]` float32 logits; row `i` predicts the token after `i` drafts.
         """
         new_tokens = torch.cat([input_ids[:, self.consumed :], draft_tokens], dim=1)
-        return self._forward(new_tokens, draft_tokens.shape[1] + 1)
+        with self._hidden_capture(draft_tokens.shape[1] + 1):
+            return self._forward(new_tokens, draft_tokens.shape[1] + 1)
 
     def keep(self, length: int) -> None:
         """Drop every cached token past `length` (the accepted prefix)."""
@@ -88,7 +117,8 @@ class AttentionTarget:
         if self._pass_logits_to_keep:
             kwargs["logits_to_keep"] = tree.size + 1
         tokens = torch.cat([chain, tree.tokens[None].to(chain.device)], dim=1)
-        logits = self.model(input_ids=tokens, **kwargs).logits[:, -(tree.size + 1) :].float()
+        with self._hidden_capture(tree.size + 1):
+            logits = self.model(input_ids=tokens, **kwargs).logits[:, -(tree.size + 1) :].float()
         self._tree_round = (self.consumed, chain.shape[1])
         self.consumed += tokens.shape[1]
         return logits
@@ -149,7 +179,7 @@ class RecurrentTarget(AttentionTarget):
         self._round_start = self.consumed
         new_tokens = torch.cat([pending, draft_tokens], dim=1)
         self._kept_tokens = new_tokens
-        with exact_continuation(self.model):
+        with exact_continuation(self.model), self._hidden_capture(draft_tokens.shape[1] + 1):
             if self.method == "replay":
                 with self.recorder.recording():
                     logits = self._forward(new_tokens, draft_tokens.shape[1] + 1)

@@ -105,6 +105,29 @@ def test_streamer_receives_exactly_the_committed_tokens(pair, prompt):
     assert streamer.ended == 1
 
 
+class RoundStreamer(RecordingStreamer):
+    def __init__(self):
+        super().__init__()
+        self.rounds: list[tuple[int, int]] = []
+
+    def on_round(self, num_from_draft, num_committed):
+        self.rounds.append((num_from_draft, num_committed))
+
+
+def test_streamer_hears_where_each_rounds_tokens_came_from(pair, prompt):
+    target, drafter = pair
+    streamer = RoundStreamer()
+    output = target.generate(prompt, assistant_model=drafter, max_new_tokens=25, streamer=streamer)
+    stats = target.last_speculation_stats
+    assert [committed for _, committed in streamer.rounds] == stats.committed_tokens
+    assert [drafted for drafted, _ in streamer.rounds] == [
+        min(accepted, committed)
+        for accepted, committed in zip(stats.accepted_lengths, stats.committed_tokens)
+    ]
+    assert sum(committed for _, committed in streamer.rounds) == output.shape[1] - prompt.shape[1]
+    assert any(drafted > 0 for drafted, _ in streamer.rounds)
+
+
 def _word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

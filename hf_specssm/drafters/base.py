@@ -82,6 +82,15 @@ class Drafter(ABC):
         self.config = config if config is not None else DraftConfig()
         self.length_policy: DraftLengthPolicy = make_policy(self.config)
 
+    #: Whether the loop should hand this drafter the target's last hidden state each round (draft heads
+    #: such as ReDrafter read it); the target then captures the input of its output embedding.
+    wants_target_hidden: bool = False
+
+    def observe_target_hidden(self, hidden: torch.Tensor) -> None:
+        """Receive the target's last-layer hidden state `[1, H]` at the position whose logits chose the last
+        committed token (the input of the target's LM head there). Called before `commit` / `commit_tree`,
+        only when `wants_target_hidden` is true."""
+
     @property
     def vocab_size(self) -> int | None:
         """Vocabulary size of the draft distribution, or `None` if any target vocabulary works."""
