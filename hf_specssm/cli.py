@@ -111,6 +111,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `hf-specssm` parser: one subcommand per job; `demo` runs when none is given."""
     parser = argparse.ArgumentParser(prog="hf-specssm", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="plain vs speculative decoding on offline demo models (default)")
@@ -141,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     from hf_specssm import fetch as fetch_module
 
     fetch_module.add_arguments(fetch)
+    train_redrafter = sub.add_parser(
+        "train-redrafter",
+        help="train a ReDrafter draft head for a target on a local corpus (or a toy target)",
+    )
+    from hf_specssm.redrafter.command import add_arguments as add_redrafter_arguments
+
+    add_redrafter_arguments(train_redrafter)
     return parser
 
 
@@ -156,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         from hf_specssm import fetch
 
         return fetch.run(args)
+    if args.command == "train-redrafter":
+        import transformers
+
+        from hf_specssm.redrafter.command import run as run_train_redrafter
+
+        transformers.logging.set_verbosity_error()
+        return run_train_redrafter(args)
     if args.command == "bench-trees":
         import transformers
 
