@@ -20,6 +20,7 @@ from hf_specssm.generation import (  # noqa: E402
     is_enabled,
     speculative_generate,
 )
+from hf_specssm.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead  # noqa: E402
 from hf_specssm.stats import SpeculationStats  # noqa: E402
 from hf_specssm.tree_policy import UCBTreePolicy  # noqa: E402
 
@@ -34,6 +35,9 @@ __all__ = [
     "ModelDrafter",
     "NgramTableDrafter",
     "PromptLookupDrafter",
+    "ReDrafterConfig",
+    "ReDrafterDrafter",
+    "ReDrafterHead",
     "SpeculationStats",
     "SpeculativeDecoderOnlyOutput",
     "UCBTreePolicy",
