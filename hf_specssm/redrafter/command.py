@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -171,6 +172,9 @@ def build_data(
 def run(args: argparse.Namespace) -> int:
     """Train (or resume training) a head as the arguments say; save it with its model card to `--out`."""
     torch.set_num_threads(args.threads)
+    if args.quiet:
+        # transformers' own bars (saving and loading checkpoints) too
+        transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.restart:
