@@ -170,7 +170,7 @@ def test_sampling_keeps_the_targets_distribution():
     # drafts were both accepted and rejected
     assert 0 in accepted and max(accepted) >= 1
     # power: with as many samples, the same test rejects a distribution 5 points off the target's on one
-    # continuation (the most frequent one), which is the size of error a lossy acceptance rule would make
+    # continuation (the most frequent one)
     skewed = probs.copy()
     skewed[int(np.argmax(counts))] += 0.05
     skewed /= skewed.sum()
