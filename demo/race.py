@@ -34,7 +34,6 @@ TREE_SHAPE = (3, 2, 2, 1, 1)
 logger = logging.getLogger(__name__)
 # Methods that draft with a second model; the others draft from the text itself.
 MODEL_METHODS = (CHAIN, TREE, BANDIT)
-GREEDY_ONLY_METHODS = (TREE, BANDIT)
 SCHEDULES = ("adaptive", "constant", "heuristic")
 
 MAX_NEW_TOKENS = 512
@@ -99,8 +98,6 @@ class RaceSettings:
                     "Pick a drafter of the target's family, or a method without a drafter model "
                     f"({PROMPT_LOOKUP}, {NGRAM_TABLE})."
                 )
-        if self.do_sample and self.method in GREEDY_ONLY_METHODS:
-            return f"The {self.method} method verifies greedily for now; switch sampling off or use {CHAIN}."
         if self.do_sample:
             if self.temperature is None or not 0.05 <= self.temperature <= 5:
                 return "Temperature must lie between 0.05 and 5."

@@ -22,7 +22,7 @@ from hf_specssm.generation import (  # noqa: E402
 )
 from hf_specssm.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead  # noqa: E402
 from hf_specssm.stats import SpeculationStats  # noqa: E402
-from hf_specssm.tree_policy import UCBTreePolicy  # noqa: E402
+from hf_specssm.tree_policy import DynamicTreePolicy, UCBTreePolicy  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "Draft",
     "DraftConfig",
     "Drafter",
+    "DynamicTreePolicy",
     "ForkableCache",
     "ModelDrafter",
     "NgramTableDrafter",

@@ -1,12 +1,16 @@
 """Acceptance rules: which draft tokens the target keeps, and the token it adds.
 
-Both rules are lossless: greedy returns exactly the target's argmax continuation; sampling returns tokens
-distributed exactly as the target's own sampling (Leviathan et al. 2023, Chen et al. 2023).
+Every rule is lossless: greedy returns exactly the target's argmax continuation; sampling returns tokens
+distributed exactly as the target's own sampling (Leviathan et al. 2023, Chen et al. 2023), for chains and,
+by recursive rejection over siblings (SpecInfer, Miao et al. 2024; without replacement as in Yang et al.
+2024 / Sequoia), for trees.
 """
 
 from __future__ import annotations
 
 import torch
+
+from hf_specssm.tree import TokenTree
 
 
 def accept_greedy(draft_tokens: torch.Tensor, target_scores: torch.Tensor) -> tuple[int, int]:
@@ -65,3 +69,69 @@ def accept_sampling(
         distribution = residual / total if total > 0.0 else target_probs[i]
         return i, int(torch.multinomial(distribution, 1, generator=generator))
     return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`norm(max(p - q, 0))`, or `p` when `p == q` up to rounding (then any draw from `p` is exact)."""
+    residual = (p - q).clamp_min(0.0)
+    total = float(residual.sum())
+    return residual / total if total > 0.0 else p
+
+
+def accept_tree_sampling(
+    tree: TokenTree, target_probs: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[list[int], int]:
+    """Multi-draft speculative sampling down a tree: recursive rejection over each node's children.
+
+    At a node with target distribution `p` (after its own prefix), the children are tried in index order.
+    Child `x` drawn from `q` is accepted with probability `min(1, p(x) / q(x))`; the walk then continues at
+    that child. On rejection `p ← norm(max(p − q, 0))` and, when siblings were drawn without replacement,
+    `q ← q` with `x` removed and renormalised; the next sibling is tried. When every child was rejected
+    (or there are none) the next token is drawn from `p`. Deterministic children (`tree.draft_probs is
+    None`) are one-hot proposals: `x` is accepted with probability `p(x)`, and `p` loses `x` on rejection.
+
+    Each step is a single-draft speculative sampling step against the residual of the previous one, so the
+    token leaving each node is distributed exactly as `p`; by induction the whole output is distributed as
+    the target's own sampling.
+
+    Args:
+        tree: the verified tree (with `draft_probs` when its nodes were sampled).
+        target_probs: `[1 + N, V]` target probabilities after the root (row 0) and after each node.
+        generator: optional torch RNG.
+
+    Returns:
+        `(path, next_token)`: accepted node indices from the root down, and the token drawn after them.
+    """
+    path, node = [], -1
+    while True:
+        p = target_probs[node + 1].to(torch.float64)
+        children = tree.children(node)
+        q = None
+        if children and tree.draft_probs is not None:
+            q = tree.draft_probs[children[0]].to(device=p.device, dtype=torch.float64)
+            q = q / q.sum()
+        accepted = None
+        for child in children:
+            token = int(tree.tokens[child])
+            if q is None:
+                proposal = torch.zeros_like(p)
+                proposal[token] = 1.0
+            else:
+                proposal = q
+            p_token, q_token = float(p[token]), float(proposal[token])
+            uniform = float(torch.rand((), generator=generator, dtype=torch.float64))
+            if q_token > 0.0 and uniform * q_token <= p_token:
+                accepted = child
+                break
+            p = _residual(p, proposal)
+            if q is not None and tree.sampled_without_replacement:
+                q = q.clone()
+                q[token] = 0.0
+                total = float(q.sum())
+                if total <= 0.0:
+                    break
+                q = q / total
+        if accepted is None:
+            return path, int(torch.multinomial(p, 1, generator=generator))
+        path.append(accepted)
+        node = accepted

@@ -17,6 +17,8 @@ a reference to the live tensors (the single-step kernels update those in place).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +85,8 @@ class ForkableCache(DynamicCache):
         self._slots: list[list[torch.Tensor] | None] = []
         self._free_slots: list[int] = []
         self._checkpoints: dict[int, int] = {}
+        # per-row count of real tokens in the current forward (right padding after them), or None
+        self._conv_row_lengths: list[int] | None = None
 
     # ------------------------------------------------------------------ length
 
@@ -183,6 +187,39 @@ class ForkableCache(DynamicCache):
                 DynamicLayer.crop(layer, length - current)
             else:
                 layer.crop(length - current)
+
+    # ------------------------------------------------------------------ ragged rows
+
+    @contextlib.contextmanager
+    def ragged_conv_rows(self, lengths: list[int]) -> Iterator[None]:
+        """Forwards inside this context leave each row's conv window at that row's last real token.
+
+        Row `b` of the batch fed inside the context has `lengths[b]` real tokens followed by padding; its conv
+        window must end at the last real token, not at the padding. (The SSM state is kept there by
+        `mixers.identity_steps`.)
+        """
+        self._conv_row_lengths = list(lengths)
+        try:
+            yield
+        finally:
+            self._conv_row_lengths = None
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> torch.Tensor:
+        """transformers' conv-window update, with each row's window cut at its real length inside
+        `ragged_conv_rows`. `conv_states`: `[B, C, T]` new conv inputs; returns `[B, C, P + T]` (window + new)."""
+        full = super().update_conv_state(conv_states, layer_idx, *args, **kwargs)
+        if self._conv_row_lengths is None:
+            return full
+        state_idx = args[0] if args else kwargs.get("state_idx", 0)
+        stored = self.layers[layer_idx].conv_states[state_idx]
+        width, new = stored.shape[-1], conv_states.shape[-1]
+        past = full.shape[-1] - new
+        for row, length in enumerate(self._conv_row_lengths):
+            if length < new:
+                window = full[row, :, : past + length][..., -width:]
+                stored[row].zero_()
+                stored[row, :, width - window.shape[-1] :] = window
+        return full
 
     # ------------------------------------------------------------------ snapshots
 

@@ -26,7 +26,11 @@ class DraftConfig:
         acceptance_prior: for `"adaptive"`, the per-token acceptance rate assumed before any evidence.
         acceptance_memory: for `"adaptive"`, the decay (0..1) of old acceptance evidence per round.
         tree_shape: draft a token tree instead of a chain: the number of children per node at each depth,
-            e.g. `(3, 2, 2, 1, 1)` (greedy decoding of Transformer targets for now).
+            e.g. `(3, 2, 2, 1, 1)` (Transformer targets for now).
+        tree_children: when sampling, how a node's children are chosen: `"top"` (its `w` most likely
+            tokens, deterministic) or `"sample"` (`w` tokens drawn without replacement from the drafter's
+            processed distribution). Either is lossless under multi-draft acceptance; greedy decoding
+            always takes the top `w`.
     """
 
     num_draft_tokens: int = 5
@@ -37,6 +41,7 @@ class DraftConfig:
     acceptance_prior: float = 0.6
     acceptance_memory: float = 0.9
     tree_shape: tuple[int, ...] | None = None
+    tree_children: Literal["top", "sample"] = "top"
 
     def __post_init__(self) -> None:
         if self.schedule not in _SCHEDULES:
@@ -72,5 +77,7 @@ class DraftConfig:
             raise ValueError(
                 f"tree_shape must be a non-empty tuple of integers >= 1, got {self.tree_shape!r}."
             )
+        if self.tree_children not in ("top", "sample"):
+            raise ValueError(f"tree_children must be 'top' or 'sample', got {self.tree_children!r}.")
         if not 0.0 < self.acceptance_memory <= 1.0:
             raise ValueError(f"acceptance_memory must lie in (0, 1], got {self.acceptance_memory!r}.")

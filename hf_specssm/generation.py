@@ -19,16 +19,17 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel,
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from hf_specssm import _compat
-from hf_specssm.acceptance import accept_greedy, accept_sampling
+from hf_specssm.acceptance import accept_greedy, accept_sampling, accept_tree_sampling
 from hf_specssm.batch import batched_speculative_generate
 from hf_specssm.drafters import Draft, Drafter, DraftSampler, as_drafter
 from hf_specssm.drafters.model import _check_causal_lm
 from hf_specssm.drafters.ngram import PromptLookupDrafter
 from hf_specssm.stats import SpeculationStats
-from hf_specssm.tree import accept_tree_greedy
+from hf_specssm.tree import TokenTree, accept_tree_greedy
 from hf_specssm.verification import (
     VERIFICATION_METHODS,
     AttentionTarget,
+    JointTarget,
     RecurrentTarget,
     process_scores,
     process_tree_scores,
@@ -83,6 +84,8 @@ def _make_target(model: PreTrainedModel, model_kwargs: dict, verification: str) 
         raise ValueError(f"verification must be one of {VERIFICATION_METHODS}, got {verification!r}.")
     if _compat.config_has_recurrent_layers(model.config):
         # generate() prepared a DynamicCache; ours replaces it (same layers, plus rollback).
+        if verification == "joint":
+            return JointTarget(model)
         return RecurrentTarget(model, method=verification)
     return AttentionTarget(model, model_kwargs.get(_compat.cache_kwarg_name(model)))
 
@@ -91,8 +94,6 @@ def _check_tree_round(model: PreTrainedModel, generation_config: GenerationConfi
     """Raise `ValueError` for what tree rounds do not cover yet."""
     if not hasattr(drafter, "draft_tree"):
         raise ValueError(f"{type(drafter).__name__} cannot draft trees; drop tree_shape or use ModelDrafter.")
-    if generation_config.do_sample:
-        raise ValueError("tree drafts verify greedily for now; use a chain (no tree_shape) to sample.")
     if _compat.config_has_recurrent_layers(model.config):
         raise ValueError("tree verification of SSM and hybrid targets is not available yet; use a chain.")
 
@@ -108,6 +109,13 @@ def _select_next(
     target_probs = torch.softmax(scores, dim=-1)
     draft_probs = draft.probs[0] if draft.probs is not None else None
     return accept_sampling(draft.tokens[0], draft_probs, target_probs)
+
+
+def _select_tree_path(tree: TokenTree, scores: torch.Tensor, do_sample: bool) -> tuple[list[int], int]:
+    """Acceptance for one tree round: `(accepted path, next_token)`."""
+    if not do_sample:
+        return accept_tree_greedy(tree, scores)
+    return accept_tree_sampling(tree, torch.softmax(scores, dim=-1))
 
 
 @torch.no_grad()
@@ -137,7 +145,8 @@ def speculative_generate(
             has `on_round(num_from_draft, num_committed)`, that is called after each round's tokens were
             put: the first `num_from_draft` of them were accepted drafts, the rest came from the target.
         verification: for SSM and hybrid targets, how the state is brought to the accepted prefix:
-            `"replay"` (Activation Replay, default) or `"refeed"` (snapshot and re-feed).
+            `"replay"` (Activation Replay, default), `"joint"` (Joint Attainment and Advancement: an extra
+            batch row that skips the drafts) or `"refeed"` (snapshot and re-feed, for comparison).
         **model_kwargs: `generate`'s model kwargs (the target cache, attention mask, …).
 
     Returns:
@@ -186,11 +195,9 @@ def speculative_generate(
     tree_policy = getattr(drafter, "tree_policy", None)
     tree_shape = drafter.config.tree_shape
     # drafters that shape their own trees (ReDrafter's deduplicated beams) draft chains where trees cannot
-    # be verified yet (SSM targets, sampling)
-    dynamic_trees = (
-        getattr(drafter, "drafts_trees", False)
-        and not generation_config.do_sample
-        and not _compat.config_has_recurrent_layers(model.config)
+    # be verified yet (SSM targets)
+    dynamic_trees = getattr(drafter, "drafts_trees", False) and not _compat.config_has_recurrent_layers(
+        model.config
     )
     tree_mode = tree_shape is not None or tree_policy is not None or dynamic_trees
     if tree_mode:
@@ -221,14 +228,14 @@ def speculative_generate(
             room = max_length - prefix_length
             t0 = time.perf_counter()
             shape = tree_policy.choose() if tree_policy is not None else tree_shape
-            max_nodes = len(shape) if shape is not None else getattr(drafter, "max_tree_nodes", 0)
-            if tree_mode and room > max_nodes:
+            depth = len(shape) if shape is not None else getattr(drafter, "max_tree_depth", 0)
+            if tree_mode and room > depth:
                 # draft → verify (tree mask) → accept the longest matching path → commit
                 tree = drafter.draft_tree(input_ids, sampler, shape)
                 t1 = time.perf_counter()
                 logits = target.score_tree(input_ids, tree)
                 scores = process_tree_scores(logits_processor, input_ids, tree, logits)
-                path, next_token = accept_tree_greedy(tree, scores)
+                path, next_token = _select_tree_path(tree, scores, generation_config.do_sample)
                 t2 = time.perf_counter()
                 rows = [0, *(node + 1 for node in path)]
                 committed, finished = commit_tokens(
@@ -245,9 +252,9 @@ def speculative_generate(
                 if tree_policy is not None:
                     tree_policy.update(committed, time.perf_counter() - t0)
             else:
-                # draft → verify → accept → commit
+                # draft → verify → accept → commit (in tree mode: when too little room is left for a tree)
                 num_draft = max(0, min(policy.next_length(), room - 1))
-                if num_draft > 0 and not tree_mode:
+                if num_draft > 0:
                     draft = drafter.draft(input_ids, num_draft, sampler)
                 else:
                     draft = Draft(tokens=input_ids.new_empty((1, 0)))
@@ -263,8 +270,7 @@ def speculative_generate(
                 target.keep(prefix_length + kept_drafts)
                 if drafter.wants_target_hidden:
                     drafter.observe_target_hidden(target.last_hidden[:, committed - 1])
-                if not tree_mode:
-                    drafter.commit(input_ids, kept_drafts)
+                drafter.commit(input_ids, kept_drafts)
                 policy.update(draft.length, num_accepted, t1 - t0, t2 - t1)
                 drafted = draft.length
             stats.record_round(drafted, num_accepted, committed)
@@ -275,6 +281,7 @@ def speculative_generate(
             stats.forward_passes += 1
     finally:
         drafter.end()
+        target.close()
     stats.total_time_s = time.perf_counter() - loop_start
     stats.peak_verification_bytes = target.peak_verification_bytes
 

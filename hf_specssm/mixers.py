@@ -41,7 +41,12 @@ _ZERO_STATE_SCAN_MODULES = (
 _INITIAL_STATE: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "hf_specssm_h0", default=None
 )
+# `[B, T]` bool: positions whose SSM step must leave the state unchanged (Δ = 0), see `identity_steps`
+_IDENTITY_STEPS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "hf_specssm_identity_steps", default=None
+)
 _WRAPPED_FLAG = "_hf_specssm_initial_state_wrapper"
+_EXACT_ACTIVE_FLAG = "_hf_specssm_exact_continuation_active"
 
 
 def _scan_with_initial_state(original: Callable) -> Callable:
@@ -59,6 +64,16 @@ def _scan_with_initial_state(original: Callable) -> Callable:
         **kwargs,
     ):
         initial = _INITIAL_STATE.get()
+        identity = _IDENTITY_STEPS.get()
+        if identity is not None and identity.shape == (dt.shape[0], dt.shape[2]):
+            # Δ = 0 at these positions: exp(0·A) = 1 and Δ·B·x = 0, so the state passes through unchanged.
+            # The step is computed exactly as the scan would, then handed over without bias or softplus.
+            if delta_bias is not None:
+                dt = dt + delta_bias.to(dt.dtype)[..., None]
+            if delta_softplus:
+                dt = F.softplus(dt)
+            dt = dt.masked_fill(identity[:, None, :].to(dt.device), 0.0)
+            delta_bias, delta_softplus = None, False
         if initial is None:
             return original(
                 hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
@@ -127,7 +142,8 @@ def _previous_recurrent_state(cache, layer_idx: int) -> torch.Tensor | None:
 @contextlib.contextmanager
 def exact_continuation(model: PreTrainedModel) -> Iterator[None]:
     """Inside this context, multi-token forwards of `model` from a cached state are exact for every mixer."""
-    if _compat.multi_token_continuation_is_exact(model.config):
+    if _compat.multi_token_continuation_is_exact(model.config) or getattr(model, _EXACT_ACTIVE_FLAG, False):
+        # (nested contexts would publish twice and reset their tokens out of order)
         yield
         return
     _install_scan_wrappers()
@@ -148,11 +164,79 @@ def exact_continuation(model: PreTrainedModel) -> Iterator[None]:
     for mixer in ssm_mixers(model):
         handles.append(mixer.register_forward_pre_hook(publish, with_kwargs=True))
         handles.append(mixer.register_forward_hook(retract, with_kwargs=True))
+    setattr(model, _EXACT_ACTIVE_FLAG, True)
     try:
         yield
     finally:
+        setattr(model, _EXACT_ACTIVE_FLAG, False)
         for handle in handles:
             handle.remove()
+        # a forward that raised inside a mixer never ran its retract hook
+        while tokens:
+            _INITIAL_STATE.reset(tokens.pop())
+
+
+def _scan_family(mixer: torch.nn.Module) -> str | None:
+    """`"mamba"` for mixers whose module scans with `mamba_selective_scan` (Mamba v1 layout), `"mamba2"` for
+    mixers with a `time_step_limit` clamp and a `dt_bias` (Mamba2 layout), else `None`."""
+    module = importlib.import_module(type(mixer).__module__)
+    if type(mixer).__module__ in _ZERO_STATE_SCAN_MODULES and hasattr(module, "mamba_selective_scan"):
+        return "mamba"
+    if hasattr(mixer, "time_step_limit") and hasattr(mixer, "dt_bias"):
+        return "mamba2"
+    return None
+
+
+def check_identity_steps(model: PreTrainedModel) -> None:
+    """Raise `ValueError` unless every SSM mixer of `model` can be told to skip positions (`identity_steps`)."""
+    unknown = sorted({type(mixer).__name__ for mixer in ssm_mixers(model) if _scan_family(mixer) is None})
+    if unknown:
+        raise ValueError(
+            f"Joint Attainment and Advancement needs Mamba or Mamba2 mixers; {', '.join(unknown)} cannot skip "
+            "padded positions. Use verification='replay'."
+        )
+
+
+@contextlib.contextmanager
+def identity_steps(model: PreTrainedModel, mask: torch.Tensor) -> Iterator[None]:
+    """Inside this context, SSM steps at `mask` positions leave every recurrent state unchanged.
+
+    A step with Δ = 0 is the identity (`exp(0·A) = 1`, `Δ·B·x = 0`), so a row padded on the right ends with
+    the state after its last real token. One place per mixer family:
+
+    - Mamba v1 mixers: the wrapped `mamba_selective_scan` zeroes Δ at masked positions;
+    - Mamba2 mixers: their Δ clamp (`time_step_limit`) is swapped for per-position bounds that are `[0, 0]`
+      at masked positions and the mixer's own limits elsewhere (bit-identical there).
+
+    Conv windows are not handled here: `ForkableCache.ragged_conv_rows` keeps each row's window at its last
+    real token. Multi-token forwards only (single-token steps go through the step kernels unmasked).
+
+    Args:
+        model: the model whose forwards run inside the context.
+        mask: `[B, T]` bool, true where the step must be skipped.
+    """
+    check_identity_steps(model)
+    _install_scan_wrappers()
+    saved: list[tuple[torch.nn.Module, object]] = []
+    for mixer in ssm_mixers(model):
+        if _scan_family(mixer) != "mamba2":
+            continue
+        low, high = mixer.time_step_limit or (0.0, float("inf"))
+        dtype, device = mixer.dt_bias.dtype, mixer.dt_bias.device
+        skip = mask.to(device)[..., None]
+        bounds = (
+            torch.where(skip, 0.0, torch.full(skip.shape, float(low), dtype=dtype, device=device)).to(dtype),
+            torch.where(skip, 0.0, torch.full(skip.shape, float(high), dtype=dtype, device=device)).to(dtype),
+        )
+        saved.append((mixer, mixer.time_step_limit))
+        mixer.time_step_limit = bounds
+    token = _IDENTITY_STEPS.set(mask)
+    try:
+        yield
+    finally:
+        _IDENTITY_STEPS.reset(token)
+        for mixer, limit in saved:
+            mixer.time_step_limit = limit
 
 
 class MixerInputRecorder:

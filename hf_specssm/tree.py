@@ -21,16 +21,30 @@ class TokenTree:
     Attributes:
         tokens: `[N]` token id of each node.
         parents: `[N]` index of each node's parent, `-1` for children of the root; `parents[i] < i`.
+        draft_probs: `[N, V]` the distribution each node's token was sampled from (siblings share their
+            parent's distribution), or `None` when the tree was drafted deterministically (top-w children,
+            beams, n-gram matches). Only sampling acceptance reads it.
+        sampled_without_replacement: with `draft_probs`, whether siblings were drawn without replacement
+            (each sibling from the distribution with the earlier siblings removed) rather than i.i.d.
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
+    draft_probs: torch.Tensor | None = None
+    sampled_without_replacement: bool = False
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 1 or self.parents.shape != self.tokens.shape:
             raise ValueError(
                 f"tokens and parents must be 1-D of equal length, got {tuple(self.tokens.shape)} and "
                 f"{tuple(self.parents.shape)}."
+            )
+        if self.draft_probs is not None and (
+            self.draft_probs.ndim != 2 or self.draft_probs.shape[0] != self.tokens.shape[0]
+        ):
+            raise ValueError(
+                f"draft_probs must be [N, V] with N = {self.tokens.shape[0]} nodes, got "
+                f"{tuple(self.draft_probs.shape)}."
             )
         index = torch.arange(self.parents.shape[0])
         if bool(((self.parents < -1) | (self.parents >= index)).any()):
@@ -42,6 +56,27 @@ class TokenTree:
     def chain(cls, tokens: torch.Tensor) -> TokenTree:
         """A chain `d_1 → d_2 → …` as a tree."""
         return cls(tokens=tokens, parents=torch.arange(tokens.shape[0]) - 1)
+
+    @classmethod
+    def from_paths(cls, paths: list[list[int]]) -> TokenTree:
+        """Merge token paths (each from the root down, any lengths) into one tree: paths that share their
+        first `d` tokens share those `d` nodes. Nodes are numbered in order of first appearance."""
+        node_of_prefix: dict[tuple[int, ...], int] = {}
+        tokens: list[int] = []
+        parents: list[int] = []
+        for path in paths:
+            parent = -1
+            for depth in range(len(path)):
+                prefix = tuple(path[: depth + 1])
+                node = node_of_prefix.get(prefix)
+                if node is None:
+                    node = node_of_prefix[prefix] = len(tokens)
+                    tokens.append(int(path[depth]))
+                    parents.append(parent)
+                parent = node
+        return cls(
+            tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long)
+        )
 
     @property
     def size(self) -> int:

@@ -1,4 +1,5 @@
-"""Test-time choice of the tree shape per round: a UCB1 bandit over a pool of shapes (Mamba Drafters §3.2).
+"""Test-time choice of the tree per round: a UCB1 bandit over a pool of shapes (Mamba Drafters §3.2), and a
+confidence-driven dynamic tree (EAGLE-2).
 
 Arms are tree shapes (children per node at each depth); a chain of `k` drafts is the shape `(1,) * k`, so
 chains compete with trees in the same pool.
@@ -84,3 +85,36 @@ class UCBTreePolicy:
     def best_arm(self) -> tuple[int, ...]:
         """The arm with the highest mean reward so far."""
         return self.arms[max(range(len(self.arms)), key=self.means.__getitem__)]
+
+
+class DynamicTreePolicy:
+    """Grow each round's tree from the drafter's own confidence (EAGLE-2, Li et al. 2024).
+
+    The value of a node is its path's cumulative draft log-probability. Each depth expands only the
+    `top_k` most valuable frontier nodes, into their `top_k` best children each (one batched drafter
+    step over `top_k` rows, so cost grows with depth × `top_k`, not with the tree); after `depth` levels
+    every node drafted is reranked by value and the best `max_nodes` are verified (ancestor-closed: a
+    node's value never exceeds its parent's).
+
+    Args:
+        depth: levels to draft (the longest path the target can accept).
+        top_k: frontier width per level and children per expanded node.
+        max_nodes: verification budget (nodes in the tree sent to the target).
+    """
+
+    def __init__(self, depth: int = 5, top_k: int = 4, max_nodes: int = 16) -> None:
+        for name, value in (("depth", depth), ("top_k", top_k), ("max_nodes", max_nodes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        self.depth = depth
+        self.top_k = top_k
+        self.max_nodes = max_nodes
+        self.history: list[int] = []
+
+    def choose(self) -> None:
+        """No fixed shape: the drafter grows the tree (`ModelDrafter.draft_tree` with `shape=None`)."""
+        return None
+
+    def update(self, committed_tokens: int, seconds: float) -> None:
+        """Record the round (the policy itself does not learn across rounds)."""
+        self.history.append(committed_tokens)

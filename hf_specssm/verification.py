@@ -11,10 +11,10 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from hf_specssm import _compat
 from hf_specssm.cache import ForkableCache
-from hf_specssm.mixers import MixerInputRecorder, exact_continuation
+from hf_specssm.mixers import MixerInputRecorder, check_identity_steps, exact_continuation, identity_steps
 from hf_specssm.tree import TokenTree, compile_tree, kept_positions
 
-VERIFICATION_METHODS = ("replay", "refeed")
+VERIFICATION_METHODS = ("replay", "joint", "refeed")
 
 
 class AttentionTarget:
@@ -69,7 +69,8 @@ class AttentionTarget:
         start = self.consumed
         kwargs = {self.cache_name: self.cache, "use_cache": True}
         if self._pass_positions:
-            kwargs["position_ids"] = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            kwargs["position_ids"] = positions.expand(tokens.shape[0], -1)
         if self._pass_logits_to_keep:
             kwargs["logits_to_keep"] = num_logits
         logits = self.model(input_ids=tokens, **kwargs).logits[:, -num_logits:].float()
@@ -89,6 +90,9 @@ class AttentionTarget:
         new_tokens = torch.cat([input_ids[:, self.consumed :], draft_tokens], dim=1)
         with self._hidden_capture(draft_tokens.shape[1] + 1):
             return self._forward(new_tokens, draft_tokens.shape[1] + 1)
+
+    def close(self) -> None:
+        """Called once after the last round: leave `cache` as a one-row cache of the committed tokens."""
 
     def keep(self, length: int) -> None:
         """Drop every cached token past `length` (the accepted prefix)."""
@@ -155,8 +159,8 @@ class RecurrentTarget(AttentionTarget):
     """
 
     def __init__(self, model: PreTrainedModel, method: str = "replay") -> None:
-        if method not in VERIFICATION_METHODS:
-            raise ValueError(f"verification must be one of {VERIFICATION_METHODS}, got {method!r}.")
+        if method not in ("replay", "refeed"):
+            raise ValueError(f"RecurrentTarget verifies by 'replay' or 'refeed', got {method!r}.")
         super().__init__(model, ForkableCache(model.config))
         self.method = method
         self.recorder = MixerInputRecorder(model)
@@ -215,6 +219,89 @@ class RecurrentTarget(AttentionTarget):
                     self._forward(kept[:, : length - self._round_start], 1)
         self.cache.clear_checkpoints()
         self.recorder.clear()
+
+
+class JointTarget(AttentionTarget):
+    """An SSM or hybrid target verified by Joint Attainment and Advancement (*Snakes and Ladders*).
+
+    The cache holds two rows. Each round feeds both rows the tokens committed since the last correct state
+    (the *pending* tokens: last round's accepted drafts and the target's token) followed by the `k` drafts:
+
+    - row 1 (attainment) runs every step and yields the `k + 1` logits to verify;
+    - row 0 (advancement) skips the draft positions (Δ = 0 there, conv window cut at the last pending
+      token), so after the forward it holds the exact state after the pending tokens, whatever is accepted.
+
+    Row 0's state is then copied to row 1, and attention layers (hybrids) are cropped to the pending tokens:
+    both rows computed identical keys there. Nothing is stored across the forward and nothing is replayed;
+    the cost is one extra batch row (a second copy of the state and, for hybrids, of the KV cache) and
+    re-feeding the accepted tokens next round (inputs of `m + k` tokens, `1 ≤ m ≤ k + 1`).
+
+    Args:
+        model: an SSM or hybrid target whose mixers are Mamba or Mamba2 style (`mixers.identity_steps`).
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        check_identity_steps(model)
+        super().__init__(model, ForkableCache(model.config))
+        self._kept_range = (0, 0)
+        self._forked = False
+
+    def _forward(self, tokens: torch.Tensor, num_logits: int) -> torch.Tensor:
+        logits = super()._forward(tokens, num_logits)
+        self.cache.advance(tokens.shape[1])
+        return logits
+
+    def score(self, input_ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+        pending = input_ids[:, self.consumed :]
+        if self.consumed == 0 and pending.shape[1] > 1:
+            # one-row prefill, then two rows for the rounds
+            with exact_continuation(self.model):
+                self._forward(pending[:, :-1], 1)
+            pending = pending[:, -1:]
+        if not self._forked:
+            self.cache.fork(2)
+            self._forked = True
+        start, num_pending, num_draft = self.consumed, pending.shape[1], draft_tokens.shape[1]
+        tokens = torch.cat([pending, draft_tokens], dim=1).expand(2, -1)
+        skip = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+        skip[0, num_pending:] = True
+        with (
+            exact_continuation(self.model),
+            identity_steps(self.model, skip),
+            self.cache.ragged_conv_rows([num_pending, tokens.shape[1]]),
+            self._hidden_capture(num_draft + 1, row=1),
+        ):
+            logits = self._forward(tokens, num_draft + 1)[1:2]
+        self.peak_verification_bytes = max(self.peak_verification_bytes, self._row_bytes())
+        # advancement: row 0 is the state after the pending tokens, whatever is accepted
+        for state in self.cache.state_tensors():
+            state[1:].copy_(state[:1].expand_as(state[1:]))
+        self.cache.crop_attention(start + num_pending)
+        self.cache.set_length(start + num_pending)
+        self.consumed = start + num_pending
+        self._kept_range = (self.consumed, self.consumed + num_draft)
+        return logits
+
+    def _row_bytes(self) -> int:
+        """Bytes of one batch row of the cache: what the extra verification row costs."""
+        tensors = list(self.cache.state_tensors())
+        for keys, values in self.cache.attention_tensors():
+            tensors += [keys, values]
+        return sum(t.numel() * t.element_size() for t in tensors) // 2
+
+    def keep(self, length: int) -> None:
+        low, high = self._kept_range
+        if not low <= length <= high:
+            raise ValueError(f"can keep between {low} and {high} tokens this round, not {length}.")
+        # nothing to undo: the tokens past `consumed` are fed again next round
+
+    def score_tree(self, input_ids: torch.Tensor, tree: TokenTree) -> torch.Tensor:
+        raise ValueError("Joint Attainment and Advancement verifies chains; trees need the SSM tree scan.")
+
+    def close(self) -> None:
+        if self._forked:
+            self.cache.select(torch.tensor([0]))
+            self._forked = False
 
 
 def process_tree_scores(

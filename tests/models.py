@@ -188,7 +188,20 @@ def build(kind: str, seed: int = 0, vocab: int = VOCAB) -> PreTrainedModel:
         )
     else:
         raise ValueError(f"unknown model kind {kind!r}")
+    if kind in ("bamba", "falcon_h1", "zamba2"):
+        _amplify_ssm_inputs(model)
     return model.eval()
+
+
+def _amplify_ssm_inputs(model: PreTrainedModel, factor: float = 8.0) -> None:
+    """Scale the hybrids' Mamba2 input projections: at their default init a whole wrong SSM step moves the
+    state by ~1e-5, below the fp32 tolerance of the state tests; ×8 makes it ~5e-3 (a correct state stays
+    within ~1e-6), so those tests can fail."""
+    from hf_specssm.mixers import ssm_mixers
+
+    with torch.no_grad():
+        for mixer in ssm_mixers(model):
+            mixer.in_proj.weight.mul_(factor)
 
 
 def align(

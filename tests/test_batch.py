@@ -94,6 +94,8 @@ def test_rows_finishing_early_leave_the_batch(target_kind):
 
 def test_batch_of_one_row_matches_unbatched():
     target = hf_specssm.enable(build("bamba", seed=0))
+    # (rows ending early are padded in a batch; that is tested above)
+    target.generation_config.eos_token_id = None
     drafter = build("mamba2", seed=1)
     align(target, drafter)
     ids, mask, rows = ragged([6, 6], seed=3)

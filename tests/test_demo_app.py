@@ -127,7 +127,6 @@ def test_catalog_loads_lazily_and_once(toy_catalog):
         pytest.param({"method": "telepathy"}, "Unknown method", id="unknown-method"),
         pytest.param({"schedule": "sometimes"}, "Unknown schedule", id="unknown-schedule"),
         pytest.param({"drafter": None}, "pick a drafter model", id="chain-without-drafter"),
-        pytest.param({"method": TREE, "do_sample": True}, "verifies greedily", id="tree-sampling"),
         pytest.param({"do_sample": True, "temperature": 0.0}, "Temperature", id="zero-temperature"),
         pytest.param({"do_sample": True, "top_p": 0.0}, "Top-p", id="zero-top-p"),
     ],

@@ -45,12 +45,22 @@ def _repetitive_prompt():
     return pattern.repeat(4)[None]
 
 
-@pytest.mark.parametrize("target_kind", ["llama", "mamba", "mamba2", "jamba", "bamba", "falcon_h1", "zamba2"])
-def test_prompt_lookup_greedy_parity(target_kind):
+@pytest.mark.parametrize(
+    ("target_kind", "method"),
+    [("llama", "replay")]
+    + [
+        (kind, method)
+        for kind in ["mamba", "mamba2", "jamba", "bamba", "falcon_h1", "zamba2"]
+        for method in ["replay", "joint", "refeed"]
+    ],
+)
+def test_prompt_lookup_greedy_parity(target_kind, method):
     target = hf_specssm.enable(build(target_kind, seed=0))
     prompt = _repetitive_prompt()
     reference = type(target).generate(target, prompt, max_new_tokens=30, do_sample=False)
-    output = target.generate(prompt, prompt_lookup_num_tokens=5, max_matching_ngram_size=3, max_new_tokens=30)
+    output = target.generate(
+        prompt, prompt_lookup_num_tokens=5, max_matching_ngram_size=3, max_new_tokens=30, verification=method
+    )
     assert torch.equal(output, reference)
     stats = target.last_speculation_stats
     assert stats.drafted_tokens > 0

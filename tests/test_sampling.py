@@ -92,12 +92,22 @@ def exact_distribution(model, prompt: torch.Tensor) -> np.ndarray:
     return probs
 
 
-def sample_continuations(target, drafter_model, prompt, samples: int, seed: int, vocab: int = VOCAB):
+def sample_continuations(
+    target,
+    drafter_model,
+    prompt,
+    samples: int,
+    seed: int,
+    vocab: int = VOCAB,
+    drafter_options: dict | None = None,
+    **generate_kwargs,
+):
     """Counts of each NEW_TOKENS continuation over `samples` speculative sampling calls, and every
     round's accepted length."""
     index = {outcome: i for i, outcome in enumerate(itertools.product(range(vocab), repeat=NEW_TOKENS))}
     torch.manual_seed(seed)
-    drafter = hf_specssm.ModelDrafter(drafter_model, num_draft_tokens=2, schedule="constant")
+    options = {"num_draft_tokens": 2, "schedule": "constant", **(drafter_options or {})}
+    drafter = hf_specssm.ModelDrafter(drafter_model, **options)
     counts = np.zeros(len(index))
     accepted = []
     for _ in range(samples):
@@ -109,6 +119,7 @@ def sample_continuations(target, drafter_model, prompt, samples: int, seed: int,
             temperature=TEMPERATURE,
             top_k=TOP_K,
             top_p=1.0,
+            **generate_kwargs,
         )
         counts[index[tuple(output[0, prompt.shape[1] :].tolist())]] += 1
         accepted += target.last_speculation_stats.accepted_lengths

@@ -1,11 +1,16 @@
-"""SSM and hybrid targets: lossless verification with state rollback (Activation Replay and re-feed)."""
+"""SSM and hybrid targets: lossless verification with state rollback (Activation Replay, Joint Attainment and
+Advancement, and re-feed)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 import hf_specssm
+from hf_specssm import mixers, verification
+from hf_specssm.cache import ForkableCache
 from hf_specssm.mixers import MixerInputRecorder
 
 from models import VOCAB, align, build
@@ -13,7 +18,7 @@ from scripted import ScriptedDrafter
 from test_cache import fresh, max_state_diff
 
 TARGETS = ["mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "falcon_h1", "zamba2"]
-METHODS = ["replay", "refeed"]
+METHODS = ["replay", "joint", "refeed"]
 # one-step-at-a-time references in fp32; the replay path takes other kernels (multi-token scans)
 STATE_ATOL = 1e-4
 
@@ -66,8 +71,14 @@ def test_scripted_accept_lengths_and_committed_state(target_kind, method):
     stats = output.speculation_stats
     assert set(range(6)) <= set(stats.accepted_lengths)
     cache = output.past_key_values
-    assert cache.seen_tokens == reference.shape[1] - 1
-    recomputed, _ = fresh(target, reference[:, :-1])
+    assert all(state.shape[0] == 1 for state in cache.state_tensors())
+    if method == "joint":
+        # the last round's accepted tokens are fed again next round, so the cache stops before them
+        last_round = stats.committed_tokens[-1]
+        assert cache.seen_tokens == reference.shape[1] - last_round
+    else:
+        assert cache.seen_tokens == reference.shape[1] - 1
+    recomputed, _ = fresh(target, reference[:, : cache.seen_tokens])
     assert max_state_diff(cache, recomputed) < STATE_ATOL
 
 
@@ -88,6 +99,54 @@ def test_skipping_the_replay_corrupts_the_state(target_kind, monkeypatch):
     # (the corrupted state usually changes the output too, so compare with a recompute of what was output)
     recomputed, _ = fresh(target, output.sequences[:, :-1])
     assert max_state_diff(output.past_key_values, recomputed) > 1e-3
+
+
+def _no_identity_steps(model, mask):
+    return mixers.exact_continuation(model)
+
+
+def _no_conv_cut(cache, lengths):
+    return contextlib.nullcontext()
+
+
+def _joint_round_state_error(target_kind: str) -> float:
+    """One Joint Attainment and Advancement round (6-token prompt, 4 drafts): the largest difference
+    between the committed recurrent state and a fresh recompute of the pending prefix."""
+    model = build(target_kind, seed=0)
+    target = verification.JointTarget(model)
+    sequence = _prompt(10, 0)
+    with torch.no_grad():
+        target.score(sequence[:, :6], sequence[:, 6:])
+        recomputed, _ = fresh(model, sequence[:, : target.consumed])
+    return max(
+        (committed[:1] - fresh_state).abs().max().item()
+        for committed, fresh_state in zip(target.cache.state_tensors(), recomputed.state_tensors())
+    )
+
+
+@pytest.mark.parametrize(
+    "sabotage",
+    [
+        pytest.param(lambda mp: mp.setattr(verification, "identity_steps", _no_identity_steps), id="no-skip"),
+        pytest.param(
+            lambda mp: mp.setattr(ForkableCache, "ragged_conv_rows", _no_conv_cut), id="no-conv-cut"
+        ),
+    ],
+)
+@pytest.mark.parametrize("target_kind", TARGETS)
+def test_joint_verification_needs_both_the_skipped_steps_and_the_conv_cut(target_kind, sabotage, monkeypatch):
+    """Negative controls: if the advancement row ran the drafts' SSM steps, or kept the padded conv window,
+    its state would be wrong (and the state tests above would see it)."""
+    assert _joint_round_state_error(target_kind) < 1e-5
+    sabotage(monkeypatch)
+    assert _joint_round_state_error(target_kind) > STATE_ATOL
+
+
+def test_joint_verification_refuses_mixers_it_cannot_pad(monkeypatch):
+    target = build("mamba2", seed=0)
+    monkeypatch.setattr(mixers, "_scan_family", lambda mixer: None)
+    with pytest.raises(ValueError, match="verification='replay'"):
+        verification.JointTarget(target)
 
 
 @pytest.mark.parametrize("target_kind", ["mamba2", "jamba"])
@@ -128,5 +187,21 @@ def test_sampling_distribution_on_recurrent_targets(target_kind):
     prompt = torch.tensor([[3, 4, 3]])
     probs = exact_distribution(target, prompt)
     counts, accepted = sample_continuations(target, drafter_model, prompt, samples=1500, seed=99, vocab=vocab)
+    assert chi_square_p_value(counts, probs) > 1e-3
+    assert 0 in accepted and 2 in accepted
+
+
+@pytest.mark.parametrize("target_kind", ["mamba"])
+def test_sampling_distribution_with_joint_verification(target_kind):
+    from test_sampling import _no_eos, chi_square_p_value, exact_distribution, sample_continuations
+
+    vocab = 5
+    target = hf_specssm.enable(_no_eos(build(target_kind, seed=0, vocab=vocab)))
+    drafter_model = _no_eos(build("mamba2", seed=1, vocab=vocab))
+    prompt = torch.tensor([[3, 4, 3]])
+    probs = exact_distribution(target, prompt)
+    counts, accepted = sample_continuations(
+        target, drafter_model, prompt, samples=1500, seed=7, vocab=vocab, verification="joint"
+    )
     assert chi_square_p_value(counts, probs) > 1e-3
     assert 0 in accepted and 2 in accepted

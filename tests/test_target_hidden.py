@@ -46,7 +46,7 @@ class HiddenTreeDrafter(HiddenRecordingDrafter):
     """Drafts a fixed two-branch tree (greedy truth and a wrong sibling) once it has seen a hidden state."""
 
     drafts_trees = True
-    max_tree_nodes = 3
+    max_tree_depth = 2
 
     def draft_tree(self, input_ids, sampler, shape):
         assert shape is None

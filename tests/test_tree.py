@@ -114,3 +114,10 @@ def test_tree_verification_equals_per_branch_decoding(kind):
     causal = model(tokens, past_key_values=cache).logits[0]
     sibling = torch.cat([prefix, tree.tokens[tree.path(2)][None]], dim=1)
     assert (causal[1 + 2] - model(sibling).logits[0, -1]).abs().max() > 1e-3
+
+
+def test_tree_from_paths_merges_shared_prefixes():
+    tree = TokenTree.from_paths([[5, 6, 7], [5, 6, 8], [5, 9], [4], []])
+    assert tree.tokens.tolist() == [5, 6, 7, 8, 9, 4]
+    assert tree.parents.tolist() == [-1, 0, 1, 1, 0, -1]
+    assert TokenTree.from_paths([]).size == 0

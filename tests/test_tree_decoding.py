@@ -54,8 +54,6 @@ def test_tree_shape_validation_and_unsupported_modes():
     target = hf_specssm.enable(build("llama", seed=0))
     drafter = hf_specssm.ModelDrafter(build("mamba", seed=1), tree_shape=(2, 2))
     prompt = torch.randint(3, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="greedily"):
-        target.generate(prompt, assistant_model=drafter, max_new_tokens=5, do_sample=True)
     ssm_target = hf_specssm.enable(build("mamba2", seed=0))
     with pytest.raises(ValueError, match="SSM and hybrid targets"):
         ssm_target.generate(prompt, assistant_model=drafter, max_new_tokens=5)
@@ -68,3 +66,83 @@ def test_tree_shape_validation_and_unsupported_modes():
         target.generate(prompt, assistant_model=drafter, max_new_tokens=8),
         target.generate(prompt, max_new_tokens=8),
     )
+
+
+@pytest.mark.parametrize("drafter_kind", ["mamba", "mamba2", "llama"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param((4, 3, 10), id="d4-k3-n10"),
+        pytest.param((3, 2, 4), id="d3-k2-n4"),
+        pytest.param((6, 1, 6), id="chain-like"),
+    ],
+)
+def test_dynamic_tree_greedy_parity(drafter_kind, policy):
+    target = hf_specssm.enable(build("llama", seed=0))
+    drafter_model = build(drafter_kind, seed=1)
+    align(target, drafter_model)
+    depth, top_k, max_nodes = policy
+    accepted = []
+    for length, seed in [(5, 0), (1, 1), (12, 2)]:
+        prompt = torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+        reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
+        tree_policy = hf_specssm.DynamicTreePolicy(depth=depth, top_k=top_k, max_nodes=max_nodes)
+        drafter = hf_specssm.ModelDrafter(drafter_model, tree_policy=tree_policy)
+        output = target.generate(prompt, assistant_model=drafter, max_new_tokens=30, do_sample=False)
+        assert torch.equal(output, reference), f"prompt {length}"
+        stats = target.last_speculation_stats
+        # nodes verified per round stay within the budget
+        assert max(stats.draft_lengths) <= max_nodes
+        accepted += stats.accepted_lengths
+    assert max(accepted) >= 2
+
+
+def test_dynamic_tree_is_a_valid_budgeted_tree_and_the_drafter_state_is_exact():
+    target = hf_specssm.enable(build("llama", seed=0))
+    drafter_model = build("mamba2", seed=1)
+    align(target, drafter_model)
+    policy = hf_specssm.DynamicTreePolicy(depth=4, top_k=3, max_nodes=9)
+    drafter = RecordingDrafter(drafter_model, tree_policy=policy)
+    trees = []
+    original = drafter.draft_tree
+
+    def record(*args, **kwargs):
+        tree = original(*args, **kwargs)
+        trees.append(tree)
+        return tree
+
+    drafter.draft_tree = record
+    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    target.generate(prompt, assistant_model=drafter, max_new_tokens=30, do_sample=False)
+    assert trees and all(0 < tree.size <= 9 for tree in trees)
+    assert any(tree.size == 9 for tree in trees) and max(int(tree.depths().max()) for tree in trees) >= 2
+    for tree in trees:  # siblings are distinct tokens
+        for node in [-1, *range(tree.size)]:
+            children = tree.tokens[tree.children(node)].tolist()
+            assert len(children) == len(set(children))
+    cache = drafter.final_cache
+    reference, _ = fresh(drafter_model, drafter.final_sequence[:, : cache.seen_tokens])
+    assert max_state_diff(cache, reference) < 5e-5
+
+
+@pytest.mark.parametrize(
+    "drafter",
+    [
+        pytest.param(
+            lambda: hf_specssm.PromptLookupDrafter(max_candidates=3, num_draft_tokens=4), id="lookup"
+        ),
+        pytest.param(
+            lambda: hf_specssm.NgramTableDrafter(order=3, tree_shape=(3, 2, 1, 1)), id="ngram-table"
+        ),
+    ],
+)
+@pytest.mark.parametrize("target_kind", ["llama", "gpt_neox"])
+def test_ngram_tree_greedy_parity(target_kind, drafter):
+    target = hf_specssm.enable(build(target_kind, seed=0))
+    pattern = torch.randint(3, VOCAB, (7,), generator=torch.Generator().manual_seed(3))
+    prompt = torch.cat([pattern, pattern[:4], pattern[2:]]).repeat(2)[None]
+    reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
+    output = target.generate(prompt, assistant_model=drafter(), max_new_tokens=30, do_sample=False)
+    assert torch.equal(output, reference)
+    stats = target.last_speculation_stats
+    assert stats.drafted_tokens > 0

@@ -82,6 +82,11 @@ class Drafter(ABC):
         self.config = config if config is not None else DraftConfig()
         self.length_policy: DraftLengthPolicy = make_policy(self.config)
 
+    #: Whether this drafter shapes its own trees (`draft_tree(input_ids, sampler, shape=None)`, e.g. from
+    #: ReDrafter's beams); it then also defines `max_tree_depth`. The loop verifies them as trees on Transformer
+    #: targets with greedy decoding and asks for chains (`draft`) elsewhere.
+    drafts_trees: bool = False
+
     #: Whether the loop should hand this drafter the target's last hidden state each round (draft heads
     #: such as ReDrafter read it); the target then captures the input of its output embedding.
     wants_target_hidden: bool = False

@@ -10,7 +10,7 @@ from hf_specssm.cache import CacheSnapshot, ForkableCache
 from hf_specssm.config import DraftConfig
 from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
 from hf_specssm.tree import TokenTree
-from hf_specssm.tree_policy import UCBTreePolicy
+from hf_specssm.tree_policy import DynamicTreePolicy, UCBTreePolicy
 
 # Recurrent drafters step pending tokens one at a time up to this many: a Mamba2 multi-token forward is
 # padded to `chunk_size` and costs far more than a couple of single steps.
@@ -30,7 +30,8 @@ class ModelDrafter(Drafter):
         model: a causal LM such as `MambaForCausalLM`, `Mamba2ForCausalLM`, `FalconMambaForCausalLM`,
             a hybrid (`BambaForCausalLM`, …) or any Transformer (`LlamaForCausalLM`, …).
         config: draft-length options (default `DraftConfig()`).
-        tree_policy: pick the tree shape per round (e.g. `UCBTreePolicy()`); overrides `tree_shape`.
+        tree_policy: pick the tree per round: `UCBTreePolicy()` (a bandit over shapes) or
+            `DynamicTreePolicy()` (EAGLE-2 style confidence-grown trees); overrides `tree_shape`.
         **options: shorthand for `DraftConfig` fields, e.g. `ModelDrafter(m, num_draft_tokens=4,
             schedule="constant")`.
     """
@@ -39,7 +40,7 @@ class ModelDrafter(Drafter):
         self,
         model: PreTrainedModel,
         config: DraftConfig | None = None,
-        tree_policy: UCBTreePolicy | None = None,
+        tree_policy: UCBTreePolicy | DynamicTreePolicy | None = None,
         **options,
     ) -> None:
         if config is not None and options:
@@ -124,47 +125,123 @@ class ModelDrafter(Drafter):
         draft_probs = torch.stack(probs, dim=1) if probs and probs[0] is not None else None
         return Draft(tokens=draft_tokens, probs=draft_probs)
 
+    @property
+    def max_tree_depth(self) -> int | None:
+        """Depth of the trees a `DynamicTreePolicy` grows (`None` with fixed shapes: their length)."""
+        return self.tree_policy.depth if isinstance(self.tree_policy, DynamicTreePolicy) else None
+
     @torch.no_grad()
     def draft_tree(
         self, input_ids: torch.Tensor, sampler: DraftSampler, shape: tuple[int, ...] | None = None
     ) -> TokenTree:
-        """Draft a tree of `shape` (default `config.tree_shape`) by forking the state along the batch axis.
+        """Draft a tree by forking the state along the batch axis.
 
-        Each depth expands every frontier node into its top-`w` children and feeds all of them in one
-        batched step (the state is copied to the new rows by `ForkableCache.select`), so the cost grows
-        with the nodes per depth, not with the prefix. The last depth is not fed.
+        With a shape (default `config.tree_shape`), each depth expands every frontier node into its `w`
+        children (top-`w`, or sampled without replacement with `tree_children="sample"` when sampling);
+        with `shape=None` and a `DynamicTreePolicy`, the tree grows from the drafter's confidence. Either
+        way each depth feeds all new frontier nodes in one batched step (the state is copied to the new rows
+        by `ForkableCache.select`), so the cost grows with the nodes per depth, not with the prefix. The
+        last depth is not fed.
+
+        Returns:
+            the tree (`N` nodes; with `draft_probs` `[N, V]` when its children were sampled).
         """
-        shape = shape if shape is not None else self.config.tree_shape
-        self._tree_shape = shape
         pending = input_ids[:, self.cache.seen_tokens :]
         logits = self._consume(pending)
         self._tree_root = self.cache.snapshot()
         self._tree_levels = []
+        if shape is None and isinstance(self.tree_policy, DynamicTreePolicy):
+            return self._grow_dynamic_tree(input_ids, sampler, logits, self.tree_policy)
+        shape = shape if shape is not None else self.config.tree_shape
+        sample = sampler.do_sample and self.config.tree_children == "sample"
         tokens: list[int] = []
         parents: list[int] = []
+        node_probs: list[torch.Tensor] = []
         frontier, paths = [-1], [input_ids]
         for depth, width in enumerate(shape):
-            children = _top_children(sampler, paths, logits, width)
+            children, probs = _choose_children(sampler, paths, logits, width, sample)
             sources, new_frontier, new_paths = [], [], []
             for row, parent in enumerate(frontier):
                 for token in children[row].tolist():
                     tokens.append(token)
                     parents.append(parent)
+                    if probs is not None:
+                        node_probs.append(probs[row])
                     sources.append(row)
                     new_frontier.append(len(tokens) - 1)
                     new_paths.append(torch.cat([paths[row], paths[row].new_tensor([[token]])], dim=1))
             frontier, paths = new_frontier, new_paths
             if depth == len(shape) - 1:
                 break
-            self.cache.select(torch.tensor(sources))
-            step = torch.tensor([[tokens[node]] for node in frontier])
-            logits = self._forward(step, rows=len(frontier))
-            self._tree_levels.append((list(frontier), self.cache.snapshot()))
-        return TokenTree(tokens=torch.tensor(tokens), parents=torch.tensor(parents))
+            logits = self._feed_level(sources, [tokens[node] for node in frontier], frontier)
+        return TokenTree(
+            tokens=torch.tensor(tokens),
+            parents=torch.tensor(parents),
+            draft_probs=torch.stack(node_probs) if sample else None,
+            sampled_without_replacement=sample,
+        )
+
+    def _feed_level(self, sources: list[int], tokens: list[int], nodes: list[int]) -> torch.Tensor:
+        """Fork rows `sources` of the cache, feed one token per new row, remember the level's state."""
+        self.cache.select(torch.tensor(sources))
+        logits = self._forward(torch.tensor([[token] for token in tokens]), rows=len(tokens))
+        self._tree_levels.append((list(nodes), self.cache.snapshot()))
+        return logits
+
+    def _grow_dynamic_tree(
+        self, input_ids: torch.Tensor, sampler: DraftSampler, logits: torch.Tensor, policy: DynamicTreePolicy
+    ) -> TokenTree:
+        """EAGLE-2 style: expand the `top_k` most valuable frontier nodes per depth, rerank, keep a budget."""
+        # candidate nodes in creation order: (token, parent candidate, cumulative log-prob, path)
+        candidates: list[tuple[int, int, float, torch.Tensor]] = []
+        frontier, values, paths = [-1], [0.0], [input_ids]
+        for depth in range(policy.depth):
+            new: list[int] = []
+            for row, parent in enumerate(frontier):
+                scores = logits[row : row + 1]
+                if sampler.logits_processor:
+                    scores = sampler.logits_processor(paths[row], scores.clone())
+                log_probs = torch.log_softmax(scores[0].float(), dim=-1)
+                best = log_probs.topk(min(policy.top_k, log_probs.shape[-1]))
+                for token, log_prob in zip(best.indices.tolist(), best.values.tolist()):
+                    path = torch.cat([paths[row], paths[row].new_tensor([[token]])], dim=1)
+                    candidates.append((token, parent, values[row] + log_prob, path))
+                    new.append(len(candidates) - 1)
+            expand = sorted(new, key=lambda c: -candidates[c][2])[: policy.top_k]
+            if depth == policy.depth - 1:
+                break
+            sources = [frontier.index(candidates[c][1]) for c in expand]
+            logits = self._feed_level(sources, [candidates[c][0] for c in expand], expand)
+            frontier = expand
+            values = [candidates[c][2] for c in expand]
+            paths = [candidates[c][3] for c in expand]
+        # rerank every drafted node; keep the budget, closed under ancestors
+        chosen: set[int] = set()
+        for candidate in sorted(range(len(candidates)), key=lambda c: -candidates[c][2]):
+            if len(chosen) >= policy.max_nodes:
+                break
+            node = candidate
+            while node >= 0 and node not in chosen:
+                chosen.add(node)
+                node = candidates[node][1]
+        order = sorted(chosen)  # creation order is topological
+        index = {candidate: i for i, candidate in enumerate(order)}
+        # level records refer to final node indices; nodes left out of the tree can never be accepted
+        self._tree_levels = [
+            ([index.get(node, -2) for node in nodes], snapshot) for nodes, snapshot in self._tree_levels
+        ]
+        return TokenTree(
+            tokens=torch.tensor([candidates[c][0] for c in order], dtype=torch.long),
+            parents=torch.tensor([index[candidates[c][1]] if candidates[c][1] >= 0 else -1 for c in order]),
+        )
 
     def commit_tree(self, input_ids: torch.Tensor, path: list[int]) -> None:
         """The target kept tree nodes `path` (root's child first); bring the state to the kept prefix."""
-        keep = min(len(path), len(self._tree_shape) - 1)
+        fed = [nodes for nodes, _ in self._tree_levels]
+        # path nodes fed to the drafter: a leading run (a node with children was fed)
+        keep = 0
+        while keep < min(len(path), len(fed)) and path[keep] in fed[keep]:
+            keep += 1
         self.cache.select(torch.tensor([0]))
         if keep == 0:
             self.cache.restore(self._tree_root)
@@ -197,17 +274,27 @@ class ModelDrafter(Drafter):
 
 
 @torch.no_grad()
-def _top_children(
-    sampler: DraftSampler, sequences: list[torch.Tensor], logits: torch.Tensor, width: int
-) -> torch.Tensor:
-    """`[R, width]` best next tokens of each row, by the processed scores (greedy tree expansion)."""
-    rows = []
+def _choose_children(
+    sampler: DraftSampler, sequences: list[torch.Tensor], logits: torch.Tensor, width: int, sample: bool
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Children of each of the `R` rows by the processed scores: its best `width` tokens, or (`sample`)
+    `width` tokens drawn without replacement (fewer if fewer have probability > 0), and the `[R, V]`
+    distributions they were drawn from. Returns `R` 1-D tensors of token ids."""
+    rows, distributions = [], []
     for row, sequence in enumerate(sequences):
         scores = logits[row : row + 1]
         if sampler.logits_processor:
             scores = sampler.logits_processor(sequence, scores.clone())
-        rows.append(scores[0].topk(min(width, scores.shape[-1])).indices)
-    return torch.stack(rows)
+        width = min(width, scores.shape[-1])
+        if sample:
+            probs = torch.softmax(scores[0].float(), dim=-1)
+            # never more children than tokens with probability > 0
+            width = min(width, int((probs > 0).sum()))
+            rows.append(torch.multinomial(probs, width, replacement=False))
+            distributions.append(probs)
+        else:
+            rows.append(scores[0].topk(width).indices)
+    return rows, torch.stack(distributions) if sample else None
 
 
 def _check_causal_lm(model: object, role: str) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from hf_specssm.config import DraftConfig
 from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
+from hf_specssm.tree import TokenTree
 
 
 def _empty_draft(input_ids: torch.Tensor) -> Draft:
@@ -25,15 +26,25 @@ class PromptLookupDrafter(Drafter):
     Same rule as transformers' `prompt_lookup_num_tokens`: try n-grams of `max_ngram_size` tokens down to
     `min_ngram_size`; for the first size with an earlier match, propose the tokens that followed it.
 
+    With `max_candidates > 1` it drafts a tree instead (on targets that verify trees): the continuations
+    of up to that many distinct earlier matches (longer n-grams first, then the most recent), merged where
+    they share a prefix.
+
     Args:
         max_ngram_size: longest suffix to match (transformers' `max_matching_ngram_size`, default 2).
         min_ngram_size: shortest suffix to match.
+        max_candidates: continuations per round; more than one makes a tree.
         config: draft-length options; `num_draft_tokens` plays `prompt_lookup_num_tokens`.
         **options: `DraftConfig` fields.
     """
 
     def __init__(
-        self, max_ngram_size: int = 2, min_ngram_size: int = 1, config: DraftConfig | None = None, **options
+        self,
+        max_ngram_size: int = 2,
+        min_ngram_size: int = 1,
+        max_candidates: int = 1,
+        config: DraftConfig | None = None,
+        **options,
     ) -> None:
         if config is not None and options:
             raise ValueError("pass either `config` or DraftConfig fields as keyword arguments, not both.")
@@ -45,27 +56,57 @@ class PromptLookupDrafter(Drafter):
             raise ValueError(
                 f"need 1 <= min_ngram_size <= max_ngram_size, got {min_ngram_size} and {max_ngram_size}."
             )
+        if not isinstance(max_candidates, int) or max_candidates < 1:
+            raise ValueError(f"max_candidates must be an integer >= 1, got {max_candidates!r}.")
         self.max_ngram_size = max_ngram_size
         self.min_ngram_size = min_ngram_size
+        self.max_candidates = max_candidates
+        self.drafts_trees = max_candidates > 1
+
+    @property
+    def max_tree_depth(self) -> int:
+        """Longest candidate continuation (the loop drafts a tree only with more room than this)."""
+        return self.config.num_draft_tokens
 
     def begin(self, input_ids: torch.Tensor) -> None:
         pass
 
-    def draft(self, input_ids: torch.Tensor, num_tokens: int, sampler: DraftSampler) -> Draft:
+    def _continuations(self, input_ids: torch.Tensor, num_tokens: int, limit: int) -> list[list[int]]:
+        """Up to `limit` distinct continuations of earlier matches of the suffix, best first."""
         sequence = input_ids[0]
         length = sequence.shape[0]
+        found: list[list[int]] = []
         for size in range(min(self.max_ngram_size, length - 1), self.min_ngram_size - 1, -1):
             windows = sequence.unfold(0, size, 1)  # [length - size + 1, size]
             # earlier windows only (the last window is the suffix itself)
             matches = (windows[:-1] == sequence[length - size :]).all(dim=1).nonzero()
             for start in reversed(matches[:, 0].tolist()):
-                follow = sequence[start + size : start + size + num_tokens]
-                if follow.numel() > 0:
-                    return Draft(tokens=follow[None].clone())
-        return _empty_draft(input_ids)
+                follow = sequence[start + size : start + size + num_tokens].tolist()
+                if follow and follow not in found:
+                    found.append(follow)
+                    if len(found) == limit:
+                        return found
+        return found
+
+    def draft(self, input_ids: torch.Tensor, num_tokens: int, sampler: DraftSampler) -> Draft:
+        found = self._continuations(input_ids, num_tokens, limit=1)
+        if not found:
+            return _empty_draft(input_ids)
+        return Draft(tokens=input_ids.new_tensor([found[0]]))
+
+    def draft_tree(
+        self, input_ids: torch.Tensor, sampler: DraftSampler, shape: tuple[int, ...] | None = None
+    ) -> TokenTree:
+        """The continuations of up to `max_candidates` matches, merged into one tree (deterministic)."""
+        return TokenTree.from_paths(
+            self._continuations(input_ids, self.config.num_draft_tokens, self.max_candidates)
+        )
 
     def commit(self, input_ids: torch.Tensor, num_accepted: int) -> None:
         pass
+
+    def commit_tree(self, input_ids: torch.Tensor, path: list[int]) -> None:
+        """Nothing to update: lookups read the committed sequence."""
 
 
 class NgramTableDrafter(Drafter):
@@ -131,4 +172,35 @@ class NgramTableDrafter(Drafter):
         return Draft(tokens=torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device))
 
     def commit(self, input_ids: torch.Tensor, num_accepted: int) -> None:
+        self._index(input_ids)
+
+    def _top_next(self, history: list[int], width: int) -> list[int]:
+        """The `width` most frequent next tokens after the longest known context (backing off)."""
+        for context in range(min(self.order - 1, len(history)), 0, -1):
+            counts = self._table.get(tuple(history[-context:]))
+            if counts:
+                return [token for token, _ in counts.most_common(width)]
+        return []
+
+    def draft_tree(
+        self, input_ids: torch.Tensor, sampler: DraftSampler, shape: tuple[int, ...] | None = None
+    ) -> TokenTree:
+        """Expand each node into its `w` most frequent continuations, per depth of `shape` (default
+        `config.tree_shape`); deterministic."""
+        shape = shape if shape is not None else self.config.tree_shape
+        self._index(input_ids)
+        paths: list[list[int]] = [[]]
+        finished: list[list[int]] = []
+        for width in shape:
+            grown = []
+            for path in paths:
+                children = self._top_next(self._tokens + path, width)
+                if not children and path:
+                    finished.append(path)
+                grown += [[*path, token] for token in children]
+            paths = grown
+        return TokenTree.from_paths(finished + paths)
+
+    def commit_tree(self, input_ids: torch.Tensor, path: list[int]) -> None:
+        """Index the newly committed tokens."""
         self._index(input_ids)

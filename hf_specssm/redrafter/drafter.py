@@ -66,7 +66,7 @@ class ReDrafterDrafter(Drafter):
         self.last_beams: BeamTree | None = None
 
     @property
-    def max_tree_nodes(self) -> int:
+    def max_tree_depth(self) -> int:
         """The deepest path a tree can hold (`C`): the loop drafts a tree only with more room than this."""
         return self.beam_length
 
