@@ -13,7 +13,7 @@ import torch
 
 import hf_specssm
 from hf_specssm.toy import demo_pair
-from hf_specssm.tree_policy import UCBTreePolicy
+from hf_specssm.tree_policy import DynamicTreePolicy, UCBTreePolicy
 
 METHODS: dict[str, dict | None] = {
     "plain": None,
@@ -23,6 +23,7 @@ METHODS: dict[str, dict | None] = {
     "tree (2,2,2,1,1,1)": {"tree_shape": (2, 2, 2, 1, 1, 1)},
     "tree (3,2,2,1,1)": {"tree_shape": (3, 2, 2, 1, 1)},
     "UCB bandit over DEFAULT_ARMS": {"tree_policy": "ucb"},
+    "dynamic (EAGLE-2), depth 5, top-3, 12 nodes": {"tree_policy": "dynamic"},
 }
 
 
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         if options is not None and options.get("tree_policy") == "ucb":
             bandit = UCBTreePolicy()
             options = {"tree_policy": bandit}
+        elif options is not None and options.get("tree_policy") == "dynamic":
+            options = {"tree_policy": DynamicTreePolicy(depth=5, top_k=3, max_nodes=12)}
         drafter = hf_specssm.ModelDrafter(drafter_model, **options) if options is not None else None
         if drafter is not None:
             target.generate(prompts[0], assistant_model=drafter, max_new_tokens=4)

@@ -10,7 +10,7 @@ some hardware (this project's AVX2 CPUs) is the deciding factor. Rewards are div
 current mean before the exploration bonus is added, so the exploration constant `c` does not depend on
 the speed of the machine:
 
-    a_t = argmax_a  r̄_a / max_b r̄_b  +  c · sqrt(ln t / n_a)      (every arm pulled once first)
+    a_t = argmax_a  r̄_a / max_b r̄_b  +  c · sqrt(ln t / n_a)      (every arm pulled `initial_pulls` times first)
 
 `c = 0.3` by default: with normalised rewards in (0, 1], arms within a few percent of the best keep being
 sampled occasionally, and clearly worse arms are dropped after a handful of pulls.
@@ -37,9 +37,14 @@ class UCBTreePolicy:
     Args:
         arms: the pool of shapes (default: chains of 4 and 6, and four trees from the paper's pool).
         exploration: `c` of the bonus term.
+        initial_pulls: rounds each arm is drafted, in turn, before UCB scoring starts. One round's reward is
+            noisy (acceptance varies with the position in the text); with a single pull a good arm can be
+            dropped on one unlucky round and never revisited.
     """
 
-    def __init__(self, arms: Sequence[tuple[int, ...]] = DEFAULT_ARMS, exploration: float = 0.3) -> None:
+    def __init__(
+        self, arms: Sequence[tuple[int, ...]] = DEFAULT_ARMS, exploration: float = 0.3, initial_pulls: int = 2
+    ) -> None:
         arms = tuple(tuple(arm) for arm in arms)
         if not arms:
             raise ValueError("the bandit needs at least one arm.")
@@ -48,6 +53,9 @@ class UCBTreePolicy:
                 raise ValueError(f"every arm must be a non-empty tuple of integers >= 1, got {arm!r}.")
         if exploration < 0:
             raise ValueError(f"exploration must be >= 0, got {exploration!r}.")
+        if not isinstance(initial_pulls, int) or initial_pulls < 1:
+            raise ValueError(f"initial_pulls must be an integer >= 1, got {initial_pulls!r}.")
+        self.initial_pulls = initial_pulls
         self.arms = arms
         self.exploration = exploration
         self.counts = [0] * len(arms)
@@ -57,9 +65,9 @@ class UCBTreePolicy:
 
     def choose(self) -> tuple[int, ...]:
         """The shape to draft next round."""
-        untried = [index for index, count in enumerate(self.counts) if count == 0]
-        if untried:
-            index = untried[0]
+        least = min(self.counts)
+        if least < self.initial_pulls:
+            index = self.counts.index(least)
         else:
             total = sum(self.counts)
             best = max(self.means) or 1.0

@@ -140,7 +140,8 @@ def test_batches_are_refused():
 
 
 def test_sampling_keeps_the_targets_distribution():
-    """When sampling, the best beam is drafted as a chain with a one-hot `q`: accepting it with probability
+    """(With 3 new tokens and C = 2 most rounds here are chains: room for a tree runs out.) The best beam is
+    drafted as a chain with a one-hot `q`: accepting it with probability
     `p(token)` keeps the target's distribution. Chi-square over every 3-token continuation (p < 1e-3)."""
     vocab = 5
     target = hf_specssm.enable(no_eos(build("llama", seed=0, vocab=vocab)))

@@ -82,3 +82,14 @@ def test_bandit_drafting_is_lossless():
     # every round is a tree round except the last few, where less room is left than the tree is deep
     assert set(shapes) <= set(policy.arms) and stats.rounds - 3 <= len(shapes) <= stats.rounds
     assert sum(policy.counts) >= 3 and all(count > 0 for count in policy.counts)
+
+
+def test_every_arm_is_pulled_initial_pulls_times_first():
+    policy = UCBTreePolicy(arms=[(1,), (2,), (3, 1)], initial_pulls=2)
+    chosen = []
+    for _ in range(6):
+        chosen.append(policy.choose())
+        policy.update(1, 1.0)
+    assert sorted(chosen) == sorted([(1,), (2,), (3, 1)] * 2)
+    with pytest.raises(ValueError, match="initial_pulls"):
+        UCBTreePolicy(initial_pulls=0)

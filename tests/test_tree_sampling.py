@@ -6,6 +6,8 @@ its power with a sabotaged rule that the same test rejects.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,8 @@ from hf_specssm.tree import TokenTree
 from models import align, build
 from test_sampling import (
     ALPHA,
+    TEMPERATURE,
+    TOP_K,
     _no_eos,
     chi_square_p_value,
     exact_distribution,
@@ -25,6 +29,7 @@ from test_sampling import (
 )
 
 V = 5
+SAMPLING = {"temperature": TEMPERATURE, "top_k": TOP_K, "top_p": 1.0}
 
 
 def _tables(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,3 +139,34 @@ def test_dynamic_tree_sampling_matches_the_target():
     )
     assert chi_square_p_value(counts, probs) > ALPHA
     assert 0 in accepted and 2 in accepted
+
+
+def test_redrafter_beam_trees_keep_the_distribution_when_sampling():
+    """ReDrafter's beams (C = 1, M = 3: three deterministic siblings) verified by multi-draft sampling."""
+    from hf_specssm.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
+
+    from models import HIDDEN
+
+    target = hf_specssm.enable(_no_eos(build("llama", seed=0, vocab=V)))
+    torch.manual_seed(5)
+    head = ReDrafterHead(ReDrafterConfig(hidden_size=HIDDEN, vocab_size=V, beam_width=3, beam_length=1))
+    drafter = ReDrafterDrafter(head, target)
+    prompt = torch.tensor([[3, 4, 3]])
+    probs = exact_distribution(target, prompt)
+    index = {outcome: i for i, outcome in enumerate(itertools.product(range(V), repeat=3))}
+    counts = np.zeros(len(index))
+    siblings_rejected = 0
+    torch.manual_seed(21)
+    for _ in range(1500):
+        output = target.generate(
+            prompt, assistant_model=drafter, max_new_tokens=3, do_sample=True, **SAMPLING
+        )
+        counts[index[tuple(output[0, 3:].tolist())]] += 1
+        stats = target.last_speculation_stats
+        siblings_rejected += sum(
+            1
+            for drafted, accepted in zip(stats.draft_lengths, stats.accepted_lengths)
+            if drafted > 1 and not accepted
+        )
+    assert chi_square_p_value(counts, probs) > ALPHA
+    assert siblings_rejected > 0 and drafter.last_beams is not None

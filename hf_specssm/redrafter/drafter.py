@@ -17,10 +17,11 @@ class ReDrafterDrafter(Drafter):
 
     Each round the loop hands over `h`, the target's LM-head input at the position that chose the last
     committed token `g_0`. The head's beam search (carrying one recurrent state per beam) proposes `M`
-    beams of `C` tokens. On Transformer targets with greedy decoding the beams are merged into a prefix
-    tree (dynamic tree attention) and the target verifies each unique token once; on SSM and hybrid targets,
-    and when sampling, the best beam is drafted as a chain (one-hot draft distribution, so sampling stays
-    exact). The head is stateless between rounds: `h` carries the context.
+    beams of `C` tokens. On Transformer targets the beams are merged into a prefix tree (dynamic tree
+    attention) and the target verifies each unique token once, greedily or, when sampling, by multi-draft
+    speculative sampling (the beams are deterministic, so each sibling is a one-hot proposal and the
+    output keeps the target's distribution); on SSM and hybrid targets the best beam is drafted as a chain
+    (also one-hot). The head is stateless between rounds: `h` carries the context.
 
     Args:
         head: the trained head.
