@@ -153,6 +153,18 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     widths = [1, 2, 4, 8, 16]
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, Mamba2 chunk_size {args.chunk_size}")
+    if "A" in args.parts:
+        _part_a(args, widths)
+    if "B" in args.parts:
+        _part_b(args)
+    if "C" in args.parts:
+        _part_c(args)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak process memory: {peak:.0f} MiB")
+    return 0
+
+
+def _part_a(args: argparse.Namespace, widths: list[int]) -> None:
     print("\n### A. One forward over k tokens from a cached state, relative to k = 1\n")
     print("| model | k=1 (ms) | " + " | ".join(f"k={k}" for k in widths[1:]) + " |")
     print("|---|---:|" + "---:|" * (len(widths) - 1))
@@ -162,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         ratios = " | ".join(f"{cost[k] / cost[1]:.2f}×" for k in widths[1:])
         print(f"| {name} | {cost[1] * 1e3:.1f} | {ratios} |", flush=True)
 
+
+def _part_b(args: argparse.Namespace) -> None:
     print("\n### B. A round that verifies k = 8 drafts and commits 4: time (extra memory) per method\n")
     print("| model | Activation Replay | Joint Attainment and Advancement | snapshot + re-feed |")
     print("|---|---:|---:|---:|")
@@ -173,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"| {name} | {cells} |", flush=True)
 
+
+def _part_c(args: argparse.Namespace) -> None:
     print(f"\n### C. Prompt lookup ({args.lookup} tokens) vs plain greedy, {args.prompts} CNN/DM prompts\n")
     prompts = byte_prompts(args.prompts, args.prompt_bytes)
     print("| model | plain tok/s | prompt lookup tok/s | speed-up | τ | identical |")
@@ -185,9 +201,6 @@ def run(args: argparse.Namespace) -> int:
             f"{result['tau']:.2f} | {'yes' if result['identical'] else 'NO'} |",
             flush=True,
         )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak process memory: {peak:.0f} MiB")
-    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,3 +215,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--lookup", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=["A", "B", "C"], default=["A", "B", "C"])

@@ -11,14 +11,16 @@ class SpeculationStats:
     """What speculative decoding did during one `generate` call.
 
     Attributes:
-        draft_lengths: tokens drafted in each round (0 for a round that only ran the target).
+        draft_lengths: tokens drafted in each round (0 for a round that only ran the target); for a tree
+            round, the tree's nodes, i.e. the nodes the target verified that round.
         accepted_lengths: draft tokens accepted in each round (the target adds one more token per round).
         committed_tokens: tokens appended to the output in each round (accepted + 1, fewer when a stopping
             criterion ended the call inside a round).
         draft_time_s: wall time spent drafting.
         verify_time_s: wall time spent in target forwards and acceptance.
         total_time_s: wall time of the whole decoding loop.
-        tree_shapes: the tree shape drafted in each tree round (what a tree policy chose, over time).
+        tree_shapes: the tree shape drafted in each fixed-shape tree round (what a `UCBTreePolicy` chose,
+            over time); dynamic trees (`DynamicTreePolicy`, ReDrafter beams) have no fixed shape.
         forward_passes: target verification forwards (one per round; a batch shares each forward).
         peak_verification_bytes: most extra memory held for rolling back a recurrent target in one round
             (state checkpoint, plus recorded mixer activations with Activation Replay); 0 for Transformers.
@@ -44,6 +46,11 @@ class SpeculationStats:
     def rounds(self) -> int:
         """Number of draft–verify rounds, counted per row (equals `forward_passes` for one prompt)."""
         return len(self.draft_lengths)
+
+    @property
+    def nodes_per_round(self) -> float:
+        """Mean draft tokens (tree nodes) the target verified per round."""
+        return self.drafted_tokens / self.rounds if self.rounds else 0.0
 
     @property
     def drafted_tokens(self) -> int:
