@@ -7,11 +7,14 @@ import torch
 from test_drafter_state import RecordingDrafter
 
 import hf_specssm
+from hf_specssm.tree import TokenTree
+from hf_specssm.tree_policy import DEFAULT_ARMS
 
 from models import VOCAB, align, build
 from test_cache import fresh, max_state_diff
 
-SHAPES = [(3, 2, 2, 1, 1), (3, 3, 2, 1), (2, 2, 2, 1, 1, 1), (1, 1, 1, 1), (4,)]
+# every arm of the bandit's default pool, and a one-level tree
+SHAPES = [*DEFAULT_ARMS, (4,)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "x".join(map(str, shape)))
@@ -146,3 +149,75 @@ def test_ngram_tree_greedy_parity(target_kind, drafter):
     assert torch.equal(output, reference)
     stats = target.last_speculation_stats
     assert stats.drafted_tokens > 0
+
+
+class ScriptedTreeDrafter(hf_specssm.Drafter):
+    """Drafts a full tree of `shape` in which only one branch follows the target's greedy reference.
+
+    Round `r` puts the right token at sibling `branch[r][d]` of the right node at depth `d`, for the first
+    `depth[r]` depths, and wrong tokens everywhere else, so the accepted path is forced through every
+    sibling position and every depth.
+    """
+
+    def __init__(self, reference, shape, script):
+        super().__init__(hf_specssm.DraftConfig(tree_shape=shape))
+        self.reference, self.shape, self.script = reference[0], shape, script
+        self.forced: list[tuple[int, list[int]]] = []
+
+    @property
+    def vocab_size(self):
+        return VOCAB
+
+    def begin(self, input_ids):
+        self._round = 0
+
+    def draft(self, input_ids, num_tokens, sampler):
+        return hf_specssm.Draft(tokens=input_ids.new_empty((1, 0)))
+
+    def commit(self, input_ids, num_accepted):
+        pass
+
+    def draft_tree(self, input_ids, sampler, shape):
+        start = input_ids.shape[1]
+        depth, branch = self.script[self._round % len(self.script)]
+        self._round += 1
+        self.forced.append((depth, branch))
+        tokens, parents = [], []
+        frontier = [(-1, True)]  # (node, on the right branch so far)
+        for level, width in enumerate(shape):
+            truth = int(self.reference[start + level]) if start + level < self.reference.shape[0] else 3
+            new = []
+            for parent, right in frontier:
+                for sibling in range(width):
+                    good = right and level < depth and sibling == branch[level] % width
+                    # wrong tokens: distinct from the truth and from each other
+                    token = truth if good else 3 + (truth - 3 + 1 + sibling + level) % (VOCAB - 3)
+                    if not good and token == truth:
+                        token = 3 + (token - 3 + 1) % (VOCAB - 3)
+                    tokens.append(token)
+                    parents.append(parent)
+                    new.append((len(tokens) - 1, good))
+            frontier = new
+        return TokenTree(tokens=torch.tensor(tokens), parents=torch.tensor(parents))
+
+    def commit_tree(self, input_ids, path):
+        pass
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 2, 1, 1), (2, 2, 2, 1, 1, 1), (3, 3, 2, 1)])
+def test_scripted_trees_force_every_branch_and_depth(shape):
+    target = hf_specssm.enable(build("llama", seed=0))
+    target.generation_config.eos_token_id = None
+    prompt = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
+    reference = target.generate(prompt, max_new_tokens=60, do_sample=False)
+    script = [
+        (depth, [sibling] * len(shape)) for depth in range(len(shape) + 1) for sibling in range(max(shape))
+    ]
+    drafter = ScriptedTreeDrafter(reference, shape, script)
+    output = target.generate(prompt, assistant_model=drafter, max_new_tokens=60, do_sample=False)
+    assert torch.equal(output, reference)
+    stats = target.last_speculation_stats
+    tree_rounds = len(drafter.forced)
+    forced_depths = [depth for depth, _ in drafter.forced]
+    assert stats.accepted_lengths[:tree_rounds] == forced_depths
+    assert set(forced_depths) == set(range(len(shape) + 1))
