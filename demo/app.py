@@ -41,8 +41,9 @@ TOY_NOTE = (
     "Timings and acceptance are real; fetch a real model (`hf-specssm fetch NAME`) for real text."
 )
 METHODS_NOTE = f"""\
-**Methods.** *{CHAIN}*, *tree* and *bandit* (a UCB bandit choosing the tree shape each round) draft with
-the drafter model; trees and the bandit are greedy. *{PROMPT_LOOKUP}* and *{NGRAM_TABLE}* draft from the
+**Methods.** *{CHAIN}*, *tree*, *bandit* (a UCB bandit choosing the tree shape each round) and *dynamic
+tree* (grown from the drafter's confidence, EAGLE-2 style) draft with the drafter model; with sampling on,
+trees are verified by multi-draft speculative sampling. *{PROMPT_LOOKUP}* and *{NGRAM_TABLE}* draft from the
 text itself and fit any target. *ReDrafter*, where installed, drafts from the target's own hidden state
 with a head that is not trained yet, so it shows the mechanism rather than a speed-up.
 """

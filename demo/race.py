@@ -20,20 +20,21 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 import hf_specssm
 from hf_specssm.drafters import Drafter, ModelDrafter, NgramTableDrafter, PromptLookupDrafter
-from hf_specssm.tree_policy import UCBTreePolicy
+from hf_specssm.tree_policy import DynamicTreePolicy, UCBTreePolicy
 
 from .catalog import Catalog, LoadedModel, ModelChoice
 
 CHAIN = "chain"
 TREE = "tree (3, 2, 2, 1, 1)"
 BANDIT = "bandit (UCB over tree shapes)"
+DYNAMIC = "dynamic tree (EAGLE-2 style)"
 PROMPT_LOOKUP = "prompt lookup"
 NGRAM_TABLE = "n-gram table"
 REDRAFTER = "ReDrafter (untrained head)"
 TREE_SHAPE = (3, 2, 2, 1, 1)
 logger = logging.getLogger(__name__)
 # Methods that draft with a second model; the others draft from the text itself.
-MODEL_METHODS = (CHAIN, TREE, BANDIT)
+MODEL_METHODS = (CHAIN, TREE, BANDIT, DYNAMIC)
 SCHEDULES = ("adaptive", "constant", "heuristic")
 
 MAX_NEW_TOKENS = 512
@@ -47,7 +48,7 @@ FROM_TARGET = "target"
 
 def available_methods() -> list[str]:
     """The drafting methods this installation offers (ReDrafter only where `hf_specssm.redrafter` exists)."""
-    methods = [CHAIN, TREE, BANDIT, PROMPT_LOOKUP, NGRAM_TABLE]
+    methods = [CHAIN, TREE, BANDIT, DYNAMIC, PROMPT_LOOKUP, NGRAM_TABLE]
     if importlib.util.find_spec("hf_specssm.redrafter") is not None:
         methods.append(REDRAFTER)
     return methods
@@ -135,6 +136,8 @@ def build_drafter(settings: RaceSettings, target: LoadedModel, drafter: LoadedMo
         return ModelDrafter(drafter.model, tree_shape=TREE_SHAPE)
     if settings.method == BANDIT:
         return ModelDrafter(drafter.model, tree_policy=UCBTreePolicy())
+    if settings.method == DYNAMIC:
+        return ModelDrafter(drafter.model, tree_policy=DynamicTreePolicy(depth=5, top_k=3, max_nodes=12))
     if settings.method == PROMPT_LOOKUP:
         return PromptLookupDrafter(max_ngram_size=3, **options)
     if settings.method == NGRAM_TABLE:

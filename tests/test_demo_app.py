@@ -18,6 +18,7 @@ from hf_specssm_demo.catalog import REAL_DRAFTERS, REAL_TARGETS, TOY_DRAFTER, TO
 from hf_specssm_demo.race import (
     BANDIT,
     CHAIN,
+    DYNAMIC,
     FROM_DRAFT,
     FROM_TARGET,
     MAX_NEW_TOKENS,
@@ -208,6 +209,7 @@ def test_toy_codec_round_trips_nothing_but_is_readable():
         pytest.param(CHAIN, id="chain"),
         pytest.param(TREE, id="tree"),
         pytest.param(BANDIT, id="bandit"),
+        pytest.param(DYNAMIC, id="dynamic-tree"),
         pytest.param(PROMPT_LOOKUP, id="prompt-lookup"),
         pytest.param(NGRAM_TABLE, id="ngram-table"),
         pytest.param(
