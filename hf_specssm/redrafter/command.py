@@ -14,17 +14,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    JambaConfig,
-    JambaForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Mamba2Config,
-    Mamba2ForCausalLM,
-    PreTrainedModel,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from hf_specssm.redrafter.configuration import ReDrafterConfig
 from hf_specssm.redrafter.modeling import ReDrafterHead
@@ -40,9 +30,10 @@ from hf_specssm.redrafter.training import (
     read_corpus,
     train_head,
 )
+from hf_specssm.tiny import TINY_HIDDEN, TINY_VOCAB, tiny_model
 
-TOY_VOCAB = 64
-TOY_HIDDEN = 32
+TOY_VOCAB = TINY_VOCAB
+TOY_HIDDEN = TINY_HIDDEN
 TOY_TARGETS = ("toy-llama", "toy-mamba2", "toy-jamba")
 DATA_FILE = "training_data.pt"
 EVAL_FILE = "eval_prompts.pt"
@@ -56,56 +47,9 @@ def toy_target(name: str, seed: int = 0) -> PreTrainedModel:
             (Mamba, attention, Mamba).
         seed: seeds the random weights.
     """
-    torch.manual_seed(seed)
-    if name == "toy-llama":
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=TOY_VOCAB,
-                hidden_size=TOY_HIDDEN,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=512,
-                tie_word_embeddings=False,
-            )
-        )
-    elif name == "toy-mamba2":
-        model = Mamba2ForCausalLM(
-            Mamba2Config(
-                vocab_size=TOY_VOCAB,
-                hidden_size=TOY_HIDDEN,
-                num_hidden_layers=2,
-                num_heads=4,
-                head_dim=16,
-                state_size=8,
-                n_groups=1,
-                expand=2,
-                chunk_size=8,
-                tie_word_embeddings=False,
-            )
-        )
-    elif name == "toy-jamba":
-        model = JambaForCausalLM(
-            JambaConfig(
-                vocab_size=TOY_VOCAB,
-                hidden_size=TOY_HIDDEN,
-                intermediate_size=64,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                attn_layer_period=3,
-                attn_layer_offset=1,
-                expert_layer_period=100,
-                num_experts=1,
-                mamba_d_state=8,
-                mamba_d_conv=4,
-                mamba_expand=2,
-                tie_word_embeddings=False,
-            )
-        )
-    else:
+    if name not in TOY_TARGETS:
         raise ValueError(f"unknown toy target {name!r}; choose one of {TOY_TARGETS}.")
+    model = tiny_model(name.removeprefix("toy-"), seed=seed, vocab=TOY_VOCAB)
     # random models emit their end-of-sequence id by chance; toy continuations run to full length
     model.generation_config.eos_token_id = None
     return model.eval()
