@@ -149,8 +149,9 @@ def test_joint_verification_refuses_mixers_it_cannot_pad(monkeypatch):
         verification.JointTarget(target)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("target_kind", ["mamba2", "jamba"])
-def test_eos_inside_an_accepted_block(target_kind):
+def test_eos_inside_an_accepted_block(target_kind, method):
     target = hf_specssm.enable(build(target_kind, seed=0))
     prompt = _prompt(4, 2)
     free_run = target.generate(prompt, max_new_tokens=30, do_sample=False)
@@ -159,7 +160,13 @@ def test_eos_inside_an_accepted_block(target_kind):
     reference = target.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
     drafter = ScriptedDrafter(reference, [8], 8, VOCAB)
     output = target.generate(
-        prompt, assistant_model=drafter, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0
+        prompt,
+        assistant_model=drafter,
+        max_new_tokens=30,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        verification=method,
     )
     assert torch.equal(output, reference) and output[0, -1].item() == eos
 
