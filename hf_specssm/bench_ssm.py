@@ -19,7 +19,7 @@ import time
 from importlib import resources
 
 import torch
-from transformers import Mamba2Config, Mamba2ForCausalLM
+from transformers import BambaConfig, BambaForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
 import hf_specssm
 from hf_specssm.verification import JointTarget, RecurrentTarget
@@ -57,6 +57,35 @@ def build_mamba2(name: str, chunk_size: int, seed: int = 0) -> Mamba2ForCausalLM
     return model
 
 
+def build_bamba(name: str, chunk_size: int, seed: int = 0) -> BambaForCausalLM:
+    """A Bamba-style hybrid of the same width and depth as `SIZES[name]`: Mamba2 layers with one attention
+    layer in four (8 heads, 4 KV heads), fp32, eval mode."""
+    hidden, layers = SIZES[name]
+    torch.manual_seed(seed)
+    config = BambaConfig(
+        vocab_size=50280,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        attn_layer_indices=list(range(3, layers, 4)),
+        mamba_n_heads=2 * hidden // 64,
+        mamba_d_head=64,
+        mamba_n_groups=1,
+        mamba_d_state=128,
+        mamba_chunk_size=chunk_size,
+        tie_word_embeddings=True,
+        eos_token_id=None,
+        pad_token_id=None,
+        bos_token_id=None,
+    )
+    model = BambaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model
+
+
 def _prefilled(model, prompt: torch.Tensor, method: str = "replay") -> RecurrentTarget | JointTarget:
     """A target whose cache holds `prompt` except its last token (as at the start of a round)."""
     target = JointTarget(model) if method == "joint" else RecurrentTarget(model, method=method)
@@ -84,11 +113,13 @@ def verification_cost(model, widths: list[int], context: int, repeats: int) -> d
 
 
 @torch.no_grad()
-def commit_cost(model, k: int, accepted: int, repeats: int) -> dict[str, tuple[float, int]]:
+def commit_cost(
+    model, k: int, accepted: int, repeats: int, context: int = 64
+) -> dict[str, tuple[float, int]]:
     """Per method, `(seconds, extra bytes)` of a steady-state round: `score()` of k drafts and `keep()` of
     `accepted` of them, after a first round that also accepted `accepted` (so Joint Attainment and
     Advancement re-feeds `accepted + 1` tokens, as it would in a run)."""
-    prompt = torch.randint(3, 50000, (1, 65))
+    prompt = torch.randint(3, 50000, (1, context + 1))
     drafts = torch.randint(3, 50000, (2, k))
     committed = torch.cat([prompt, drafts[:1, :accepted], prompt[:, :1]], dim=1)
     results = {}
@@ -177,15 +208,19 @@ def _part_a(args: argparse.Namespace, widths: list[int]) -> None:
 
 def _part_b(args: argparse.Namespace) -> None:
     print("\n### B. A round that verifies k = 8 drafts and commits 4: time (extra memory) per method\n")
-    print("| model | Activation Replay | Joint Attainment and Advancement | snapshot + re-feed |")
-    print("|---|---:|---:|---:|")
-    for name in args.sizes:
-        model = build_mamba2(name, args.chunk_size)
-        cost = commit_cost(model, k=8, accepted=4, repeats=args.repeats)
-        cells = " | ".join(
-            f"{cost[m][0] * 1e3:.1f} ms ({cost[m][1] / 2**20:.2f} MiB)" for m in ("replay", "joint", "refeed")
-        )
-        print(f"| {name} | {cells} |", flush=True)
+    print("| model | context | Activation Replay | Joint Attainment and Advancement | snapshot + re-feed |")
+    print("|---|---:|---:|---:|---:|")
+    builds = [(name, build_mamba2) for name in args.sizes]
+    builds += [(name.replace("mamba2", "bamba"), build_bamba) for name in args.sizes if args.hybrids]
+    for name, build in builds:
+        model = build(name.replace("bamba", "mamba2"), args.chunk_size)
+        for context in args.contexts:
+            cost = commit_cost(model, k=8, accepted=4, repeats=args.repeats, context=context)
+            cells = " | ".join(
+                f"{cost[m][0] * 1e3:.1f} ms ({cost[m][1] / 2**20:.2f} MiB)"
+                for m in ("replay", "joint", "refeed")
+            )
+            print(f"| {name} | {context} | {cells} |", flush=True)
 
 
 def _part_c(args: argparse.Namespace) -> None:
@@ -216,3 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookup", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parts", nargs="+", choices=["A", "B", "C"], default=["A", "B", "C"])
+    parser.add_argument(
+        "--hybrids", action="store_true", help="part B also on Bamba-style hybrids of the same sizes"
+    )
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64], help="part B: cached tokens")
