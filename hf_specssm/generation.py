@@ -95,7 +95,10 @@ def _check_tree_round(model: PreTrainedModel, generation_config: GenerationConfi
     if not hasattr(drafter, "draft_tree"):
         raise ValueError(f"{type(drafter).__name__} cannot draft trees; drop tree_shape or use ModelDrafter.")
     if _compat.config_has_recurrent_layers(model.config):
-        raise ValueError("tree verification of SSM and hybrid targets is not available yet; use a chain.")
+        # SSM and hybrid targets verify trees with the tree scan (hf_specssm.tree_scan)
+        from hf_specssm.tree_scan import check_tree_scan
+
+        check_tree_scan(model)
 
 
 def _select_next(

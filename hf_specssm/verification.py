@@ -220,6 +220,60 @@ class RecurrentTarget(AttentionTarget):
         self.cache.clear_checkpoints()
         self.recorder.clear()
 
+    def score_tree(self, input_ids: torch.Tensor, tree: TokenTree) -> torch.Tensor:
+        """Logits after the root and after every node of `tree`, in one forward (STree tree scan).
+
+        SSM mixers compute every node from the committed state with the tree's ancestor structure and
+        write no state (`tree_scan.tree_verification`); attention layers of hybrids get the tree's 4D mask
+        and positions. `keep_tree` then commits the accepted path.
+
+        Returns:
+            `[1, 1 + N, V]` float32 logits: row 0 after the root (last committed token), row `1 + i` after
+            node `i`.
+        """
+        from hf_specssm.tree_scan import forward_parents, tree_verification
+
+        pending = input_ids[:, self.consumed :]
+        if self.consumed == 0 and pending.shape[1] > 1:
+            # prefill apart from the round, as `score` does
+            with exact_continuation(self.model):
+                self._forward(pending[:, :-1], 1)
+            pending = pending[:, -1:]
+        self.cache.clear_checkpoints()
+        start, chain_length = self.consumed, pending.shape[1]
+        kwargs = {self.cache_name: self.cache, "use_cache": True}
+        if any(_compat.is_attention_layer(layer) for layer in self.cache.layers):
+            compiled = compile_tree(tree, start, chain_length, self.model.dtype)
+            kwargs["attention_mask"] = compiled.attention_mask.to(pending.device)
+            kwargs["position_ids"] = compiled.position_ids.to(pending.device)
+        if self._pass_logits_to_keep:
+            kwargs["logits_to_keep"] = tree.size + 1
+        tokens = torch.cat([pending, tree.tokens[None].to(pending.device)], dim=1)
+        parents = forward_parents(tree, chain_length)
+        with (
+            tree_verification(self.model, self.cache, parents) as record,
+            self._hidden_capture(tree.size + 1),
+        ):
+            logits = self.model(input_ids=tokens, **kwargs).logits[:, -(tree.size + 1) :].float()
+        self._tree_record = record
+        self._tree_round = (start, chain_length)
+        self.consumed = start + tokens.shape[1]
+        self.peak_verification_bytes = max(self.peak_verification_bytes, record.recorded_bytes)
+        return logits
+
+    def keep_tree(self, path: list[int]) -> None:
+        """Commit the fed chain and the nodes of `path`: SSM layers by Activation Replay of the recorded
+        inputs at those positions (N-step state update from the committed state), attention layers by
+        keeping their keys."""
+        _, chain_length = self._tree_round
+        positions = torch.cat(
+            [torch.arange(chain_length), torch.tensor(path, dtype=torch.long) + chain_length]
+        )
+        self._tree_record.commit(self.cache, positions)
+        self._tree_record = None
+        super().keep_tree(path)
+        self.cache.set_length(self.consumed)
+
 
 class JointTarget(AttentionTarget):
     """An SSM or hybrid target verified by Joint Attainment and Advancement (*Snakes and Ladders*).

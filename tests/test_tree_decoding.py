@@ -58,8 +58,9 @@ def test_tree_shape_validation_and_unsupported_modes():
     drafter = hf_specssm.ModelDrafter(build("mamba", seed=1), tree_shape=(2, 2))
     prompt = torch.randint(3, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
     ssm_target = hf_specssm.enable(build("mamba2", seed=0))
-    with pytest.raises(ValueError, match="SSM and hybrid targets"):
-        ssm_target.generate(prompt, assistant_model=drafter, max_new_tokens=5)
+    # SSM targets verify trees with the tree scan (tests/test_tree_scan.py), but not by joint verification
+    with pytest.raises(ValueError, match="verifies chains"):
+        ssm_target.generate(prompt, assistant_model=drafter, max_new_tokens=5, verification="joint")
     with pytest.raises(ValueError, match="sliding-window"):
         hf_specssm.enable(build("mistral", seed=0)).generate(
             prompt, assistant_model=drafter, max_new_tokens=5

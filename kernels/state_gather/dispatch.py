@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from hf_specssm_kernels._triton import use_triton
+
 
 def gather_rows(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Gather rows of a state tensor along the batch axis into a new, contiguous tensor.
 
     This is the primitive behind forking a recurrent state into `k` draft rows (`indices` repeats a row)
-    and selecting the rows that survive verification.
+    and selecting the rows that survive verification. Triton on CUDA tensors, `index_select` elsewhere
+    (already one memory-bound gather on CPU).
 
     Args:
         states: `[B, ...]` state tensor.
@@ -20,6 +23,8 @@ def gather_rows(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """
     if indices.dtype != torch.long:
         raise ValueError(f"indices must be int64, got {indices.dtype}.")
-    # index_select on a contiguous source is one memory-bound gather on every backend; a fused Triton
-    # version that also writes into preallocated pool slots is planned with the tree-scan kernels.
+    if use_triton(states):
+        from hf_specssm_kernels.state_gather.triton import gather_rows_triton
+
+        return gather_rows_triton(states, indices)
     return states.index_select(0, indices).contiguous()

@@ -1,0 +1,68 @@
+"""Public entry points for the tree scans."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_specssm_kernels._triton import use_triton
+from hf_specssm_kernels.tree_scan.reference import tree_scan_diagonal as _tree_scan_diagonal
+from hf_specssm_kernels.tree_scan.reference import tree_scan_torch
+
+
+def tree_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor,
+    ancestor_mask: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mamba2 (scalar decay per head) outputs at every node of a token tree, from the committed state.
+
+    One masked single-chunk SSD computation: the ancestor mask replaces the causal mask (README.md).
+    Triton on CUDA tensors (trees of up to 128 positions), plain torch elsewhere.
+
+    Args:
+        x: `[Bt, T, H, P]` inputs after the conv.
+        dt: `[Bt, T, H]` step sizes Δ (after bias, softplus and clamp).
+        A: `[H]` negative decay rates.
+        B, C: `[Bt, T, G, N]`.
+        initial_state: `[Bt, H, P, N]` committed SSM state above the root.
+        ancestor_mask: `[T, T]` or `[Bt, T, T]` bool, `mask[i, j]` when `j` is `i` or one of its ancestors.
+        D: `[H]` skip weights or `None`.
+
+    Returns:
+        `[Bt, T, H, P]` float32 outputs `y_i = C_i·S_i + D x_i`, `S_i` being the state after node `i`.
+    """
+    if use_triton(x) and x.shape[1] <= 128:
+        from hf_specssm_kernels.tree_scan.triton import tree_scan_triton
+
+        return tree_scan_triton(x, dt, A, B, C, initial_state, ancestor_mask, D)
+    return tree_scan_torch(x, dt, A, B, C, initial_state, ancestor_mask, D)
+
+
+def tree_scan_diagonal(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor,
+    parents: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mamba v1 (diagonal decay per channel and state) outputs at every node of a token tree.
+
+    Level-parallel: the states of one depth are computed together from their parents' (README.md says why
+    the SSD form does not apply). Plain torch on every device.
+
+    Args:
+        x, dt: `[Bt, T, D]`; A: `[D, N]`; B, C: `[Bt, T, N]`; initial_state: `[Bt, D, N]`;
+        parents: `[T]` parent position (`-1`: the committed state); D: `[D]` or `None`.
+
+    Returns:
+        `[Bt, T, D]` float32.
+    """
+    return _tree_scan_diagonal(x, dt, A, B, C, initial_state, parents, D)
