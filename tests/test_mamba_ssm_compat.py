@@ -74,6 +74,20 @@ def test_mamba_ssm_model_drafts_chains_and_trees(kind, ssm_cfg):
         assert sum(target.last_speculation_stats.accepted_lengths) > 0
 
 
+@pytest.mark.parametrize(("kind", "ssm_cfg"), CASES)
+def test_mamba_ssm_model_passes_straight_as_assistant_model(kind, ssm_cfg):
+    target = hf_specssm.enable(build("llama", seed=0))
+    drafter_model = build(kind, seed=1)
+    align(target, drafter_model)
+    prompt = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(1))
+    reference = target.generate(prompt, max_new_tokens=16, do_sample=False)
+    output = target.generate(
+        prompt, assistant_model=MambaLMHeadModel(drafter_model, ssm_cfg), max_new_tokens=16, do_sample=False
+    )
+    assert torch.equal(output, reference)
+    assert sum(target.last_speculation_stats.accepted_lengths) > 0
+
+
 def test_hybrid_mamba_ssm_models_are_refused():
     model = MambaLMHeadModel(build("mamba", seed=0), {"layer": "Mamba1"})
     model.config.attn_layer_idx = [1]

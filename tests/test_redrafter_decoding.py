@@ -61,22 +61,27 @@ def prompts(count: int = 3, length: int = 7) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("kind", "rounds", "longest"),
+    ("kind", "verification", "rounds", "longest"),
     [
-        pytest.param("llama", "tree", 2, id="llama-tree"),
-        pytest.param("mamba2", "chain", 1, id="mamba2-chain"),
-        pytest.param("jamba", "chain", 2, id="jamba-hybrid-chain"),
-        pytest.param("bamba", "chain", 1, id="bamba-hybrid-chain"),
+        pytest.param("llama", "replay", "tree", 2, id="llama-tree"),
+        # SSM and hybrid targets verify the beam trees with the tree scan
+        pytest.param("mamba2", "replay", "tree", 1, id="mamba2-tree"),
+        pytest.param("jamba", "replay", "tree", 2, id="jamba-hybrid-tree"),
+        pytest.param("bamba", "replay", "tree", 1, id="bamba-hybrid-tree"),
+        # Joint Attainment and Advancement verifies chains: the best beam
+        pytest.param("jamba", "joint", "chain", 2, id="jamba-hybrid-joint-chain"),
     ],
 )
-def test_greedy_output_is_the_targets(kind, rounds, longest):
+def test_greedy_output_is_the_targets(kind, verification, rounds, longest):
     # (random Mamba2 and Bamba targets continue chaotically: 150 steps teach their heads little)
     target, head = target_and_head(kind, 150)
     drafter = ReDrafterDrafter(head, target)
     accepted = []
     for prompt in prompts():
         reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
-        output = target.generate(prompt, assistant_model=drafter, max_new_tokens=30, do_sample=False)
+        output = target.generate(
+            prompt, assistant_model=drafter, max_new_tokens=30, do_sample=False, verification=verification
+        )
         assert torch.equal(output, reference)
         stats = target.last_speculation_stats
         # round 1 has no hidden state yet: the target decodes alone

@@ -315,11 +315,17 @@ def _check_causal_lm(model: object, role: str) -> None:
 
 
 def as_drafter(assistant: object) -> Drafter:
-    """Wrap `assistant_model` in a drafter: a `Drafter` is used as is, a causal LM gets `ModelDrafter` defaults."""
+    """Wrap `assistant_model` in a drafter: a `Drafter` is used as is, a causal LM (or mamba-ssm's
+    `MambaLMHeadModel`) gets `ModelDrafter` defaults."""
     if isinstance(assistant, Drafter):
         return assistant
     if isinstance(assistant, PreTrainedModel):
         return ModelDrafter(assistant)
+    if type(assistant).__name__ == "MambaLMHeadModel":
+        # mamba-ssm's own model: drafted through its transformers twin (same weights)
+        from hf_specssm.mamba_ssm_compat import drafter_from_mamba_ssm
+
+        return drafter_from_mamba_ssm(assistant)
     raise ValueError(
         f"assistant_model must be a transformers causal LM or a hf_specssm Drafter, got {type(assistant).__name__}."
     )
