@@ -139,7 +139,19 @@ class AttentionTarget:
         self.consumed = past + chain + len(path)
 
 
-class RecurrentTarget(AttentionTarget):
+class _RecurrentStateTarget(AttentionTarget):
+    """A target whose `ForkableCache` counts the tokens it consumed (recurrent layers cannot count them)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__(model, ForkableCache(model.config))
+
+    def _forward(self, tokens: torch.Tensor, num_logits: int) -> torch.Tensor:
+        logits = super()._forward(tokens, num_logits)
+        self.cache.advance(tokens.shape[1])
+        return logits
+
+
+class RecurrentTarget(_RecurrentStateTarget):
     """An SSM or hybrid target: verify `k` drafts in one forward, then commit exactly the accepted prefix.
 
     Before the verification forward the recurrent state is checkpointed (one copy). Afterwards:
@@ -161,15 +173,10 @@ class RecurrentTarget(AttentionTarget):
     def __init__(self, model: PreTrainedModel, method: str = "replay") -> None:
         if method not in ("replay", "refeed"):
             raise ValueError(f"RecurrentTarget verifies by 'replay' or 'refeed', got {method!r}.")
-        super().__init__(model, ForkableCache(model.config))
+        super().__init__(model)
         self.method = method
         self.recorder = MixerInputRecorder(model)
         self._round_start = 0
-
-    def _forward(self, tokens: torch.Tensor, num_logits: int) -> torch.Tensor:
-        logits = super()._forward(tokens, num_logits)
-        self.cache.advance(tokens.shape[1])
-        return logits
 
     def score(self, input_ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
         pending = input_ids[:, self.consumed :]
@@ -275,7 +282,7 @@ class RecurrentTarget(AttentionTarget):
         self.cache.set_length(self.consumed)
 
 
-class JointTarget(AttentionTarget):
+class JointTarget(_RecurrentStateTarget):
     """An SSM or hybrid target verified by Joint Attainment and Advancement (*Snakes and Ladders*).
 
     The cache holds two rows. Each round feeds both rows the tokens committed since the last correct state
@@ -296,14 +303,9 @@ class JointTarget(AttentionTarget):
 
     def __init__(self, model: PreTrainedModel) -> None:
         check_identity_steps(model)
-        super().__init__(model, ForkableCache(model.config))
+        super().__init__(model)
         self._kept_range = (0, 0)
         self._forked = False
-
-    def _forward(self, tokens: torch.Tensor, num_logits: int) -> torch.Tensor:
-        logits = super()._forward(tokens, num_logits)
-        self.cache.advance(tokens.shape[1])
-        return logits
 
     def score(self, input_ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
         pending = input_ids[:, self.consumed :]

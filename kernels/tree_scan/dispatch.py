@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from hf_specssm_kernels._triton import use_triton
-from hf_specssm_kernels.tree_scan.reference import tree_scan_diagonal as _tree_scan_diagonal
-from hf_specssm_kernels.tree_scan.reference import tree_scan_torch
+
+# Mamba v1's level-parallel tree scan has no Triton kernel: every device runs the torch version.
+from hf_specssm_kernels.tree_scan.reference import tree_scan_diagonal, tree_scan_torch
 
 
 def tree_scan(
@@ -43,26 +44,4 @@ def tree_scan(
     return tree_scan_torch(x, dt, A, B, C, initial_state, ancestor_mask, D)
 
 
-def tree_scan_diagonal(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    initial_state: torch.Tensor,
-    parents: torch.Tensor,
-    D: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mamba v1 (diagonal decay per channel and state) outputs at every node of a token tree.
-
-    Level-parallel: the states of one depth are computed together from their parents' (README.md says why
-    the SSD form does not apply). Plain torch on every device.
-
-    Args:
-        x, dt: `[Bt, T, D]`; A: `[D, N]`; B, C: `[Bt, T, N]`; initial_state: `[Bt, D, N]`;
-        parents: `[T]` parent position (`-1`: the committed state); D: `[D]` or `None`.
-
-    Returns:
-        `[Bt, T, D]` float32.
-    """
-    return _tree_scan_diagonal(x, dt, A, B, C, initial_state, parents, D)
+__all__ = ["tree_scan", "tree_scan_diagonal"]
