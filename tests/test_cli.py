@@ -6,7 +6,7 @@ from hf_specssm.cli import main
 
 
 def test_demo_runs_and_reports_identity(capsys):
-    assert main(["demo", "--max-new-tokens", "6", "--prompt-lengths", "5", "--quiet"]) == 0
+    assert main(["demo", "--offline", "--max-new-tokens", "6", "--prompt-lengths", "5", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "greedy output identical to plain decoding: yes" in out
     assert "transformers' own assisted decoding" in out

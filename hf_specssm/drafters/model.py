@@ -59,7 +59,9 @@ class ModelDrafter(Drafter):
 
     @property
     def vocab_size(self) -> int:
-        return self.model.config.get_text_config(decoder=True).vocab_size
+        # reduced-vocabulary drafters (MambaDrafterForCausalLM) return logits over the target's vocabulary
+        output_vocab = getattr(self.model, "output_vocab_size", None)
+        return output_vocab or self.model.config.get_text_config(decoder=True).vocab_size
 
     @property
     def device(self) -> torch.device:

@@ -16,15 +16,14 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from hf_specssm.checkpoints import checkpoints, latest_checkpoint
 from hf_specssm.redrafter.configuration import ReDrafterConfig
 from hf_specssm.redrafter.modeling import ReDrafterHead
 from hf_specssm.redrafter.training import (
     TrainingConfig,
     TrainingData,
     blocks_from_documents,
-    checkpoints,
     distill,
-    latest_checkpoint,
     mean_accepted_length,
     random_prompts,
     read_corpus,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,15 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from hf_specssm import _compat
+from hf_specssm.checkpoints import (
+    TRAINER_STATE,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from hf_specssm.generation import generate
 from hf_specssm.redrafter.drafter import ReDrafterDrafter
 from hf_specssm.redrafter.modeling import ReDrafterHead
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE = "trainer_state.pt"
 IGNORE = -100
 
 
@@ -262,25 +264,6 @@ def target_hidden_states(target: PreTrainedModel, input_ids: torch.Tensor) -> to
     return captured[-1].detach()
 
 
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """The checkpoint folders in `output_dir`, oldest first."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    found = [
-        path
-        for path in folder.iterdir()
-        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and (path / TRAINER_STATE).exists()
-    ]
-    return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder in `output_dir`, or `None`."""
-    found = checkpoints(output_dir)
-    return found[-1] if found else None
-
-
 def _save_checkpoint(
     output_dir: Path,
     step: int,
@@ -291,9 +274,7 @@ def _save_checkpoint(
     losses: list[float],
     keep: int,
 ) -> Path:
-    folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     head.config.training_steps = step
-    head.save_pretrained(folder)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -301,11 +282,7 @@ def _save_checkpoint(
         "generator": generator.get_state(),
         "losses": torch.tensor(losses, dtype=torch.float64),
     }
-    # written last: a folder without it is an interrupted save, never resumed from
-    torch.save(state, folder / TRAINER_STATE)
-    for old in checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old)
-    return folder
+    return save_checkpoint(output_dir, step, head, state, keep)
 
 
 def _load_checkpoint(

@@ -1,0 +1,223 @@
+"""The decoding methods the benchmark compares, each a function `(input_ids, settings) → output ids`.
+
+Baselines are what users would otherwise run: the target alone, transformers' assisted decoding with a
+small Transformer drafter (its defaults: up to 20 draft tokens, the heuristic schedule, confidence
+threshold 0.4), and transformers' prompt lookup. Ours run through `hf_specssm.generate`: the same small
+drafter, the Mamba drafter (chain, fixed tree, UCB bandit over trees) and prompt lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+import hf_specssm
+from hf_specssm.drafters.base import Drafter
+
+# Our tree for a target whose verification cost is flat in the number of tokens (bf16 on AMX, GPUs):
+# 3 + 6 + 6 + 6 + 6 = 27 nodes, five levels deep.
+DEFAULT_TREE_SHAPE = (3, 2, 1, 1, 1)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What every method generates with.
+
+    Attributes:
+        max_new_tokens: tokens per prompt.
+        do_sample: sample (else greedy).
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold (1.0: off).
+    """
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
+
+    @property
+    def mode(self) -> str:
+        """`"greedy"` or `"sample"`."""
+        return "sample" if self.do_sample else "greedy"
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `generate`."""
+        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclass
+class Method:
+    """One benchmarked decoding method.
+
+    Attributes:
+        name: short id used in the tables (`target`, `hf-assisted-0.5b`, `ours-mamba-tree`, …).
+        description: one line for the report.
+        family: `"baseline"` (target alone), `"transformers"` or `"hf_specssm"`.
+        run: `(input_ids [1, P], settings) → output ids [1, P + N]`.
+        drafter_model: the draft model whose forwards are timed as drafting (`None` for model-free drafts).
+        stats: called after `run` for hf_specssm's `SpeculationStats` of that call (`None` for others).
+    """
+
+    name: str
+    description: str
+    family: str
+    run: Callable[[torch.Tensor, GenerationSettings], torch.Tensor]
+    drafter_model: PreTrainedModel | None = None
+    stats: Callable[[], object] | None = field(default=None, repr=False)
+
+
+def _ones(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(input_ids)
+
+
+def target_alone(target: PreTrainedModel) -> Method:
+    """Plain decoding with transformers' `generate`."""
+
+    def run(input_ids, settings):
+        return type(target).generate(
+            target, input_ids, attention_mask=_ones(input_ids), **settings.generate_kwargs()
+        )
+
+    return Method("target", "the target alone (transformers' generate)", "baseline", run)
+
+
+def transformers_assisted(target: PreTrainedModel, assistant: PreTrainedModel, label: str) -> Method:
+    """transformers' assisted decoding with `assistant` and its default draft settings."""
+    defaults = (
+        assistant.generation_config.num_assistant_tokens,
+        assistant.generation_config.num_assistant_tokens_schedule,
+        assistant.generation_config.assistant_confidence_threshold,
+    )
+
+    def run(input_ids, settings):
+        # transformers writes its heuristic draft length back into the assistant's config; reset it so that
+        # every prompt starts from the same defaults
+        config = assistant.generation_config
+        (config.num_assistant_tokens, config.num_assistant_tokens_schedule) = defaults[:2]
+        config.assistant_confidence_threshold = defaults[2]
+        return type(target).generate(
+            target,
+            input_ids,
+            attention_mask=_ones(input_ids),
+            assistant_model=assistant,
+            **settings.generate_kwargs(),
+        )
+
+    return Method(
+        f"hf-assisted-{label}",
+        f"transformers' assisted decoding, {label} drafter (its defaults)",
+        "transformers",
+        run,
+        drafter_model=assistant,
+    )
+
+
+def transformers_prompt_lookup(target: PreTrainedModel, num_tokens: int = 10) -> Method:
+    """transformers' prompt lookup decoding (`prompt_lookup_num_tokens`)."""
+
+    def run(input_ids, settings):
+        return type(target).generate(
+            target,
+            input_ids,
+            attention_mask=_ones(input_ids),
+            prompt_lookup_num_tokens=num_tokens,
+            **settings.generate_kwargs(),
+        )
+
+    return Method(
+        "hf-prompt-lookup",
+        f"transformers' prompt lookup ({num_tokens} tokens)",
+        "transformers",
+        run,
+    )
+
+
+def ours(target: PreTrainedModel, name: str, description: str, drafter: Drafter, draft_model=None) -> Method:
+    """hf_specssm's loop with `drafter` (one drafter object for all prompts, as a user would keep it)."""
+
+    def run(input_ids, settings):
+        return hf_specssm.generate(
+            target, input_ids, attention_mask=_ones(input_ids), drafter=drafter, **settings.generate_kwargs()
+        )
+
+    return Method(
+        name,
+        description,
+        "hf_specssm",
+        run,
+        drafter_model=draft_model,
+        stats=lambda: target.last_speculation_stats,
+    )
+
+
+def standard_methods(
+    target: PreTrainedModel,
+    small_drafter: PreTrainedModel | None = None,
+    mamba_drafter: PreTrainedModel | None = None,
+    small_label: str = "0.5b",
+    tree_shape: tuple[int, ...] = DEFAULT_TREE_SHAPE,
+) -> list[Method]:
+    """The benchmark's methods for the models at hand (methods needing a missing model are left out)."""
+    methods = [target_alone(target)]
+    if small_drafter is not None:
+        methods.append(transformers_assisted(target, small_drafter, small_label))
+    methods.append(transformers_prompt_lookup(target))
+    if small_drafter is not None:
+        methods.append(
+            ours(
+                target,
+                f"ours-{small_label}",
+                f"hf_specssm, {small_label} drafter (adaptive chain)",
+                hf_specssm.ModelDrafter(small_drafter),
+                small_drafter,
+            )
+        )
+    if mamba_drafter is not None:
+        methods += [
+            ours(
+                target,
+                "ours-mamba",
+                "hf_specssm, Mamba drafter (adaptive chain)",
+                hf_specssm.ModelDrafter(mamba_drafter),
+                mamba_drafter,
+            ),
+            ours(
+                target,
+                "ours-mamba-tree",
+                f"hf_specssm, Mamba drafter, tree {tree_shape}",
+                hf_specssm.ModelDrafter(mamba_drafter, tree_shape=tree_shape),
+                mamba_drafter,
+            ),
+            ours(
+                target,
+                "ours-mamba-bandit",
+                "hf_specssm, Mamba drafter, UCB bandit over tree shapes",
+                hf_specssm.ModelDrafter(mamba_drafter, tree_policy=hf_specssm.UCBTreePolicy()),
+                mamba_drafter,
+            ),
+        ]
+    methods.append(
+        ours(
+            target,
+            "ours-prompt-lookup",
+            "hf_specssm prompt lookup",
+            hf_specssm.PromptLookupDrafter(num_draft_tokens=10, schedule="constant"),
+        )
+    )
+    return methods
