@@ -2,6 +2,8 @@
 
 The random-weight toy pair (`hf_specssm.toy.demo_pair`) always exists. Real models appear only when
 `hf-specssm fetch NAME` has already put a converted copy in the fetch cache: the demo never downloads.
+Our Mamba2 drafter for the Qwen2.5 tokenizer ships in the repository (`drafters/`) and is offered, first,
+whenever a Qwen2.5 target is.
 Models that share a tokenizer share a `family`; a drafter model must come from its target's family.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+import hf_specssm  # noqa: F401 - registers our Mamba drafter with the Auto classes
 from hf_specssm import fetch
 from hf_specssm.toy import demo_pair
 
@@ -32,12 +35,14 @@ class ModelChoice:
         family: models of one family share a tokenizer and vocabulary.
         random_weights: a demonstration model, not a language model.
         fetch_name: its name in `hf_specssm.fetch.MODELS`; `None` for the toy models.
+        local_path: a model folder in the repository (our trained drafters), relative to its root.
     """
 
     label: str
     family: str
     random_weights: bool = False
     fetch_name: str | None = None
+    local_path: str | None = None
 
 
 TOY_TARGET = ModelChoice("Toy Llama 110M · random weights", TOY_FAMILY, random_weights=True)
@@ -46,9 +51,15 @@ REAL_TARGETS = (
     ModelChoice("Qwen2.5-Coder-1.5B-Instruct", "qwen2.5", fetch_name="qwen2.5-coder-1.5b-instruct"),
     ModelChoice("SmolLM2-135M-Instruct", "smollm2", fetch_name="smollm2-135m-instruct"),
 )
+MAMBA_DRAFTER = ModelChoice(
+    "Mamba2 drafter 18M (hf_specssm, trained for Qwen2.5)",
+    "qwen2.5",
+    local_path="drafters/mamba2-qwen2.5-coder",
+)
 REAL_DRAFTERS = (
     ModelChoice("Qwen2.5-Coder-0.5B-Instruct", "qwen2.5", fetch_name="qwen2.5-coder-0.5b-instruct"),
 )
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ToyCodec:
@@ -120,10 +131,12 @@ class Catalog:
     Args:
         cache_dir: the fetch cache to look in (default: `hf_specssm.fetch.default_cache_dir()`).
         toy_options: keyword arguments for `hf_specssm.toy.demo_pair` (tests build a smaller pair).
+        repo_root: where `local_path` drafters are looked for (default: this repository).
     """
 
     cache_dir: str | os.PathLike[str] | None = None
     toy_options: dict[str, Any] = field(default_factory=dict)
+    repo_root: str | os.PathLike[str] = REPO_ROOT
     _loaded: dict[str, LoadedModel] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -132,7 +145,10 @@ class Catalog:
             self.cache_dir = Path(self.cache_dir).expanduser()
 
     def _fetched(self, choice: ModelChoice) -> bool:
-        """Whether `hf-specssm fetch` has left a verified, converted copy of `choice` in the cache."""
+        """Whether `choice` can load without a download: a verified, converted copy in the fetch cache, or
+        (a repository drafter) its folder."""
+        if choice.local_path is not None:
+            return (Path(self.repo_root) / choice.local_path / "config.json").is_file()
         spec = fetch.MODELS[choice.fetch_name]
         model_dir = (self.cache_dir or fetch.default_cache_dir()) / spec.name
         try:
@@ -147,8 +163,11 @@ class Catalog:
         return [choice for choice in REAL_TARGETS if self._fetched(choice)] + [TOY_TARGET]
 
     def drafters(self) -> list[ModelChoice]:
-        """Drafter model choices: fetched real drafters first, then the toy drafter."""
-        return [choice for choice in REAL_DRAFTERS if self._fetched(choice)] + [TOY_DRAFTER]
+        """Drafter model choices: our Mamba drafter (when a target of its family is there), fetched real
+        drafters, then the toy drafter."""
+        families = {choice.family for choice in self.targets()}
+        ours = [MAMBA_DRAFTER] if MAMBA_DRAFTER.family in families and self._fetched(MAMBA_DRAFTER) else []
+        return ours + [choice for choice in REAL_DRAFTERS if self._fetched(choice)] + [TOY_DRAFTER]
 
     def find(self, label: str) -> ModelChoice | None:
         """The available choice called `label`, or `None`."""
@@ -178,6 +197,14 @@ class Catalog:
     def _load_fetched(self, choice: ModelChoice) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if choice.local_path is not None:
+            # our drafter has no tokenizer of its own: its ids are its family's target's
+            model = AutoModelForCausalLM.from_pretrained(
+                Path(self.repo_root) / choice.local_path, dtype=torch.float32
+            ).eval()
+            family_target = next(t for t in REAL_TARGETS if t.family == choice.family)
+            folder = fetch.fetch_model(family_target.fetch_name, cache_dir=self.cache_dir, progress=False)
+            return LoadedModel(model, TokenizerCodec(AutoTokenizer.from_pretrained(folder)))
         # Already present (see `_fetched`), so this returns the folder without downloading.
         folder = fetch.fetch_model(choice.fetch_name, cache_dir=self.cache_dir, progress=False)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

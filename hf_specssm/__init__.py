@@ -12,7 +12,14 @@ check_transformers_version()
 
 from hf_specssm.cache import CacheSnapshot, ForkableCache  # noqa: E402
 from hf_specssm.config import DraftConfig  # noqa: E402
-from hf_specssm.drafters import Draft, Drafter, ModelDrafter, NgramTableDrafter, PromptLookupDrafter  # noqa: E402
+from hf_specssm.drafters import (  # noqa: E402
+    ContextCopyDrafter,
+    Draft,
+    Drafter,
+    ModelDrafter,
+    NgramTableDrafter,
+    PromptLookupDrafter,
+)
 from hf_specssm.generation import (  # noqa: E402
     SpeculativeDecoderOnlyOutput,
     enable,
@@ -29,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheSnapshot",
+    "ContextCopyDrafter",
     "Draft",
     "DraftConfig",
     "Drafter",

@@ -11,16 +11,7 @@ from pathlib import Path
 
 import torch
 
-
-def _cpu_flags() -> str:
-    """The CPU features that decide how verification cost scales with the number of tokens."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-    except OSError:
-        return platform.processor() or "unknown"
-    wanted = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
-    return ",".join(flag for flag in wanted if flag in flags) or "none of " + "/".join(wanted)
+from hf_specssm.bench.command import cpu_flags
 
 
 def _peak_rss_mib() -> float:
@@ -84,7 +75,7 @@ def run_offline_demo(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     print(
-        f"hf_specssm {hf_specssm.__version__} · torch {torch.__version__} · {args.threads} threads · CPU flags: {_cpu_flags()}"
+        f"hf_specssm {hf_specssm.__version__} · torch {torch.__version__} · {args.threads} threads · CPU flags: {cpu_flags()}"
     )
     print(
         "Models: random weights, built offline. Target: Llama (768 hidden, 16 layers). Drafter: Mamba "
@@ -216,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# subcommand → (module, function taking the parsed arguments); imported only when that command runs
+_COMMANDS = {
+    "train-redrafter": ("hf_specssm.redrafter.command", "run"),
+    "bench": ("hf_specssm.bench.command", "run"),
+    "train-mamba-drafter": ("hf_specssm.mamba_drafter.command", "run"),
+    "bench-trees": ("hf_specssm.bench_trees", "run"),
+    "bench-ssm": ("hf_specssm.bench_ssm", "run"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hf-specssm` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -236,41 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         from hf_specssm import fetch
 
         return fetch.run(args)
-    if args.command == "train-redrafter":
+    if args.command in _COMMANDS:
+        import importlib
+
         import transformers
 
-        from hf_specssm.redrafter.command import run as run_train_redrafter
-
         transformers.logging.set_verbosity_error()
-        return run_train_redrafter(args)
-    if args.command == "bench":
-        import transformers
-
-        from hf_specssm.bench.command import run as run_bench
-
-        transformers.logging.set_verbosity_error()
-        return run_bench(args)
-    if args.command == "train-mamba-drafter":
-        import transformers
-
-        from hf_specssm.mamba_drafter.command import run as run_train_mamba_drafter
-
-        transformers.logging.set_verbosity_error()
-        return run_train_mamba_drafter(args)
-    if args.command == "bench-trees":
-        import transformers
-
-        from hf_specssm.bench_trees import run as run_trees
-
-        transformers.logging.set_verbosity_error()
-        return run_trees(args)
-    if args.command == "bench-ssm":
-        import transformers
-
-        from hf_specssm.bench_ssm import run
-
-        transformers.logging.set_verbosity_error()
-        return run(args)
+        module_name, function_name = _COMMANDS[args.command]
+        return getattr(importlib.import_module(module_name), function_name)(args)
     return run_demo(args)
 
 

@@ -31,6 +31,9 @@ class DraftConfig:
             tokens, deterministic) or `"sample"` (`w` tokens drawn without replacement from the drafter's
             processed distribution). Either is lossless under multi-draft acceptance; greedy decoding
             always takes the top `w`.
+        confidence_stop: end a chain round early once the drafter's probability for the token it just
+            drafted falls below this value (that token is still proposed); `None` never stops early.
+            transformers' assisted decoding does the same with `assistant_confidence_threshold` (0.4).
     """
 
     num_draft_tokens: int = 5
@@ -42,6 +45,7 @@ class DraftConfig:
     acceptance_memory: float = 0.9
     tree_shape: tuple[int, ...] | None = None
     tree_children: Literal["top", "sample"] = "top"
+    confidence_stop: float | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in _SCHEDULES:
@@ -79,5 +83,7 @@ class DraftConfig:
             )
         if self.tree_children not in ("top", "sample"):
             raise ValueError(f"tree_children must be 'top' or 'sample', got {self.tree_children!r}.")
+        if self.confidence_stop is not None and not 0.0 < self.confidence_stop < 1.0:
+            raise ValueError(f"confidence_stop must lie in (0, 1) or be None, got {self.confidence_stop!r}.")
         if not 0.0 < self.acceptance_memory <= 1.0:
             raise ValueError(f"acceptance_memory must lie in (0, 1], got {self.acceptance_memory!r}.")

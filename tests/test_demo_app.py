@@ -14,7 +14,15 @@ pytest.importorskip("gradio", reason="the demo extra is not installed (pip insta
 
 from hf_specssm import fetch
 from hf_specssm_demo import cli
-from hf_specssm_demo.catalog import REAL_DRAFTERS, REAL_TARGETS, TOY_DRAFTER, TOY_TARGET, Catalog, ToyCodec
+from hf_specssm_demo.catalog import (
+    MAMBA_DRAFTER,
+    REAL_DRAFTERS,
+    REAL_TARGETS,
+    TOY_DRAFTER,
+    TOY_TARGET,
+    Catalog,
+    ToyCodec,
+)
 from hf_specssm_demo.race import (
     BANDIT,
     CHAIN,
@@ -84,13 +92,26 @@ def test_catalog_offers_only_the_toy_pair_without_fetched_models(toy_catalog):
 def test_catalog_prefers_the_fetched_real_pair(tmp_path):
     for name in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"):
         _pretend_fetched(tmp_path, name)
-    catalog = Catalog(cache_dir=tmp_path)
+    catalog = Catalog(cache_dir=tmp_path, repo_root=tmp_path / "repo-without-drafters")
     assert catalog.targets() == [*REAL_TARGETS, TOY_TARGET]
     assert catalog.drafters() == [*REAL_DRAFTERS, TOY_DRAFTER]
     assert catalog.default_target() == REAL_TARGETS[0]
     assert catalog.default_drafter(REAL_TARGETS[0]) == REAL_DRAFTERS[0]
     # SmolLM2 has no drafter model of its family: only model-free methods fit it.
     assert catalog.default_drafter(REAL_TARGETS[1]) is None
+
+
+def test_catalog_defaults_to_our_mamba_drafter_for_the_real_pair(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / MAMBA_DRAFTER.local_path).mkdir(parents=True)
+    (repo / MAMBA_DRAFTER.local_path / "config.json").write_text("{}")
+    # without a Qwen2.5 target fetched, the drafter has nothing to draft for
+    assert MAMBA_DRAFTER not in Catalog(cache_dir=tmp_path, repo_root=repo).drafters()
+    for name in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"):
+        _pretend_fetched(tmp_path, name)
+    catalog = Catalog(cache_dir=tmp_path, repo_root=repo)
+    assert catalog.drafters() == [MAMBA_DRAFTER, *REAL_DRAFTERS, TOY_DRAFTER]
+    assert catalog.default_drafter(catalog.default_target()) == MAMBA_DRAFTER
 
 
 def test_catalog_takes_the_cache_folder_as_text(tmp_path):

@@ -79,3 +79,41 @@ def test_state_after_generate_matches_recompute(kind):
     assert drafter.final_sequence.shape[1] - consumed in (1, 2)
     reference, _ = fresh(drafter_model, drafter.final_sequence[:, :consumed])
     assert max_state_diff(drafter.final_cache, reference) < ATOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["mamba2", "llama"])
+def test_confidence_stop_ends_rounds_early_and_stays_lossless(kind):
+    """`confidence_stop` cuts a chain after its first unsure token; the state and the output stay exact."""
+    target = hf_specssm.enable(build("llama", seed=0))
+    drafter_model = build(kind, seed=1)
+    align(target, drafter_model)
+    threshold = 0.5
+    drafter = RecordingDrafter(
+        drafter_model, num_draft_tokens=8, schedule="constant", confidence_stop=threshold
+    )
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    # each round's drafts: confident tokens then (unless the round ran to 8) one unsure token
+    sampler = DraftSampler(None, do_sample=False)
+    drafter.begin(prompt)
+    draft = drafter.draft(prompt, 8, sampler)
+    sequence = torch.cat([prompt, draft.tokens], dim=1)
+    logits = drafter_model(sequence).logits[0, prompt.shape[1] - 1 : -1].float()
+    confidence = torch.softmax(logits, dim=-1).gather(1, draft.tokens[0, :, None])[:, 0]
+    assert (confidence[:-1] >= threshold).all()
+    assert draft.length == 8 or confidence[-1] < threshold
+    drafter.end()
+
+    output = target.generate(prompt, assistant_model=drafter, max_new_tokens=40)
+    reference = target.generate(prompt, max_new_tokens=40, do_sample=False)
+    assert torch.equal(output, reference)
+    lengths = target.last_speculation_stats.draft_lengths
+    assert min(lengths[:-1]) < 8, "no round stopped early: the check would prove little"
+    consumed = drafter.final_cache.seen_tokens
+    fresh_state, _ = fresh(drafter_model, drafter.final_sequence[:, :consumed])
+    assert max_state_diff(drafter.final_cache, fresh_state) < ATOL
+
+
+def test_confidence_stop_must_be_a_probability():
+    with pytest.raises(ValueError, match="confidence_stop"):
+        hf_specssm.DraftConfig(confidence_stop=1.5)

@@ -18,8 +18,13 @@ def test_prompt_lookup_golden():
     sequence = torch.tensor([[5, 6, 7, 8, 9, 5, 6]])
     # the 2-gram (5, 6) occurred at 0; it was followed by 7, 8, 9
     assert drafter.draft(sequence, 3, SAMPLER).tokens.tolist() == [[7, 8, 9]]
-    # no earlier (3, 4): back off to the 1-gram (4,); the latest earlier 4 (index 3) was followed by 3, 3
-    assert drafter.draft(torch.tensor([[4, 1, 2, 4, 3, 3, 4]]), 2, SAMPLER).tokens.tolist() == [[3, 3]]
+    # no earlier (3, 4): back off to the 1-gram (4,); its first occurrence (index 0) was followed by 1, 2,
+    # its latest earlier one (index 3) by 3, 3
+    assert drafter.draft(torch.tensor([[4, 1, 2, 4, 3, 3, 4]]), 2, SAMPLER).tokens.tolist() == [[1, 2]]
+    latest = hf_specssm.PromptLookupDrafter(max_ngram_size=2, match="latest")
+    assert latest.draft(torch.tensor([[4, 1, 2, 4, 3, 3, 4]]), 2, SAMPLER).tokens.tolist() == [[3, 3]]
+    with pytest.raises(ValueError, match="match must be"):
+        hf_specssm.PromptLookupDrafter(match="best")
     # nothing matches: an empty draft
     assert drafter.draft(torch.tensor([[1, 2, 3]]), 4, SAMPLER).length == 0
     with pytest.raises(ValueError, match="min_ngram_size"):

@@ -13,13 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_specssm
+from hf_specssm.checkpoints import checkpoints
 from hf_specssm.cli import main
 from hf_specssm.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
 from hf_specssm.redrafter.command import toy_target
 from hf_specssm.redrafter.training import (
     TrainingConfig,
     blocks_from_documents,
-    checkpoints,
     distill,
     mean_accepted_length,
     random_prompts,

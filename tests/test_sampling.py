@@ -100,6 +100,7 @@ def sample_continuations(
     seed: int,
     vocab: int = VOCAB,
     drafter_options: dict | None = None,
+    wrap=None,
     **generate_kwargs,
 ):
     """Counts of each NEW_TOKENS continuation over `samples` speculative sampling calls, and every
@@ -108,6 +109,8 @@ def sample_continuations(
     torch.manual_seed(seed)
     options = {"num_draft_tokens": 2, "schedule": "constant", **(drafter_options or {})}
     drafter = hf_specssm.ModelDrafter(drafter_model, **options)
+    if wrap is not None:
+        drafter = wrap(drafter)
     counts = np.zeros(len(index))
     accepted = []
     for _ in range(samples):

@@ -28,7 +28,8 @@ METHOD_ORDER = (
     "ours-0.5b",
     "ours-mamba",
     "ours-mamba-tree",
-    "ours-mamba-bandit",
+    "ours-mamba-copy-tree",
+    "ours-mamba-copy-bandit",
     "ours-prompt-lookup",
 )
 
@@ -223,23 +224,23 @@ def run(args: argparse.Namespace) -> int:
     rows = read_rows(results)
     if rows:
         summaries = summarize(rows)
-        table = markdown_tables(summaries, METHOD_ORDER)
-        (out / "summary.md").write_text(table)
-        print(table)
-        try:
-            print(f"plot: {plot_speedups(summaries, out / 'speedups.png', METHOD_ORDER)}")
-        except ImportError:
-            print("matplotlib is not installed (extra [bench]): no plot")
+        _report(out / "summary.md", markdown_tables(summaries, METHOD_ORDER), plot_speedups, summaries,
+                out / "speedups.png", METHOD_ORDER)  # fmt: skip
     long_rows = read_rows(long_results)
     if long_rows:
-        table = long_context_table(long_rows)
-        (out / "long_context.md").write_text(table)
-        print(table)
-        try:
-            print(f"plot: {plot_long_context(long_rows, out / 'long_context.png')}")
-        except ImportError:
-            print("matplotlib is not installed (extra [bench]): no plot")
+        _report(out / "long_context.md", long_context_table(long_rows), plot_long_context, long_rows,
+                out / "long_context.png")  # fmt: skip
     return 0
+
+
+def _report(table_path: Path, table: str, plot: Callable, data, plot_path: Path, *plot_args) -> None:
+    """Write and print a Markdown table, then its plot (skipped, and said, without matplotlib)."""
+    table_path.write_text(table)
+    print(table)
+    try:
+        print(f"plot: {plot(data, plot_path, *plot_args)}")
+    except ImportError:
+        print("matplotlib is not installed (extra [bench]): no plot")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

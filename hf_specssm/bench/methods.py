@@ -82,17 +82,18 @@ class Method:
     stats: Callable[[], object] | None = field(default=None, repr=False)
 
 
-def _ones(input_ids: torch.Tensor) -> torch.Tensor:
-    return torch.ones_like(input_ids)
+def _transformers_generate(target, input_ids, settings: GenerationSettings, **extra) -> torch.Tensor:
+    """transformers' own `generate` (also on a model that `hf_specssm.enable` patched)."""
+    return type(target).generate(
+        target, input_ids, attention_mask=torch.ones_like(input_ids), **extra, **settings.generate_kwargs()
+    )
 
 
 def target_alone(target: PreTrainedModel) -> Method:
     """Plain decoding with transformers' `generate`."""
 
     def run(input_ids, settings):
-        return type(target).generate(
-            target, input_ids, attention_mask=_ones(input_ids), **settings.generate_kwargs()
-        )
+        return _transformers_generate(target, input_ids, settings)
 
     return Method("target", "the target alone (transformers' generate)", "baseline", run)
 
@@ -111,13 +112,7 @@ def transformers_assisted(target: PreTrainedModel, assistant: PreTrainedModel, l
         config = assistant.generation_config
         (config.num_assistant_tokens, config.num_assistant_tokens_schedule) = defaults[:2]
         config.assistant_confidence_threshold = defaults[2]
-        return type(target).generate(
-            target,
-            input_ids,
-            attention_mask=_ones(input_ids),
-            assistant_model=assistant,
-            **settings.generate_kwargs(),
-        )
+        return _transformers_generate(target, input_ids, settings, assistant_model=assistant)
 
     return Method(
         f"hf-assisted-{label}",
@@ -132,13 +127,7 @@ def transformers_prompt_lookup(target: PreTrainedModel, num_tokens: int = 10) ->
     """transformers' prompt lookup decoding (`prompt_lookup_num_tokens`)."""
 
     def run(input_ids, settings):
-        return type(target).generate(
-            target,
-            input_ids,
-            attention_mask=_ones(input_ids),
-            prompt_lookup_num_tokens=num_tokens,
-            **settings.generate_kwargs(),
-        )
+        return _transformers_generate(target, input_ids, settings, prompt_lookup_num_tokens=num_tokens)
 
     return Method(
         "hf-prompt-lookup",
@@ -153,7 +142,11 @@ def ours(target: PreTrainedModel, name: str, description: str, drafter: Drafter,
 
     def run(input_ids, settings):
         return hf_specssm.generate(
-            target, input_ids, attention_mask=_ones(input_ids), drafter=drafter, **settings.generate_kwargs()
+            target,
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            drafter=drafter,
+            **settings.generate_kwargs(),
         )
 
     return Method(
@@ -183,8 +176,8 @@ def standard_methods(
             ours(
                 target,
                 f"ours-{small_label}",
-                f"hf_specssm, {small_label} drafter (adaptive chain)",
-                hf_specssm.ModelDrafter(small_drafter),
+                f"hf_specssm, {small_label} drafter (adaptive chain of up to 20, confidence stop 0.4)",
+                hf_specssm.ModelDrafter(small_drafter, max_draft_tokens=20, confidence_stop=0.4),
                 small_drafter,
             )
         )
@@ -206,9 +199,18 @@ def standard_methods(
             ),
             ours(
                 target,
-                "ours-mamba-bandit",
-                "hf_specssm, Mamba drafter, UCB bandit over tree shapes",
-                hf_specssm.ModelDrafter(mamba_drafter, tree_policy=hf_specssm.UCBTreePolicy()),
+                "ours-mamba-copy-tree",
+                f"hf_specssm, Mamba drafter, tree {tree_shape} plus a prompt-lookup branch (ContextCopyDrafter)",
+                hf_specssm.ContextCopyDrafter(hf_specssm.ModelDrafter(mamba_drafter, tree_shape=tree_shape)),
+                mamba_drafter,
+            ),
+            ours(
+                target,
+                "ours-mamba-copy-bandit",
+                "hf_specssm, Mamba drafter, UCB bandit over tree shapes plus a prompt-lookup branch",
+                hf_specssm.ContextCopyDrafter(
+                    hf_specssm.ModelDrafter(mamba_drafter, tree_policy=hf_specssm.UCBTreePolicy())
+                ),
                 mamba_drafter,
             ),
         ]

@@ -113,13 +113,27 @@ def markdown_tables(summaries: Sequence[Summary], method_order: Sequence[str] = 
     return "\n".join(out) + "\n"
 
 
-def plot_speedups(summaries: Sequence[Summary], path: str | Path, method_order: Sequence[str] = ()) -> Path:
-    """Grouped bars: speed-up of each method on each set, one panel per mode (needs matplotlib)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (raises ImportError without the [bench] extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_speedups(summaries: Sequence[Summary], path: str | Path, method_order: Sequence[str] = ()) -> Path:
+    """Grouped bars: speed-up of each method on each set, one panel per mode (needs matplotlib)."""
+    plt = _pyplot()
     modes = _ordered((s.mode for s in summaries), ("greedy", "sample"))
     sets = _ordered((s.set for s in summaries), ("humaneval", "gsm8k", "mt_bench", "cnn_dm"))
     methods = [m for m in _ordered((s.method for s in summaries), method_order) if m != "target"]
@@ -135,21 +149,14 @@ def plot_speedups(summaries: Sequence[Summary], path: str | Path, method_order: 
         axis.set_ylabel("speed-up over the target alone")
         axis.set_title(mode)
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    saved = _save(figure, path)
     plt.close(figure)
-    return path
+    return saved
 
 
 def plot_long_context(rows: Sequence[dict], path: str | Path) -> Path:
     """τ (left) and drafter milliseconds per draft token (right) against the input length, per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     by_method: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         by_method[row["method"]][row["context_tokens"]].append(row)
@@ -174,9 +181,6 @@ def plot_long_context(rows: Sequence[dict], path: str | Path) -> Path:
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     left.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    saved = _save(figure, path)
     plt.close(figure)
-    return path
+    return saved

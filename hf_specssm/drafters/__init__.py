@@ -1,10 +1,12 @@
 """Drafters: objects that propose tokens for the target to verify."""
 
 from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
+from hf_specssm.drafters.copy import ContextCopyDrafter
 from hf_specssm.drafters.model import ModelDrafter, as_drafter
 from hf_specssm.drafters.ngram import NgramTableDrafter, PromptLookupDrafter
 
 __all__ = [
+    "ContextCopyDrafter",
     "Draft",
     "DraftSampler",
     "Drafter",

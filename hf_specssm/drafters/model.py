@@ -111,7 +111,7 @@ class ModelDrafter(Drafter):
             )
         logits = self._consume(pending)
         self._round_start = self.cache.seen_tokens
-        self._round_drafted = num_tokens
+        stop_below = self.config.confidence_stop
         tokens, probs = [], []
         sequence = input_ids
         for step in range(num_tokens):
@@ -120,9 +120,12 @@ class ModelDrafter(Drafter):
             probs.append(token_probs)
             if step == num_tokens - 1:
                 break
+            if stop_below is not None and _confidence(logits, token, token_probs) < stop_below:
+                break
             sequence = torch.cat([sequence, token[:, None]], dim=1)
             self.cache.checkpoint()
             logits = self._forward(token[:, None])
+        self._round_drafted = len(tokens)
         draft_tokens = torch.stack(tokens, dim=1) if tokens else input_ids.new_empty((input_ids.shape[0], 0))
         draft_probs = torch.stack(probs, dim=1) if probs and probs[0] is not None else None
         return Draft(tokens=draft_tokens, probs=draft_probs)
@@ -273,6 +276,14 @@ class ModelDrafter(Drafter):
             self.cache.rollback_to(keep)
         self.cache.clear_checkpoints()
         self._round_drafted = 0
+
+
+def _confidence(logits: torch.Tensor, token: torch.Tensor, probs: torch.Tensor | None) -> float:
+    """The drafter's probability for the `token` `[1]` it chose: from the processed `probs` `[1, V]` when
+    sampling, else from the raw `logits` `[1, V]`."""
+    if probs is None:
+        probs = torch.softmax(logits, dim=-1)
+    return float(probs[0, token[0]])
 
 
 @torch.no_grad()

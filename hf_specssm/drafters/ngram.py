@@ -24,16 +24,19 @@ class PromptLookupDrafter(Drafter):
     """Copy the continuation of the latest earlier occurrence of the sequence's last n-gram.
 
     Same rule as transformers' `prompt_lookup_num_tokens`: try n-grams of `max_ngram_size` tokens down to
-    `min_ngram_size`; for the first size with an earlier match, propose the tokens that followed it.
+    `min_ngram_size`; for the first size with an earlier match, propose the tokens that followed its first
+    occurrence (`match="earliest"`, transformers' choice: in an answer that repeats part of the prompt, the
+    prompt holds the original) or its most recent one (`match="latest"`).
 
     With `max_candidates > 1` it drafts a tree instead (on targets that verify trees): the continuations
-    of up to that many distinct earlier matches (longer n-grams first, then the most recent), merged where
+    of up to that many distinct earlier matches (longer n-grams first, then in `match` order), merged where
     they share a prefix.
 
     Args:
         max_ngram_size: longest suffix to match (transformers' `max_matching_ngram_size`, default 2).
         min_ngram_size: shortest suffix to match.
         max_candidates: continuations per round; more than one makes a tree.
+        match: which occurrence of the n-gram to copy from first, `"earliest"` or `"latest"`.
         config: draft-length options; `num_draft_tokens` plays `prompt_lookup_num_tokens`.
         **options: `DraftConfig` fields.
     """
@@ -43,9 +46,12 @@ class PromptLookupDrafter(Drafter):
         max_ngram_size: int = 2,
         min_ngram_size: int = 1,
         max_candidates: int = 1,
+        match: str = "earliest",
         config: DraftConfig | None = None,
         **options,
     ) -> None:
+        if match not in ("earliest", "latest"):
+            raise ValueError(f"match must be 'earliest' or 'latest', got {match!r}.")
         if config is not None and options:
             raise ValueError("pass either `config` or DraftConfig fields as keyword arguments, not both.")
         if config is None:
@@ -61,6 +67,7 @@ class PromptLookupDrafter(Drafter):
         self.max_ngram_size = max_ngram_size
         self.min_ngram_size = min_ngram_size
         self.max_candidates = max_candidates
+        self.match = match
         self.drafts_trees = max_candidates > 1
 
     @property
@@ -80,7 +87,8 @@ class PromptLookupDrafter(Drafter):
             windows = sequence.unfold(0, size, 1)  # [length - size + 1, size]
             # earlier windows only (the last window is the suffix itself)
             matches = (windows[:-1] == sequence[length - size :]).all(dim=1).nonzero()
-            for start in reversed(matches[:, 0].tolist()):
+            starts = matches[:, 0].tolist()
+            for start in starts if self.match == "earliest" else reversed(starts):
                 follow = sequence[start + size : start + size + num_tokens].tolist()
                 if follow and follow not in found:
                     found.append(follow)

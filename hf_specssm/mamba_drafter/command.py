@@ -95,7 +95,10 @@ def _new_model(args: argparse.Namespace):
     target_config = json.loads((Path(target_path) / "config.json").read_text())
     target_vocab = int(target_config["vocab_size"])
     streams = [load_stream(args.data, source) for source in SOURCES]
-    mixture = Mixture().weights()
+    first, final = Mixture(*args.mixture).weights(), Mixture(*args.final_mixture).weights()
+    mixture = {
+        name: (1 - args.final_fraction) * first[name] + args.final_fraction * final[name] for name in first
+    }
     # weigh each stream by its share of training, per token
     weights = [mixture[source] / max(stream.size, 1) for source, stream in zip(SOURCES, streams)]
     counts = token_counts(streams, target_vocab, weights)
@@ -123,8 +126,14 @@ def _new_model(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     """Stage `train`: train into `--out` (resuming from its newest checkpoint)."""
     from hf_specssm.checkpoints import latest_checkpoint
+    from hf_specssm.mamba_drafter.data import read_distilled
     from hf_specssm.mamba_drafter.modeling import MambaDrafterForCausalLM
-    from hf_specssm.mamba_drafter.training import DrafterTrainingConfig, parameter_count, train_drafter
+    from hf_specssm.mamba_drafter.training import (
+        DrafterTrainingConfig,
+        estimate_acceptance,
+        parameter_count,
+        train_drafter,
+    )
 
     _threads(args)
     config = DrafterTrainingConfig(
@@ -135,7 +144,10 @@ def run_train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         checkpoint_every=args.checkpoint_every,
         final_fraction=args.final_fraction,
+        mixture=Mixture(*args.mixture),
+        final_mixture=Mixture(*args.final_mixture),
         seed=args.seed,
+        compile=args.compile,
         progress=not args.quiet,
     )
     checkpoint = latest_checkpoint(args.out)
@@ -145,7 +157,25 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         model = _new_model(args)
     print(f"drafter: {parameter_count(model) / 1e6:.1f} M parameters")
-    losses = train_drafter(model, args.data, args.out, config)
+    heldout = list(read_distilled(Path(args.data) / HELDOUT_FILENAME))[: args.eval_records]
+    log = Path(args.out) / "eval.jsonl"
+
+    def evaluate(step: int, loss: float) -> None:
+        # the held-out estimate at every checkpoint, to see over-fitting to the distilled answers
+        if not heldout or step % config.checkpoint_every:
+            return
+        estimate = estimate_acceptance(model, heldout, draft_length=5, bf16=config.bf16)
+        model.train()
+        with open(log, "a") as sink:
+            sink.write(
+                json.dumps({"step": step, "loss": loss, "top1": estimate.top1, "tau": estimate.tau}) + "\n"
+            )
+        if not args.quiet:
+            print(
+                f"step {step}: held-out top-1 {estimate.top1:.3f}, simulated τ {estimate.tau:.2f}", flush=True
+            )
+
+    losses = train_drafter(model, args.data, args.out, config, on_step=evaluate)
     tail = losses[-min(50, len(losses)) :]
     print(f"trained {len(losses)} steps; mean loss of the last {len(tail)}: {sum(tail) / len(tail):.3f}")
     return 0
@@ -255,7 +285,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=2e-3)
     train.add_argument("--warmup-steps", type=int, default=100)
     train.add_argument("--final-fraction", type=float, default=0.3)
+    train.add_argument(
+        "--mixture",
+        type=float,
+        nargs=3,
+        default=[0.35, 0.5, 0.15],
+        metavar=("CHAT", "CODE", "DOCS"),
+        help="source weights of the first steps",
+    )
+    train.add_argument(
+        "--final-mixture",
+        type=float,
+        nargs=3,
+        default=[0.7, 0.25, 0.05],
+        metavar=("CHAT", "CODE", "DOCS"),
+        help="source weights of the last --final-fraction of the steps",
+    )
     train.add_argument("--checkpoint-every", type=int, default=50)
+    train.add_argument(
+        "--compile", action="store_true", help="torch.compile the training step (faster after ~80 s)"
+    )
+    train.add_argument(
+        "--eval-records", type=int, default=40, help="held-out answers scored at each checkpoint"
+    )
     export = parser.add_argument_group("export")
     export.add_argument("--target-reference", default="Qwen/Qwen2.5-Coder-1.5B-Instruct")
     export.add_argument("--measured", nargs="*", help="end-to-end results to record in the model card")

@@ -121,6 +121,7 @@ def build_token_data(
             separator,
             code_tokens,
             "code tokens",
+            progress,
         ),
         "docs": _write_stream(
             data_dir / "docs.bin",
@@ -128,6 +129,7 @@ def build_token_data(
             separator,
             doc_tokens,
             "doc tokens",
+            progress,
         ),
     }
     meta = {
@@ -193,8 +195,8 @@ class Mixture:
         chat, code, docs: relative weights of the three streams.
     """
 
-    chat: float = 0.5
-    code: float = 0.35
+    chat: float = 0.35
+    code: float = 0.5
     docs: float = 0.15
 
     def weights(self) -> dict[str, float]:

@@ -110,6 +110,8 @@ class DrafterTrainingConfig:
         final_mixture: source weights for the rest.
         final_fraction: share of the steps that use `final_mixture`.
         bf16: bf16 autocast (fp32 weights and optimizer state).
+        compile: run the loss through `torch.compile` (about 1.7× faster on this CPU after a ~80 s
+            compilation; needs a C++ compiler on CPU).
         checkpoint_every: save every this many steps (and at the end).
         keep_checkpoints: newest checkpoints kept.
         seed: seeds the batches.
@@ -124,9 +126,10 @@ class DrafterTrainingConfig:
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
     mixture: Mixture = field(default_factory=Mixture)
-    final_mixture: Mixture = field(default_factory=lambda: Mixture(chat=0.85, code=0.1, docs=0.05))
+    final_mixture: Mixture = field(default_factory=lambda: Mixture(chat=0.7, code=0.25, docs=0.05))
     final_fraction: float = 0.3
     bf16: bool = True
+    compile: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
@@ -174,12 +177,21 @@ def _autocast(model: torch.nn.Module, enabled: bool):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def batch_loss(model: MambaDrafterForCausalLM, blocks: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """Mean next-token cross-entropy over the draft vocabulary for target-id blocks `[B, T + 1]`."""
-    draft_ids = model.to_draft_ids(blocks.to(model.device))
+def _draft_loss(model: MambaDrafterForCausalLM, draft_ids: torch.Tensor, bf16: bool) -> torch.Tensor:
     with _autocast(model, bf16):
         logits = model.draft_logits(draft_ids[:, :-1], use_cache=False)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), draft_ids[:, 1:].flatten())
+
+
+def batch_loss(
+    model: MambaDrafterForCausalLM, blocks: torch.Tensor, bf16: bool, loss_fn: Callable | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over the draft vocabulary for target-id blocks `[B, T + 1]`.
+
+    `loss_fn` replaces the plain computation (`train_drafter` passes its compiled version).
+    """
+    draft_ids = model.to_draft_ids(blocks.to(model.device))
+    return (loss_fn or _draft_loss)(model, draft_ids, bf16)
 
 
 def train_drafter(
@@ -206,12 +218,19 @@ def train_drafter(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
     step, losses, seconds = 0, [], 0.0
     if resume and (folder := latest_checkpoint(output_dir)) is not None:
-        model.load_state_dict(load_file(folder / "model.safetensors", device=str(model.device)), strict=False)
+        result = model.load_state_dict(
+            load_file(folder / "model.safetensors", device=str(model.device)), strict=False
+        )
+        # the LM head is tied to the embeddings and saved once
+        if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
+            raise ValueError(f"{folder} does not match the model: {result}")
         state = load_trainer_state(folder)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step, losses, seconds = int(state["step"]), list(state["losses"]), float(state.get("seconds", 0.0))
     model.train()
+    # compiling the function, not the module, keeps the module's parameter names (and checkpoints) as they are
+    loss_fn = torch.compile(_draft_loss) if config.compile else None
     bar = tqdm(total=config.steps, initial=step, desc="train-mamba-drafter", disable=not config.progress)
     try:
         while step < config.steps:
@@ -219,7 +238,7 @@ def train_drafter(
             blocks = sample_blocks(
                 streams, config.mixture_at(step), config.batch_size, config.block_length, step, config.seed
             )
-            loss = batch_loss(model, blocks, config.bf16)
+            loss = batch_loss(model, blocks, config.bf16, loss_fn)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

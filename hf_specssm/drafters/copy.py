@@ -1,0 +1,156 @@
+"""A model drafter that also copies from the context: model drafts and prompt-lookup drafts in one round.
+
+Small recurrent drafters are weak exactly where targets are most predictable: repeating a span of the
+context (a function stub in a coding answer, numbers and names in a word problem, phrases of an article
+being summarised). A fixed-size state cannot hold every earlier token, while an n-gram lookup finds
+the span at once. `ContextCopyDrafter` combines the two:
+
+- **trees**: the prompt-lookup continuation is grafted onto the model's tree as one more branch
+  (merged where it agrees with the model's own nodes), so the target verifies both in the same forward;
+- **chains**: a round drafts the lookup continuation when the context has a match of at least
+  `min_copy` tokens, and the model's chain otherwise.
+
+Lossless either way: copied tokens are deterministic drafts (one-hot proposals when sampling), and the
+model's drafter state is rolled back to the part of the accepted path it drafted itself; the rest is
+fed to it at the start of the next round like any committed tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_specssm.config import DraftConfig
+from hf_specssm.draft_length import DraftLengthPolicy
+from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
+from hf_specssm.drafters.model import ModelDrafter
+from hf_specssm.drafters.ngram import PromptLookupDrafter
+from hf_specssm.tree import TokenTree
+
+
+class _ModelRoundsPolicy(DraftLengthPolicy):
+    """The model drafter's length policy, fed only by rounds the model drafted (copy rounds have their
+    own length and acceptance, which would mislead it)."""
+
+    def __init__(self, owner: ContextCopyDrafter) -> None:
+        self.owner = owner
+
+    def next_length(self) -> int:
+        return self.owner.inner.length_policy.next_length()
+
+    def update(self, drafted: int, accepted: int, draft_time_s: float, verify_time_s: float) -> None:
+        if not self.owner.last_round_copied:
+            self.owner.inner.length_policy.update(drafted, accepted, draft_time_s, verify_time_s)
+
+
+class ContextCopyDrafter(Drafter):
+    """`ModelDrafter` plus prompt lookup: trees get the lookup continuation as an extra branch, chains
+    draft it instead of the model when the context has a long enough match.
+
+    Args:
+        drafter: the model drafter (its config, tree shape or tree policy and draft-length schedule
+            apply to the model's drafts).
+        lookup: the prompt-lookup drafter that finds the continuation (default: n-grams of 3 down to 2
+            tokens, 12 tokens copied).
+        min_copy: a chain round copies only a continuation of at least this many tokens.
+
+    Attributes:
+        last_round_copied: whether the last chain round drafted the lookup continuation.
+        copied_rounds: rounds whose draft contained a copied continuation (chains and trees).
+    """
+
+    def __init__(
+        self, drafter: ModelDrafter, lookup: PromptLookupDrafter | None = None, min_copy: int = 2
+    ) -> None:
+        if not isinstance(drafter, ModelDrafter):
+            raise ValueError(f"drafter must be a ModelDrafter, got {type(drafter).__name__}.")
+        if not isinstance(min_copy, int) or min_copy < 1:
+            raise ValueError(f"min_copy must be an integer >= 1, got {min_copy!r}.")
+        self.inner = drafter
+        self.lookup = (
+            lookup
+            if lookup is not None
+            else PromptLookupDrafter(max_ngram_size=3, min_ngram_size=2, num_draft_tokens=12)
+        )
+        self.min_copy = min_copy
+        self.config: DraftConfig = drafter.config
+        self.length_policy = _ModelRoundsPolicy(self)
+        self.tree_policy = drafter.tree_policy
+        self.last_round_copied = False
+        self.copied_rounds = 0
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.inner.vocab_size
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.inner.device
+
+    @property
+    def max_tree_depth(self) -> int | None:
+        """The model drafter's tree depth (`None` with fixed shapes)."""
+        return self.inner.max_tree_depth
+
+    def begin(self, input_ids: torch.Tensor) -> None:
+        self.inner.begin(input_ids)
+        self.lookup.begin(input_ids)
+        self.last_round_copied = False
+
+    def end(self) -> None:
+        self.inner.end()
+        self.lookup.end()
+
+    def _copy(self, input_ids: torch.Tensor, sampler: DraftSampler) -> list[int]:
+        """The lookup continuation of `input_ids` (empty without a match)."""
+        draft = self.lookup.draft(input_ids, self.lookup.config.num_draft_tokens, sampler)
+        return draft.tokens[0].tolist()
+
+    @torch.no_grad()
+    def draft(self, input_ids: torch.Tensor, num_tokens: int, sampler: DraftSampler) -> Draft:
+        copied = self._copy(input_ids, sampler)
+        self.last_round_copied = len(copied) >= self.min_copy
+        if self.last_round_copied:
+            self.copied_rounds += 1
+            return Draft(tokens=input_ids.new_tensor([copied]))
+        return self.inner.draft(input_ids, num_tokens, sampler)
+
+    def commit(self, input_ids: torch.Tensor, num_accepted: int) -> None:
+        # after a copy round the model drafter has drafted nothing: it reads the new tokens next round
+        if not self.last_round_copied:
+            self.inner.commit(input_ids, num_accepted)
+
+    @torch.no_grad()
+    def draft_tree(
+        self, input_ids: torch.Tensor, sampler: DraftSampler, shape: tuple[int, ...] | None = None
+    ) -> TokenTree:
+        """The model's tree with the lookup continuation grafted on (model nodes keep their indices).
+
+        Trees whose children were sampled (`tree_children="sample"`) carry the distributions they were
+        drawn from; a deterministic copy cannot join them, so they are returned as they are.
+        """
+        tree = self.inner.draft_tree(input_ids, sampler, shape)
+        copied = self._copy(input_ids, sampler)
+        if not copied or tree.draft_probs is not None:
+            return tree
+        tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+        children: dict[int, dict[int, int]] = {}
+        for node, (token, parent) in enumerate(zip(tokens, parents)):
+            children.setdefault(parent, {})[token] = node
+        node, grafted = -1, False
+        for token in copied:
+            child = children.get(node, {}).get(token)
+            if child is None:
+                tokens.append(token)
+                parents.append(node)
+                child = len(tokens) - 1
+                children.setdefault(node, {})[token] = child
+                grafted = True
+            node = child
+        if grafted:
+            self.copied_rounds += 1
+        return TokenTree(tokens=torch.tensor(tokens), parents=torch.tensor(parents))
+
+    def commit_tree(self, input_ids: torch.Tensor, path: list[int]) -> None:
+        """Keep `path`; the model drafter keeps the leading part it fed itself (grafted nodes are not in
+        its records), and reads the rest of the committed tokens next round."""
+        self.inner.commit_tree(input_ids, path)
