@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from .catalog import TOY_FAMILY, Catalog
+from .catalog import TOY_FAMILY, Catalog, ModelChoice
 from .race import (
     CHAIN,
+    COPY_CHAIN,
     MAX_DRAFT_TOKENS,
     MAX_NEW_TOKENS,
     NGRAM_TABLE,
@@ -41,8 +42,10 @@ TOY_NOTE = (
     "Timings and acceptance are real; fetch a real model (`hf-specssm fetch NAME`) for real text."
 )
 METHODS_NOTE = f"""\
-**Methods.** *{CHAIN}*, *tree*, *bandit* (a UCB bandit choosing the tree shape each round) and *dynamic
-tree* (grown from the drafter's confidence, EAGLE-2 style) draft with the drafter model; with sampling on,
+**Methods.** *{CHAIN}*, *{COPY_CHAIN}* (copies the continuation of a match of 2+ tokens in the text when
+there is one, else drafts with the model; the best method for our Mamba drafter), *tree*, *bandit* (a UCB bandit choosing the tree shape each round), *bandit +
+prompt-lookup branch* (the bandit's tree plus the continuation of a match in the text) and *dynamic tree* (grown from the drafter's confidence, EAGLE-2 style) draft
+with the drafter model; with sampling on,
 trees are verified by multi-draft speculative sampling. *{PROMPT_LOOKUP}* and *{NGRAM_TABLE}* draft from the
 text itself and fit any target. *ReDrafter*, where installed, drafts from the target's own hidden state
 with a head that is not trained yet, so it shows the mechanism rather than a speed-up.
@@ -55,6 +58,15 @@ NO_DRAFTER = "none"
 def _model_note(catalog: Catalog, target_label: str) -> str:
     choice = catalog.find(target_label)
     return TOY_NOTE if choice is None or choice.family == TOY_FAMILY else REAL_NOTE
+
+
+def initial_method(target: ModelChoice, drafter: ModelChoice | None) -> str:
+    """The method the page starts with: the real pair races its drafter with the copy branch (the best
+    method for our Mamba drafter in the benchmarks); the toy pair's random text has nothing to copy, so it
+    races a plain chain; a target without a drafter model uses prompt lookup."""
+    if drafter is None:
+        return PROMPT_LOOKUP
+    return CHAIN if target.family == TOY_FAMILY else COPY_CHAIN
 
 
 def _on_target_change(catalog: Catalog, target_label: str) -> tuple[str, str]:
@@ -90,8 +102,7 @@ def build_app(catalog: Catalog | None = None) -> gr.Blocks:
     default_target = catalog.default_target()
     default_drafter = catalog.default_drafter(default_target)
     drafters = [choice.label for choice in catalog.drafters()] + [NO_DRAFTER]
-    # The real pair races with its drafter model; a real target without one uses prompt lookup.
-    default_method = CHAIN if default_drafter is not None else PROMPT_LOOKUP
+    default_method = initial_method(default_target, default_drafter)
 
     def run(
         prompt,

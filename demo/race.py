@@ -19,7 +19,13 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import hf_specssm
-from hf_specssm.drafters import Drafter, ModelDrafter, NgramTableDrafter, PromptLookupDrafter
+from hf_specssm.drafters import (
+    ContextCopyDrafter,
+    Drafter,
+    ModelDrafter,
+    NgramTableDrafter,
+    PromptLookupDrafter,
+)
 from hf_specssm.tree_policy import DynamicTreePolicy, UCBTreePolicy
 
 from .catalog import Catalog, LoadedModel, ModelChoice
@@ -27,6 +33,8 @@ from .catalog import Catalog, LoadedModel, ModelChoice
 CHAIN = "chain"
 TREE = "tree (3, 2, 2, 1, 1)"
 BANDIT = "bandit (UCB over tree shapes)"
+COPY_BANDIT = "bandit + prompt-lookup branch"
+COPY_CHAIN = "chain + prompt-lookup copy"
 DYNAMIC = "dynamic tree (EAGLE-2 style)"
 PROMPT_LOOKUP = "prompt lookup"
 NGRAM_TABLE = "n-gram table"
@@ -34,7 +42,7 @@ REDRAFTER = "ReDrafter (untrained head)"
 TREE_SHAPE = (3, 2, 2, 1, 1)
 logger = logging.getLogger(__name__)
 # Methods that draft with a second model; the others draft from the text itself.
-MODEL_METHODS = (CHAIN, TREE, BANDIT, DYNAMIC)
+MODEL_METHODS = (CHAIN, COPY_CHAIN, TREE, BANDIT, COPY_BANDIT, DYNAMIC)
 SCHEDULES = ("adaptive", "constant", "heuristic")
 
 MAX_NEW_TOKENS = 512
@@ -48,7 +56,7 @@ FROM_TARGET = "target"
 
 def available_methods() -> list[str]:
     """The drafting methods this installation offers (ReDrafter only where `hf_specssm.redrafter` exists)."""
-    methods = [CHAIN, TREE, BANDIT, DYNAMIC, PROMPT_LOOKUP, NGRAM_TABLE]
+    methods = [CHAIN, COPY_CHAIN, TREE, BANDIT, COPY_BANDIT, DYNAMIC, PROMPT_LOOKUP, NGRAM_TABLE]
     if importlib.util.find_spec("hf_specssm.redrafter") is not None:
         methods.append(REDRAFTER)
     return methods
@@ -132,10 +140,14 @@ def build_drafter(settings: RaceSettings, target: LoadedModel, drafter: LoadedMo
         options = {"num_draft_tokens": k, "schedule": schedule}
     if settings.method == CHAIN:
         return ModelDrafter(drafter.model, **options)
+    if settings.method == COPY_CHAIN:
+        return ContextCopyDrafter(ModelDrafter(drafter.model, **options))
     if settings.method == TREE:
         return ModelDrafter(drafter.model, tree_shape=TREE_SHAPE)
     if settings.method == BANDIT:
         return ModelDrafter(drafter.model, tree_policy=UCBTreePolicy())
+    if settings.method == COPY_BANDIT:
+        return ContextCopyDrafter(ModelDrafter(drafter.model, tree_policy=UCBTreePolicy()))
     if settings.method == DYNAMIC:
         return ModelDrafter(drafter.model, tree_policy=DynamicTreePolicy(depth=5, top_k=3, max_nodes=12))
     if settings.method == PROMPT_LOOKUP:

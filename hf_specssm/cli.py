@@ -43,7 +43,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "--sets", *args.sets,
             "--limit", str(args.limit),
             "--max-new-tokens", str(args.max_new_tokens),
-            "--methods", "hf-assisted-0.5b", "ours-0.5b", "ours-mamba", "ours-mamba-tree",
+            "--methods", "hf-assisted-0.5b", "ours-0.5b", "ours-mamba", "ours-mamba-copy",
             "--threads", str(args.threads),
             "--out", str(out),
             "--mamba-drafter", args.mamba_drafter,

@@ -14,6 +14,7 @@ pytest.importorskip("gradio", reason="the demo extra is not installed (pip insta
 
 from hf_specssm import fetch
 from hf_specssm_demo import cli
+from hf_specssm_demo.app import initial_method
 from hf_specssm_demo.catalog import (
     MAMBA_DRAFTER,
     REAL_DRAFTERS,
@@ -26,6 +27,8 @@ from hf_specssm_demo.catalog import (
 from hf_specssm_demo.race import (
     BANDIT,
     CHAIN,
+    COPY_BANDIT,
+    COPY_CHAIN,
     DYNAMIC,
     FROM_DRAFT,
     FROM_TARGET,
@@ -112,6 +115,9 @@ def test_catalog_defaults_to_our_mamba_drafter_for_the_real_pair(tmp_path):
     catalog = Catalog(cache_dir=tmp_path, repo_root=repo)
     assert catalog.drafters() == [MAMBA_DRAFTER, *REAL_DRAFTERS, TOY_DRAFTER]
     assert catalog.default_drafter(catalog.default_target()) == MAMBA_DRAFTER
+    assert initial_method(catalog.default_target(), MAMBA_DRAFTER) == COPY_CHAIN
+    assert initial_method(TOY_TARGET, TOY_DRAFTER) == CHAIN
+    assert initial_method(catalog.default_target(), None) == PROMPT_LOOKUP
 
 
 def test_catalog_takes_the_cache_folder_as_text(tmp_path):
@@ -230,6 +236,8 @@ def test_toy_codec_round_trips_nothing_but_is_readable():
         pytest.param(CHAIN, id="chain"),
         pytest.param(TREE, id="tree"),
         pytest.param(BANDIT, id="bandit"),
+        pytest.param(COPY_BANDIT, id="copy-bandit"),
+        pytest.param(COPY_CHAIN, id="copy-chain"),
         pytest.param(DYNAMIC, id="dynamic-tree"),
         pytest.param(PROMPT_LOOKUP, id="prompt-lookup"),
         pytest.param(NGRAM_TABLE, id="ngram-table"),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from hf_specssm.bench.prompt_sets import PROMPT_SETS
 
@@ -28,6 +29,7 @@ METHOD_ORDER = (
     "ours-0.5b",
     "ours-mamba",
     "ours-mamba-tree",
+    "ours-mamba-copy",
     "ours-mamba-copy-tree",
     "ours-mamba-copy-bandit",
     "ours-prompt-lookup",
@@ -150,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results, long_results = out / "results.jsonl", out / "long_context.jsonl"
     if not args.report_only:
+        if args.quiet:
+            transformers.utils.logging.disable_progress_bar()
         models = load_models(args)
         target, small, mamba = models.target, models.small, models.mamba
         context = BenchContext(

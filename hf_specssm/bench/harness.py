@@ -12,6 +12,7 @@ skipped, so an interrupted run resumes; the target-alone row of a prompt is what
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import threading
@@ -225,6 +226,12 @@ class BenchContext:
     device: str
 
 
+def append_row(sink, row: dict, context: BenchContext) -> None:
+    """Write `row` with `context`'s labels as one JSONL line and flush it (so a crash loses no row)."""
+    sink.write(json.dumps({**row, **dataclasses.asdict(context)}) + "\n")
+    sink.flush()
+
+
 def run_benchmark(
     target: torch.nn.Module,
     tokenize,
@@ -286,13 +293,9 @@ def run_benchmark(
                 "mode": setting.mode,
                 "max_new_tokens": setting.max_new_tokens,
                 "prompt_tokens": input_ids.shape[1],
-                "target": context.target,
-                "dtype": context.dtype,
-                "device": context.device,
                 **measured,
             }
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
+            append_row(sink, row, context)
             bar.update(1)
             bar.set_postfix(method=method.name, tok_s=f"{row['tokens_per_s']:.1f}")
     bar.close()

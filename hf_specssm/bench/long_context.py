@@ -9,7 +9,6 @@ grows, a Mamba drafter's state does not).
 
 from __future__ import annotations
 
-import json
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hf_specssm.bench.harness import BenchContext, read_rows, run_one
+from hf_specssm.bench.harness import BenchContext, append_row, read_rows, run_one
 from hf_specssm.bench.methods import GenerationSettings, Method
 
 SOURCE_MODULES = ("argparse.py", "inspect.py", "typing.py", "subprocess.py", "tarfile.py")
@@ -89,13 +88,9 @@ def run_long_context(
                 "prompt_id": name,
                 "length": length,
                 "context_tokens": len(ids),
-                "target": context.target,
-                "dtype": context.dtype,
-                "device": context.device,
                 **measured,
             }
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
+            append_row(sink, row, context)
             bar.update(1)
     bar.close()
     return read_rows(out_path)

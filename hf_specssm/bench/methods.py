@@ -199,6 +199,13 @@ def standard_methods(
             ),
             ours(
                 target,
+                "ours-mamba-copy",
+                "hf_specssm, Mamba drafter chain; copies a prompt-lookup match of 2+ tokens instead (ContextCopyDrafter)",
+                hf_specssm.ContextCopyDrafter(hf_specssm.ModelDrafter(mamba_drafter)),
+                mamba_drafter,
+            ),
+            ours(
+                target,
                 "ours-mamba-copy-tree",
                 f"hf_specssm, Mamba drafter, tree {tree_shape} plus a prompt-lookup branch (ContextCopyDrafter)",
                 hf_specssm.ContextCopyDrafter(hf_specssm.ModelDrafter(mamba_drafter, tree_shape=tree_shape)),
