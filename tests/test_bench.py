@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -65,6 +66,8 @@ def test_forward_timer_counts_calls_and_removes_its_hooks():
 def test_peak_memory_sees_a_temporary_allocation():
     with peak_memory(torch.device("cpu")) as memory:
         buffer = torch.ones(8_000_000)  # 32 MB
+        # the CPU sampler looks every 5 ms: hold the buffer for ten looks (a shorter life can be missed)
+        time.sleep(0.05)
         del buffer
     assert memory["bytes"] >= 30_000_000
 

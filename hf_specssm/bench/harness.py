@@ -106,7 +106,12 @@ _heap_bytes = _heap_reader()
 
 @contextmanager
 def peak_memory(device: torch.device):
-    """Yields a dict whose `"bytes"` is set, on exit, to the peak memory above the level at entry."""
+    """Yields a dict whose `"bytes"` is set, on exit, to the peak memory above the level at entry.
+
+    On CUDA that is torch's allocator peak. On CPU a thread samples glibc's heap (`mallinfo2`) every 5 ms,
+    so an allocation freed within a few milliseconds can be missed; a decoding call's caches and
+    activations live far longer.
+    """
     result = {"bytes": 0}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
