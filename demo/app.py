@@ -43,10 +43,11 @@ TOY_NOTE = (
 )
 METHODS_NOTE = f"""\
 **Methods.** *{CHAIN}*, *{COPY_CHAIN}* (copies the continuation of a match of 2+ tokens in the text when
-there is one, else drafts with the model; the best method for our Mamba drafter), *tree*, *bandit* (a UCB bandit choosing the tree shape each round), *bandit +
-prompt-lookup branch* (the bandit's tree plus the continuation of a match in the text) and *dynamic tree* (grown from the drafter's confidence, EAGLE-2 style) draft
-with the drafter model; with sampling on,
-trees are verified by multi-draft speculative sampling. *{PROMPT_LOOKUP}* and *{NGRAM_TABLE}* draft from the
+there is one, else drafts with the model; the best method for our Mamba drafter), *tree*, *bandit* (a UCB
+bandit choosing the tree shape each round), *bandit + prompt-lookup branch* (the bandit's tree plus the
+continuation of a match in the text) and *dynamic tree* (grown from the drafter's confidence, EAGLE-2
+style) draft with the drafter model; with sampling on, trees are verified by multi-draft speculative
+sampling. *{PROMPT_LOOKUP}* and *{NGRAM_TABLE}* draft from the
 text itself and fit any target. *ReDrafter*, where installed, drafts from the target's own hidden state
 with a head that is not trained yet, so it shows the mechanism rather than a speed-up.
 """

@@ -21,7 +21,7 @@ def _empty_draft(input_ids: torch.Tensor) -> Draft:
 
 
 class PromptLookupDrafter(Drafter):
-    """Copy the continuation of the latest earlier occurrence of the sequence's last n-gram.
+    """Copy the continuation of an earlier occurrence of the sequence's last n-gram.
 
     Same rule as transformers' `prompt_lookup_num_tokens`: try n-grams of `max_ngram_size` tokens down to
     `min_ngram_size`; for the first size with an earlier match, propose the tokens that followed its first

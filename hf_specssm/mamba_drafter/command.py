@@ -11,6 +11,7 @@ Every stage resumes: run the same command again after an interruption.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -285,22 +286,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=2e-3)
     train.add_argument("--warmup-steps", type=int, default=100)
     train.add_argument("--final-fraction", type=float, default=0.3)
-    train.add_argument(
-        "--mixture",
-        type=float,
-        nargs=3,
-        default=[0.35, 0.5, 0.15],
-        metavar=("CHAT", "CODE", "DOCS"),
-        help="source weights of the first steps",
-    )
-    train.add_argument(
-        "--final-mixture",
-        type=float,
-        nargs=3,
-        default=[0.7, 0.25, 0.05],
-        metavar=("CHAT", "CODE", "DOCS"),
-        help="source weights of the last --final-fraction of the steps",
-    )
+    from hf_specssm.mamba_drafter.training import DrafterTrainingConfig
+
+    defaults = DrafterTrainingConfig()
+    for flag, default, steps in (
+        ("--mixture", defaults.mixture, "the first steps"),
+        ("--final-mixture", defaults.final_mixture, "the last --final-fraction of the steps"),
+    ):
+        train.add_argument(
+            flag, type=float, nargs=3, default=list(dataclasses.astuple(default)), metavar=("CHAT", "CODE", "DOCS"),
+            help=f"source weights of {steps}",
+        )  # fmt: skip
     train.add_argument("--checkpoint-every", type=int, default=50)
     train.add_argument(
         "--compile", action="store_true", help="torch.compile the training step (faster after ~80 s)"
