@@ -1,6 +1,6 @@
 """Hugging Face Space entry point: the hf_specssm demo (see docs/demo.md).
 
-Spaces run `python app.py` from the repository root, so the `demo/` folder imports as `demo`.
+Spaces run `python app.py` from the repository root, so `hf_specssm_demo/` imports from the checkout.
 Locally, prefer the `hf-specssm-demo` console script.
 """
 
@@ -11,7 +11,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from demo.app import build_app, launch
+from hf_specssm_demo.app import build_app, launch
 
 demo = build_app()
 

@@ -20,6 +20,8 @@ from hf_specssm.drafters import (  # noqa: E402
     NgramTableDrafter,
     PromptLookupDrafter,
 )
+from hf_specssm.drafters.mamba import MambaDrafterConfig, MambaDrafterForCausalLM  # noqa: E402
+from hf_specssm.drafters.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead  # noqa: E402
 from hf_specssm.generation import (  # noqa: E402
     SpeculativeDecoderOnlyOutput,
     enable,
@@ -27,10 +29,8 @@ from hf_specssm.generation import (  # noqa: E402
     is_enabled,
     speculative_generate,
 )
-from hf_specssm.mamba_drafter.modeling import MambaDrafterConfig, MambaDrafterForCausalLM  # noqa: E402
-from hf_specssm.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead  # noqa: E402
+from hf_specssm.policies.tree_shape import DynamicTreePolicy, UCBTreePolicy  # noqa: E402
 from hf_specssm.stats import SpeculationStats  # noqa: E402
-from hf_specssm.tree_policy import DynamicTreePolicy, UCBTreePolicy  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -32,7 +32,7 @@ from transformers.cache_utils import (
 )
 
 from hf_specssm import _compat
-from hf_specssm_kernels.state_gather import gather_rows
+from hf_specssm.kernels.state_gather import gather_rows
 
 # checkpoint markers that own no pool slot
 _NO_STATE = -1  # attention-only cache: cropping restores everything

@@ -18,7 +18,7 @@ class DraftConfig:
         schedule: `"constant"`; `"heuristic"` (transformers' rule: +2 after a round where every draft
             token was accepted, -1 otherwise); or `"adaptive"` (picks the length that maximises expected
             committed tokens per second, from the measured acceptance rate and measured draft and
-            verification times; see `hf_specssm.draft_length.AdaptiveLength`).
+            verification times; see `hf_specssm.policies.draft_length.AdaptiveLength`).
         min_draft_tokens: lower bound for the heuristic and adaptive schedules.
         max_draft_tokens: upper bound for the heuristic and adaptive schedules.
         draft_cost_ratio: for `"adaptive"`, the cost of one draft step relative to one target forward;

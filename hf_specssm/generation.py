@@ -19,14 +19,13 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel,
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from hf_specssm import _compat
-from hf_specssm.acceptance import accept_greedy, accept_sampling, accept_tree_sampling
-from hf_specssm.batch import batched_speculative_generate
+from hf_specssm.decoding.acceptance import accept_greedy, accept_sampling, accept_tree_sampling
 from hf_specssm.drafters import Draft, Drafter, DraftSampler, as_drafter
 from hf_specssm.drafters.model import _check_causal_lm
 from hf_specssm.drafters.ngram import PromptLookupDrafter
 from hf_specssm.stats import SpeculationStats
-from hf_specssm.tree import TokenTree, accept_tree_greedy
-from hf_specssm.verification import (
+from hf_specssm.targets.batched import batched_speculative_generate
+from hf_specssm.targets.verification import (
     VERIFICATION_METHODS,
     AttentionTarget,
     JointTarget,
@@ -34,6 +33,7 @@ from hf_specssm.verification import (
     process_scores,
     process_tree_scores,
 )
+from hf_specssm.tree import TokenTree, accept_tree_greedy
 
 _ENABLED_FLAG = "_hf_specssm_enabled"
 
@@ -96,8 +96,8 @@ def _tree_verification_problem(model: PreTrainedModel, verification: str) -> str
         return None
     if verification == "joint":
         return "Joint Attainment and Advancement verifies chains; use verification='replay' for trees."
-    # SSM and hybrid targets verify trees with the tree scan (hf_specssm.tree_scan)
-    from hf_specssm.tree_scan import check_tree_scan
+    # SSM and hybrid targets verify trees with the tree scan (hf_specssm.ssm.tree_scan)
+    from hf_specssm.ssm.tree_scan import check_tree_scan
 
     try:
         check_tree_scan(model)

@@ -43,8 +43,8 @@ TREE_SCAN_SHAPES = [(1, 9, 3, 5, 1, 7), (2, 13, 4, 17, 2, 19), (1, 33, 2, 3, 1, 
 
 def check_tree_scan(device: str, dtype: torch.dtype = torch.float32) -> None:
     """Triton tree scan vs the loop definition and the torch masked-SSD form."""
-    from hf_specssm_kernels.tree_scan.reference import tree_scan_naive, tree_scan_torch
-    from hf_specssm_kernels.tree_scan.triton import tree_scan_triton
+    from hf_specssm.kernels.tree_scan.reference import tree_scan_naive, tree_scan_torch
+    from hf_specssm.kernels.tree_scan.triton import tree_scan_triton
 
     generator = torch.Generator().manual_seed(0)
     for batch, length, heads, head_dim, groups, state in TREE_SCAN_SHAPES:
@@ -78,8 +78,8 @@ NSTEP_SHAPES = [(2, 5, 3, 7, 1, 9), (3, 4, 4, 5, 2, 11)]  # Bt, L, H, P, G, N
 
 def check_nstep(device: str, dtype: torch.dtype = torch.float32) -> None:
     """Triton N-step state update vs the loop reference: outputs and the mutated state."""
-    from hf_specssm_kernels.ssm_state_update.reference import selective_state_update_nstep_reference
-    from hf_specssm_kernels.ssm_state_update.triton import selective_state_update_nstep_triton
+    from hf_specssm.kernels.ssm_state_update.reference import selective_state_update_nstep_reference
+    from hf_specssm.kernels.ssm_state_update.triton import selective_state_update_nstep_triton
 
     generator = torch.Generator().manual_seed(1)
 
@@ -145,8 +145,8 @@ def check_nstep(device: str, dtype: torch.dtype = torch.float32) -> None:
 
 def check_gather(device: str, dtype: torch.dtype = torch.float32) -> None:
     """Triton row gather vs the loop reference, and a preallocated destination."""
-    from hf_specssm_kernels.state_gather.reference import gather_rows_reference
-    from hf_specssm_kernels.state_gather.triton import gather_rows_triton
+    from hf_specssm.kernels.state_gather.reference import gather_rows_reference
+    from hf_specssm.kernels.state_gather.triton import gather_rows_triton
 
     generator = torch.Generator().manual_seed(2)
     for shape in [(3, 5, 7), (2, 3, 5, 7), (5, 9)]:

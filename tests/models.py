@@ -1,12 +1,12 @@
-"""Tiny random models for tests: every family the suite covers (`hf_specssm.tiny`), no downloads."""
+"""Tiny random models for tests: every family the suite covers (`hf_specssm.testing.tiny`), no downloads."""
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel
 
-from hf_specssm.tiny import TINY_HIDDEN, TINY_VOCAB, tiny_model
-from hf_specssm.toy import align_for_agreement
+from hf_specssm.testing.tiny import TINY_HIDDEN, TINY_VOCAB, tiny_model
+from hf_specssm.testing.toy import align_for_agreement
 
 VOCAB = TINY_VOCAB
 HIDDEN = TINY_HIDDEN
@@ -24,7 +24,7 @@ def _amplify_ssm_inputs(model: PreTrainedModel, factor: float = 8.0) -> None:
     """Scale the hybrids' Mamba2 input projections: at their default init a whole wrong SSM step moves the
     state by ~1e-5, below the fp32 tolerance of the state tests; ×8 makes it ~5e-3 (a correct state stays
     within ~1e-6), so those tests can fail."""
-    from hf_specssm.mixers import ssm_mixers
+    from hf_specssm.ssm.mixers import ssm_mixers
 
     with torch.no_grad():
         for mixer in ssm_mixers(model):
@@ -34,5 +34,5 @@ def _amplify_ssm_inputs(model: PreTrainedModel, factor: float = 8.0) -> None:
 def align(
     target: PreTrainedModel, drafter: PreTrainedModel, mixer_scale: float = 0.3, head_noise: float = 0.3
 ) -> None:
-    """Make `drafter` agree with `target` on about 50-70% of next tokens (see `hf_specssm.toy`)."""
+    """Make `drafter` agree with `target` on about 50-70% of next tokens (see `hf_specssm.testing.toy`)."""
     align_for_agreement(target, drafter, mixer_scale=mixer_scale, head_noise=head_noise, seed=0)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import hf_specssm
-from hf_specssm.bench.harness import BenchContext, ForwardTimer, peak_memory, read_rows, run_benchmark
-from hf_specssm.bench.long_context import long_context_table
-from hf_specssm.bench.methods import GenerationSettings, standard_methods
-from hf_specssm.bench.prompt_sets import PROMPT_SETS, BenchPrompt, load_prompt_set
-from hf_specssm.bench.report import markdown_tables, summarize
+from hf_specssm.tools.bench.harness import BenchContext, ForwardTimer, peak_memory, read_rows, run_benchmark
+from hf_specssm.tools.bench.long_context import long_context_table
+from hf_specssm.tools.bench.methods import GenerationSettings, standard_methods
+from hf_specssm.tools.bench.prompt_sets import PROMPT_SETS, BenchPrompt, load_prompt_set
+from hf_specssm.tools.bench.report import markdown_tables, summarize
 
 from models import align, build
 
@@ -142,7 +142,7 @@ def test_summary_marks_a_different_output(tmp_path):
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    from hf_specssm.bench.report import Summary, plot_long_context, plot_speedups
+    from hf_specssm.tools.bench.report import Summary, plot_long_context, plot_speedups
 
     summaries = [
         Summary("greedy", "gsm8k", method, 1, 1.0, speedup, 2.0, 0.1, 0.8, 1.0, 1.0)
@@ -162,7 +162,7 @@ def test_long_inputs_fit_the_requested_length():
     tokenizers = pytest.importorskip("tokenizers")
     from transformers import PreTrainedTokenizerFast
 
-    from hf_specssm.bench.long_context import long_inputs
+    from hf_specssm.tools.bench.long_context import long_inputs
 
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -175,7 +175,7 @@ def test_long_inputs_fit_the_requested_length():
 
 
 def test_bench_cli_toy_end_to_end(tmp_path, capsys):
-    from hf_specssm.cli import main
+    from hf_specssm.tools.cli import main
 
     status = main(
         ["bench", "--toy", "--sets", "gsm8k", "--limit", "1", "--max-new-tokens", "6", "--methods",
@@ -193,7 +193,7 @@ def test_bench_cli_toy_end_to_end(tmp_path, capsys):
 
 
 def test_bench_cli_names_unknown_methods(tmp_path, capsys):
-    from hf_specssm.cli import main
+    from hf_specssm.tools.cli import main
 
     assert main(["bench", "--toy", "--methods", "nope", "--out", str(tmp_path), "--quiet"]) == 2
     assert "unknown or unavailable methods ['nope']" in capsys.readouterr().out

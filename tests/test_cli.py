@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hf_specssm.cli import main
+from hf_specssm.tools.cli import main
 
 
 def test_demo_runs_and_reports_identity(capsys):

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("gradio", reason="the demo extra is not installed (pip install -e '.[demo]')")
 
-from hf_specssm import fetch
+from hf_specssm.tools import fetch
 from hf_specssm_demo import cli
 from hf_specssm_demo.app import initial_method
 from hf_specssm_demo.catalog import (
@@ -46,7 +46,7 @@ from hf_specssm_demo.race import (
 )
 from hf_specssm_demo.view import LaneRenderer, chart_rows, round_order, statistics
 
-HAS_REDRAFTER = importlib.util.find_spec("hf_specssm.redrafter") is not None
+HAS_REDRAFTER = importlib.util.find_spec("hf_specssm.drafters.redrafter") is not None
 # A small toy pair: the same construction as the demo's, a fraction of its cost.
 TINY_TOY = {"hidden_size": 64, "target_layers": 2, "vocab_size": 512}
 
@@ -244,7 +244,7 @@ def test_toy_codec_round_trips_nothing_but_is_readable():
         pytest.param(
             REDRAFTER,
             id="redrafter",
-            marks=pytest.mark.skipif(not HAS_REDRAFTER, reason="hf_specssm.redrafter is not there"),
+            marks=pytest.mark.skipif(not HAS_REDRAFTER, reason="hf_specssm.drafters.redrafter is not there"),
         ),
     ],
 )

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-PACKAGES = ["hf_specssm", "hf_specssm_kernels"]
+PACKAGES = ["hf_specssm", "hf_specssm.kernels"]
 if importlib.util.find_spec("gradio") is not None:
     PACKAGES.append("hf_specssm_demo")
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from hf_specssm import DraftConfig
-from hf_specssm.draft_length import (
+from hf_specssm.policies.draft_length import (
     AdaptiveLength,
     ConstantLength,
     HeuristicLength,

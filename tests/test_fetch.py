@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_specssm import fetch
-from hf_specssm.fetch import ModelSpec, WheelPart
+from hf_specssm.tools import fetch
+from hf_specssm.tools.fetch import ModelSpec, WheelPart
 
 NETWORK_ENABLED = os.environ.get("HF_SPECSSM_NETWORK_TESTS") == "1"
 

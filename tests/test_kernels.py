@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_specssm_kernels import gather_rows
-from hf_specssm_kernels.state_gather.reference import gather_rows_reference
+from hf_specssm.kernels import gather_rows
+from hf_specssm.kernels.state_gather.reference import gather_rows_reference
 
 
 @pytest.mark.parametrize(

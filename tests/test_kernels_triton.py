@@ -47,10 +47,10 @@ def test_compiled_kernel_matches_reference(case, dtype):
 @pytest.mark.gpu
 @needs_triton
 def test_dispatch_picks_triton_on_cuda(monkeypatch):
-    from hf_specssm_kernels.tree_scan import dispatch
+    from hf_specssm.kernels.tree_scan import dispatch
 
     calls = []
-    import hf_specssm_kernels.tree_scan.triton as triton_module
+    import hf_specssm.kernels.tree_scan.triton as triton_module
 
     original = triton_module.tree_scan_triton
     monkeypatch.setattr(triton_module, "tree_scan_triton", lambda *a: calls.append(1) or original(*a))

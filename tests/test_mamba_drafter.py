@@ -10,15 +10,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_specssm
-from hf_specssm.mamba_drafter.data import (
+from hf_specssm.drafters.mamba import MambaDrafterConfig, MambaDrafterForCausalLM
+from hf_specssm.training.mamba_drafter.data import (
     Mixture,
     is_heldout,
     sample_blocks,
     select_vocabulary,
     token_counts,
 )
-from hf_specssm.mamba_drafter.modeling import MambaDrafterConfig, MambaDrafterForCausalLM
-from hf_specssm.mamba_drafter.training import (
+from hf_specssm.training.mamba_drafter.training import (
     DrafterTrainingConfig,
     drafter_config,
     estimate_acceptance,

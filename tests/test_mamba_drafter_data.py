@@ -11,10 +11,10 @@ import torch
 from chat_models import byte_tokenizer, save_chat_target, write_corpus
 from transformers import AutoModelForCausalLM
 
-from hf_specssm.mamba_drafter.corpus import doc_paragraphs, python_functions, python_sources
-from hf_specssm.mamba_drafter.data import build_token_data, load_stream, read_distilled
-from hf_specssm.mamba_drafter.distill import distill_answers, done_ids
-from hf_specssm.mamba_drafter.prompts import DOMAINS, build_instructions, code_instructions
+from hf_specssm.training.mamba_drafter.corpus import doc_paragraphs, python_functions, python_sources
+from hf_specssm.training.mamba_drafter.data import build_token_data, load_stream, read_distilled
+from hf_specssm.training.mamba_drafter.distill import distill_answers, done_ids
+from hf_specssm.training.mamba_drafter.prompts import DOMAINS, build_instructions, code_instructions
 
 
 def test_python_functions_finds_public_documented_functions(tmp_path):
@@ -137,7 +137,7 @@ def test_build_token_data_writes_streams_and_a_heldout_set(tmp_path):
 def test_cli_stages_end_to_end(tmp_path, capsys):
     """distill → data → train → export on a tiny chat target and a tiny corpus; the result loads and drafts."""
     import hf_specssm
-    from hf_specssm.cli import main
+    from hf_specssm.tools.cli import main
 
     save_chat_target(tmp_path / "target")
     root = write_corpus(tmp_path / "corpus")

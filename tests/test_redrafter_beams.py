@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hf_specssm.redrafter import beam_search, beams_to_tree
+from hf_specssm.drafters.redrafter import beam_search, beams_to_tree
 
 # A bigram "head" over 4 tokens: the state is the last token, p(next | last) is a row of this table.
 BIGRAM = torch.tensor(

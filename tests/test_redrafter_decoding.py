@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import hf_specssm
-from hf_specssm.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
-from hf_specssm.redrafter.training import (
+from hf_specssm.drafters.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
+from hf_specssm.training.redrafter.training import (
     TrainingConfig,
     distill,
     random_prompts,

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, LogitsProcessorList
 
 import hf_specssm
 from hf_specssm.drafters.base import DraftSampler
-from hf_specssm.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
+from hf_specssm.drafters.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
 
 from models import HIDDEN, VOCAB, build
 
@@ -136,7 +136,7 @@ def test_loading_a_head_for_another_vocab_raises(tmp_path):
 
 def drafts_of(head: ReDrafterHead, target, prompt: torch.Tensor) -> list[tuple[list[int], ...]]:
     """Trees and chains the head drafts from the target's hidden states along `prompt`."""
-    from hf_specssm.redrafter.training import target_hidden_states
+    from hf_specssm.training.redrafter.training import target_hidden_states
 
     drafter = ReDrafterDrafter(head, target)
     sampler = DraftSampler(LogitsProcessorList(), do_sample=False)

@@ -13,11 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_specssm
-from hf_specssm.checkpoints import checkpoints
-from hf_specssm.cli import main
-from hf_specssm.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
-from hf_specssm.redrafter.command import toy_target
-from hf_specssm.redrafter.training import (
+from hf_specssm.drafters.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
+from hf_specssm.tools.cli import main
+from hf_specssm.training.checkpoints import checkpoints
+from hf_specssm.training.redrafter.command import toy_target
+from hf_specssm.training.redrafter.training import (
     TrainingConfig,
     blocks_from_documents,
     distill,

@@ -16,7 +16,7 @@ from scipy.stats import chisquare
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
 import hf_specssm
-from hf_specssm.acceptance import accept_sampling
+from hf_specssm.decoding.acceptance import accept_sampling
 
 from models import align, build
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import hf_specssm
-from hf_specssm import mixers, verification
 from hf_specssm.cache import ForkableCache
-from hf_specssm.mixers import MixerInputRecorder
+from hf_specssm.ssm import mixers
+from hf_specssm.ssm.mixers import MixerInputRecorder
+from hf_specssm.targets import verification
 
 from models import VOCAB, align, build
 from scripted import ScriptedDrafter

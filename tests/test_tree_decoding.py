@@ -7,8 +7,8 @@ import torch
 from test_drafter_state import RecordingDrafter
 
 import hf_specssm
+from hf_specssm.policies.tree_shape import DEFAULT_ARMS
 from hf_specssm.tree import TokenTree
-from hf_specssm.tree_policy import DEFAULT_ARMS
 
 from models import VOCAB, align, build
 from test_cache import fresh, max_state_diff

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_specssm
-from hf_specssm.tree_policy import DEFAULT_ARMS, UCBTreePolicy
+from hf_specssm.policies.tree_shape import DEFAULT_ARMS, UCBTreePolicy
 
 from models import VOCAB, align, build
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import hf_specssm
-from hf_specssm import acceptance
-from hf_specssm.acceptance import accept_tree_sampling
+from hf_specssm.decoding import acceptance
+from hf_specssm.decoding.acceptance import accept_tree_sampling
 from hf_specssm.tree import TokenTree
 
 from models import align, build
@@ -143,7 +143,7 @@ def test_dynamic_tree_sampling_matches_the_target():
 
 def test_redrafter_beam_trees_keep_the_distribution_when_sampling():
     """ReDrafter's beams (C = 1, M = 3: three deterministic siblings) verified by multi-draft sampling."""
-    from hf_specssm.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
+    from hf_specssm.drafters.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
 
     from models import HIDDEN
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import hf_specssm
-from hf_specssm import _compat, tree_scan
+from hf_specssm import _compat
 from hf_specssm.cache import ForkableCache
-from hf_specssm.mixers import exact_continuation
+from hf_specssm.policies.tree_shape import DEFAULT_ARMS
+from hf_specssm.ssm import tree_scan
+from hf_specssm.ssm.mixers import exact_continuation
+from hf_specssm.targets.verification import RecurrentTarget
 from hf_specssm.tree import TokenTree
-from hf_specssm.tree_policy import DEFAULT_ARMS
-from hf_specssm.verification import RecurrentTarget
 
 from models import VOCAB, align, build
 from test_cache import fresh, max_state_diff

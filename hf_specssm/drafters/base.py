@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from hf_specssm.config import DraftConfig
-from hf_specssm.draft_length import DraftLengthPolicy, make_policy
+from hf_specssm.policies.draft_length import DraftLengthPolicy, make_policy
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 
 from hf_specssm.config import DraftConfig
-from hf_specssm.draft_length import DraftLengthPolicy
 from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
 from hf_specssm.drafters.model import ModelDrafter
 from hf_specssm.drafters.ngram import PromptLookupDrafter
+from hf_specssm.policies.draft_length import DraftLengthPolicy
 from hf_specssm.tree import TokenTree
 
 

@@ -9,8 +9,8 @@ from hf_specssm import _compat
 from hf_specssm.cache import CacheSnapshot, ForkableCache
 from hf_specssm.config import DraftConfig
 from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
+from hf_specssm.policies.tree_shape import DynamicTreePolicy, UCBTreePolicy
 from hf_specssm.tree import TokenTree
-from hf_specssm.tree_policy import DynamicTreePolicy, UCBTreePolicy
 
 # Recurrent drafters step pending tokens one at a time up to this many: a Mamba2 multi-token forward is
 # padded to `chunk_size` and costs far more than a couple of single steps.
@@ -336,9 +336,20 @@ def as_drafter(assistant: object) -> Drafter:
         return ModelDrafter(assistant)
     if type(assistant).__name__ == "MambaLMHeadModel":
         # mamba-ssm's own model: drafted through its transformers twin (same weights)
-        from hf_specssm.mamba_ssm_compat import drafter_from_mamba_ssm
-
         return drafter_from_mamba_ssm(assistant)
     raise ValueError(
         f"assistant_model must be a transformers causal LM or a hf_specssm Drafter, got {type(assistant).__name__}."
     )
+
+
+def drafter_from_mamba_ssm(model: torch.nn.Module, **options) -> ModelDrafter:
+    """A `ModelDrafter` over the transformers twin of a mamba-ssm `MambaLMHeadModel`
+    (`hf_specssm.drafters.mamba_ssm.to_transformers`).
+
+    Args:
+        model: the `MambaLMHeadModel`.
+        **options: `ModelDrafter` options (`num_draft_tokens`, `tree_shape`, …).
+    """
+    from hf_specssm.drafters.mamba_ssm import to_transformers
+
+    return ModelDrafter(to_transformers(model), **options)

@@ -1,0 +1,307 @@
+"""Running methods × prompt sets in one process and writing one JSONL row per (prompt, method, mode).
+
+Every method sees the same prompts, the same `max_new_tokens` and the same seed per prompt. The time of
+each call is split by forward hooks into target forwards, drafter forwards and the rest (draft
+selection, acceptance, cache work). Peak memory is the most heap memory held for live allocations (CPU,
+glibc `mallinfo2`, sampled every 5 ms) or allocated CUDA memory above what was held when the call started,
+plus the weights of the models the method uses. Rows already in the output file are
+skipped, so an interrupted run resumes; the target-alone row of a prompt is what speed-ups and
+"identical output" refer to.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_specssm.tools.bench.methods import GenerationSettings, Method
+from hf_specssm.tools.bench.prompt_sets import BenchPrompt
+
+
+class ForwardTimer:
+    """Wall time and number of calls of a module's `forward`, by hooks (removed by `close`)."""
+
+    def __init__(self, module: torch.nn.Module | None) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        self._started: list[float] = []
+        self._handles = []
+        if module is not None:
+            self._handles = [
+                module.register_forward_pre_hook(self._before),
+                module.register_forward_hook(self._after),
+            ]
+
+    def _before(self, module, args) -> None:
+        self._started.append(time.perf_counter())
+
+    def _after(self, module, args, output) -> None:
+        if self._started:
+            self.seconds += time.perf_counter() - self._started.pop()
+            self.calls += 1
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _heap_reader() -> Callable[[], int]:
+    """Bytes the C heap holds for live allocations (glibc `mallinfo2`; torch's CPU tensors live there),
+    else the resident set size: a process keeps freed pages, so RSS only shows growth past earlier peaks."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+        mallinfo2.restype = _MallInfo2
+
+        def heap_bytes() -> int:
+            info = mallinfo2()
+            return info.uordblks + info.hblkhd
+
+        heap_bytes()
+        return heap_bytes
+    except (AttributeError, OSError):
+
+        def rss_bytes() -> int:
+            try:
+                with open("/proc/self/statm") as handle:
+                    return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError):
+                return 0
+
+        return rss_bytes
+
+
+_heap_bytes = _heap_reader()
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict whose `"bytes"` is set, on exit, to the peak memory above the level at entry.
+
+    On CUDA that is torch's allocator peak. On CPU a thread samples glibc's heap (`mallinfo2`) every 5 ms,
+    so an allocation freed within a few milliseconds can be missed; a decoding call's caches and
+    activations live far longer.
+    """
+    result = {"bytes": 0}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            yield result
+        finally:
+            torch.cuda.synchronize(device)
+            result["bytes"] = max(0, torch.cuda.max_memory_allocated(device) - base)
+        return
+    base = _heap_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.005):
+            peak[0] = max(peak[0], _heap_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["bytes"] = max(0, max(peak[0], _heap_bytes()) - base)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a row: prompt set, prompt id, method, mode, max tokens."""
+    return (row["set"], row["prompt_id"], row["method"], row["mode"], row["max_new_tokens"])
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a results JSONL file (a torn last line is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(
+    method: Method,
+    target: torch.nn.Module,
+    input_ids: torch.Tensor,
+    settings: GenerationSettings,
+    seed: int,
+) -> dict:
+    """Run `method` once on `input_ids` `[1, P]`; its measurements (no prompt or method labels)."""
+    device = input_ids.device
+    target_timer, drafter_timer = ForwardTimer(target), ForwardTimer(method.drafter_model)
+    torch.manual_seed(seed)
+    try:
+        with peak_memory(device) as memory:
+            _sync(device)
+            started = time.perf_counter()
+            output = method.run(input_ids, settings)
+            _sync(device)
+            seconds = time.perf_counter() - started
+    finally:
+        target_timer.close()
+        drafter_timer.close()
+    sequences = output.sequences if hasattr(output, "sequences") else output
+    new_ids = sequences[0, input_ids.shape[1] :].tolist()
+    stats = method.stats() if method.stats is not None else None
+    # τ: tokens per target verification forward; transformers' loops verify in every target forward
+    # (the first one includes the prompt), ours prefill separately and count rounds
+    rounds = stats.rounds if stats is not None else target_timer.calls
+    return {
+        "new_tokens": len(new_ids),
+        "seconds": seconds,
+        "tokens_per_s": len(new_ids) / seconds if seconds > 0 else 0.0,
+        "target_forwards": target_timer.calls,
+        "rounds": rounds,
+        "tau": len(new_ids) / rounds if rounds else 0.0,
+        "drafted": stats.drafted_tokens if stats is not None else None,
+        "accepted": stats.accepted_tokens if stats is not None else None,
+        "target_s": target_timer.seconds,
+        "drafter_s": drafter_timer.seconds,
+        "other_s": max(0.0, seconds - target_timer.seconds - drafter_timer.seconds),
+        "peak_bytes": memory["bytes"],
+        "weight_bytes": _weight_bytes(target)
+        + (_weight_bytes(method.drafter_model) if method.drafter_model is not None else 0),
+        "output_ids": new_ids,
+    }
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    """Labels copied into every row: what ran where.
+
+    Attributes:
+        target: the target's name.
+        dtype: the models' dtype (`"bf16"`, `"fp32"`).
+        device: e.g. `"cpu (2 threads, amx_bf16)"` or a GPU name.
+    """
+
+    target: str
+    dtype: str
+    device: str
+
+
+def append_row(sink, row: dict, context: BenchContext) -> None:
+    """Write `row` with `context`'s labels as one JSONL line and flush it (so a crash loses no row)."""
+    sink.write(json.dumps({**row, **dataclasses.asdict(context)}) + "\n")
+    sink.flush()
+
+
+def run_benchmark(
+    target: torch.nn.Module,
+    tokenize,
+    methods: Sequence[Method],
+    prompts: Iterable[BenchPrompt],
+    settings: Sequence[GenerationSettings],
+    out_path: str | Path,
+    context: BenchContext,
+    warmup: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Run every method on every prompt under every setting; append rows to `out_path` (JSONL).
+
+    Per prompt the methods run one after another, the target alone first, so that a prompt's rows are
+    measured close together in time. Rows already in `out_path` are skipped (resume).
+
+    Args:
+        target: the target model (its forwards are timed as verification).
+        tokenize: `BenchPrompt → input_ids [1, P]` on the target's device.
+        methods: what to compare (`methods.standard_methods`).
+        prompts: the prompts, e.g. `load_prompt_set("gsm8k", limit=8)` for each set.
+        settings: generation settings (e.g. one greedy, one sampling).
+        out_path: the JSONL file.
+        context: labels for each row.
+        warmup: run each method once on the first prompt with 8 new tokens before timing anything.
+        seed: base seed; prompt `i` runs every method with seed `seed + i`.
+        progress: show a tqdm bar.
+
+    Returns:
+        all rows of `out_path` after the run.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    prompts = list(prompts)
+    done = {row_key(row) for row in read_rows(out_path)}
+    jobs = [
+        (index, prompt, setting, method)
+        for index, prompt in enumerate(prompts)
+        for setting in settings
+        for method in methods
+        if (prompt.set, prompt.id, method.name, setting.mode, setting.max_new_tokens) not in done
+    ]
+    if jobs and warmup:
+        first = tokenize(prompts[0])
+        for method in methods:
+            for setting in settings:
+                run_one(method, target, first, GenerationSettings(8, setting.do_sample), seed)
+    bar = tqdm(total=len(jobs), desc="bench", disable=not progress)
+    with open(out_path, "a") as sink:
+        for index, prompt, setting, method in jobs:
+            input_ids = tokenize(prompt)
+            measured = run_one(method, target, input_ids, setting, seed + index)
+            row = {
+                "set": prompt.set,
+                "prompt_id": prompt.id,
+                "method": method.name,
+                "family": method.family,
+                "mode": setting.mode,
+                "max_new_tokens": setting.max_new_tokens,
+                "prompt_tokens": input_ids.shape[1],
+                **measured,
+            }
+            append_row(sink, row, context)
+            bar.update(1)
+            bar.set_postfix(method=method.name, tok_s=f"{row['tokens_per_s']:.1f}")
+    bar.close()
+    return read_rows(out_path)

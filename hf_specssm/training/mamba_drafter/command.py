@@ -1,0 +1,317 @@
+"""`hf-specssm train-mamba-drafter STAGE`: distil, tokenize, train and export a Mamba2 drafter, offline.
+
+    distill   the target answers instructions built from this machine's Python source and docs
+    data      tokenize the answers, Python source and docs into token streams
+    train     train (resumes from the newest checkpoint in --out)
+    export    the newest checkpoint → a Hub-format folder in bf16, with a model card
+
+Every stage resumes: run the same command again after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from hf_specssm.training.mamba_drafter.data import HELDOUT_FILENAME, META_FILENAME, Mixture
+
+STAGES = ("distill", "data", "train", "export")
+
+
+def _resolve_model_path(spec: str) -> str:
+    """A fetcher name (`hf-specssm fetch --list`) → its converted folder; anything else is a path or id."""
+    from hf_specssm.tools.fetch import MODELS, fetch_model
+
+    if spec in MODELS:
+        return str(fetch_model(spec, progress=True))
+    return spec
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    """Stage `distill`: the target's greedy answers to `--count` instructions → `<data>/distilled.jsonl`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_specssm.training.mamba_drafter.distill import distill_answers
+    from hf_specssm.training.mamba_drafter.prompts import build_instructions
+
+    _threads(args)
+    path = _resolve_model_path(args.target)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    instructions = build_instructions(args.count, seed=args.seed, roots=args.corpus_root)
+    out = distill_answers(
+        target,
+        tokenizer,
+        instructions,
+        Path(args.data) / "distilled.jsonl",
+        batch_size=args.prompts_per_batch,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.quiet,
+    )
+    print(out)
+    return 0
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """Stage `data`: token streams and the held-out set in `--data`."""
+    from transformers import AutoTokenizer
+
+    from hf_specssm.training.mamba_drafter.data import build_token_data
+
+    tokenizer = AutoTokenizer.from_pretrained(_resolve_model_path(args.target))
+    meta = build_token_data(
+        args.data,
+        tokenizer,
+        Path(args.data) / "distilled.jsonl",
+        code_tokens=args.code_tokens,
+        doc_tokens=args.doc_tokens,
+        roots=args.corpus_root,
+        progress=not args.quiet,
+    )
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def _new_model(args: argparse.Namespace):
+    """A fresh drafter: vocabulary from the token counts, embeddings from the target's."""
+    from safetensors import safe_open
+
+    from hf_specssm.training.mamba_drafter.data import SOURCES, load_stream, select_vocabulary, token_counts
+    from hf_specssm.training.mamba_drafter.training import drafter_config, new_drafter
+
+    meta = json.loads((Path(args.data) / META_FILENAME).read_text())
+    target_path = _resolve_model_path(args.target)
+    target_config = json.loads((Path(target_path) / "config.json").read_text())
+    target_vocab = int(target_config["vocab_size"])
+    streams = [load_stream(args.data, source) for source in SOURCES]
+    first, final = Mixture(*args.mixture).weights(), Mixture(*args.final_mixture).weights()
+    mixture = {
+        name: (1 - args.final_fraction) * first[name] + args.final_fraction * final[name] for name in first
+    }
+    # weigh each stream by its share of training, per token
+    weights = [mixture[source] / max(stream.size, 1) for source, stream in zip(SOURCES, streams)]
+    counts = token_counts(streams, target_vocab, weights)
+    # the end-of-turn and end-of-text tokens are always draftable, however rare
+    eos = target_config.get("eos_token_id")
+    specials = [int(token) for token in (eos if isinstance(eos, list) else [eos]) if token is not None]
+    specials.append(int(meta["separator"]))
+    vocabulary = select_vocabulary(counts, args.draft_vocab - 1, always=specials)
+    coverage = counts[vocabulary.numpy()].sum() / counts.sum()
+    print(
+        f"draft vocabulary: {args.draft_vocab} entries cover {coverage:.2%} of the weighted training tokens"
+    )
+    embeddings = None
+    for file in sorted(Path(target_path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if key.endswith("embed_tokens.weight"):
+                    embeddings = handle.get_tensor(key)
+    config = drafter_config(
+        args.architecture, args.draft_vocab, target_vocab, tokenizer_reference=args.tokenizer_reference
+    )
+    return new_drafter(config, vocabulary, target_embeddings=embeddings, seed=args.seed)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Stage `train`: train into `--out` (resuming from its newest checkpoint)."""
+    from hf_specssm.drafters.mamba import MambaDrafterForCausalLM
+    from hf_specssm.training.checkpoints import latest_checkpoint
+    from hf_specssm.training.mamba_drafter.data import read_distilled
+    from hf_specssm.training.mamba_drafter.training import (
+        DrafterTrainingConfig,
+        estimate_acceptance,
+        parameter_count,
+        train_drafter,
+    )
+
+    _threads(args)
+    config = DrafterTrainingConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        block_length=args.block_length,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        checkpoint_every=args.checkpoint_every,
+        final_fraction=args.final_fraction,
+        mixture=Mixture(*args.mixture),
+        final_mixture=Mixture(*args.final_mixture),
+        seed=args.seed,
+        compile=args.compile,
+        progress=not args.quiet,
+    )
+    checkpoint = latest_checkpoint(args.out)
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint}")
+        model = MambaDrafterForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    else:
+        model = _new_model(args)
+    print(f"drafter: {parameter_count(model) / 1e6:.1f} M parameters")
+    heldout = list(read_distilled(Path(args.data) / HELDOUT_FILENAME))[: args.eval_records]
+    log = Path(args.out) / "eval.jsonl"
+
+    def evaluate(step: int, loss: float) -> None:
+        # the held-out estimate at every checkpoint, to see over-fitting to the distilled answers
+        if not heldout or step % config.checkpoint_every:
+            return
+        estimate = estimate_acceptance(model, heldout, draft_length=5, bf16=config.bf16)
+        model.train()
+        with open(log, "a") as sink:
+            sink.write(
+                json.dumps({"step": step, "loss": loss, "top1": estimate.top1, "tau": estimate.tau}) + "\n"
+            )
+        if not args.quiet:
+            print(
+                f"step {step}: held-out top-1 {estimate.top1:.3f}, simulated τ {estimate.tau:.2f}", flush=True
+            )
+
+    losses = train_drafter(model, args.data, args.out, config, on_step=evaluate)
+    tail = losses[-min(50, len(losses)) :]
+    print(f"trained {len(losses)} steps; mean loss of the last {len(tail)}: {sum(tail) / len(tail):.3f}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Stage `export`: newest checkpoint → `--export` in bf16, with the held-out estimate and a model card."""
+    from hf_specssm.drafters.mamba import MambaDrafterForCausalLM
+    from hf_specssm.training.checkpoints import latest_checkpoint, load_trainer_state
+    from hf_specssm.training.mamba_drafter.card import DrafterCardFacts, model_card
+    from hf_specssm.training.mamba_drafter.data import read_distilled
+    from hf_specssm.training.mamba_drafter.training import estimate_acceptance, parameter_count
+
+    _threads(args)
+    checkpoint = latest_checkpoint(args.out)
+    if checkpoint is None:
+        print(f"error: no checkpoint in {args.out}; run the train stage first")
+        return 1
+    state = load_trainer_state(checkpoint)
+    model = MambaDrafterForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    heldout = list(read_distilled(Path(args.data) / HELDOUT_FILENAME))
+    estimate = estimate_acceptance(model, heldout, draft_length=5)
+    print(
+        f"held-out: top-1 {estimate.top1:.3f}, simulated τ {estimate.tau:.2f} (k=5, {estimate.tokens} tokens)"
+    )
+    export = Path(args.export)
+    model.config.training_steps = int(state["step"])
+    model.to(torch.bfloat16).save_pretrained(export)
+    meta = json.loads((Path(args.data) / META_FILENAME).read_text())
+    tokens = meta["tokens"]
+    records = meta["distilled_records"]
+    facts = DrafterCardFacts(
+        target=args.target_reference,
+        tokenizer=model.config.tokenizer_reference or args.target_reference,
+        architecture=(
+            f"Mamba2, {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
+            f"{model.config.num_heads} heads × {model.config.head_dim}, state {model.config.state_size}, "
+            "tied embeddings"
+        ),
+        parameters=parameter_count(model),
+        size_bytes=(export / "model.safetensors").stat().st_size,
+        draft_vocab=(model.config.vocab_size, model.config.target_vocab_size),
+        data=(
+            f"{records['train']} answers of the target to instructions built offline ({meta['distilled_domains']}; "
+            f"{tokens['chat'] / 1e6:.2f} M tokens), Python source of the standard library and installed packages "
+            f"({tokens['code'] / 1e6:.1f} M tokens), documentation prose ({tokens['docs'] / 1e6:.1f} M tokens); "
+            "no benchmark prompts"
+        ),
+        steps=int(state["step"]),
+        tokens=int(state.get("tokens", 0)),
+        compute=f"{float(state.get('seconds', 0)) / 3600:.1f} h on {_machine()}",
+        heldout={"top1": estimate.top1, "tau": estimate.tau, "k": estimate.draft_length} if estimate else {},
+        measured=list(args.measured or []),
+    )
+    (export / "README.md").write_text(model_card(facts))
+    print(export)
+    return 0
+
+
+def _machine() -> str:
+    cores = os.cpu_count() or 0
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{cores} CPU cores ({platform.processor() or platform.machine()})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `train-mamba-drafter` options."""
+    parser.add_argument("stage", choices=STAGES, help="which stage to run (each resumes)")
+    parser.add_argument(
+        "--target",
+        default="qwen2.5-coder-1.5b-instruct",
+        help="target model folder, or a name from `hf-specssm fetch --list` (fetched when missing)",
+    )
+    parser.add_argument("--data", default="artifacts/mamba-drafter/data", help="data folder (all stages)")
+    parser.add_argument(
+        "--out", default="artifacts/mamba-drafter/run", help="checkpoint folder (train, export)"
+    )
+    parser.add_argument("--export", default="checkpoints/mamba2-qwen2.5-coder", help="export folder (export)")
+    parser.add_argument(
+        "--corpus-root",
+        type=Path,
+        action="append",
+        help="folder of Python source and docs to build data from (repeatable; default: the standard library, "
+        "site-packages and /usr/share/doc)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    distill = parser.add_argument_group("distill")
+    distill.add_argument("--count", type=int, default=2400, help="instructions to answer")
+    distill.add_argument("--prompts-per-batch", type=int, default=64, help="prompts per generate call")
+    distill.add_argument("--max-new-tokens", type=int, default=256)
+    distill.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    data = parser.add_argument_group("data")
+    data.add_argument("--code-tokens", type=int, default=20_000_000)
+    data.add_argument("--doc-tokens", type=int, default=3_000_000)
+    train = parser.add_argument_group("train")
+    train.add_argument("--architecture", default="mamba2-18m")
+    train.add_argument(
+        "--draft-vocab", type=int, default=16384, help="draft vocabulary entries ('other' included)"
+    )
+    train.add_argument("--tokenizer-reference", default="Qwen/Qwen2.5-Coder-1.5B-Instruct")
+    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--batch-size", type=int, default=8, help="blocks per step")
+    train.add_argument("--block-length", type=int, default=1024)
+    train.add_argument("--learning-rate", type=float, default=2e-3)
+    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--final-fraction", type=float, default=0.3)
+    from hf_specssm.training.mamba_drafter.training import DrafterTrainingConfig
+
+    defaults = DrafterTrainingConfig()
+    for flag, default, steps in (
+        ("--mixture", defaults.mixture, "the first steps"),
+        ("--final-mixture", defaults.final_mixture, "the last --final-fraction of the steps"),
+    ):
+        train.add_argument(
+            flag, type=float, nargs=3, default=list(dataclasses.astuple(default)), metavar=("CHAT", "CODE", "DOCS"),
+            help=f"source weights of {steps}",
+        )  # fmt: skip
+    train.add_argument("--checkpoint-every", type=int, default=50)
+    train.add_argument(
+        "--compile", action="store_true", help="torch.compile the training step (faster after ~80 s)"
+    )
+    train.add_argument(
+        "--eval-records", type=int, default=40, help="held-out answers scored at each checkpoint"
+    )
+    export = parser.add_argument_group("export")
+    export.add_argument("--target-reference", default="Qwen/Qwen2.5-Coder-1.5B-Instruct")
+    export.add_argument("--measured", nargs="*", help="end-to-end results to record in the model card")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed stage."""
+    return {"distill": run_distill, "data": run_data, "train": run_train, "export": run_export}[args.stage](
+        args
+    )

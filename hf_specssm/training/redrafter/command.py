@@ -1,0 +1,231 @@
+"""`hf-specssm train-redrafter`: train a ReDrafter head for a target on a local corpus, offline.
+
+`--target` is a local model folder (or Hub id) or one of the toy targets (tiny random models built from a
+config, for trying things out without downloads). Without `--data`, a toy target trains on its own greedy
+continuations of random prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from hf_specssm.drafters.redrafter.configuration import ReDrafterConfig
+from hf_specssm.drafters.redrafter.modeling import ReDrafterHead
+from hf_specssm.testing.tiny import TINY_HIDDEN, TINY_VOCAB, tiny_model
+from hf_specssm.training.checkpoints import checkpoints, latest_checkpoint
+from hf_specssm.training.redrafter.training import (
+    TrainingConfig,
+    TrainingData,
+    blocks_from_documents,
+    distill,
+    mean_accepted_length,
+    random_prompts,
+    read_corpus,
+    train_head,
+)
+
+TOY_VOCAB = TINY_VOCAB
+TOY_HIDDEN = TINY_HIDDEN
+TOY_TARGETS = ("toy-llama", "toy-mamba2", "toy-jamba")
+DATA_FILE = "training_data.pt"
+EVAL_FILE = "eval_prompts.pt"
+
+
+def toy_target(name: str, seed: int = 0) -> PreTrainedModel:
+    """A tiny random fp32 target (vocabulary 64, hidden size 32) without an end-of-sequence token.
+
+    Args:
+        name: `"toy-llama"` (2 attention layers), `"toy-mamba2"` (2 Mamba2 layers) or `"toy-jamba"`
+            (Mamba, attention, Mamba).
+        seed: seeds the random weights.
+    """
+    if name not in TOY_TARGETS:
+        raise ValueError(f"unknown toy target {name!r}; choose one of {TOY_TARGETS}.")
+    model = tiny_model(name.removeprefix("toy-"), seed=seed, vocab=TOY_VOCAB)
+    # random models emit their end-of-sequence id by chance; toy continuations run to full length
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def load_target(spec: str, seed: int, device: str):
+    """`(target, tokenizer or None)` for a toy name or a model folder / Hub id."""
+    if spec in TOY_TARGETS:
+        return toy_target(spec, seed).to(device), None
+    target = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError):
+        tokenizer = None
+    return target, tokenizer
+
+
+def build_data(
+    args: argparse.Namespace, target: PreTrainedModel, tokenizer
+) -> tuple[TrainingData, torch.Tensor]:
+    """The training data and `[K, P]` evaluation prompts the arguments ask for."""
+    vocab = target.config.get_text_config(decoder=True).vocab_size
+    if args.data is None:
+        if args.target not in TOY_TARGETS:
+            raise ValueError(
+                "--data is required for a real target (toy targets can distil from random prompts)."
+            )
+        prompts = random_prompts(vocab, args.distill_samples, args.prompt_length, seed=args.seed)
+        evaluation = random_prompts(vocab, args.eval_prompts, args.prompt_length, seed=args.seed + 1)
+        data = distill(
+            target,
+            prompts,
+            args.distill_new_tokens,
+            description=f"{args.distill_samples} random prompts of {args.prompt_length} tokens",
+            progress=not args.quiet,
+        )
+        return data, evaluation
+    documents = read_corpus(args.data, tokenizer)
+    long_enough = [document for document in documents if len(document) >= args.prompt_length]
+    # the last documents are held out: their openings are the evaluation prompts
+    held_out = long_enough[len(long_enough) - args.eval_prompts :] if args.eval_prompts else []
+    evaluation = torch.tensor([document[: args.prompt_length] for document in held_out], dtype=torch.long)
+    training = documents[: len(documents) - len(held_out)] if held_out else documents
+    name = Path(args.data).name
+    if args.distill:
+        openings = [
+            document[: args.prompt_length] for document in training if len(document) >= args.prompt_length
+        ]
+        prompts = torch.tensor(openings[: args.distill_samples], dtype=torch.long)
+        data = distill(
+            target,
+            prompts,
+            args.distill_new_tokens,
+            description=f"openings of {prompts.shape[0]} documents of {name}",
+            progress=not args.quiet,
+        )
+    else:
+        data = blocks_from_documents(
+            training, args.seq_length, description=f"{name} ({len(training)} documents)"
+        )
+    return data, evaluation.reshape(-1, args.prompt_length)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or resume training) a head as the arguments say; save it with its model card to `--out`."""
+    torch.set_num_threads(args.threads)
+    if args.quiet:
+        # transformers' own bars (saving and loading checkpoints) too
+        transformers.utils.logging.disable_progress_bar()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.restart:
+        for folder in checkpoints(out):
+            shutil.rmtree(folder)
+        for name in (DATA_FILE, EVAL_FILE):
+            (out / name).unlink(missing_ok=True)
+    target, tokenizer = load_target(args.target, args.seed, args.device)
+    if args.target in TOY_TARGETS and not (out / "target").exists():
+        # the toy target is part of the result: the head drafts for exactly these weights
+        target.save_pretrained(out / "target")
+    if (out / DATA_FILE).exists():
+        data, evaluation = TrainingData.load(out / DATA_FILE), torch.load(out / EVAL_FILE, weights_only=True)
+    else:
+        data, evaluation = build_data(args, target, tokenizer)
+        data.save(out / DATA_FILE)
+        torch.save(evaluation, out / EVAL_FILE)
+    text_config = target.config.get_text_config(decoder=True)
+    config = ReDrafterConfig(
+        hidden_size=text_config.hidden_size,
+        vocab_size=text_config.vocab_size,
+        rnn=not args.no_rnn,
+        num_draft_layers=args.num_draft_layers,
+        exit_dim=args.exit_dim,
+        beam_width=args.beam_width,
+        beam_length=args.beam_length,
+        target_name=args.target,
+        target_model_type=target.config.model_type,
+        training_data=data.description,
+    )
+    torch.manual_seed(args.seed)
+    head = ReDrafterHead(config).to(args.device)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None:
+        untrained = ReDrafterConfig.from_pretrained(checkpoint).untrained_mean_accepted_length
+        print(f"resuming from {checkpoint}")
+    elif evaluation.shape[0]:
+        untrained = mean_accepted_length(target, head.attach(target), evaluation, args.eval_new_tokens)
+    else:
+        untrained = None
+    head.config.untrained_mean_accepted_length = untrained
+    training = TrainingConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    losses = train_head(head, target, data, training, output_dir=out)
+    if evaluation.shape[0]:
+        head.config.mean_accepted_length = mean_accepted_length(
+            target, head, evaluation, args.eval_new_tokens
+        )
+    head.save_pretrained(out)
+    tail = losses[-min(20, len(losses)) :]
+    print(f"trained {head.config.training_steps} steps on {data.description}")
+    print(f"final loss (mean of the last {len(tail)} steps): {sum(tail) / max(1, len(tail)):.3f}")
+    if untrained is not None:
+        print(
+            f"mean accepted length τ over {evaluation.shape[0]} prompts × {args.eval_new_tokens} tokens: "
+            f"untrained {untrained:.3f} → trained {head.config.mean_accepted_length:.3f}"
+        )
+    print(f"saved to {out} (config.json, model.safetensors, README.md)")
+    if args.push_to_hub:
+        head.push_to_hub(args.push_to_hub)
+        print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `train-redrafter` options."""
+    parser.add_argument(
+        "--target", required=True, help=f"model folder or Hub id, or one of {', '.join(TOY_TARGETS)}"
+    )
+    parser.add_argument("--data", help="corpus: .jsonl (input_ids, text, messages or conversations) or text")
+    parser.add_argument("--out", required=True, help="output folder (head, card, checkpoints)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="delete the checkpoints and data already in --out and start over",
+    )
+    parser.add_argument("--seq-length", type=int, default=64, help="block length for corpus training")
+    parser.add_argument(
+        "--distill", action="store_true", help="train on the target's greedy continuations of corpus openings"
+    )
+    parser.add_argument(
+        "--prompt-length", type=int, default=8, help="distillation and evaluation prompt length"
+    )
+    parser.add_argument("--distill-samples", type=int, default=256)
+    parser.add_argument("--distill-new-tokens", type=int, default=40)
+    parser.add_argument("--beam-width", type=int, default=4)
+    parser.add_argument("--beam-length", type=int, default=4)
+    parser.add_argument("--num-draft-layers", type=int, default=2)
+    parser.add_argument("--exit-dim", type=int, default=None)
+    parser.add_argument("--no-rnn", action="store_true", help="running-sum state instead of the RNN")
+    parser.add_argument("--eval-prompts", type=int, default=8, help="prompts for measuring τ (0: skip)")
+    parser.add_argument("--eval-new-tokens", type=int, default=40)
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="upload the trained head to this Hub repository"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
