@@ -19,6 +19,8 @@ from hf_specssm.drafters import (  # noqa: E402
     ModelDrafter,
     NgramTableDrafter,
     PromptLookupDrafter,
+    RoundPlan,
+    TreeDrafter,
 )
 from hf_specssm.drafters.mamba import MambaDrafterConfig, MambaDrafterForCausalLM  # noqa: E402
 from hf_specssm.drafters.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead  # noqa: E402
@@ -50,8 +52,10 @@ __all__ = [
     "ReDrafterConfig",
     "ReDrafterDrafter",
     "ReDrafterHead",
+    "RoundPlan",
     "SpeculationStats",
     "SpeculativeDecoderOnlyOutput",
+    "TreeDrafter",
     "UCBTreePolicy",
     "__version__",
     "enable",

@@ -23,13 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
-from transformers.cache_utils import (
-    DynamicCache,
-    DynamicLayer,
-    LinearAttentionAndFullAttentionLayer,
-    LinearAttentionAndSlidingWindowAttentionLayer,
-    LinearAttentionCacheLayerMixin,
-)
+from transformers.cache_utils import DynamicCache
 
 from hf_specssm import _compat
 from hf_specssm.kernels.state_gather import gather_rows
@@ -72,11 +66,9 @@ class ForkableCache(DynamicCache):
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config=config)
-        for idx, layer in enumerate(self.layers):
-            # A hybrid layer with a sliding window would need past recording, which also changes how its
-            # mixer updates the conv window. Keeping all keys instead is exact (the mask applies the window).
-            if isinstance(layer, LinearAttentionAndSlidingWindowAttentionLayer):
-                self.layers[idx] = LinearAttentionAndFullAttentionLayer()
+        # A hybrid layer with a sliding window would need past recording, which also changes how its mixer
+        # updates the conv window. Keeping all keys instead is exact (the mask applies the window).
+        _compat.use_full_attention_in_hybrid_layers(self)
         _compat.enable_attention_rollback(self)
         self._seen_tokens = 0
         self._has_linear = any(_compat.is_linear_layer(layer) for layer in self.layers)
@@ -159,14 +151,7 @@ class ForkableCache(DynamicCache):
                 store[key] = saved.clone()
 
     def _initialized_attention_layers(self) -> list:
-        return [
-            layer
-            for layer in self.layers
-            if _compat.is_attention_layer(layer)
-            and getattr(layer, "is_initialized", False)
-            and layer.keys is not None
-            and layer.keys.numel() > 0
-        ]
+        return [layer for layer in self.layers if _compat.attention_holds_tokens(layer)]
 
     def _batch_size(self) -> int:
         states = self._live_states()
@@ -183,10 +168,7 @@ class ForkableCache(DynamicCache):
             if length > current:
                 raise RuntimeError(f"cannot extend an attention layer from {current} to {length} tokens.")
             # `crop` on hybrid layers also trims the conv window; only their attention part is cropped here.
-            if _compat.is_linear_layer(layer):
-                DynamicLayer.crop(layer, length - current)
-            else:
-                layer.crop(length - current)
+            _compat.crop_attention_part(layer, length - current)
 
     # ------------------------------------------------------------------ ragged rows
 
@@ -211,7 +193,7 @@ class ForkableCache(DynamicCache):
         if self._conv_row_lengths is None:
             return full
         state_idx = args[0] if args else kwargs.get("state_idx", 0)
-        stored = self.layers[layer_idx].conv_states[state_idx]
+        stored = _compat.stored_conv_state(self.layers[layer_idx], state_idx)
         width, new = stored.shape[-1], conv_states.shape[-1]
         past = full.shape[-1] - new
         for row, length in enumerate(self._conv_row_lengths):
@@ -320,7 +302,7 @@ class ForkableCache(DynamicCache):
             for layer in self.layers:
                 if _compat.is_linear_layer(layer):
                     # only the recurrent part: hybrid layers keep their keys (cropped separately)
-                    LinearAttentionCacheLayerMixin.reset(layer)
+                    _compat.reset_recurrent_part(layer)
             return
         self._write_states(self._slots[slot_idx])
 
@@ -379,28 +361,9 @@ class ForkableCache(DynamicCache):
         for idx, layer in enumerate(batch.layers):
             rows = [cache.layers[idx] for cache in caches]
             if _compat.is_linear_layer(layer) and template is not None:
-                source = template.layers[idx]
-                layer.device, layer.dtype = source.device, source.dtype
-                for key in range(layer.number_of_states):
-                    layer.conv_kernel_size[key] = source.conv_kernel_size[key]
-                    for store, flag in (("conv_states", "is_conv_states_initialized"),
-                                        ("recurrent_states", "is_recurrent_states_initialized")):  # fmt: skip
-                        if not getattr(source, flag)[key]:
-                            continue
-                        zeros = torch.zeros_like(getattr(source, store)[key])
-                        parts = [
-                            getattr(row, store)[key]
-                            if getattr(row, flag)[key] and row.has_previous_state[key]
-                            else zeros
-                            for row in rows
-                        ]
-                        getattr(layer, store)[key] = torch.cat(parts, dim=0)
-                        getattr(layer, flag)[key] = True
-                    layer.has_previous_state[key] = True
+                _compat.stack_recurrent_rows(layer, rows, template.layers[idx])
             if _compat.is_attention_layer(layer):
-                filled = [
-                    row for row in rows if getattr(row, "is_initialized", False) and row.keys.numel() > 0
-                ]
+                filled = [row for row in rows if _compat.attention_holds_tokens(row)]
                 if not filled:
                     continue
                 longest = max(row.keys.shape[2] for row in filled)
@@ -411,8 +374,7 @@ class ForkableCache(DynamicCache):
                     pad = filled[0].keys.new_zeros(pad_shape)
                     keys.append(torch.cat([pad, row.keys], dim=2) if length else pad)
                     values.append(torch.cat([pad, row.values], dim=2) if length else pad)
-                DynamicLayer.lazy_initialization(layer, keys[0], values[0])
-                layer.keys, layer.values = torch.cat(keys, dim=0), torch.cat(values, dim=0)
+                _compat.set_attention_tensors(layer, torch.cat(keys, dim=0), torch.cat(values, dim=0))
         batch._seen_tokens = max(cache.seen_tokens for cache in caches)
         return batch
 
@@ -432,6 +394,17 @@ class ForkableCache(DynamicCache):
             layer.values = layer.values.gather(
                 2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[3])
             )
+
+    def keep_positions(self, positions: torch.Tensor) -> None:
+        """Keep only sequence positions `positions` of every initialised attention layer's keys and values.
+
+        A tree round keeps the cached prefix, the fed chain and one root-to-node path, which `crop` (a
+        suffix) cannot express; recurrent layers are left alone (their state is committed separately).
+
+        Args:
+            positions: `[S']` strictly ascending long positions, counted from the first cached token.
+        """
+        _compat.keep_attention_positions(self, torch.as_tensor(positions, dtype=torch.long))
 
     def select(self, indices: torch.Tensor) -> None:
         """Keep rows `indices` (a 1-D long tensor, repeats allowed) of every layer, in that order.

@@ -11,7 +11,6 @@ One round reads like the papers: draft → verify → accept → commit. The loo
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -19,21 +18,13 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel,
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from hf_specssm import _compat
-from hf_specssm.decoding.acceptance import accept_greedy, accept_sampling, accept_tree_sampling
-from hf_specssm.drafters import Draft, Drafter, DraftSampler, as_drafter
+from hf_specssm.decoding.round import Row, SpeculativeLoop
+from hf_specssm.drafters import Drafter, as_drafter
 from hf_specssm.drafters.model import _check_causal_lm
 from hf_specssm.drafters.ngram import PromptLookupDrafter
+from hf_specssm.inputs import validate_generate_inputs
 from hf_specssm.stats import SpeculationStats
-from hf_specssm.targets.batched import batched_speculative_generate
-from hf_specssm.targets.verification import (
-    VERIFICATION_METHODS,
-    AttentionTarget,
-    JointTarget,
-    RecurrentTarget,
-    process_scores,
-    process_tree_scores,
-)
-from hf_specssm.tree import TokenTree, accept_tree_greedy
+from hf_specssm.targets import make_target
 
 _ENABLED_FLAG = "_hf_specssm_enabled"
 
@@ -58,6 +49,9 @@ def _validate_call(
 ) -> None:
     """Raise `ValueError` for every input the loop does not handle, before anything is touched."""
     _check_causal_lm(model, role="target")
+    validate_generate_inputs(
+        model, input_ids, model_kwargs, generation_config, drafter_model=getattr(drafter, "model", None)
+    )
     if generation_config.num_return_sequences > 1:
         raise ValueError("speculative decoding returns one sequence per prompt: set num_return_sequences=1.")
     if generation_config.num_beams > 1:
@@ -76,63 +70,6 @@ def _validate_call(
             "output_attentions / output_hidden_states are not available with speculative decoding."
         )
     drafter.validate_for(model)
-
-
-def _make_target(model: PreTrainedModel, model_kwargs: dict, verification: str) -> AttentionTarget:
-    """The verifier for `model`, chosen by its cache layer types (recurrent layers or attention only)."""
-    if verification not in VERIFICATION_METHODS:
-        raise ValueError(f"verification must be one of {VERIFICATION_METHODS}, got {verification!r}.")
-    if _compat.config_has_recurrent_layers(model.config):
-        # generate() prepared a DynamicCache; ours replaces it (same layers, plus rollback).
-        if verification == "joint":
-            return JointTarget(model)
-        return RecurrentTarget(model, method=verification)
-    return AttentionTarget(model, model_kwargs.get(_compat.cache_kwarg_name(model)))
-
-
-def _tree_verification_problem(model: PreTrainedModel, verification: str) -> str | None:
-    """Why this target cannot verify trees in this call, or `None` when it can."""
-    if not _compat.config_has_recurrent_layers(model.config):
-        return None
-    if verification == "joint":
-        return "Joint Attainment and Advancement verifies chains; use verification='replay' for trees."
-    # SSM and hybrid targets verify trees with the tree scan (hf_specssm.ssm.tree_scan)
-    from hf_specssm.ssm.tree_scan import check_tree_scan
-
-    try:
-        check_tree_scan(model)
-    except ValueError as error:
-        return str(error)
-    return None
-
-
-def _check_tree_round(model: PreTrainedModel, drafter: Drafter, verification: str) -> None:
-    """Raise `ValueError` for what tree rounds do not cover yet."""
-    if not hasattr(drafter, "draft_tree"):
-        raise ValueError(f"{type(drafter).__name__} cannot draft trees; drop tree_shape or use ModelDrafter.")
-    problem = _tree_verification_problem(model, verification)
-    if problem is not None:
-        raise ValueError(problem)
-
-
-def _select_next(
-    draft: Draft,
-    scores: torch.Tensor,
-    do_sample: bool,
-) -> tuple[int, int]:
-    """Acceptance for one round: `(num_accepted, next_token)`."""
-    if not do_sample:
-        return accept_greedy(draft.tokens[0], scores)
-    target_probs = torch.softmax(scores, dim=-1)
-    draft_probs = draft.probs[0] if draft.probs is not None else None
-    return accept_sampling(draft.tokens[0], draft_probs, target_probs)
-
-
-def _select_tree_path(tree: TokenTree, scores: torch.Tensor, do_sample: bool) -> tuple[list[int], int]:
-    """Acceptance for one tree round: `(accepted path, next_token)`."""
-    if not do_sample:
-        return accept_tree_greedy(tree, scores)
-    return accept_tree_sampling(tree, torch.softmax(scores, dim=-1))
 
 
 @torch.no_grad()
@@ -173,147 +110,83 @@ def speculative_generate(
         raise ValueError("speculative decoding needs a drafter: pass assistant_model= (or drafter=).")
     drafter = as_drafter(drafter)
     _validate_call(model, input_ids, generation_config, model_kwargs, drafter)
-    if input_ids.shape[0] > 1:
-        if spec_streamer is not None:
-            raise ValueError("streamers take one sequence: pass one prompt per call to stream.")
-        if verification != "replay":
-            raise ValueError("batched speculative decoding commits SSM state by Activation Replay only.")
-        if drafter.wants_target_hidden:
-            raise ValueError(
-                f"{type(drafter).__name__} drafts one prompt per call: pass prompts one at a time."
-            )
-        sequences, stats, cache = batched_speculative_generate(
-            model,
-            input_ids,
-            model_kwargs.get("attention_mask"),
-            logits_processor,
-            stopping_criteria,
-            generation_config,
-            drafter,
-            _select_next,
-            process_scores,
+    rows = [
+        Row(
+            index=b,
+            left_pad=pad,
+            sequence=prompt[None],
+            drafter=drafter if input_ids.shape[0] == 1 else drafter.spawn(),
         )
-        model.last_speculation_stats = stats
-        if generation_config.return_dict_in_generate:
-            return SpeculativeDecoderOnlyOutput(
-                sequences=sequences, past_key_values=cache, speculation_stats=stats
-            )
-        return sequences
-
-    target = _make_target(model, model_kwargs, verification)
-    sampler = DraftSampler(logits_processor, generation_config.do_sample)
-    policy = drafter.length_policy
-    stats = SpeculationStats()
+        for b, (pad, prompt) in enumerate(split_rows(input_ids, model_kwargs.get("attention_mask")))
+    ]
     want_dict = generation_config.return_dict_in_generate
-    scores_out = () if want_dict and generation_config.output_scores else None
-    logits_out = () if want_dict and generation_config.output_logits else None
-    max_length = generation_config.max_length
-
-    tree_policy = getattr(drafter, "tree_policy", None)
-    tree_shape = drafter.config.tree_shape
-    # drafters that shape their own trees (ReDrafter's deduplicated beams) draft chains where trees cannot
-    # be verified (Joint Attainment and Advancement, mixers without a tree scan)
-    dynamic_trees = (
-        getattr(drafter, "drafts_trees", False) and _tree_verification_problem(model, verification) is None
+    for row in rows:
+        row.scores = () if want_dict and generation_config.output_scores else None
+        row.logits = () if want_dict and generation_config.output_logits else None
+    pad_token_id = _pad_token_id(generation_config)
+    target = make_target(
+        model,
+        model_kwargs.get(_compat.cache_kwarg_name(model)),
+        verification,
+        num_rows=len(rows),
+        pad_token_id=pad_token_id,
     )
-    tree_mode = tree_shape is not None or tree_policy is not None or dynamic_trees
-    if tree_mode:
-        _check_tree_round(model, drafter, verification)
-    target.capture_hidden = drafter.wants_target_hidden
-
-    def commit_tokens(tokens: list[int], scores: torch.Tensor, logits_rows: torch.Tensor) -> tuple[int, bool]:
-        """Append `tokens` one by one, honouring the stopping criteria; returns `(committed, finished)`."""
-        nonlocal input_ids, scores_out, logits_out
-        for position, token in enumerate(tokens):
-            input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
-            if scores_out is not None:
-                scores_out += (scores[position : position + 1],)
-            if logits_out is not None:
-                logits_out += (logits_rows[position : position + 1],)
-            if spec_streamer is not None:
-                spec_streamer.put(input_ids[:, -1].cpu())
-            if bool(stopping_criteria(input_ids, scores_out).all()):
-                return position + 1, True
-        return len(tokens), False
-
-    loop_start = time.perf_counter()
-    drafter.begin(input_ids)
-    try:
-        finished = input_ids.shape[1] >= max_length
-        while not finished:
-            prefix_length = input_ids.shape[1]
-            room = max_length - prefix_length
-            t0 = time.perf_counter()
-            shape = tree_policy.choose() if tree_policy is not None else tree_shape
-            depth = len(shape) if shape is not None else getattr(drafter, "max_tree_depth", 0)
-            if tree_mode and room > depth:
-                # draft → verify (tree mask) → accept the longest matching path → commit
-                tree = drafter.draft_tree(input_ids, sampler, shape)
-                t1 = time.perf_counter()
-                logits = target.score_tree(input_ids, tree)
-                scores = process_tree_scores(logits_processor, input_ids, tree, logits)
-                path, next_token = _select_tree_path(tree, scores, generation_config.do_sample)
-                t2 = time.perf_counter()
-                rows = [0, *(node + 1 for node in path)]
-                committed, finished = commit_tokens(
-                    [*tree.tokens[path].tolist(), next_token], scores[rows], logits[0, rows]
-                )
-                kept = path[: min(len(path), committed)]
-                target.keep_tree(kept)
-                if drafter.wants_target_hidden:
-                    drafter.observe_target_hidden(target.last_hidden[:, rows[committed - 1]])
-                drafter.commit_tree(input_ids, kept)
-                drafted, num_accepted = tree.size, len(path)
-                if shape is not None:
-                    stats.tree_shapes.append(shape)
-                if tree_policy is not None:
-                    tree_policy.update(committed, time.perf_counter() - t0)
-            else:
-                # draft → verify → accept → commit (in tree mode: when too little room is left for a tree)
-                num_draft = max(0, min(policy.next_length(), room - 1))
-                if num_draft > 0:
-                    draft = drafter.draft(input_ids, num_draft, sampler)
-                else:
-                    draft = Draft(tokens=input_ids.new_empty((1, 0)))
-                t1 = time.perf_counter()
-                logits = target.score(input_ids, draft.tokens)
-                scores = process_scores(logits_processor, input_ids, draft.tokens, logits)
-                num_accepted, next_token = _select_next(draft, scores, generation_config.do_sample)
-                t2 = time.perf_counter()
-                committed, finished = commit_tokens(
-                    [*draft.tokens[0, :num_accepted].tolist(), next_token], scores, logits[0]
-                )
-                kept_drafts = min(num_accepted, committed)
-                target.keep(prefix_length + kept_drafts)
-                if drafter.wants_target_hidden:
-                    drafter.observe_target_hidden(target.last_hidden[:, committed - 1])
-                drafter.commit(input_ids, kept_drafts)
-                policy.update(draft.length, num_accepted, t1 - t0, t2 - t1)
-                drafted = draft.length
-            stats.record_round(drafted, num_accepted, committed)
-            if spec_streamer is not None and hasattr(spec_streamer, "on_round"):
-                spec_streamer.on_round(min(num_accepted, committed), committed)
-            stats.draft_time_s += t1 - t0
-            stats.verify_time_s += t2 - t1
-            stats.forward_passes += 1
-    finally:
-        drafter.end()
-        target.close()
-    stats.total_time_s = time.perf_counter() - loop_start
-    stats.peak_verification_bytes = target.peak_verification_bytes
-
-    if spec_streamer is not None:
-        spec_streamer.end()
+    loop = SpeculativeLoop(
+        target, logits_processor, stopping_criteria, generation_config, streamer=spec_streamer
+    )
+    stats = loop.run(rows)
     model.last_speculation_stats = stats
+    sequences = _collect(rows, input_ids, pad_token_id)
     if want_dict:
         return SpeculativeDecoderOnlyOutput(
-            sequences=input_ids,
-            scores=scores_out,
-            logits=logits_out,
+            sequences=sequences,
+            scores=rows[0].scores if len(rows) == 1 else None,
+            logits=rows[0].logits if len(rows) == 1 else None,
             past_key_values=target.cache,
             speculation_stats=stats,
         )
-    return input_ids
+    return sequences
+
+
+def split_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`(left padding [P], prompt [L])` per row; raises `ValueError` for right or inner padding."""
+    rows = []
+    for b in range(input_ids.shape[0]):
+        if attention_mask is None:
+            rows.append((input_ids[b, :0], input_ids[b]))
+            continue
+        mask = attention_mask[b].bool()
+        start = int(mask.float().argmax()) if mask.any() else input_ids.shape[1]
+        if not mask[start:].all() or start == input_ids.shape[1]:
+            raise ValueError(
+                "batched prompts must be left-padded (attention_mask zeros only before each prompt, and every "
+                "prompt non-empty)."
+            )
+        rows.append((input_ids[b, :start], input_ids[b, start:]))
+    return rows
+
+
+def _pad_token_id(generation_config: GenerationConfig) -> int:
+    """The padding token of batched outputs: `pad_token_id`, else the (first) EOS token, else 0."""
+    if generation_config.pad_token_id is not None:
+        return generation_config.pad_token_id
+    eos = generation_config.eos_token_id
+    if eos is None:
+        return 0
+    return eos[0] if isinstance(eos, list) else eos
+
+
+def _collect(rows: list[Row], input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """`[B, L]` sequences: each row's padding and tokens, right-padded to the longest (transformers' layout)."""
+    if len(rows) == 1 and rows[0].left_pad.numel() == 0:
+        return rows[0].sequence
+    total = max(row.length for row in rows)
+    output = input_ids.new_full((len(rows), total), pad_token_id)
+    for row in rows:
+        output[row.index, : row.length] = row.padded()[0]
+    return output
 
 
 def generate(

@@ -18,6 +18,8 @@ class SpeculationStats:
             criterion ended the call inside a round).
         draft_time_s: wall time spent drafting.
         verify_time_s: wall time spent in target forwards and acceptance.
+        commit_time_s: wall time spent bringing the target's cache to the accepted tokens (replay,
+            re-feed, crop).
         total_time_s: wall time of the whole decoding loop.
         tree_shapes: the tree shape drafted in each fixed-shape tree round (what a `UCBTreePolicy` chose,
             over time); dynamic trees (`DynamicTreePolicy`, ReDrafter beams) have no fixed shape.
@@ -31,6 +33,7 @@ class SpeculationStats:
     committed_tokens: list[int] = field(default_factory=list)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+    commit_time_s: float = 0.0
     total_time_s: float = 0.0
     peak_verification_bytes: int = 0
     forward_passes: int = 0
@@ -92,5 +95,6 @@ class SpeculationStats:
             f"{self.new_tokens} tokens in {self.rounds} rounds, τ={self.mean_accepted_length:.2f}, "
             f"acceptance {self.acceptance_rate:.0%} of {self.drafted_tokens} drafted, "
             f"draft {self.draft_time_s * 1e3:.0f} ms, verify {self.verify_time_s * 1e3:.0f} ms, "
+            f"commit {self.commit_time_s * 1e3:.0f} ms, "
             f"{self.tokens_per_second:.1f} tok/s"
         )

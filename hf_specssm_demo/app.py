@@ -54,6 +54,9 @@ with a head that is not trained yet, so it shows the mechanism rather than a spe
 REAL_NOTE = "Real model, fp32 on this machine's CPU."
 DEFAULT_PROMPT = "def fibonacci(n):"
 NO_DRAFTER = "none"
+# Runs wait in one queue (one race at a time); past this many waiting, a visitor is told the queue is
+# full instead of waiting behind an unbounded line on a shared CPU.
+QUEUE_MAX_SIZE = 8
 
 
 def _model_note(catalog: Catalog, target_label: str) -> str:
@@ -228,6 +231,7 @@ def build_app(catalog: Catalog | None = None) -> gr.Blocks:
             concurrency_limit=1,
             show_progress="hidden",
         )
+    app.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
     return app
 
 

@@ -10,7 +10,34 @@ from __future__ import annotations
 
 import torch
 
-from hf_specssm.tree import TokenTree
+from hf_specssm.drafters.base import Draft
+from hf_specssm.tree import TokenTree, accept_tree_greedy
+
+
+def accept_proposal(
+    proposal: Draft | TokenTree, scores: torch.Tensor, do_sample: bool
+) -> tuple[list[int], int]:
+    """The rule for one round: `(kept proposal positions, next token)`.
+
+    Args:
+        proposal: the round's chain `Draft` (`[1, k]`) or `TokenTree`.
+        scores: `[1 + n, V]` processed target scores after the root and after each proposed token.
+        do_sample: speculative sampling instead of greedy matching.
+
+    Returns:
+        the accepted positions (a chain's `0 … m - 1`, a tree's path from the root down) and the token the
+        target adds after them.
+    """
+    if isinstance(proposal, TokenTree):
+        if not do_sample:
+            return accept_tree_greedy(proposal, scores)
+        return accept_tree_sampling(proposal, torch.softmax(scores, dim=-1))
+    if not do_sample:
+        num_accepted, token = accept_greedy(proposal.tokens[0], scores)
+    else:
+        draft_probs = proposal.probs[0] if proposal.probs is not None else None
+        num_accepted, token = accept_sampling(proposal.tokens[0], draft_probs, torch.softmax(scores, dim=-1))
+    return list(range(num_accepted)), token
 
 
 def accept_greedy(draft_tokens: torch.Tensor, target_scores: torch.Tensor) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Drafters: objects that propose tokens for the target to verify."""
 
-from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
+from hf_specssm.drafters.base import Draft, Drafter, DraftSampler, RoundOutcome, RoundPlan, TreeDrafter
 from hf_specssm.drafters.copy import ContextCopyDrafter
 from hf_specssm.drafters.model import ModelDrafter, as_drafter
 from hf_specssm.drafters.ngram import NgramTableDrafter, PromptLookupDrafter
@@ -13,5 +13,8 @@ __all__ = [
     "ModelDrafter",
     "NgramTableDrafter",
     "PromptLookupDrafter",
+    "RoundOutcome",
+    "RoundPlan",
+    "TreeDrafter",
     "as_drafter",
 ]

@@ -11,6 +11,8 @@ from transformers import LogitsProcessorList, PreTrainedModel
 
 from hf_specssm.config import DraftConfig
 from hf_specssm.policies.draft_length import DraftLengthPolicy, make_policy
+from hf_specssm.policies.tree_shape import DynamicTreePolicy, UCBTreePolicy
+from hf_specssm.tree import TokenTree
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,43 @@ class Draft:
     def length(self) -> int:
         """Number of drafted tokens."""
         return self.tokens.shape[1]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round drafts, decided once per round by `Drafter.plan_round`.
+
+    Attributes:
+        num_tokens: chain rounds: how many tokens to draft (0: the target alone decodes this round).
+        tree: whether the round drafts a token tree (`TreeDrafter.draft_tree`) instead of a chain.
+        shape: tree rounds: children per node at each depth, or `None` when the drafter shapes the tree
+            itself (dynamic trees, beams, n-gram candidates).
+    """
+
+    num_tokens: int = 0
+    tree: bool = False
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a finished round did, for the drafter's policies.
+
+    Attributes:
+        drafted: tokens proposed (nodes, for trees).
+        accepted: proposed tokens the target accepted.
+        committed: tokens appended in all (the target's own token included; fewer at a stop).
+        draft_time_s: seconds spent drafting (this row's share, in batches).
+        verify_time_s: seconds of the verification forward and acceptance.
+        round_time_s: seconds of the whole round, commit included.
+    """
+
+    drafted: int
+    accepted: int
+    committed: int
+    draft_time_s: float
+    verify_time_s: float
+    round_time_s: float
 
 
 class DraftSampler:
@@ -82,11 +121,6 @@ class Drafter(ABC):
         self.config = config if config is not None else DraftConfig()
         self.length_policy: DraftLengthPolicy = make_policy(self.config)
 
-    #: Whether this drafter shapes its own trees (`draft_tree(input_ids, sampler, shape=None)`, e.g. from
-    #: ReDrafter's beams); it then also defines `max_tree_depth`. The loop verifies them as trees on Transformer
-    #: targets with greedy decoding and asks for chains (`draft`) elsewhere.
-    drafts_trees: bool = False
-
     #: Whether the loop should hand this drafter the target's last hidden state each round (draft heads
     #: such as ReDrafter read it); the target then captures the input of its output embedding.
     wants_target_hidden: bool = False
@@ -136,9 +170,84 @@ class Drafter(ABC):
     def end(self) -> None:
         """Release per-sequence state."""
 
+    def check_round_support(self, tree_problem: str | None) -> None:
+        """Raise `ValueError` before the first round if this drafter's settings ask for what the target cannot
+        verify. `tree_problem` is why the target cannot verify trees in this call (`None`: it can)."""
+        if self.config.tree_shape is not None:
+            raise ValueError(
+                f"{type(self).__name__} cannot draft trees; drop tree_shape or use ModelDrafter."
+            )
+
+    def plan_round(self, room: int, tree_problem: str | None) -> RoundPlan:
+        """Decide this round: a chain of the length policy's next length, at most `room - 1` tokens (the
+        target adds one). `room` is how many tokens may still be committed."""
+        return RoundPlan(num_tokens=max(0, min(self.length_policy.next_length(), room - 1)))
+
+    def observe_round(self, plan: RoundPlan, outcome: RoundOutcome) -> None:
+        """Learn from a finished round (the draft-length policy, for chain rounds)."""
+        self.length_policy.update(
+            outcome.drafted, outcome.accepted, outcome.draft_time_s, outcome.verify_time_s
+        )
+
     def spawn(self) -> Drafter:
         """A drafter for another row of a batch: same model and options, its own per-sequence state.
 
         The draft-length policy is shared, so every row learns from every row's acceptance.
         """
         return copy.copy(self)
+
+
+class TreeDrafter(Drafter):
+    """A drafter that can also draft token trees (`draft_tree` / `commit_tree`).
+
+    Whether a round is a tree is decided in one place, `plan_round`: trees when this drafter asks for them
+    (`tree_shape` in its config, a tree policy, or trees it shapes itself), the target can verify them and
+    more than the tree's depth is left to generate; a chain otherwise.
+
+    Attributes:
+        tree_policy: picks the tree per round (`UCBTreePolicy`, `DynamicTreePolicy`), or `None`.
+    """
+
+    tree_policy: UCBTreePolicy | DynamicTreePolicy | None = None
+
+    #: Whether this drafter shapes trees itself (`draft_tree(..., shape=None)`): ReDrafter's beams, several
+    #: prompt-lookup candidates. Such drafters draft chains where the target cannot verify trees; drafters
+    #: given an explicit `tree_shape` or tree policy raise there instead.
+    shapes_own_trees: bool = False
+
+    @property
+    def max_tree_depth(self) -> int | None:
+        """Depth of the trees this drafter shapes itself (`None` when shapes come from config or policy)."""
+        return None
+
+    def _asks_for_trees(self) -> bool:
+        return self.config.tree_shape is not None or self.tree_policy is not None
+
+    def check_round_support(self, tree_problem: str | None) -> None:
+        if tree_problem is not None and self._asks_for_trees():
+            raise ValueError(tree_problem)
+
+    def plan_round(self, room: int, tree_problem: str | None) -> RoundPlan:
+        if tree_problem is None and (self._asks_for_trees() or self.shapes_own_trees):
+            shape = self.tree_policy.choose() if self.tree_policy is not None else self.config.tree_shape
+            depth = len(shape) if shape is not None else (self.max_tree_depth or 0)
+            if room > depth:
+                return RoundPlan(tree=True, shape=shape)
+        return super().plan_round(room, tree_problem)
+
+    def observe_round(self, plan: RoundPlan, outcome: RoundOutcome) -> None:
+        if not plan.tree:
+            super().observe_round(plan, outcome)
+        elif self.tree_policy is not None:
+            self.tree_policy.update(outcome.committed, outcome.round_time_s)
+
+    @abstractmethod
+    def draft_tree(
+        self, input_ids: torch.Tensor, sampler: DraftSampler, shape: tuple[int, ...] | None = None
+    ) -> TokenTree:
+        """Propose a tree of tokens to follow `input_ids` `[1, L]`; `shape` as `RoundPlan.shape`."""
+
+    @abstractmethod
+    def commit_tree(self, input_ids: torch.Tensor, path: list[int]) -> None:
+        """The target kept the nodes `path` (root first) of the last tree; `input_ids` `[1, L']` is the new
+        committed sequence."""

@@ -17,32 +17,18 @@ fed to it at the start of the next round like any committed tokens.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from hf_specssm.config import DraftConfig
-from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
+from hf_specssm.drafters.base import Draft, DraftSampler, RoundOutcome, RoundPlan, TreeDrafter
 from hf_specssm.drafters.model import ModelDrafter
 from hf_specssm.drafters.ngram import PromptLookupDrafter
-from hf_specssm.policies.draft_length import DraftLengthPolicy
 from hf_specssm.tree import TokenTree
 
 
-class _ModelRoundsPolicy(DraftLengthPolicy):
-    """The model drafter's length policy, fed only by rounds the model drafted (copy rounds have their
-    own length and acceptance, which would mislead it)."""
-
-    def __init__(self, owner: ContextCopyDrafter) -> None:
-        self.owner = owner
-
-    def next_length(self) -> int:
-        return self.owner.inner.length_policy.next_length()
-
-    def update(self, drafted: int, accepted: int, draft_time_s: float, verify_time_s: float) -> None:
-        if not self.owner.last_round_copied:
-            self.owner.inner.length_policy.update(drafted, accepted, draft_time_s, verify_time_s)
-
-
-class ContextCopyDrafter(Drafter):
+class ContextCopyDrafter(TreeDrafter):
     """`ModelDrafter` plus prompt lookup: trees get the lookup continuation as an extra branch, chains
     draft it instead of the model when the context has a long enough match.
 
@@ -73,7 +59,8 @@ class ContextCopyDrafter(Drafter):
         )
         self.min_copy = min_copy
         self.config: DraftConfig = drafter.config
-        self.length_policy = _ModelRoundsPolicy(self)
+        # the model drafter's policies decide the rounds; copy rounds do not train them (`observe_round`)
+        self.length_policy = drafter.length_policy
         self.tree_policy = drafter.tree_policy
         self.last_round_copied = False
         self.copied_rounds = 0
@@ -90,6 +77,22 @@ class ContextCopyDrafter(Drafter):
     def max_tree_depth(self) -> int | None:
         """The model drafter's tree depth (`None` with fixed shapes)."""
         return self.inner.max_tree_depth
+
+    def check_round_support(self, tree_problem: str | None) -> None:
+        self.inner.check_round_support(tree_problem)
+
+    def plan_round(self, room: int, tree_problem: str | None) -> RoundPlan:
+        return self.inner.plan_round(room, tree_problem)
+
+    def observe_round(self, plan: RoundPlan, outcome: RoundOutcome) -> None:
+        # a copy round's length and acceptance say nothing about the model's drafts
+        if plan.tree or not self.last_round_copied:
+            self.inner.observe_round(plan, outcome)
+
+    def spawn(self) -> ContextCopyDrafter:
+        clone = copy.copy(self)
+        clone.inner, clone.lookup = self.inner.spawn(), self.lookup.spawn()
+        return clone
 
     def begin(self, input_ids: torch.Tensor) -> None:
         self.inner.begin(input_ids)

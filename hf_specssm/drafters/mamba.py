@@ -15,11 +15,53 @@ rollback, tree forking) is transformers' `Mamba2ForCausalLM`.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, PretrainedConfig
 from transformers.modeling_outputs import ModelOutput
 
 OTHER_INDEX = 0
+MAP_NAME = "draft_to_target"
+# safetensors' integer dtypes: the map holds token ids
+INTEGER_DTYPES = ("I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
+
+
+def check_vocabulary_map(mapping: torch.Tensor, config: MambaDrafterConfig, source: str) -> None:
+    """Raise `ValueError` unless `mapping` is a valid `draft_to_target` for `config`.
+
+    Valid: shape `[vocab_size]`, `-1` at the 'other' slot (index 0), then distinct target ids in
+    `[0, target_vocab_size)`.
+
+    Args:
+        mapping: the `draft_to_target` tensor.
+        config: the drafter's config (`vocab_size`, `target_vocab_size`).
+        source: where the map came from (a file), for the message.
+    """
+    if tuple(mapping.shape) != (config.vocab_size,):
+        raise ValueError(
+            f"{source}: {MAP_NAME} has shape {list(mapping.shape)} but config.json's vocab_size is "
+            f"{config.vocab_size} (expected [{config.vocab_size}]); the weights and the config do not belong together."
+        )
+    if mapping.is_floating_point() or mapping.dtype == torch.bool:
+        raise ValueError(f"{source}: {MAP_NAME} must hold integer token ids, got {mapping.dtype}.")
+    mapping = mapping.long().cpu()
+    if int(mapping[OTHER_INDEX]) != -1:
+        raise ValueError(
+            f"{source}: {MAP_NAME}[0] must be -1 (the 'other' slot), got {int(mapping[OTHER_INDEX])}."
+        )
+    known = mapping[1:]
+    outside = ((known < 0) | (known >= config.target_vocab_size)).nonzero().flatten()
+    if outside.numel():
+        draft_id = int(outside[0]) + 1
+        raise ValueError(
+            f"{source}: {MAP_NAME} maps draft id {draft_id} to target id {int(mapping[draft_id])}, outside the "
+            f"target vocabulary [0, {config.target_vocab_size}) of config.json's target_vocab_size."
+        )
+    if known.unique().numel() != known.numel():
+        raise ValueError(f"{source}: {MAP_NAME} maps two draft ids to the same target id.")
 
 
 class MambaDrafterConfig(Mamba2Config):
@@ -61,6 +103,38 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
     """
 
     config_class = MambaDrafterConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, **kwargs):
+        """`Mamba2ForCausalLM.from_pretrained`, refusing incomplete folders before building any model.
+
+        A local folder without `config.json` (transformers would build a default-sized Mamba2 of several
+        GB) and weights whose `draft_to_target` map is missing, of the wrong shape or dtype, or holds ids
+        outside the target vocabulary raise `ValueError` naming the file and the tensor.
+        """
+        folder = Path(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
+        local = folder is not None and folder.is_dir()
+        config = kwargs.get("config")
+        if local and not isinstance(config, PretrainedConfig) and not (folder / "config.json").is_file():
+            raise ValueError(
+                f"{folder} has no config.json: a {cls.__name__} folder holds config.json and "
+                "model.safetensors (save_pretrained writes both). Refusing to build a default-sized model."
+            )
+        source = _weights_file(folder, kwargs) if local else None
+        if source is not None:
+            _check_map_header(source, config if isinstance(config, PretrainedConfig) else None, folder)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        where = str(source) if source is not None else str(pretrained_model_name_or_path)
+        if MAP_NAME in info.get("missing_keys", ()):
+            raise ValueError(
+                f"{where} has no {MAP_NAME} tensor (the draft-to-target vocabulary map); the checkpoint is "
+                "incomplete: save the drafter again with save_pretrained."
+            )
+        check_vocabulary_map(model.draft_to_target, model.config, where)
+        return (model, info) if wants_info else model
 
     def __init__(self, config: MambaDrafterConfig) -> None:
         super().__init__(config)
@@ -144,6 +218,52 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
             )
         output.logits = self.expand_logits(output.logits)
         return output
+
+
+def _weights_file(folder: Path, kwargs: dict) -> Path | None:
+    """The local safetensors file holding `draft_to_target` (through the shard index if there is one)."""
+    subfolder = kwargs.get("subfolder") or ""
+    base = folder / subfolder
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shard = json.loads(index.read_text())["weight_map"].get(MAP_NAME)
+        except (ValueError, KeyError, AttributeError):
+            return None
+        return base / shard if shard else index
+    single = base / "model.safetensors"
+    return single if single.is_file() else None
+
+
+def _check_map_header(source: Path, config: PretrainedConfig | None, folder: Path) -> None:
+    """Check `draft_to_target` in the safetensors header of `source`, before any model is built."""
+    if source.name.endswith(".index.json"):
+        raise ValueError(f"{source} names no shard for {MAP_NAME}: the checkpoint is incomplete.")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(source), "pt") as handle:
+            if MAP_NAME not in handle.keys():  # noqa: SIM118 - safe_open has no __contains__
+                raise ValueError(
+                    f"{source} has no {MAP_NAME} tensor (the draft-to-target vocabulary map); the checkpoint "
+                    "is incomplete: save the drafter again with save_pretrained."
+                )
+            piece = handle.get_slice(MAP_NAME)
+            shape, dtype = piece.get_shape(), piece.get_dtype()
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{source} is not a readable safetensors file ({error}).") from None
+    if dtype not in INTEGER_DTYPES:
+        raise ValueError(f"{source}: {MAP_NAME} must hold integer token ids, got dtype {dtype}.")
+    if config is None:
+        try:
+            config = MambaDrafterConfig.from_pretrained(folder)
+        except (OSError, ValueError):
+            return
+    if list(shape) != [config.vocab_size]:
+        raise ValueError(
+            f"{source}: {MAP_NAME} has shape {list(shape)} but config.json's vocab_size is {config.vocab_size} "
+            f"(expected [{config.vocab_size}]); the weights and the config do not belong together."
+        )
 
 
 AutoConfig.register(MambaDrafterConfig.model_type, MambaDrafterConfig)

@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 from hf_specssm import _compat
 from hf_specssm.cache import CacheSnapshot, ForkableCache
 from hf_specssm.config import DraftConfig
-from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
+from hf_specssm.drafters.base import Draft, Drafter, DraftSampler, TreeDrafter
 from hf_specssm.policies.tree_shape import DynamicTreePolicy, UCBTreePolicy
 from hf_specssm.tree import TokenTree
 
@@ -17,7 +17,7 @@ from hf_specssm.tree import TokenTree
 _MAX_STEPWISE_CATCH_UP = 4
 
 
-class ModelDrafter(Drafter):
+class ModelDrafter(TreeDrafter):
     """Drafts with any transformers causal LM, keeping its cache across rounds.
 
     The drafter never re-reads the prefix: each round it consumes only the committed tokens it has not
@@ -52,7 +52,7 @@ class ModelDrafter(Drafter):
         self._cache_name = _compat.cache_kwarg_name(model)
         self._pass_positions = _compat.forward_accepts(model, "position_ids")
         self._pass_logits_to_keep = _compat.forward_accepts(model, "logits_to_keep")
-        self._exact_continuation = _compat.multi_token_continuation_is_exact(model.config)
+        self._exact_continuation = _compat.multi_token_continuation_is_exact(model)
         self.cache: ForkableCache | None = None
         self._round_start = 0
         self._round_drafted = 0

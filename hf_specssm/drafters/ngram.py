@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 import torch
 
 from hf_specssm.config import DraftConfig
-from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
+from hf_specssm.drafters.base import Draft, DraftSampler, TreeDrafter
 from hf_specssm.tree import TokenTree
 
 
@@ -20,7 +20,7 @@ def _empty_draft(input_ids: torch.Tensor) -> Draft:
     return Draft(tokens=input_ids.new_empty((input_ids.shape[0], 0)))
 
 
-class PromptLookupDrafter(Drafter):
+class PromptLookupDrafter(TreeDrafter):
     """Copy the continuation of an earlier occurrence of the sequence's last n-gram.
 
     Same rule as transformers' `prompt_lookup_num_tokens`: try n-grams of `max_ngram_size` tokens down to
@@ -68,7 +68,7 @@ class PromptLookupDrafter(Drafter):
         self.min_ngram_size = min_ngram_size
         self.max_candidates = max_candidates
         self.match = match
-        self.drafts_trees = max_candidates > 1
+        self.shapes_own_trees = max_candidates > 1
 
     @property
     def max_tree_depth(self) -> int:
@@ -117,7 +117,7 @@ class PromptLookupDrafter(Drafter):
         """Nothing to update: lookups read the committed sequence."""
 
 
-class NgramTableDrafter(Drafter):
+class NgramTableDrafter(TreeDrafter):
     """Chain the most frequent continuations of an n-gram table built from the sequence so far.
 
     The table maps every context of `1 … order - 1` tokens seen in the prompt and in the target's own

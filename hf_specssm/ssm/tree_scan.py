@@ -3,7 +3,8 @@
 A verification forward feeds `[chain, tree nodes]`. Seen from the SSM layers, its positions form a tree
 rooted at the committed state: chain positions follow each other, and each node hangs off its parent (the
 last chain position for children of the root). Inside `tree_verification(model, cache, parents)` each SSM
-mixer's `forward` is swapped for a tree-aware one, in one place per mixer family:
+mixer's `forward` is swapped for a tree-aware one (a scoped patch, `_compat.replaced_forwards`), in one
+place per mixer family; a family is admitted by its probe (`_compat.probes`, `MixerSupport.tree_scan`):
 
 - **conv**: each position's depthwise window is its own `K − 1` nearest ancestors and itself; above the
   first position the cached conv window fills in;
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -34,6 +34,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from hf_specssm import _compat
+from hf_specssm._compat import admission
 from hf_specssm.kernels.ssm_state_update import selective_state_update_nstep
 from hf_specssm.kernels.tree_scan import tree_scan, tree_scan_diagonal
 from hf_specssm.ssm.mixers import exact_continuation, ssm_mixers
@@ -72,12 +73,29 @@ def mixer_family(mixer: torch.nn.Module) -> str | None:
 
 
 def check_tree_scan(model: PreTrainedModel) -> None:
-    """Raise `ValueError` unless every SSM mixer of `model` has a tree-aware forward here."""
+    """Raise `ValueError` unless every SSM mixer of `model` has a tree-aware forward here, and the tree-scan
+    probe (`_compat.probes`, when it has run) found it exact and no test forced it off."""
     unknown = sorted({type(mixer).__name__ for mixer in ssm_mixers(model) if mixer_family(mixer) is None})
     if unknown:
         raise ValueError(
             f"tree verification has no tree scan for {', '.join(unknown)}; verify chains (drop tree_shape)."
         )
+    reason = _tree_scan_refusal(model)
+    if reason is not None:
+        raise ValueError(
+            f"tree verification has no exact tree scan for {type(model).__name__} here ({reason}); "
+            "verify chains (drop tree_shape)."
+        )
+
+
+def _tree_scan_refusal(model: PreTrainedModel) -> str | None:
+    if admission.forced_value("tree_scan") is False:
+        return "forced off"
+    for mixer in admission.representatives(model):
+        found = admission.recorded("tree_scan", mixer)
+        if found is not None and not found[0]:
+            return f"{type(mixer).__name__}: {found[1]}"
+    return None
 
 
 @dataclass
@@ -186,17 +204,11 @@ def _state_shape(inputs: _LayerInputs) -> tuple[int, ...]:
 
 def _committed_conv_window(cache, layer_idx: int, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
     """`[1, C_conv, K − 1]`: the last `K − 1` conv inputs before the forward (zeros before any token)."""
-    layer = cache.layers[layer_idx]
-    if layer.is_conv_states_initialized[0] and layer.has_previous_state[0]:
-        return layer.conv_states[0][..., -(kernel_size - 1) :].to(like.dtype)
-    return like.new_zeros((like.shape[0], like.shape[1], kernel_size - 1))
+    return _compat.conv_window(cache.layers[layer_idx], kernel_size, like)
 
 
 def _committed_recurrent_state(cache, layer_idx: int) -> torch.Tensor | None:
-    layer = cache.layers[layer_idx]
-    if layer.is_recurrent_states_initialized[0] and layer.has_previous_state[0]:
-        return layer.recurrent_states[0]
-    return None
+    return _compat.recurrent_state(cache.layers[layer_idx])
 
 
 def _tree_conv(mixer, conv_inputs: torch.Tensor, plan: _TreePlan, cache) -> torch.Tensor:
@@ -231,7 +243,7 @@ def _mamba2_tree_forward(mixer, hidden_states: torch.Tensor, plan: _TreePlan, ca
     x, B, C = convolved.split([mixer.intermediate_size, groups_state, groups_state], dim=-1)
     heads, head_dim, state_size = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size
     dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype))
-    low, high = mixer.time_step_limit or (0.0, float("inf"))
+    low, high = _compat.time_step_bounds(mixer)
     dt = torch.clamp(dt, min=low, max=high).float()  # [1, T, H]
     A = -torch.exp(mixer.A_log.float())
     x = x.reshape(batch, length, heads, head_dim)
@@ -292,8 +304,9 @@ _TREE_FORWARDS = {MAMBA2_FAMILY: _mamba2_tree_forward, MAMBA_FAMILY: _mamba_tree
 def tree_verification(model: PreTrainedModel, cache, parents: torch.Tensor) -> Iterator[TreeScanRecord]:
     """Inside this context, a forward of `model` over `T` positions treats them as the tree `parents`.
 
-    Every SSM mixer's `forward` is replaced (on the instance, restored on exit) by its family's tree-aware
-    forward, which reads the committed conv and SSM state from `cache` and writes neither. The yielded
+    Every SSM mixer's `forward` is replaced (on the instance, restored on exit, `_compat.replaced_forwards`)
+    by its family's tree-aware forward, which reads the committed conv and SSM state from `cache` and
+    writes neither. The yielded
     record holds each layer's replay inputs; `record.commit(cache, positions)` advances the SSM layers over
     the accepted positions.
 
@@ -305,28 +318,24 @@ def tree_verification(model: PreTrainedModel, cache, parents: torch.Tensor) -> I
     check_tree_scan(model)
     plan = _TreePlan.build(parents)
     record = TreeScanRecord()
-    swapped = []
 
     def make_forward(mixer, tree_forward):
-        def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+        def forward(hidden_states, cache_params=None, attention_mask=None, **kwargs):
             if hidden_states.shape[0] != 1 or hidden_states.shape[1] != len(plan.depth):
                 raise ValueError(
                     f"the tree forward expects [1, {len(plan.depth)}, H] inputs, got {tuple(hidden_states.shape)}."
                 )
             if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
                 raise ValueError("tree verification does not take padded rows.")
-            return tree_forward(self, hidden_states, plan, cache, record)
+            return tree_forward(mixer, hidden_states, plan, cache, record)
 
-        return types.MethodType(forward, mixer)
+        return forward
 
-    for mixer in ssm_mixers(model):
-        mixer.forward = make_forward(mixer, _TREE_FORWARDS[mixer_family(mixer)])
-        swapped.append(mixer)
-    try:
+    forwards = {
+        mixer: make_forward(mixer, _TREE_FORWARDS[mixer_family(mixer)]) for mixer in ssm_mixers(model)
+    }
+    with _compat.replaced_forwards(forwards):
         yield record
-    finally:
-        for mixer in swapped:
-            del mixer.forward
 
 
 def score_tree_by_paths(model: PreTrainedModel, cache, chain: torch.Tensor, tree: TokenTree) -> torch.Tensor:

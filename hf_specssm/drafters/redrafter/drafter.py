@@ -6,13 +6,13 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_specssm.config import DraftConfig
-from hf_specssm.drafters.base import Draft, Drafter, DraftSampler
+from hf_specssm.drafters.base import Draft, DraftSampler, TreeDrafter
 from hf_specssm.drafters.redrafter.beams import Beams, BeamTree, beam_search, beams_to_tree
 from hf_specssm.drafters.redrafter.modeling import ReDrafterHead
 from hf_specssm.tree import TokenTree
 
 
-class ReDrafterDrafter(Drafter):
+class ReDrafterDrafter(TreeDrafter):
     """Drafts with a `ReDrafterHead` from the target's last hidden state.
 
     Each round the loop hands over `h`, the target's LM-head input at the position that chose the last
@@ -33,7 +33,7 @@ class ReDrafterDrafter(Drafter):
     """
 
     wants_target_hidden = True
-    drafts_trees = True
+    shapes_own_trees = True
 
     def __init__(
         self,

@@ -22,7 +22,7 @@ import torch
 from transformers import BambaConfig, BambaForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
 import hf_specssm
-from hf_specssm.targets.verification import JointTarget, RecurrentTarget
+from hf_specssm.targets import JointTarget, RecurrentTarget
 
 SIZES = {
     # name: (hidden, layers); vocab 50280 and 64-dim heads as in the state-spaces Mamba2 checkpoints

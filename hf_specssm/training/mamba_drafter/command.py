@@ -5,23 +5,39 @@
     train     train (resumes from the newest checkpoint in --out)
     export    the newest checkpoint → a Hub-format folder in bf16, with a model card
 
-Every stage resumes: run the same command again after an interruption.
+Every stage resumes: run the same command again after an interruption. `distill` and `train` record what
+they were run with (`<data>/distill-run.json`, `<out>/run.json`: the target, the data and the settings)
+and refuse to resume with other ones, naming each difference, unless `--restart` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
 
-from hf_specssm.training.mamba_drafter.data import HELDOUT_FILENAME, META_FILENAME, Mixture
+from hf_specssm.training.checkpoints import (
+    RUN_FILE,
+    check_steps,
+    checkpoints,
+    claim_output_dir,
+    latest_checkpoint,
+    model_fingerprint,
+    replace_folder,
+)
+from hf_specssm.training.mamba_drafter.data import HELDOUT_FILENAME, META_FILENAME, SOURCES, Mixture
 
 STAGES = ("distill", "data", "train", "export")
+DISTILLED_FILENAME = "distilled.jsonl"
+DISTILL_RUN_FILE = "distill-run.json"
+EVAL_LOG = "eval.jsonl"
 
 
 def _resolve_model_path(spec: str) -> str:
@@ -31,6 +47,60 @@ def _resolve_model_path(spec: str) -> str:
     if spec in MODELS:
         return str(fetch_model(spec, progress=True))
     return spec
+
+
+def _target_fingerprint(spec: str) -> str:
+    """A fetcher name by the bytes it stands for (without fetching), a folder by its content."""
+    from hf_specssm.tools.fetch import MODELS
+
+    if spec in MODELS:
+        return f"{spec} (GGUF sha256 {MODELS[spec].sha256[:16]})"
+    return model_fingerprint(spec)
+
+
+def _data_fingerprint(data_dir: Path) -> str:
+    """The token data of `data_dir`: its metadata's hash and the streams' sizes."""
+    meta = data_dir / META_FILENAME
+    if not meta.is_file():
+        raise ValueError(
+            f"--data {data_dir} holds no {META_FILENAME}: run `hf-specssm train-mamba-drafter data` first "
+            "(with the same --data)."
+        )
+    sizes = [
+        (data_dir / f"{source}.bin").stat().st_size if (data_dir / f"{source}.bin").is_file() else 0
+        for source in SOURCES
+    ]
+    digest = hashlib.sha256(meta.read_bytes()).hexdigest()[:16]
+    return f"{data_dir.resolve()} (meta sha256 {digest}, stream bytes {sizes})"
+
+
+def _distill_fingerprint(args: argparse.Namespace) -> dict[str, object]:
+    roots = sorted(str(Path(root).resolve()) for root in args.corpus_root) if args.corpus_root else None
+    return {
+        "--target": _target_fingerprint(args.target),
+        "--max-new-tokens": args.max_new_tokens,
+        "--dtype": args.dtype,
+        "--seed": args.seed,
+        "--corpus-root": roots,
+    }
+
+
+def _train_fingerprint(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "--target": _target_fingerprint(args.target),
+        "--data": _data_fingerprint(Path(args.data)),
+        "--architecture": args.architecture,
+        "--draft-vocab": args.draft_vocab,
+        "--tokenizer-reference": args.tokenizer_reference,
+        "--batch-size": args.batch_size,
+        "--block-length": args.block_length,
+        "--learning-rate": args.learning_rate,
+        "--warmup-steps": args.warmup_steps,
+        "--final-fraction": args.final_fraction,
+        "--mixture": list(args.mixture),
+        "--final-mixture": list(args.final_mixture),
+        "--seed": args.seed,
+    }
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -46,6 +116,19 @@ def run_distill(args: argparse.Namespace) -> int:
     from hf_specssm.training.mamba_drafter.prompts import build_instructions
 
     _threads(args)
+    data_dir = Path(args.data)
+    distilled = data_dir / DISTILLED_FILENAME
+    if args.restart:
+        distilled.unlink(missing_ok=True)
+        (data_dir / DISTILL_RUN_FILE).unlink(missing_ok=True)
+    claim_output_dir(
+        data_dir,
+        _distill_fingerprint(args),
+        "train-mamba-drafter distill",
+        has_progress=distilled.is_file() and distilled.stat().st_size > 0,
+        filename=DISTILL_RUN_FILE,
+        folder_flag="--data",
+    )
     path = _resolve_model_path(args.target)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -55,7 +138,7 @@ def run_distill(args: argparse.Namespace) -> int:
         target,
         tokenizer,
         instructions,
-        Path(args.data) / "distilled.jsonl",
+        distilled,
         batch_size=args.prompts_per_batch,
         max_new_tokens=args.max_new_tokens,
         progress=not args.quiet,
@@ -70,11 +153,14 @@ def run_data(args: argparse.Namespace) -> int:
 
     from hf_specssm.training.mamba_drafter.data import build_token_data
 
+    distilled = Path(args.data) / DISTILLED_FILENAME
+    if not distilled.is_file():
+        raise ValueError(f"{distilled} does not exist: run `hf-specssm train-mamba-drafter distill` first.")
     tokenizer = AutoTokenizer.from_pretrained(_resolve_model_path(args.target))
     meta = build_token_data(
         args.data,
         tokenizer,
-        Path(args.data) / "distilled.jsonl",
+        distilled,
         code_tokens=args.code_tokens,
         doc_tokens=args.doc_tokens,
         roots=args.corpus_root,
@@ -127,7 +213,6 @@ def _new_model(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     """Stage `train`: train into `--out` (resuming from its newest checkpoint)."""
     from hf_specssm.drafters.mamba import MambaDrafterForCausalLM
-    from hf_specssm.training.checkpoints import latest_checkpoint
     from hf_specssm.training.mamba_drafter.data import read_distilled
     from hf_specssm.training.mamba_drafter.training import (
         DrafterTrainingConfig,
@@ -137,6 +222,19 @@ def run_train(args: argparse.Namespace) -> int:
     )
 
     _threads(args)
+    out = Path(args.out)
+    if args.restart:
+        for folder in checkpoints(out):
+            shutil.rmtree(folder)
+        for name in (RUN_FILE, EVAL_LOG):
+            (out / name).unlink(missing_ok=True)
+    claim_output_dir(
+        out,
+        _train_fingerprint(args),
+        "train-mamba-drafter train",
+        has_progress=bool(checkpoints(out)),
+        derived=[EVAL_LOG],
+    )
     config = DrafterTrainingConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -151,7 +249,8 @@ def run_train(args: argparse.Namespace) -> int:
         compile=args.compile,
         progress=not args.quiet,
     )
-    checkpoint = latest_checkpoint(args.out)
+    checkpoint = latest_checkpoint(out)
+    check_steps(args.steps, checkpoint)
     if checkpoint is not None:
         print(f"resuming from {checkpoint}")
         model = MambaDrafterForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -159,7 +258,7 @@ def run_train(args: argparse.Namespace) -> int:
         model = _new_model(args)
     print(f"drafter: {parameter_count(model) / 1e6:.1f} M parameters")
     heldout = list(read_distilled(Path(args.data) / HELDOUT_FILENAME))[: args.eval_records]
-    log = Path(args.out) / "eval.jsonl"
+    log = out / EVAL_LOG
 
     def evaluate(step: int, loss: float) -> None:
         # the held-out estimate at every checkpoint, to see over-fitting to the distilled answers
@@ -185,7 +284,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Stage `export`: newest checkpoint → `--export` in bf16, with the held-out estimate and a model card."""
     from hf_specssm.drafters.mamba import MambaDrafterForCausalLM
-    from hf_specssm.training.checkpoints import latest_checkpoint, load_trainer_state
+    from hf_specssm.training.checkpoints import load_trainer_state
     from hf_specssm.training.mamba_drafter.card import DrafterCardFacts, model_card
     from hf_specssm.training.mamba_drafter.data import read_distilled
     from hf_specssm.training.mamba_drafter.training import estimate_acceptance, parameter_count
@@ -193,8 +292,7 @@ def run_export(args: argparse.Namespace) -> int:
     _threads(args)
     checkpoint = latest_checkpoint(args.out)
     if checkpoint is None:
-        print(f"error: no checkpoint in {args.out}; run the train stage first")
-        return 1
+        raise ValueError(f"no intact checkpoint in --out {args.out}: run the train stage first.")
     state = load_trainer_state(checkpoint)
     model = MambaDrafterForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     heldout = list(read_distilled(Path(args.data) / HELDOUT_FILENAME))
@@ -204,34 +302,42 @@ def run_export(args: argparse.Namespace) -> int:
     )
     export = Path(args.export)
     model.config.training_steps = int(state["step"])
-    model.to(torch.bfloat16).save_pretrained(export)
+    model.to(torch.bfloat16)
     meta = json.loads((Path(args.data) / META_FILENAME).read_text())
     tokens = meta["tokens"]
     records = meta["distilled_records"]
-    facts = DrafterCardFacts(
-        target=args.target_reference,
-        tokenizer=model.config.tokenizer_reference or args.target_reference,
-        architecture=(
-            f"Mamba2, {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
-            f"{model.config.num_heads} heads × {model.config.head_dim}, state {model.config.state_size}, "
-            "tied embeddings"
-        ),
-        parameters=parameter_count(model),
-        size_bytes=(export / "model.safetensors").stat().st_size,
-        draft_vocab=(model.config.vocab_size, model.config.target_vocab_size),
-        data=(
-            f"{records['train']} answers of the target to instructions built offline ({meta['distilled_domains']}; "
-            f"{tokens['chat'] / 1e6:.2f} M tokens), Python source of the standard library and installed packages "
-            f"({tokens['code'] / 1e6:.1f} M tokens), documentation prose ({tokens['docs'] / 1e6:.1f} M tokens); "
-            "no benchmark prompts"
-        ),
-        steps=int(state["step"]),
-        tokens=int(state.get("tokens", 0)),
-        compute=f"{float(state.get('seconds', 0)) / 3600:.1f} h on {_machine()}",
-        heldout={"top1": estimate.top1, "tau": estimate.tau, "k": estimate.draft_length} if estimate else {},
-        measured=list(args.measured or []),
-    )
-    (export / "README.md").write_text(model_card(facts))
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        facts = DrafterCardFacts(
+            target=args.target_reference,
+            tokenizer=model.config.tokenizer_reference or args.target_reference,
+            architecture=(
+                f"Mamba2, {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
+                f"{model.config.num_heads} heads × {model.config.head_dim}, state {model.config.state_size}, "
+                "tied embeddings"
+            ),
+            parameters=parameter_count(model),
+            size_bytes=(staging / "model.safetensors").stat().st_size,
+            draft_vocab=(model.config.vocab_size, model.config.target_vocab_size),
+            data=(
+                f"{records['train']} answers of the target to instructions built offline ({meta['distilled_domains']}; "
+                f"{tokens['chat'] / 1e6:.2f} M tokens), Python source of the standard library and installed packages "
+                f"({tokens['code'] / 1e6:.1f} M tokens), documentation prose ({tokens['docs'] / 1e6:.1f} M tokens); "
+                "no benchmark prompts"
+            ),
+            steps=int(state["step"]),
+            tokens=int(state.get("tokens", 0)),
+            compute=f"{float(state.get('seconds', 0)) / 3600:.1f} h on {_machine()}",
+            heldout={"top1": estimate.top1, "tau": estimate.tau, "k": estimate.draft_length}
+            if estimate
+            else {},
+            measured=list(args.measured or []),
+        )
+        (staging / "README.md").write_text(model_card(facts))
+
+    # the whole folder is replaced at once: a killed export leaves the previous one
+    replace_folder(export, write)
     print(export)
     return 0
 
@@ -266,6 +372,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="distill: delete the answers in --data; train: delete the checkpoints in --out; then start over",
+    )
     distill = parser.add_argument_group("distill")
     distill.add_argument("--count", type=int, default=2400, help="instructions to answer")
     distill.add_argument("--prompts-per-batch", type=int, default=64, help="prompts per generate call")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hf_specssm.training.checkpoints import atomic_write, atomic_write_text
 from hf_specssm.training.mamba_drafter.corpus import doc_paragraphs, python_sources
 
 SOURCES = ("chat", "code", "docs")
@@ -36,31 +37,51 @@ def is_heldout(record_id: str, every: int = 40) -> bool:
 
 
 def read_distilled(path: str | Path) -> Iterator[dict]:
-    """The records of a distillation JSONL file (`distill.distill_answers`), skipping a torn last line."""
-    with open(path) as handle:
-        for line in handle:
-            try:
-                yield json.loads(line)
-            except ValueError:
+    """The records of a distillation JSONL file (`distill.distill_answers`).
+
+    A torn last line (a run killed mid-write, without its newline) is skipped; any other line that is
+    not a JSON object raises `ValueError` naming `path:line`.
+    """
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
                 continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                # only the last line can lack its newline
+                if not line.endswith("\n"):
+                    return
+                raise ValueError(f"{path}:{number}: not a JSON record ({error}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
+            yield record
 
 
 def _write_stream(
     path: Path, documents: Iterable[list[int]], separator: int, limit: int | None, desc: str, progress: bool
 ) -> int:
-    """Write documents (token lists) to `path` as uint32 with `separator` after each; stop past `limit`."""
+    """Write documents (token lists) to `path` as uint32 with `separator` after each; stop past `limit`.
+
+    The file appears under its name only once complete (see `checkpoints.atomic_write`).
+    """
     written = 0
-    bar = tqdm(total=limit, unit="tok", unit_scale=True, desc=desc, disable=not progress)
-    with open(path, "wb") as sink, bar:
-        for ids in documents:
-            if not ids:
-                continue
-            array = np.asarray([*ids, separator], dtype=np.uint32)
-            sink.write(array.tobytes())
-            written += array.size
-            bar.update(array.size)
-            if limit is not None and written >= limit:
-                break
+
+    def write(temporary: Path) -> None:
+        nonlocal written
+        bar = tqdm(total=limit, unit="tok", unit_scale=True, desc=desc, disable=not progress)
+        with open(temporary, "wb") as sink, bar:
+            for ids in documents:
+                if not ids:
+                    continue
+                array = np.asarray([*ids, separator], dtype=np.uint32)
+                sink.write(array.tobytes())
+                written += array.size
+                bar.update(array.size)
+                if limit is not None and written >= limit:
+                    break
+
+    atomic_write(path, write)
     return written
 
 
@@ -100,6 +121,8 @@ def build_token_data(
     """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    # written last: until then the folder does not claim to hold a complete data set
+    (data_dir / META_FILENAME).unlink(missing_ok=True)
     separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     if separator is None or separator == tokenizer.unk_token_id:
         separator = tokenizer.eos_token_id
@@ -108,9 +131,7 @@ def build_token_data(
         (heldout if is_heldout(record["id"], heldout_every) else train).append(record)
     if not train:
         raise ValueError(f"{distilled} holds no distilled records to train on.")
-    with open(data_dir / HELDOUT_FILENAME, "w") as sink:
-        for record in heldout:
-            sink.write(json.dumps(record) + "\n")
+    atomic_write_text(data_dir / HELDOUT_FILENAME, "".join(json.dumps(record) + "\n" for record in heldout))
     counts = {
         "chat": _write_stream(
             data_dir / "chat.bin", (r["input_ids"] for r in train), separator, None, "chat tokens", progress
@@ -140,7 +161,7 @@ def build_token_data(
         "tokenizer": getattr(tokenizer, "name_or_path", None),
         "vocab_size": len(tokenizer),
     }
-    (data_dir / META_FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(data_dir / META_FILENAME, json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -206,12 +206,21 @@ def train_drafter(
 
     Returns:
         the loss of every step so far (a resumed run includes the steps before the interruption).
+
+    Raises:
+        ValueError: a stream holds token ids outside the model's target vocabulary.
     """
     config = config if config is not None else DrafterTrainingConfig()
     streams = {}
     for source in SOURCES:
         path = Path(data_dir) / f"{source}.bin"
         streams[source] = load_stream(data_dir, source) if path.is_file() and path.stat().st_size else None
+        vocab = model.config.target_vocab_size
+        if streams[source] is not None and int(streams[source].max()) >= vocab:
+            raise ValueError(
+                f"{path} holds token id {int(streams[source].max())}, outside the drafter's target vocabulary "
+                f"({vocab} ids): rebuild the data with the target's tokenizer (the data stage)."
+            )
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.95)
     )

@@ -3,6 +3,10 @@
 `--target` is a local model folder (or Hub id) or one of the toy targets (tiny random models built from a
 config, for trying things out without downloads). Without `--data`, a toy target trains on its own greedy
 continuations of random prompts.
+
+`--out` remembers what it was trained from (`run.json`: the target, the data file's content and the
+settings). Running again with the same ones resumes; with others it refuses (naming each difference)
+unless `--restart` is given, so checkpoints and cached data of another run are never silently reused.
 """
 
 from __future__ import annotations
@@ -19,7 +23,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from hf_specssm.drafters.redrafter.configuration import ReDrafterConfig
 from hf_specssm.drafters.redrafter.modeling import ReDrafterHead
 from hf_specssm.testing.tiny import TINY_HIDDEN, TINY_VOCAB, tiny_model
-from hf_specssm.training.checkpoints import checkpoints, latest_checkpoint
+from hf_specssm.training.checkpoints import (
+    RUN_FILE,
+    atomic_save_pretrained,
+    atomic_torch_save,
+    check_steps,
+    checkpoints,
+    claim_output_dir,
+    file_fingerprint,
+    latest_checkpoint,
+    model_fingerprint,
+    replace_folder,
+)
 from hf_specssm.training.redrafter.training import (
     TrainingConfig,
     TrainingData,
@@ -36,6 +51,13 @@ TOY_HIDDEN = TINY_HIDDEN
 TOY_TARGETS = ("toy-llama", "toy-mamba2", "toy-jamba")
 DATA_FILE = "training_data.pt"
 EVAL_FILE = "eval_prompts.pt"
+TARGET_DIR = "target"
+# the flags whose values decide the data, the head or the training trajectory (`--steps` may grow)
+FINGERPRINT_FLAGS = (
+    "seq_length", "distill", "prompt_length", "distill_samples", "distill_new_tokens", "eval_prompts",
+    "beam_width", "beam_length", "num_draft_layers", "exit_dim", "no_rnn", "batch_size", "learning_rate",
+    "warmup_steps", "seed",
+)  # fmt: skip
 
 
 def toy_target(name: str, seed: int = 0) -> PreTrainedModel:
@@ -54,11 +76,20 @@ def toy_target(name: str, seed: int = 0) -> PreTrainedModel:
     return model.eval()
 
 
+def _looks_like_a_path(spec: str) -> bool:
+    """Whether `spec` names a folder rather than a Hub id (`name` or `org/name`)."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec)
+
+
 def load_target(spec: str, seed: int, device: str):
     """`(target, tokenizer or None)` for a toy name or a model folder / Hub id."""
     if spec in TOY_TARGETS:
         return toy_target(spec, seed).to(device), None
-    target = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).to(device).eval()
+    try:
+        target = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).to(device).eval()
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--target {spec}: cannot load it as a model ({reason})") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError):
@@ -86,7 +117,7 @@ def build_data(
             progress=not args.quiet,
         )
         return data, evaluation
-    documents = read_corpus(args.data, tokenizer)
+    documents = read_corpus(args.data, tokenizer, vocab_size=vocab)
     long_enough = [document for document in documents if len(document) >= args.prompt_length]
     # the last documents are held out: their openings are the evaluation prompts
     held_out = long_enough[len(long_enough) - args.eval_prompts :] if args.eval_prompts else []
@@ -112,8 +143,52 @@ def build_data(
     return data, evaluation.reshape(-1, args.prompt_length)
 
 
+def fingerprint(args: argparse.Namespace) -> dict[str, object]:
+    """What a run in `--out` is trained from: target, data (by content) and settings, by flag name."""
+    record: dict[str, object] = {
+        "--target": model_fingerprint(args.target),
+        "--data": file_fingerprint(args.data) if args.data is not None else None,
+    }
+    for name in FINGERPRINT_FLAGS:
+        record["--" + name.replace("_", "-")] = getattr(args, name)
+    return record
+
+
+def _load_cached_data(out: Path) -> tuple[TrainingData, torch.Tensor] | None:
+    """The data cached in `out`, or `None` when it is absent or does not load (then it is rebuilt)."""
+    if not (out / DATA_FILE).exists() or not (out / EVAL_FILE).exists():
+        return None
+    try:
+        return TrainingData.load(out / DATA_FILE), torch.load(out / EVAL_FILE, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError) as error:
+        print(f"note: the cached training data in {out} does not load ({error}); rebuilding it")
+        return None
+
+
+def _check_vocabulary(data: TrainingData, evaluation: torch.Tensor, vocab: int, out: Path) -> None:
+    for name, ids in (("training data", data.input_ids), ("evaluation prompts", evaluation)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise ValueError(
+                f"the {name} hold token id {bad}, outside the target's vocabulary (ids 0–{vocab - 1}); "
+                f"were they made with another tokenizer? (cached in {out}: --restart rebuilds them)"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train (or resume training) a head as the arguments say; save it with its model card to `--out`."""
+    """Train (or resume training) a head as the arguments say; save it with its model card to `--out`.
+
+    Raises:
+        ValueError: bad input (a missing `--data` file, a corpus line that does not parse, token ids
+            outside the vocabulary, `--out` holding a run with other inputs, `--steps` below the steps
+            already trained).
+    """
+    if args.data is not None and not Path(args.data).is_file():
+        raise ValueError(f"--data {args.data}: no such file.")
+    if args.target not in TOY_TARGETS and not Path(args.target).is_dir() and _looks_like_a_path(args.target):
+        raise ValueError(
+            f"--target {args.target}: no such model folder (or choose one of {', '.join(TOY_TARGETS)})."
+        )
     torch.set_num_threads(args.threads)
     if args.quiet:
         # transformers' own bars (saving and loading checkpoints) too
@@ -123,18 +198,37 @@ def run(args: argparse.Namespace) -> int:
     if args.restart:
         for folder in checkpoints(out):
             shutil.rmtree(folder)
-        for name in (DATA_FILE, EVAL_FILE):
+        for name in (DATA_FILE, EVAL_FILE, RUN_FILE):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / TARGET_DIR, ignore_errors=True)
+    changes = claim_output_dir(
+        out,
+        fingerprint(args),
+        "train-redrafter",
+        has_progress=bool(checkpoints(out)),
+        derived=[DATA_FILE, EVAL_FILE, TARGET_DIR],
+    )
+    if changes:
+        print(
+            f"note: the data cached in {out} was built from other inputs ({'; '.join(changes)}); rebuilding it"
+        )
+    checkpoint = latest_checkpoint(out)
+    check_steps(args.steps, checkpoint)
     target, tokenizer = load_target(args.target, args.seed, args.device)
-    if args.target in TOY_TARGETS and not (out / "target").exists():
+    vocab = target.config.get_text_config(decoder=True).vocab_size
+    if args.target in TOY_TARGETS and not (out / TARGET_DIR).exists():
         # the toy target is part of the result: the head drafts for exactly these weights
-        target.save_pretrained(out / "target")
-    if (out / DATA_FILE).exists():
-        data, evaluation = TrainingData.load(out / DATA_FILE), torch.load(out / EVAL_FILE, weights_only=True)
+        replace_folder(out / TARGET_DIR, target.save_pretrained)
+    cached = _load_cached_data(out)
+    if cached is not None:
+        data, evaluation = cached
+        _check_vocabulary(data, evaluation, vocab, out)
     else:
         data, evaluation = build_data(args, target, tokenizer)
+        # before caching: data the target cannot read must not outlive the run that built it
+        _check_vocabulary(data, evaluation, vocab, out)
         data.save(out / DATA_FILE)
-        torch.save(evaluation, out / EVAL_FILE)
+        atomic_torch_save(evaluation, out / EVAL_FILE)
     text_config = target.config.get_text_config(decoder=True)
     config = ReDrafterConfig(
         hidden_size=text_config.hidden_size,
@@ -150,7 +244,6 @@ def run(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(args.seed)
     head = ReDrafterHead(config).to(args.device)
-    checkpoint = latest_checkpoint(out)
     if checkpoint is not None:
         untrained = ReDrafterConfig.from_pretrained(checkpoint).untrained_mean_accepted_length
         print(f"resuming from {checkpoint}")
@@ -173,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         head.config.mean_accepted_length = mean_accepted_length(
             target, head, evaluation, args.eval_new_tokens
         )
-    head.save_pretrained(out)
+    atomic_save_pretrained(head, out)
     tail = losses[-min(20, len(losses)) :]
     print(f"trained {head.config.training_steps} steps on {data.description}")
     print(f"final loss (mean of the last {len(tail)} steps): {sum(tail) / max(1, len(tail)):.3f}")
@@ -204,7 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--restart",
         action="store_true",
-        help="delete the checkpoints and data already in --out and start over",
+        help="delete the checkpoints, cached data and run record already in --out and start over",
     )
     parser.add_argument("--seq-length", type=int, default=64, help="block length for corpus training")
     parser.add_argument(

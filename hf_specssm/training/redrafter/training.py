@@ -25,6 +25,7 @@ from hf_specssm.drafters.redrafter.modeling import ReDrafterHead
 from hf_specssm.generation import generate
 from hf_specssm.training.checkpoints import (
     TRAINER_STATE,
+    atomic_torch_save,
     latest_checkpoint,
     save_checkpoint,
 )
@@ -99,8 +100,8 @@ class TrainingData:
         return self.input_ids.shape[0]
 
     def save(self, path: str | Path) -> None:
-        """Save to one file (so a resumed run trains on exactly the same data)."""
-        torch.save(
+        """Save to one file, crash-safe (so a resumed run trains on exactly the same data)."""
+        atomic_torch_save(
             {"input_ids": self.input_ids, "labels": self.labels, "description": self.description}, path
         )
 
@@ -111,7 +112,7 @@ class TrainingData:
         return cls(input_ids=state["input_ids"], labels=state["labels"], description=state["description"])
 
 
-def read_corpus(path: str | Path, tokenizer=None) -> list[list[int]]:
+def read_corpus(path: str | Path, tokenizer=None, vocab_size: int | None = None) -> list[list[int]]:
     """Token ids of every document of a local corpus.
 
     - `.jsonl`: one JSON object per line with `input_ids` (used as is), `text`, `messages` (chat, rendered
@@ -121,9 +122,14 @@ def read_corpus(path: str | Path, tokenizer=None) -> list[list[int]]:
     Args:
         path: the corpus file.
         tokenizer: the target's tokenizer; needed for everything except `input_ids` records.
+        vocab_size: the target's vocabulary size; token ids outside `[0, vocab_size)` are refused.
 
     Returns:
         one list of token ids per document.
+
+    Raises:
+        ValueError: naming `path:line` for a line that is not a JSON object, a record of unknown shape,
+            or token ids that are not integers inside the vocabulary.
     """
     path = Path(path)
 
@@ -141,32 +147,64 @@ def read_corpus(path: str | Path, tokenizer=None) -> list[list[int]]:
         rendered = tokenizer.apply_chat_template(messages, tokenize=False)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
+    def checked(ids: list, where: str) -> list[int]:
+        if not all(isinstance(token, int) and not isinstance(token, bool) for token in ids):
+            raise ValueError(f"{where}: input_ids must be a list of integer token ids.")
+        bad = next(
+            (token for token in ids if token < 0 or (vocab_size is not None and token >= vocab_size)), None
+        )
+        if bad is not None:
+            allowed = f"0–{vocab_size - 1}" if vocab_size is not None else "non-negative ids"
+            raise ValueError(
+                f"{where}: token id {bad} is outside the target's vocabulary ({allowed}); were the ids made "
+                "with another tokenizer?"
+            )
+        return ids
+
+    def ids_of(record: dict, where: str) -> list[int]:
+        if "input_ids" in record:
+            ids = record["input_ids"]
+            return checked(ids if isinstance(ids, list) else [ids], where)
+        if "text" in record:
+            return checked(encode(record["text"]), where)
+        if "messages" in record:
+            return checked(render_chat(record["messages"]), where)
+        if "conversations" in record:
+            roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+            turns = [
+                {"role": roles.get(turn["from"], turn["from"]), "content": turn["value"]}
+                for turn in record["conversations"]
+            ]
+            return checked(render_chat(turns), where)
+        raise ValueError(
+            f"{where}: expected input_ids, text, messages or conversations, got {sorted(record)}."
+        )
+
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}).") from None
     documents = []
     if path.suffix == ".jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(content.splitlines(), start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if "input_ids" in record:
-                documents.append([int(token) for token in record["input_ids"]])
-            elif "text" in record:
-                documents.append(encode(record["text"]))
-            elif "messages" in record:
-                documents.append(render_chat(record["messages"]))
-            elif "conversations" in record:
-                roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-                turns = [
-                    {"role": roles.get(turn["from"], turn["from"]), "content": turn["value"]}
-                    for turn in record["conversations"]
-                ]
-                documents.append(render_chat(turns))
-            else:
-                raise ValueError(
-                    f"{path}:{number}: expected input_ids, text, messages or conversations, got {sorted(record)}."
-                )
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+            try:
+                documents.append(ids_of(record, where))
+            except (KeyError, TypeError) as error:
+                raise ValueError(f"{where}: malformed record ({type(error).__name__}: {error}).") from None
     else:
-        text = path.read_text(encoding="utf-8")
-        documents = [encode(block.strip()) for block in text.split("\n\n") if block.strip()]
+        documents = [
+            checked(encode(block.strip()), f"{path}, paragraph {index}")
+            for index, block in enumerate((b for b in content.split("\n\n") if b.strip()), start=1)
+        ]
     return [document for document in documents if document]
 
 

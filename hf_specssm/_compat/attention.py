@@ -1,0 +1,83 @@
+"""Attention cache layers: rollback, cropping the attention part of hybrids, filling and gathering keys.
+
+Hybrid layers (`LinearAttentionAndFullAttentionLayer`) are both a linear layer and a `DynamicLayer`; their
+`crop` also trims the conv window, so the attention part alone is reached through `DynamicLayer`'s
+methods here.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+from hf_specssm._compat.recurrent import is_linear_layer
+
+
+def is_sliding_attention_layer(layer: object) -> bool:
+    """Whether a cache layer keeps only a sliding window of keys and values."""
+    return isinstance(layer, DynamicSlidingWindowLayer)
+
+
+def enable_attention_rollback(cache: Cache) -> None:
+    """Make sliding-window attention layers keep enough history to be cropped after a verification.
+
+    Full-attention layers can always be cropped. Sliding-window layers drop old keys as they go unless they
+    record the past (then `crop` trims them back to the window). Linear layers are left alone: past
+    recording there changes the decode path of the mixers.
+    """
+    for layer in cache.layers:
+        if is_sliding_attention_layer(layer) and not is_linear_layer(layer):
+            layer.activate_past_recording()
+
+
+def attention_holds_tokens(layer: object) -> bool:
+    """Whether an attention cache layer has keys for at least one token."""
+    if not isinstance(layer, CacheLayerMixin) or not getattr(layer, "is_initialized", False):
+        return False
+    keys = getattr(layer, "keys", None)
+    return keys is not None and keys.numel() > 0
+
+
+def crop_attention_part(layer: object, tokens_to_remove: int) -> None:
+    """transformers' `crop` on the attention part of a layer only (hybrids keep their conv window)."""
+    if is_linear_layer(layer):
+        DynamicLayer.crop(layer, tokens_to_remove)
+    else:
+        layer.crop(tokens_to_remove)
+
+
+def set_attention_tensors(layer: object, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Initialise an empty attention layer and make `keys` / `values` `[B, H_kv, S, D]` its contents."""
+    DynamicLayer.lazy_initialization(layer, keys, values)
+    layer.keys, layer.values = keys, values
+
+
+def keep_attention_positions(cache: Cache, positions: torch.Tensor) -> None:
+    """Keep only sequence positions `positions` `[S']` of every initialised attention layer of `cache`.
+
+    `Cache.crop` can only drop a suffix; a tree round keeps the prefix, the fed chain and one root-to-node
+    path, so the keys and values are gathered along the sequence axis (dim 2) instead. Recurrent layers
+    are left alone.
+
+    Positions count from the first token the layer has seen. A sliding-window layer that has already
+    dropped its oldest keys holds positions `[L − S, L)` only: kept positions before that are counted but
+    have no keys to gather (they were outside the window anyway), and its token count becomes `S'`.
+
+    Args:
+        cache: any transformers `Cache`.
+        positions: `[S']` ascending long positions to keep.
+    """
+    if positions.numel() > 1 and bool((positions[1:] <= positions[:-1]).any()):
+        raise ValueError(f"positions must be strictly ascending, got {positions.tolist()}.")
+    for layer in cache.layers:
+        if not attention_holds_tokens(layer):
+            continue
+        stored = layer.keys.shape[2]
+        total = layer.get_seq_length() if isinstance(layer, DynamicSlidingWindowLayer) else stored
+        index = positions.to(layer.keys.device) - (total - stored)
+        index = index[index >= 0]
+        layer.keys = layer.keys.index_select(2, index)
+        layer.values = layer.values.index_select(2, index)
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            # the layer counts every token it has seen (it sizes the mask from that count)
+            layer.cumulative_length = int(positions.numel())

@@ -1,0 +1,163 @@
+"""An SSM or hybrid target: verify in one forward, then bring the recurrent state to the accepted prefix."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from hf_specssm import _compat
+from hf_specssm._compat.attention import keep_attention_positions
+from hf_specssm.cache import ForkableCache
+from hf_specssm.ssm.mixers import MixerInputRecorder, exact_continuation
+from hf_specssm.targets.base import SingleRowTarget
+from hf_specssm.tree import TokenTree, kept_positions
+
+#: how `RecurrentTarget` brings the state to the accepted prefix
+RECURRENT_METHODS = ("replay", "refeed", "stepwise")
+
+
+class RecurrentTarget(SingleRowTarget):
+    """An SSM or hybrid target: verify `k` drafts, then commit exactly the accepted prefix.
+
+    Before the verification forward the recurrent state is checkpointed (one copy). Afterwards:
+
+    - `"replay"` (Activation Replay, default): the SSM mixers' inputs recorded during verification are
+      replayed for the accepted tokens only, from the checkpoint; attention layers are cropped. Extra
+      memory per round: one `[1, k + 1, H]` activation per SSM layer plus one state copy.
+    - `"refeed"` (snapshot and re-feed): restore the checkpoint and run the whole model again on the
+      accepted tokens.
+    - `"stepwise"`: verify one token per forward with a checkpoint before each, and roll back to the one
+      at the accepted length. The exact fallback where a multi-token forward from a state is not exact
+      for the target's mixers (`_compat.probes`): it costs `k + 1` forwards a round.
+
+    Multi-token forwards run inside `ssm.mixers.exact_continuation`, which makes transformers' Mamba v1 /
+    Jamba scans start from the cached state instead of zeros.
+
+    Trees are verified by the STree tree scan (`ssm.tree_scan`): every node's output from the committed
+    state, attention layers under the tree mask; the accepted path is committed by Activation Replay.
+
+    Args:
+        model: the target causal LM (Mamba, Mamba2, FalconMamba, Jamba, Bamba, Falcon-H1, Zamba2, …).
+        method: one of `RECURRENT_METHODS`.
+        tree_problem: why trees cannot be verified here (`None`: the tree scan serves this model).
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, method: str = "replay", tree_problem: str | None = None
+    ) -> None:
+        if method not in RECURRENT_METHODS:
+            raise ValueError(f"RecurrentTarget verifies by one of {RECURRENT_METHODS}, got {method!r}.")
+        super().__init__(model, ForkableCache(model.config))
+        self.method = method
+        self.recorder = MixerInputRecorder(model)
+        self._tree_problem = tree_problem
+        self._round_start = 0
+        self._kept_tokens: torch.Tensor | None = None
+        self._tree_record = None
+        self._tree_round = (0, 0)
+
+    def tree_problem(self) -> str | None:
+        return self._tree_problem
+
+    def score(self, input_ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+        pending = self._pending(input_ids, apart=True)
+        self.cache.clear_checkpoints()
+        self._round_start = self.consumed
+        new_tokens = torch.cat([pending, draft_tokens], dim=1)
+        self._kept_tokens = new_tokens
+        num_logits = draft_tokens.shape[1] + 1
+        with self._hidden_capture(num_logits):
+            if self.method == "stepwise":
+                logits = self._score_stepwise(new_tokens, num_logits)
+            else:
+                self.cache.checkpoint()
+                with exact_continuation(self.model):
+                    if self.method == "replay":
+                        with self.recorder.recording():
+                            logits = self._forward(new_tokens, num_logits)
+                    else:
+                        logits = self._forward(new_tokens, num_logits)
+        extra = self.cache.checkpoint_bytes() + (
+            self.recorder.recorded_bytes if self.method == "replay" else 0
+        )
+        self.peak_verification_bytes = max(self.peak_verification_bytes, extra)
+        return logits
+
+    def _score_stepwise(self, tokens: torch.Tensor, num_logits: int) -> torch.Tensor:
+        """One forward per token, each after a checkpoint; `[1, num_logits, V]`."""
+        logits = []
+        for position in range(tokens.shape[1]):
+            self.cache.checkpoint()
+            logits.append(self._forward(tokens[:, position : position + 1], 1))
+        return torch.cat(logits, dim=1)[:, -num_logits:]
+
+    def keep(self, length: int) -> None:
+        if not self._round_start <= length <= self.consumed:
+            raise ValueError(
+                f"can keep between {self._round_start} and {self.consumed} tokens this round, not {length}."
+            )
+        if length < self.consumed:
+            if self.method == "replay":
+                self.cache.rewind_recurrent(self._round_start)
+                self.cache.crop_attention(length)
+                self.recorder.replay(start=0, length=length - self._round_start)
+                self.cache.set_length(length)
+                self.consumed = length
+            elif self.method == "stepwise":
+                self.cache.rollback_to(length)
+                self.consumed = length
+            else:
+                self.cache.rollback_to(self._round_start)
+                self.consumed = self._round_start
+                if length > self._round_start:
+                    with exact_continuation(self.model):
+                        self._forward(self._kept_tokens[:, : length - self._round_start], 1)
+        self.cache.clear_checkpoints()
+        self.recorder.clear()
+
+    def score_tree(self, input_ids: torch.Tensor, tree: TokenTree) -> torch.Tensor:
+        """Logits after the root and after every node of `tree`, in one forward (STree tree scan).
+
+        SSM mixers compute every node from the committed state with the tree's ancestor structure and
+        write no state (`ssm.tree_scan.tree_verification`); attention layers of hybrids get the tree's 4D
+        mask and positions. `keep_tree` then commits the accepted path.
+
+        Returns:
+            `[1, 1 + N, V]` float32 logits: row 0 after the root (last committed token), row `1 + i` after
+            node `i`.
+        """
+        from hf_specssm.ssm.tree_scan import forward_parents, tree_verification
+
+        if self._tree_problem is not None:
+            raise ValueError(self._tree_problem)
+        pending = self._pending(input_ids, apart=True)
+        self.cache.clear_checkpoints()
+        start, chain_length = self.consumed, pending.shape[1]
+        inputs = {}
+        if any(_compat.is_attention_layer(layer) for layer in self.cache.layers):
+            inputs = self._tree_inputs(tree, chain_length, pending.device)
+        tokens = torch.cat([pending, tree.tokens[None].to(pending.device)], dim=1)
+        parents = forward_parents(tree, chain_length)
+        with (
+            tree_verification(self.model, self.cache, parents) as record,
+            self._hidden_capture(tree.size + 1),
+        ):
+            logits = self._forward(tokens, tree.size + 1, **inputs)
+        self._tree_record = record
+        self._tree_round = (start, chain_length)
+        self.peak_verification_bytes = max(self.peak_verification_bytes, record.recorded_bytes)
+        return logits
+
+    def keep_tree(self, path: list[int]) -> None:
+        """Commit the fed chain and the nodes of `path`: SSM layers by Activation Replay of the recorded
+        inputs at those positions (N-step state update from the committed state), attention layers by
+        keeping their keys."""
+        start, chain_length = self._tree_round
+        positions = torch.cat(
+            [torch.arange(chain_length), torch.tensor(path, dtype=torch.long) + chain_length]
+        )
+        self._tree_record.commit(self.cache, positions)
+        self._tree_record = None
+        keep_attention_positions(self.cache, kept_positions(start, chain_length, path))
+        self.consumed = start + chain_length + len(path)
+        self.cache.set_length(self.consumed)

@@ -1,0 +1,181 @@
+"""ContextCopyDrafter: a model drafter plus prompt lookup, as chains and as trees; lossless and stateful."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hf_specssm
+from hf_specssm.drafters import DraftSampler
+from hf_specssm.tree import TokenTree
+
+from tests.helpers.models import VOCAB, align, build
+from tests.helpers.sampling import ALPHA, chi_square_p_value, exact_distribution, sample_continuations
+from tests.helpers.states import fresh, max_state_diff
+
+ATOL = 5e-5
+
+
+def _no_eos(model):
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _pair(target_kind="llama", drafter_kind="mamba", vocab=VOCAB):
+    target = _no_eos(build(target_kind, seed=0, vocab=vocab))
+    drafter = _no_eos(build(drafter_kind, seed=1, vocab=vocab))
+    align(target, drafter, head_noise=0.3)
+    hf_specssm.enable(target)
+    return target, drafter
+
+
+class FixedTree(hf_specssm.ModelDrafter):
+    """A model drafter whose tree is given (to test the graft)."""
+
+    def __init__(self, model, tree):
+        super().__init__(model, tree_shape=(1,))
+        self.fixed = tree
+
+    def draft_tree(self, input_ids, sampler, shape=None):
+        super().draft_tree(input_ids, sampler, (1,))
+        return self.fixed
+
+
+def test_the_copy_is_grafted_onto_the_tree_sharing_agreeing_nodes():
+    model = build("mamba", seed=1)
+    # model tree: root → 5 (→ 7, → 8), root → 6
+    tree = TokenTree(tokens=torch.tensor([5, 6, 7, 8]), parents=torch.tensor([-1, -1, 0, 0]))
+    drafter = hf_specssm.ContextCopyDrafter(
+        FixedTree(model, tree), hf_specssm.PromptLookupDrafter(num_draft_tokens=3)
+    )
+    # the context ends with "1 2" and earlier had "1 2 5 7 9": the copy is 5 7 9
+    ids = torch.tensor([[1, 2, 5, 7, 9, 3, 1, 2]])
+    drafter.begin(ids)
+    grafted = drafter.draft_tree(ids, DraftSampler(None, False))
+    assert grafted.tokens.tolist() == [5, 6, 7, 8, 9]
+    assert grafted.parents.tolist() == [-1, -1, 0, 0, 2]
+    assert drafter.copied_rounds == 1
+    # no match: the model's tree as it is
+    other = torch.tensor([[1, 2, 3, 4]])
+    drafter.begin(other)
+    assert drafter.draft_tree(other, DraftSampler(None, False)) is tree
+
+
+def test_chain_rounds_copy_only_long_enough_matches():
+    model = build("mamba", seed=1)
+    drafter = hf_specssm.ContextCopyDrafter(hf_specssm.ModelDrafter(model, num_draft_tokens=2), min_copy=3)
+    sampler = DraftSampler(None, False)
+    ids = torch.tensor([[4, 9, 1, 2, 3, 8, 8, 6, 9, 1]])
+    drafter.begin(ids)
+    draft = drafter.draft(ids, 2, sampler)
+    assert drafter.last_round_copied and draft.tokens.tolist() == [[2, 3, 8, 8, 6, 9, 1]]
+    drafter.commit(torch.cat([ids, torch.tensor([[2, 3, 5]])], dim=1), 2)
+    # "3 5" never occurred before: the model drafts
+    ids = torch.tensor([[4, 9, 1, 2, 3, 8, 8, 6, 9, 1, 2, 3, 5]])
+    draft = drafter.draft(ids, 2, sampler)
+    assert not drafter.last_round_copied and draft.tokens.shape == (1, 2)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="must be a ModelDrafter"):
+        hf_specssm.ContextCopyDrafter(hf_specssm.PromptLookupDrafter())
+    with pytest.raises(ValueError, match="min_copy"):
+        hf_specssm.ContextCopyDrafter(hf_specssm.ModelDrafter(build("mamba")), min_copy=0)
+
+
+REPEATING = torch.tensor([[3, 9, 4, 11, 7, 2, 8, 5, 3, 9, 4, 11, 7, 2, 8, 5, 3, 9]])
+
+
+@pytest.mark.parametrize(
+    "target_kind, options",
+    [
+        pytest.param("llama", {}, id="llama-chain"),
+        pytest.param("llama", {"tree_shape": (2, 2, 1)}, id="llama-tree"),
+        pytest.param("llama", {"tree_policy": hf_specssm.UCBTreePolicy()}, id="llama-bandit"),
+        pytest.param("llama", {"tree_policy": hf_specssm.DynamicTreePolicy(depth=3, top_k=2, max_nodes=6)}, id="llama-dynamic"),
+        pytest.param("mamba2", {"tree_shape": (2, 1)}, id="mamba2-tree"),
+        pytest.param("jamba", {}, id="jamba-chain"),
+    ],
+)  # fmt: skip
+def test_greedy_output_equals_the_target_alone(target_kind, options):
+    target, drafter_model = _pair(target_kind)
+    plain = target.generate(REPEATING, max_new_tokens=30, do_sample=False)
+    drafter = hf_specssm.ContextCopyDrafter(
+        hf_specssm.ModelDrafter(drafter_model, num_draft_tokens=3, schedule="constant", **options)
+    )
+    spec = target.generate(REPEATING, assistant_model=drafter, max_new_tokens=30, do_sample=False)
+    assert torch.equal(plain, spec)
+    assert drafter.copied_rounds > 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_drafter_state_after_copy_rounds_matches_recompute(tree):
+    target, drafter_model = _pair("llama", "mamba2")
+
+    class Recording(hf_specssm.ModelDrafter):
+        def end(self):
+            self.final_cache = self.cache
+            super().end()
+
+    options = {"tree_shape": (2, 1)} if tree else {}
+    inner = Recording(drafter_model, num_draft_tokens=3, schedule="constant", **options)
+    drafter = hf_specssm.ContextCopyDrafter(inner)
+    output = target.generate(REPEATING, assistant_model=drafter, max_new_tokens=40, do_sample=False)
+    assert drafter.copied_rounds > 0
+    consumed = inner.final_cache.seen_tokens
+    reference, _ = fresh(drafter_model, output[:, :consumed])
+    assert max_state_diff(inner.final_cache, reference) < ATOL
+
+
+def test_copying_raises_acceptance_where_the_target_repeats_itself():
+    """Greedy random models fall into loops; copying from the context then drafts what an unrelated
+    model cannot."""
+    target, _ = _pair()
+    unrelated = _no_eos(build("mamba", seed=5))
+    prompt = REPEATING
+    plain = target.generate(prompt, max_new_tokens=60, do_sample=False)
+    tail = plain[0, -20:].tolist()
+    assert len(set(tail)) < 12, "the test needs a target that repeats itself"
+    alone = hf_specssm.ModelDrafter(unrelated, num_draft_tokens=3, schedule="constant")
+    target.generate(prompt, assistant_model=alone, max_new_tokens=60, do_sample=False)
+    accepted_alone = target.last_speculation_stats.accepted_tokens
+    copy = hf_specssm.ContextCopyDrafter(
+        hf_specssm.ModelDrafter(unrelated, num_draft_tokens=3, schedule="constant")
+    )
+    spec = target.generate(prompt, assistant_model=copy, max_new_tokens=60, do_sample=False)
+    assert torch.equal(plain, spec)
+    assert target.last_speculation_stats.accepted_tokens > accepted_alone + 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_sampling_keeps_the_target_distribution(tree):
+    vocab = 5
+    target = _no_eos(build("llama", seed=0, vocab=vocab))
+    # unrelated to the target, so that the power check below can reject its distribution
+    drafter_model = _no_eos(build("mamba", seed=1, vocab=vocab))
+    hf_specssm.enable(target)
+    prompt = torch.tensor([[1, 3, 4, 1, 3]])
+    probs = exact_distribution(target, prompt)
+    options = {"tree_shape": (2, 1)} if tree else {}
+    counts, accepted = sample_continuations(
+        target,
+        drafter_model,
+        prompt,
+        samples=2500,
+        seed=11,
+        vocab=vocab,
+        drafter_options=options,
+        wrap=lambda d: hf_specssm.ContextCopyDrafter(
+            d, hf_specssm.PromptLookupDrafter(num_draft_tokens=2), min_copy=1
+        ),
+    )
+    assert chi_square_p_value(counts, probs) > ALPHA
+    assert 0 in accepted and max(accepted) >= 1
+    # power: the drafter's own distribution is rejected by the same test
+    drafter_probs = exact_distribution(drafter_model, prompt)
+    wrong = np.random.default_rng(0).multinomial(int(counts.sum()), drafter_probs / drafter_probs.sum())
+    assert chi_square_p_value(wrong.astype(float), probs) < ALPHA

@@ -1,0 +1,1 @@
+"""End to end through `generate`: greedy parity, sampling distributions, trees, the API and its inputs."""

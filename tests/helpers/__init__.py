@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny models, scripted drafters, state comparisons, sampling statistics, fakes."""

@@ -1,0 +1,1 @@
+"""Kernels against their references: plain torch, the Triton interpreter (CPU) and compiled Triton (GPU)."""

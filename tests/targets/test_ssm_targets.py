@@ -1,0 +1,228 @@
+"""SSM and hybrid targets: lossless verification with state rollback (Activation Replay, Joint Attainment and
+Advancement, and re-feed)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import hf_specssm
+from hf_specssm import targets as verification
+from hf_specssm.cache import ForkableCache
+from hf_specssm.ssm import mixers
+from hf_specssm.ssm.mixers import MixerInputRecorder
+from hf_specssm.targets import joint
+
+from tests.helpers.models import VOCAB, align, build
+from tests.helpers.sampling import chi_square_p_value, exact_distribution, no_eos, sample_continuations
+from tests.helpers.scripted import ScriptedDrafter
+from tests.helpers.states import fresh, max_state_diff
+
+TARGETS = ["mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "falcon_h1", "zamba2"]
+METHODS = ["replay", "joint", "refeed"]
+# one-step-at-a-time references in fp32; the replay path takes other kernels (multi-token scans)
+STATE_ATOL = 1e-4
+
+
+def _prompt(length: int, seed: int) -> torch.Tensor:
+    # ids 0-2 are pad/bos/eos in these configs; a pad id in the prompt would be masked as padding
+    return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+# The whole grid is 63 cases (~1 s each); `-m "not slow"` keeps the Mamba2 drafter's 21.
+@pytest.mark.parametrize(
+    ("target_kind", "drafter_kind", "method"),
+    [
+        pytest.param(
+            target,
+            drafter,
+            method,
+            id=f"{target}-{drafter}-{method}",
+            marks=() if drafter == "mamba2" else pytest.mark.slow,
+        )
+        for target in TARGETS
+        for drafter in ["mamba", "mamba2", "llama"]
+        for method in METHODS
+    ],
+)
+def test_greedy_parity(target_kind, drafter_kind, method):
+    target = hf_specssm.enable(build(target_kind, seed=0))
+    drafter_model = build(drafter_kind, seed=1)
+    align(target, drafter_model)
+    rounds = []
+    for prompt_length, max_new, k in [(6, 30, 4), (1, 12, 2), (11, 25, 6)]:
+        prompt = _prompt(prompt_length, prompt_length)
+        reference = target.generate(prompt, max_new_tokens=max_new, do_sample=False)
+        drafter = hf_specssm.ModelDrafter(drafter_model, num_draft_tokens=k, schedule="constant")
+        output = target.generate(
+            prompt, assistant_model=drafter, max_new_tokens=max_new, do_sample=False, verification=method
+        )
+        assert torch.equal(output, reference), f"prompt {prompt_length}"
+        stats = target.last_speculation_stats
+        rounds += [(a, d) for a, d in zip(stats.accepted_lengths, stats.draft_lengths) if d]
+    assert any(a > 0 for a, _ in rounds) and any(a < d for a, d in rounds)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("target_kind", TARGETS)
+def test_scripted_accept_lengths_and_committed_state(target_kind, method):
+    """Every accept length 0..k, then the committed state equals a fresh recompute, layer by layer."""
+    target = hf_specssm.enable(build(target_kind, seed=0))
+    # no early EOS: the script needs its rounds
+    target.generation_config.eos_token_id = None
+    prompt = _prompt(5, 0)
+    reference = target.generate(prompt, max_new_tokens=40, do_sample=False)
+    drafter = ScriptedDrafter(reference, [0, 1, 2, 3, 4, 5], 5, VOCAB)
+    output = target.generate(
+        prompt,
+        assistant_model=drafter,
+        max_new_tokens=40,
+        do_sample=False,
+        verification=method,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(output.sequences, reference)
+    stats = output.speculation_stats
+    assert set(range(6)) <= set(stats.accepted_lengths)
+    cache = output.past_key_values
+    assert all(state.shape[0] == 1 for state in cache.state_tensors())
+    if method == "joint":
+        # the last round's accepted tokens are fed again next round, so the cache stops before them
+        last_round = stats.committed_tokens[-1]
+        assert cache.seen_tokens == reference.shape[1] - last_round
+    else:
+        assert cache.seen_tokens == reference.shape[1] - 1
+    recomputed, _ = fresh(target, reference[:, : cache.seen_tokens])
+    assert max_state_diff(cache, recomputed) < STATE_ATOL
+
+
+@pytest.mark.parametrize("target_kind", ["mamba", "bamba"])
+def test_skipping_the_replay_corrupts_the_state(target_kind, monkeypatch):
+    """Negative control: without replaying the accepted steps the committed state is wrong."""
+    target = hf_specssm.enable(build(target_kind, seed=0))
+    drafter = build("mamba2", seed=1)
+    align(target, drafter)
+    monkeypatch.setattr(MixerInputRecorder, "replay", lambda self, start, length: None)
+    output = target.generate(
+        _prompt(5, 0),
+        assistant_model=drafter,
+        max_new_tokens=20,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    # (the corrupted state usually changes the output too, so compare with a recompute of what was output)
+    recomputed, _ = fresh(target, output.sequences[:, :-1])
+    assert max_state_diff(output.past_key_values, recomputed) > 1e-3
+
+
+def _no_identity_steps(model, mask):
+    return mixers.exact_continuation(model)
+
+
+def _no_conv_cut(cache, lengths):
+    return contextlib.nullcontext()
+
+
+def _joint_round_state_error(target_kind: str) -> float:
+    """One Joint Attainment and Advancement round (6-token prompt, 4 drafts): the largest difference
+    between the committed recurrent state and a fresh recompute of the pending prefix."""
+    model = build(target_kind, seed=0)
+    target = verification.JointTarget(model)
+    sequence = _prompt(10, 0)
+    with torch.no_grad():
+        target.score(sequence[:, :6], sequence[:, 6:])
+        recomputed, _ = fresh(model, sequence[:, : target.consumed])
+    return max(
+        (committed[:1] - fresh_state).abs().max().item()
+        for committed, fresh_state in zip(target.cache.state_tensors(), recomputed.state_tensors())
+    )
+
+
+@pytest.mark.parametrize(
+    "sabotage",
+    [
+        pytest.param(lambda mp: mp.setattr(joint, "identity_steps", _no_identity_steps), id="no-skip"),
+        pytest.param(
+            lambda mp: mp.setattr(ForkableCache, "ragged_conv_rows", _no_conv_cut), id="no-conv-cut"
+        ),
+    ],
+)
+@pytest.mark.parametrize("target_kind", TARGETS)
+def test_joint_verification_needs_both_the_skipped_steps_and_the_conv_cut(target_kind, sabotage, monkeypatch):
+    """Negative controls: if the advancement row ran the drafts' SSM steps, or kept the padded conv window,
+    its state would be wrong (and the state tests above would see it)."""
+    assert _joint_round_state_error(target_kind) < 1e-5
+    sabotage(monkeypatch)
+    assert _joint_round_state_error(target_kind) > STATE_ATOL
+
+
+def test_joint_verification_refuses_mixers_it_cannot_pad(monkeypatch):
+    target = build("mamba2", seed=0)
+    monkeypatch.setattr(mixers, "_scan_family", lambda mixer: None)
+    with pytest.raises(ValueError, match="verification='replay'"):
+        verification.JointTarget(target)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("target_kind", ["mamba2", "jamba"])
+def test_eos_inside_an_accepted_block(target_kind, method):
+    target = hf_specssm.enable(build(target_kind, seed=0))
+    prompt = _prompt(4, 2)
+    free_run = target.generate(prompt, max_new_tokens=30, do_sample=False)
+    generated = free_run[0, prompt.shape[1] :].tolist()
+    eos = next(token for i, token in enumerate(generated) if i >= 5 and token not in generated[:i])
+    reference = target.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    drafter = ScriptedDrafter(reference, [8], 8, VOCAB)
+    output = target.generate(
+        prompt,
+        assistant_model=drafter,
+        max_new_tokens=30,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        verification=method,
+    )
+    assert torch.equal(output, reference) and output[0, -1].item() == eos
+
+
+def test_verification_statistics_and_bad_method():
+    target = hf_specssm.enable(build("bamba", seed=0))
+    drafter = build("mamba2", seed=1)
+    align(target, drafter)
+    prompt = _prompt(6, 0)
+    target.generate(prompt, assistant_model=drafter, max_new_tokens=10)
+    stats = target.last_speculation_stats
+    assert stats.peak_verification_bytes > 0
+    with pytest.raises(ValueError, match="verification must be one of"):
+        target.generate(prompt, assistant_model=drafter, max_new_tokens=5, verification="rewind")
+    assert target.generate(prompt, max_new_tokens=3).shape[1] == prompt.shape[1] + 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target_kind", ["mamba2", "bamba"])
+def test_sampling_distribution_on_recurrent_targets(target_kind):
+    vocab = 5
+    target = hf_specssm.enable(no_eos(build(target_kind, seed=0, vocab=vocab)))
+    drafter_model = no_eos(build("mamba", seed=1, vocab=vocab))
+    prompt = torch.tensor([[3, 4, 3]])
+    probs = exact_distribution(target, prompt)
+    counts, accepted = sample_continuations(target, drafter_model, prompt, samples=1500, seed=99, vocab=vocab)
+    assert chi_square_p_value(counts, probs) > 1e-3
+    assert 0 in accepted and 2 in accepted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target_kind", ["mamba"])
+def test_sampling_distribution_with_joint_verification(target_kind):
+    vocab = 5
+    target = hf_specssm.enable(no_eos(build(target_kind, seed=0, vocab=vocab)))
+    drafter_model = no_eos(build("mamba2", seed=1, vocab=vocab))
+    prompt = torch.tensor([[3, 4, 3]])
+    probs = exact_distribution(target, prompt)
+    counts, accepted = sample_continuations(
+        target, drafter_model, prompt, samples=1500, seed=7, vocab=vocab, verification="joint"
+    )
+    assert chi_square_p_value(counts, probs) > 1e-3
+    assert 0 in accepted and 2 in accepted

@@ -1,0 +1,36 @@
+"""The console commands run end to end (tiny settings)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_specssm.tools.cli import main
+
+
+def test_demo_runs_and_reports_identity(capsys):
+    assert main(["demo", "--offline", "--max-new-tokens", "6", "--prompt-lengths", "5", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy output identical to plain decoding: yes" in out
+    assert "transformers' own assisted decoding" in out
+    assert "| 5 |" in out
+
+
+def test_bench_ssm_runs(capsys):
+    args = ["bench-ssm", "--sizes", "mamba2-8M", "--repeats", "1", "--prompts", "1"]
+    assert main([*args, "--max-new-tokens", "4", "--prompt-bytes", "40"]) == 0
+    out = capsys.readouterr().out
+    for part in ("### A.", "### B.", "### C.", "| mamba2-8M |", "peak process memory"):
+        assert part in out
+
+
+@pytest.mark.slow
+def test_bench_trees_runs(capsys):
+    assert main(["bench-trees", "--max-new-tokens", "6", "--prompt-lengths", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "| tree (3,2,2,1,1) |" in out and "| NO |" not in out
+
+
+def test_bench_tree_scan_runs(capsys):
+    args = ["bench-tree-scan", "--parts", "a", "--nodes", "4", "--sizes", "64x2", "--repeats", "1"]
+    assert main([*args, "--threads", "1"]) == 0
+    assert "| Mamba2 h=64 L=2 | 4 |" in capsys.readouterr().out
