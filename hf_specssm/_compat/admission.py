@@ -84,6 +84,9 @@ def admit(
     Inside a running probe a capability not yet known reads as supported and is not probed: the paths
     under test ask about themselves, and probing from inside another probe would run under its patches.
     """
+    if any(parameter.is_meta for parameter in mixer.parameters()):
+        # a model on the meta device computes no values: there is nothing to probe, nothing to keep
+        return OPTIMISTIC[capability], None
     key = _key(capability, mixer)
     with _lock:
         found = _results.get(key)
