@@ -1,12 +1,16 @@
 # Two entry points for a fresh machine: `make run` (the demonstration) and `make test` (what CI runs).
 # Both build .venv first (`make test` also .venv-5.17); torch is pinned to the CPU wheel before anything
-# that depends on it.
+# that depends on it. Each target installs only the extras it runs: `make run` the package and `[bench]`
+# (gguf for the model conversion, matplotlib for the plot: ~1.2 GB with torch), `make demo` `[demo]`, the
+# test targets everything (Triton alone is ~1 GB, needed only by the kernels' interpreter tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.13.0
+RUN_EXTRAS ?= bench
+DEMO_EXTRAS ?= demo
 # `make test` needs the demo (browser test) and the docs site as well as the test tools.
-EXTRAS ?= test,demo,docs
+EXTRAS ?= test,demo,docs,bench
 # The oldest transformers the package supports (pyproject.toml: transformers>=5.17,<5.24) gets a second
 # venv, built the same way with transformers pinned; .venv resolves the newest. Only the test extra there:
 # the demo tests skip without gradio (importorskip), and lint and the docs build run on .venv only.
@@ -16,13 +20,21 @@ OLDEST_PY := $(OLDEST_VENV)/bin/python
 OLDEST_EXTRAS ?= test
 PYTEST_ARGS ?=
 
-.PHONY: run demo test test-latest test-oldest test-fast lint docs chromium install install-oldest
+.PHONY: run demo space test test-latest test-oldest test-fast lint docs chromium install install-oldest
 
-$(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
+# The venv with pip upgraded and torch pinned (kept when it exists).
+$(VENV)/.torch:
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+# The package (editable) with the extras named after the dash, e.g. .venv/.extras-bench.
+$(VENV)/.extras-%: pyproject.toml | $(VENV)/.torch
+	$(PIP) install -q -e ".[$*]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.extras-$(EXTRAS)
 	touch $@
 
 $(OLDEST_VENV)/.installed: pyproject.toml
@@ -36,12 +48,17 @@ install: $(VENV)/.installed
 
 install-oldest: $(OLDEST_VENV)/.installed
 
-run: $(VENV)/.installed
+run: $(VENV)/.extras-$(RUN_EXTRAS)
 	$(VENV)/bin/hf-specssm demo
 
 # The Gradio app on http://127.0.0.1:7860 (see docs/demo.md).
-demo: $(VENV)/.installed
+demo: $(VENV)/.extras-$(DEMO_EXTRAS)
 	$(VENV)/bin/hf-specssm-demo
+
+# The Hugging Face Space's files in artifacts/space (its card, app.py, requirements.txt, the packages and
+# the shipped drafter); upload with `hf upload --repo-type space USER/NAME artifacts/space`.
+space:
+	python3 -m hf_specssm_demo.space artifacts/space
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

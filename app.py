@@ -1,19 +1,24 @@
-"""Hugging Face Space entry point: the hf_specssm demo (see docs/demo.md).
+"""Hugging Face Space entry point: the hf_specssm demo (see docs/demo.md, "As a Hugging Face Space").
 
-Spaces run `python app.py` from the repository root, so `hf_specssm_demo/` imports from the checkout.
-Locally, prefer the `hf-specssm-demo` console script.
+Spaces run `python app.py` from the root of the Space's repository, which holds this file, the
+`hf_specssm` and `hf_specssm_demo` packages, `checkpoints/`, `requirements.txt` and the Space's own card
+(`space/README.md`, copied there as `README.md` by `make space`). Locally, prefer the `hf-specssm-demo`
+console script.
 """
 
 import os
 
-# Before Gradio is imported: no usage analytics, and no model hub (the demo only reads local models).
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from hf_specssm_demo.cli import configure_environment
 
-from hf_specssm_demo.app import build_app, launch
+# Before Gradio and transformers are imported: no usage analytics; the Hub stays reachable on a Space.
+configure_environment()
 
-demo = build_app()
+from hf_specssm_demo.app import build_app, launch  # noqa: E402 - after the environment is set
+from hf_specssm_demo.catalog import Catalog  # noqa: E402
+
+catalog = Catalog()
+print(f"Real models load in {catalog.dtype_choice().describe()}.", flush=True)
+demo = build_app(catalog)
 
 if __name__ == "__main__":
     # Spaces set GRADIO_SERVER_NAME=0.0.0.0; anywhere else the demo stays on this machine.

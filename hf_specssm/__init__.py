@@ -32,6 +32,7 @@ from hf_specssm.generation import (  # noqa: E402
     speculative_generate,
 )
 from hf_specssm.policies.tree_shape import DynamicTreePolicy, UCBTreePolicy  # noqa: E402
+from hf_specssm.shipped import shipped_drafter_path  # noqa: E402
 from hf_specssm.stats import SpeculationStats  # noqa: E402
 
 __version__ = "0.1.0"
@@ -61,5 +62,6 @@ __all__ = [
     "enable",
     "generate",
     "is_enabled",
+    "shipped_drafter_path",
     "speculative_generate",
 ]

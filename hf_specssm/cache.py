@@ -18,7 +18,7 @@ a reference to the live tensors (the single-step kernels update those in place).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +79,9 @@ class ForkableCache(DynamicCache):
         self._checkpoints: dict[int, int] = {}
         # per-row count of real tokens in the current forward (right padding after them), or None
         self._conv_row_lengths: list[int] | None = None
+        # layers whose multi-token forwards must not write their state (`frozen`), and their conv inputs
+        self._frozen_layers: frozenset[int] = frozenset()
+        self.frozen_conv_inputs: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ length
 
@@ -186,9 +189,43 @@ class ForkableCache(DynamicCache):
         finally:
             self._conv_row_lengths = None
 
+    # ------------------------------------------------------------------ frozen layers
+
+    @contextlib.contextmanager
+    def frozen(self, layer_indices: Iterable[int]) -> Iterator[None]:
+        """Inside this context, multi-token forwards read the conv and SSM state of `layer_indices` but do
+        not write it: the layers keep the state from before the forward, and a commit
+        (`ssm.state_replay.StateRecorder.commit`) brings them to the accepted prefix afterwards — no
+        checkpoint copy, no rewind. The new conv inputs of each frozen layer (`[B, C, T]`) are kept in
+        `frozen_conv_inputs` until the next `frozen` context. One-token forwards update their state in place
+        (transformers' step kernels do not go through the cache), so callers freeze multi-token forwards
+        only.
+        """
+        self._frozen_layers = frozenset(layer_indices)
+        self.frozen_conv_inputs = {}
+        try:
+            yield
+        finally:
+            self._frozen_layers = frozenset()
+
+    def update_recurrent_state(
+        self, recurrent_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> torch.Tensor:
+        """transformers' SSM state write, skipped for layers frozen by `frozen` (returns the new state)."""
+        if layer_idx in self._frozen_layers and _compat.recurrent_state(self.layers[layer_idx]) is not None:
+            return recurrent_states
+        return super().update_recurrent_state(recurrent_states, layer_idx, *args, **kwargs)
+
     def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> torch.Tensor:
         """transformers' conv-window update, with each row's window cut at its real length inside
-        `ragged_conv_rows`. `conv_states`: `[B, C, T]` new conv inputs; returns `[B, C, P + T]` (window + new)."""
+        `ragged_conv_rows`, and nothing written for layers frozen by `frozen`. `conv_states`: `[B, C, T]`
+        new conv inputs; returns `[B, C, P + T]` (window + new)."""
+        if layer_idx in self._frozen_layers:
+            state_idx = args[0] if args else kwargs.get("state_idx", 0)
+            full = _compat.conv_inputs_without_update(self.layers[layer_idx], conv_states, state_idx)
+            if full is not None:
+                self.frozen_conv_inputs[layer_idx] = conv_states
+                return full
         full = super().update_conv_state(conv_states, layer_idx, *args, **kwargs)
         if self._conv_row_lengths is None:
             return full

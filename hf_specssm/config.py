@@ -1,12 +1,23 @@
-"""Runtime options of a drafter, validated once at construction."""
+"""Runtime options of a drafter, validated once at construction, and transformers' assisted-decoding
+settings mapped onto them."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 DraftSchedule = Literal["constant", "heuristic", "adaptive"]
 _SCHEDULES = ("constant", "heuristic", "adaptive")
+
+#: transformers' `num_assistant_tokens_schedule` values (and hf_specssm's own "adaptive") -> `DraftConfig.schedule`.
+#: "heuristic_transient" is "heuristic" restarted each call, which is what every call here does.
+ASSISTED_SCHEDULES: dict[str, DraftSchedule] = {
+    "constant": "constant",
+    "heuristic": "heuristic",
+    "heuristic_transient": "heuristic",
+    "adaptive": "adaptive",
+}
 
 
 @dataclass(frozen=True)
@@ -87,3 +98,59 @@ class DraftConfig:
             raise ValueError(f"confidence_stop must lie in (0, 1) or be None, got {self.confidence_stop!r}.")
         if not 0.0 < self.acceptance_memory <= 1.0:
             raise ValueError(f"acceptance_memory must lie in (0, 1], got {self.acceptance_memory!r}.")
+
+
+def draft_config_from_assisted_settings(
+    base: DraftConfig,
+    num_assistant_tokens: int | None = None,
+    num_assistant_tokens_schedule: str | None = None,
+    assistant_confidence_threshold: float | None = None,
+) -> DraftConfig:
+    """`base` with transformers' assisted-decoding settings applied (`None`: not set, keep `base`'s).
+
+    - `num_assistant_tokens` -> `num_draft_tokens`; set alone, it also makes the schedule `"constant"`
+      (transformers' default schedule), so that many tokens are drafted every round. The heuristic and
+      adaptive schedules start there and widen `min_draft_tokens` / `max_draft_tokens` to include it.
+    - `num_assistant_tokens_schedule` -> `schedule` through `ASSISTED_SCHEDULES`.
+    - `assistant_confidence_threshold` -> `confidence_stop`; 0 turns early stopping off, as in transformers.
+
+    Raises:
+        ValueError: naming the transformers setting, for a value it cannot take.
+    """
+    changes: dict[str, object] = {}
+    if num_assistant_tokens is not None:
+        if (
+            not isinstance(num_assistant_tokens, int)
+            or isinstance(num_assistant_tokens, bool)
+            or num_assistant_tokens < 1
+        ):
+            raise ValueError(
+                f"num_assistant_tokens must be an integer >= 1 (tokens drafted per round), got "
+                f"{num_assistant_tokens!r}."
+            )
+        changes["num_draft_tokens"] = num_assistant_tokens
+        changes["schedule"] = "constant"
+    if num_assistant_tokens_schedule is not None:
+        if num_assistant_tokens_schedule not in ASSISTED_SCHEDULES:
+            raise ValueError(
+                f"num_assistant_tokens_schedule must be one of {tuple(ASSISTED_SCHEDULES)}, got "
+                f"{num_assistant_tokens_schedule!r}."
+            )
+        changes["schedule"] = ASSISTED_SCHEDULES[num_assistant_tokens_schedule]
+    if assistant_confidence_threshold is not None:
+        threshold = assistant_confidence_threshold
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0.0 <= threshold < 1.0
+        ):
+            raise ValueError(
+                "assistant_confidence_threshold must lie in [0, 1) (0 never ends a draft early), got "
+                f"{threshold!r}."
+            )
+        changes["confidence_stop"] = float(threshold) if threshold > 0 else None
+    if changes.get("schedule", base.schedule) != "constant":
+        length = changes.get("num_draft_tokens", base.num_draft_tokens)
+        changes["min_draft_tokens"] = min(base.min_draft_tokens, length)
+        changes["max_draft_tokens"] = max(base.max_draft_tokens, length)
+    return dataclasses.replace(base, **changes)

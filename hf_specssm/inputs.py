@@ -9,16 +9,21 @@ It runs either on `generate`'s raw arguments or on the ones transformers prepare
 (where an all-ones mask may already have been dropped; its length survives in the generation config).
 Tokenizers are compared when both are given, or when a model was loaded from a local folder holding
 tokenizer files; nothing is ever fetched from the Hub.
+
+`check_generation_settings` refuses the generation settings the speculative loop cannot honour, and
+`user_set` tells a setting somebody set from a default transformers filled in (docs/compatibility.md
+lists what happens to every `GenerationConfig` field).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel, SynthIDTextWatermarkingConfig
 
 from hf_specssm import _compat
 
@@ -61,6 +66,203 @@ def validate_generate_inputs(
     past_length = _past_length(model_kwargs)
     _check_attention_mask(input_ids, model_kwargs.get("attention_mask"), past_length, tokenizer)
     _check_prepared_lengths(input_ids, model_kwargs, generation_config, prompt_length + past_length)
+    _check_tokenizers(model, drafter_model, tokenizer, assistant_tokenizer)
+
+
+Settings = GenerationConfig | Mapping[str, Any]
+
+#: the assisted-decoding settings that map onto `DraftConfig` (`config.draft_config_from_assisted_settings`)
+ASSISTED_DRAFT_SETTINGS = (
+    "num_assistant_tokens",
+    "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold",
+)
+
+
+def setting(settings: Settings | None, name: str) -> Any:
+    """The value of generation setting `name` in a `GenerationConfig` or a mapping (`None` if absent)."""
+    if settings is None:
+        return None
+    if isinstance(settings, Mapping):
+        return settings.get(name)
+    return getattr(settings, name, None)
+
+
+def user_set(settings: Settings | None, name: str) -> Any:
+    """`name`'s value when somebody set it, else `None`.
+
+    transformers fills every unset field with a global default before the decoding loop
+    (`num_assistant_tokens=20`, `num_assistant_tokens_schedule="constant"`, …), so a value equal to that
+    default reads as unset: hf_specssm's own defaults then apply.
+    """
+    value = setting(settings, name)
+    if value is None or value == _compat.generation_defaults().get(name):
+        return None
+    return value
+
+
+def _is_on(value: Any) -> bool:
+    return value is not None and value is not False
+
+
+def _above(threshold: float) -> Callable[[Any], bool]:
+    return lambda value: value is not None and value > threshold
+
+
+def _cache_refused(value: Any) -> bool:
+    return value in ("quantized", "paged")
+
+
+def _stateful_watermark(value: Any) -> bool:
+    return isinstance(value, SynthIDTextWatermarkingConfig)
+
+
+# (setting, when it is refused, why and what to do instead)
+_REFUSED_SETTINGS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    (
+        "assistant_early_exit",
+        _is_on,
+        "drafting with the target's own early layers is not supported by hf_specssm; pass a drafter as "
+        "assistant_model= (or prompt_lookup_num_tokens=) and drop assistant_early_exit.",
+    ),
+    (
+        "use_mtp",
+        _is_on,
+        "drafting with the target's multi-token-prediction heads is not supported by hf_specssm; drop "
+        "use_mtp (or call transformers' generate without hf_specssm).",
+    ),
+    (
+        "speculation_type",
+        _is_on,
+        "DFlash drafting is not supported by hf_specssm; drop speculation_type and pass assistant_model=.",
+    ),
+    (
+        "assistant_ensemble_weight",
+        _is_on,
+        "it verifies against a mix of the target's and the drafter's distributions, so the output is no "
+        "longer the target's; hf_specssm is lossless only: drop assistant_ensemble_weight.",
+    ),
+    (
+        "is_assistant",
+        _is_on,
+        "it marks a model as transformers' drafter (generate then stops on the drafter's own confidence); a "
+        "speculative target is not one: set generation_config.is_assistant = False.",
+    ),
+    (
+        "guidance_scale",
+        lambda value: value is not None and value != 1,
+        "classifier-free guidance runs an unconditional decode inside a logits processor that expects one "
+        "call per generated token, but a speculative round scores several positions: drop guidance_scale.",
+    ),
+    (
+        "penalty_alpha",
+        _above(0),
+        "it selects contrastive search, which speculative decoding does not run: drop penalty_alpha.",
+    ),
+    (
+        "dola_layers",
+        _is_on,
+        "it selects DoLa decoding, which speculative decoding does not run: drop dola_layers.",
+    ),
+    (
+        "constraints",
+        _is_on,
+        "it selects constrained beam search, which speculative decoding does not run: drop constraints.",
+    ),
+    (
+        "force_words_ids",
+        _is_on,
+        "it selects constrained beam search, which speculative decoding does not run: drop force_words_ids.",
+    ),
+    (
+        "num_beam_groups",
+        _above(1),
+        "group beam search does not combine with speculative decoding: set num_beam_groups=1 and num_beams=1.",
+    ),
+    (
+        "token_healing",
+        _is_on,
+        "transformers heals the prompt with generate's tokenizer, which it does not hand to custom decoding "
+        "loops: heal the prompt first (input_ids = model.heal_tokens(input_ids, tokenizer=tokenizer)) and "
+        "drop token_healing.",
+    ),
+    (
+        "watermarking_config",
+        _stateful_watermark,
+        "the SynthID watermark keeps per-sequence state across calls to its logits processor, which a "
+        "speculative round calls for several positions and then rolls back: drop watermarking_config (the "
+        "stateless WatermarkingConfig works).",
+    ),
+    (
+        "cache_implementation",
+        _cache_refused,
+        "'quantized' keeps most keys quantized, where a rejected draft cannot be cropped, and 'paged' hands "
+        "generation to continuous batching, which skips hf_specssm's loop: use the default dynamic cache "
+        "(or 'static').",
+    ),
+)
+
+#: generation settings `check_generation_settings` may refuse
+REFUSED_SETTINGS = tuple(name for name, _, _ in _REFUSED_SETTINGS)
+
+
+def check_generation_settings(settings: Settings) -> None:
+    """Raise `ValueError` for a generation setting the speculative loop cannot honour.
+
+    Each refused setting either selects another decoding algorithm (contrastive search, DoLa, constrained
+    or group beam search, transformers' early-exit / MTP / DFlash drafting), would change the output
+    (ensemble verification), or needs per-token state the loop cannot roll back (classifier-free guidance,
+    the SynthID watermark, a quantized cache). `num_beams`, `num_return_sequences`, `use_cache=False` and
+    the output flags are checked with the call's inputs.
+
+    Args:
+        settings: the merged `GenerationConfig`, or a mapping of the call's settings.
+    """
+    for name, refused, why in _REFUSED_SETTINGS:
+        value = setting(settings, name)
+        if refused(value):
+            raise ValueError(f"{name}={value!r} is not supported with speculative decoding: {why}")
+
+
+def assisted_settings(
+    target_settings: Settings | None, assistant_settings: Settings | None
+) -> dict[str, Any]:
+    """The user-set `ASSISTED_DRAFT_SETTINGS`: the call's (arguments and the target's generation config,
+    merged by transformers) first, else the assistant model's generation config (where transformers reads
+    them)."""
+    found = {}
+    for name in ASSISTED_DRAFT_SETTINGS:
+        value = user_set(target_settings, name)
+        if value is None:
+            value = user_set(assistant_settings, name)
+        if value is not None:
+            found[name] = value
+    return found
+
+
+def check_prompt_lookup_settings(num_tokens: Any, max_ngram_size: Any) -> None:
+    """Raise `ValueError` for `prompt_lookup_num_tokens` / `max_matching_ngram_size` values that cannot work."""
+    for name, value in (
+        ("prompt_lookup_num_tokens", num_tokens),
+        ("max_matching_ngram_size", max_ngram_size),
+    ):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def check_tokenizer_pair(
+    model: PreTrainedModel, drafter_model: Any, tokenizer: Any, assistant_tokenizer: Any
+) -> None:
+    """Raise `ValueError` for `assistant_tokenizer=` (transformers' universal assisted decoding) unless it
+    numbers tokens exactly as the target's `tokenizer=`: hf_specssm never translates between vocabularies."""
+    if assistant_tokenizer is None:
+        return
+    if tokenizer is None:
+        raise ValueError(
+            "assistant_tokenizer= was given without tokenizer=: hf_specssm does not translate between "
+            "vocabularies (universal assisted decoding), so the drafter must share the target's tokenizer; "
+            "drop assistant_tokenizer, or pass tokenizer= too so the two can be compared."
+        )
     _check_tokenizers(model, drafter_model, tokenizer, assistant_tokenizer)
 
 

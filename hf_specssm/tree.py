@@ -9,6 +9,7 @@ its ancestors and itself, and `position_ids = prefix length + depth`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,10 @@ import torch
 @dataclass(frozen=True)
 class TokenTree:
     """A draft tree.
+
+    `tokens` and `parents` are the tree's structure, read element by element while walking it, so drafters
+    keep them on the CPU; targets move `tokens` to the model's device for the forward, and `compile_tree`
+    builds the mask and positions there.
 
     Attributes:
         tokens: `[N]` token id of each node.
@@ -126,7 +131,13 @@ class CompiledTree:
     node_offset: int
 
 
-def compile_tree(tree: TokenTree, past_length: int, chain_length: int, dtype: torch.dtype) -> CompiledTree:
+def compile_tree(
+    tree: TokenTree,
+    past_length: int,
+    chain_length: int,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+) -> CompiledTree:
     """Mask and positions to score `chain_length` uncached committed tokens and then `tree`'s nodes.
 
     The chain tokens attend causally; each node attends the whole prefix and chain, its ancestors and
@@ -137,22 +148,49 @@ def compile_tree(tree: TokenTree, past_length: int, chain_length: int, dtype: to
         past_length: tokens already in the KV cache.
         chain_length: `C >= 1` committed tokens fed before the nodes.
         dtype: the model's dtype (the mask is additive, so eager attention can use it too).
+        device: where to build the mask and positions (the model's device; default the CPU).
     """
     if chain_length < 1:
         raise ValueError("the forward must feed at least the root token (chain_length >= 1).")
     queries = chain_length + tree.size
-    allowed = torch.zeros(queries, past_length + queries, dtype=torch.bool)
+    allowed = torch.zeros(queries, past_length + queries, dtype=torch.bool, device=device)
     allowed[:, :past_length] = True
     allowed[:, past_length : past_length + chain_length] = torch.ones(
-        queries, chain_length, dtype=torch.bool
+        queries, chain_length, dtype=torch.bool, device=device
     ).tril()
     allowed[chain_length:, past_length : past_length + chain_length] = True
-    allowed[chain_length:, past_length + chain_length :] = tree.ancestor_mask()
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    positions = torch.cat([torch.arange(chain_length), chain_length - 1 + tree.depths()]) + past_length
+    allowed[chain_length:, past_length + chain_length :] = tree.ancestor_mask().to(device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+    depths = tree.depths().to(device)
+    positions = (
+        torch.cat([torch.arange(chain_length, device=device), chain_length - 1 + depths]) + past_length
+    )
     return CompiledTree(
         attention_mask=mask[None, None], position_ids=positions[None], node_offset=chain_length
     )
+
+
+def walk_tree(tree: TokenTree, next_token: Callable[[int], int]) -> tuple[list[int], int]:
+    """Follow, from the root, the child whose token is `next_token(node)`, as deep as it goes.
+
+    Args:
+        tree: the verified tree.
+        next_token: the target's token after `node` (`-1`: the root), e.g. its argmax there.
+
+    Returns:
+        `(path, next_token)`: accepted node indices from the root down, and the target's token after the
+        last one.
+    """
+    path, node = [], -1
+    while True:
+        wanted = next_token(node)
+        child = next((c for c in tree.children(node) if int(tree.tokens[c]) == wanted), None)
+        if child is None:
+            return path, wanted
+        path.append(child)
+        node = child
 
 
 def accept_tree_greedy(tree: TokenTree, root_and_node_scores: torch.Tensor) -> tuple[list[int], int]:
@@ -165,15 +203,8 @@ def accept_tree_greedy(tree: TokenTree, root_and_node_scores: torch.Tensor) -> t
     Returns:
         `(path, next_token)`: accepted node indices from the root down, and the argmax after the last one.
     """
-    choices = root_and_node_scores.argmax(dim=-1)
-    path, node = [], -1
-    while True:
-        wanted = int(choices[node + 1])
-        child = next((c for c in tree.children(node) if int(tree.tokens[c]) == wanted), None)
-        if child is None:
-            return path, wanted
-        path.append(child)
-        node = child
+    choices = root_and_node_scores.argmax(dim=-1).tolist()
+    return walk_tree(tree, lambda node: choices[node + 1])
 
 
 def kept_positions(past_length: int, chain_length: int, path: list[int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .race import (
     available_methods,
     describe_error,
 )
-from .view import COLOR_MAP, LaneRenderer, chart_rows, meter, round_order, statistics
+from .view import COLOR_MAP, LaneRenderer, chart_rows, lane_html, legend_html, meter, round_order, statistics
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ INTRO = """\
 Pick a target, a drafter and a method, then **Run**. The same prompt is decoded twice with the same
 settings: first by the target alone (left), then speculatively (right). The two runs go **one after the
 other**, each with the whole CPU, so that neither slows the other down; each pane's clock covers only its
-own run. In the right pane, <span style="color:#16a34a">green</span> tokens are accepted draft tokens and
-<span style="color:#ea580c">orange</span> ones came from the target (its correction or bonus token).
+own run. In the right pane, text on <span style="background-color:rgba(34,197,94,0.3)">green</span> was
+accepted from the drafter and text on <span style="background-color:rgba(249,115,22,0.35)">orange</span>
+came from the target (its correction or bonus token).
 """
 TOY_NOTE = (
     "⚠️ **Random-weight demo models.** The toy Llama target and Mamba drafter are built offline with random "
@@ -51,7 +52,6 @@ sampling. *{PROMPT_LOOKUP}* and *{NGRAM_TABLE}* draft from the
 text itself and fit any target. *ReDrafter*, where installed, drafts from the target's own hidden state
 with a head that is not trained yet, so it shows the mechanism rather than a speed-up.
 """
-REAL_NOTE = "Real model, fp32 on this machine's CPU."
 DEFAULT_PROMPT = "def fibonacci(n):"
 NO_DRAFTER = "none"
 # Runs wait in one queue (one race at a time); past this many waiting, a visitor is told the queue is
@@ -61,7 +61,10 @@ QUEUE_MAX_SIZE = 8
 
 def _model_note(catalog: Catalog, target_label: str) -> str:
     choice = catalog.find(target_label)
-    return TOY_NOTE if choice is None or choice.family == TOY_FAMILY else REAL_NOTE
+    if choice is None or choice.family == TOY_FAMILY:
+        return TOY_NOTE
+    dtype = catalog.dtype_choice()
+    return f"Real model, {dtype.name} on this machine ({dtype.reason})."
 
 
 def initial_method(target: ModelChoice, drafter: ModelChoice | None) -> str:
@@ -85,9 +88,9 @@ def _outputs(frame: Frame, plain: LaneRenderer | None, spec: LaneRenderer | None
     status = f"❌ {frame.status}" if frame.error else frame.status
     return (
         status,
-        plain.runs(frame.plain) if plain is not None else [],
+        lane_html(plain.runs(frame.plain) if plain is not None else []),
         meter(frame.plain, speculative=False),
-        spec.runs(frame.speculative) if spec is not None else [],
+        legend_html() + lane_html(spec.runs(frame.speculative) if spec is not None else []),
         meter(frame.speculative, speculative=True),
         statistics(frame),
         gr.update(value=chart_rows(frame.speculative), sort=round_order(frame.speculative)),
@@ -108,7 +111,7 @@ def build_app(catalog: Catalog | None = None) -> gr.Blocks:
     drafters = [choice.label for choice in catalog.drafters()] + [NO_DRAFTER]
     default_method = initial_method(default_target, default_drafter)
 
-    def run(
+    def run_race(
         prompt,
         target,
         drafter,
@@ -181,23 +184,11 @@ def build_app(catalog: Catalog | None = None) -> gr.Blocks:
                     with gr.Column():
                         gr.Markdown("### Plain decoding")
                         plain_meter = gr.Markdown("", elem_id="plain-meter")
-                        plain_text = gr.HighlightedText(
-                            label="target alone",
-                            show_label=True,
-                            elem_id="plain-output",
-                            combine_adjacent=True,
-                        )
+                        plain_text = gr.HTML(lane_html([]), elem_id="plain-output")
                     with gr.Column():
                         gr.Markdown("### Speculative decoding")
                         spec_meter = gr.Markdown("", elem_id="spec-meter")
-                        spec_text = gr.HighlightedText(
-                            label="drafter + target",
-                            color_map=COLOR_MAP,
-                            show_legend=True,
-                            show_inline_category=False,
-                            combine_adjacent=True,
-                            elem_id="spec-output",
-                        )
+                        spec_text = gr.HTML(legend_html() + lane_html([]), elem_id="spec-output")
                 stats = gr.Markdown("", elem_id="stats")
                 chart = gr.BarPlot(
                     chart_rows(LaneView()),
@@ -211,9 +202,13 @@ def build_app(catalog: Catalog | None = None) -> gr.Blocks:
                     elem_id="rounds-chart",
                 )
 
-        target.change(lambda label: _on_target_change(catalog, label), target, [note, drafter])
+        def target_changed(label: str) -> tuple[str, str]:
+            return _on_target_change(catalog, label)
+
+        # a page helper, not an API: kept off the public endpoints
+        target.change(target_changed, target, [note, drafter], api_visibility="private")
         button.click(
-            run,
+            run_race,
             [
                 prompt,
                 target,
@@ -230,6 +225,7 @@ def build_app(catalog: Catalog | None = None) -> gr.Blocks:
             [status, plain_text, plain_meter, spec_text, spec_meter, stats, chart],
             concurrency_limit=1,
             show_progress="hidden",
+            api_name="race",
         )
     app.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
     return app

@@ -5,6 +5,9 @@ The random-weight toy pair (`hf_specssm.testing.toy.demo_pair`) always exists. R
 Our Mamba2 drafter for the Qwen2.5 tokenizer ships in the repository (`drafters/`) and is offered, first,
 whenever a Qwen2.5 target is.
 Models that share a tokenizer share a `family`; a drafter model must come from its target's family.
+Real targets and Transformer drafters load in this machine's fastest dtype for the target alone
+(`hf_specssm.hardware.fastest_dtype`: bf16 with AMX or AVX512-BF16 or on a GPU, fp32 on AVX2-only CPUs)
+unless the catalog is given a dtype; our 18M Mamba drafter and the toy pair stay in fp32.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-import hf_specssm  # noqa: F401 - registers our Mamba drafter with the Auto classes
+import hf_specssm  # registers our Mamba drafter with the Auto classes
+from hf_specssm.hardware import DtypeChoice, resolve_dtype
 from hf_specssm.testing.toy import demo_pair
 from hf_specssm.tools import fetch
 
@@ -59,7 +63,8 @@ MAMBA_DRAFTER = ModelChoice(
 REAL_DRAFTERS = (
     ModelChoice("Qwen2.5-Coder-0.5B-Instruct", "qwen2.5", fetch_name="qwen2.5-coder-0.5b-instruct"),
 )
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# the folder holding `checkpoints/`: the source checkout, or the data an installed wheel put under `share/`
+REPO_ROOT = hf_specssm.shipped_drafter_path().parents[1]
 
 
 class ToyCodec:
@@ -132,17 +137,27 @@ class Catalog:
         cache_dir: the fetch cache to look in (default: `hf_specssm.tools.fetch.default_cache_dir()`).
         toy_options: keyword arguments for `hf_specssm.testing.toy.demo_pair` (tests build a smaller pair).
         repo_root: where `local_path` drafters are looked for (default: this repository).
+        dtype: `"auto"` (this machine's fastest for the target alone), `"bf16"` or `"fp32"`: the dtype of
+            real targets and Transformer drafters.
     """
 
     cache_dir: str | os.PathLike[str] | None = None
     toy_options: dict[str, Any] = field(default_factory=dict)
     repo_root: str | os.PathLike[str] = REPO_ROOT
+    dtype: str = "auto"
     _loaded: dict[str, LoadedModel] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _dtype_choice: DtypeChoice = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir).expanduser()
+        # resolved once (and checked: a bad dtype is a ValueError here, not at the first race)
+        self._dtype_choice = resolve_dtype(self.dtype)
+
+    def dtype_choice(self) -> DtypeChoice:
+        """The dtype real targets and Transformer drafters load in, and why."""
+        return self._dtype_choice
 
     def _fetched(self, choice: ModelChoice) -> bool:
         """Whether `choice` can load without a download: a verified, converted copy in the fetch cache, or
@@ -182,7 +197,8 @@ class Catalog:
         return next((choice for choice in self.drafters() if choice.family == target.family), None)
 
     def load(self, choice: ModelChoice) -> LoadedModel:
-        """`choice` loaded in fp32 on the CPU; the first call loads, later calls return the same object."""
+        """`choice` loaded on the CPU (real models in `dtype_choice()`, our Mamba drafter and the toy pair in
+        fp32); the first call loads, later calls return the same object."""
         with self._lock:
             if choice.label not in self._loaded:
                 if choice.family == TOY_FAMILY:
@@ -207,7 +223,7 @@ class Catalog:
             return LoadedModel(model, TokenizerCodec(AutoTokenizer.from_pretrained(folder)))
         # Already present (see `_fetched`), so this returns the folder without downloading.
         folder = fetch.fetch_model(choice.fetch_name, cache_dir=self.cache_dir, progress=False)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=self._dtype_choice.dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id

@@ -1,9 +1,10 @@
-"""What the page shows for a `Frame`: highlighted tokens, meters, the statistics table and chart rows."""
+"""What the page shows for a `Frame`: highlighted text, meters, the statistics table and chart rows."""
 
 from __future__ import annotations
 
+import html
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 
@@ -11,10 +12,20 @@ from .race import FROM_DRAFT, FROM_TARGET, Frame, LaneView
 
 COLOR_MAP = {FROM_DRAFT: "#22c55e", FROM_TARGET: "#f97316"}
 CHART_COLUMNS = ("round", "tokens", "source")
+# Highlights behind the text (the chart's colours, light enough to read dark text on), one CSS class per
+# source so that the page's tests and users' styles can find them.
+HIGHLIGHT = {FROM_DRAFT: "rgba(34, 197, 94, 0.30)", FROM_TARGET: "rgba(249, 115, 22, 0.35)"}
+SOURCE_CLASS = {FROM_DRAFT: "from-draft", FROM_TARGET: "from-target"}
+# The text keeps its layout: newlines, indentation and runs of spaces (code) as the model wrote them.
+LANE_STYLE = (
+    "white-space: pre-wrap; overflow-wrap: anywhere; font-family: ui-monospace, monospace; "
+    "font-size: 0.9em; line-height: 1.5; min-height: 6em; padding: 0.5em; "
+    "border: 1px solid rgba(128, 128, 128, 0.3); border-radius: 6px"
+)
 
 
 class LaneRenderer:
-    """Splits a lane's text into `(text, source)` runs for a `HighlightedText`.
+    """Splits a lane's text into `(text, source)` runs (`lane_html` shows them).
 
     Text is decoded from the start up to each run boundary, never run by run, so that a character whose
     bytes span two runs (or a tokenizer that treats a leading space specially) still comes out right.
@@ -60,6 +71,36 @@ class LaneRenderer:
             )
             runs.append((text, view.sources[start]))
         return runs
+
+
+def lane_html(runs: Sequence[tuple[str, str | None]]) -> str:
+    """One pane's text as HTML: escaped, layout kept (`white-space: pre-wrap`), and each run of accepted
+    draft tokens or target tokens highlighted inline.
+
+    Args:
+        runs: `(text, source)` from `LaneRenderer.runs`; a `None` source (plain decoding) is not highlighted.
+    """
+    parts = []
+    for text, source in runs:
+        escaped = html.escape(text)
+        if source is None:
+            parts.append(escaped)
+        else:
+            parts.append(
+                f'<span class="{SOURCE_CLASS[source]}" title="{html.escape(source)}" '
+                f'style="background-color: {HIGHLIGHT[source]}; border-radius: 3px">{escaped}</span>'
+            )
+    return f'<div class="lane" style="{LANE_STYLE}">{"".join(parts)}</div>'
+
+
+def legend_html() -> str:
+    """What the speculative pane's highlights mean."""
+    swatches = " ".join(
+        f'<span class="{SOURCE_CLASS[source]}" style="background-color: {HIGHLIGHT[source]}; '
+        f'border-radius: 3px; padding: 0 0.4em">{html.escape(source)}</span>'
+        for source in (FROM_DRAFT, FROM_TARGET)
+    )
+    return f'<div class="legend" style="margin-bottom: 0.3em; font-size: 0.85em">{swatches}</div>'
 
 
 def meter(view: LaneView, speculative: bool) -> str:

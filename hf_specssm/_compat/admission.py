@@ -30,15 +30,29 @@ from transformers.cache_utils import Cache, DynamicCache
 from hf_specssm._compat.mixers import CONTINUATION_MODES, continuation, has_patchable_scan, ssm_mixers
 from hf_specssm._compat.recurrent import linear_state_slots, recurrent_state
 
-CAPABILITIES = ("continuation", "replay", "identity_steps", "tree_scan")
+CAPABILITIES = ("continuation", "replay", "identity_steps", "tree_scan", "state_replay")
 # what a capability reads as while its own probe runs, and after a failure
-OPTIMISTIC = {"continuation": "native", "replay": True, "identity_steps": True, "tree_scan": True}
-FAILED = {"continuation": "none", "replay": False, "identity_steps": False, "tree_scan": False}
+OPTIMISTIC = {
+    "continuation": "native",
+    "replay": True,
+    "identity_steps": True,
+    "tree_scan": True,
+    "state_replay": True,
+}
+FAILED = {
+    "continuation": "none",
+    "replay": False,
+    "identity_steps": False,
+    "tree_scan": False,
+    "state_replay": False,
+}
 _FALLBACKS = {
     "continuation": "multi-token forwards from a cached state run one token at a time",
     "replay": "accepted tokens are re-fed instead of replayed",
     "identity_steps": "Joint Attainment and Advancement is not used (verification falls back to replay)",
     "tree_scan": "trees are not verified in one forward (chains are verified instead)",
+    "state_replay": "chains are verified by transformers' padded chunk scan and committed by replaying the "
+    "mixer inputs",
 }
 _IN_PROGRESS = object()
 

@@ -3,19 +3,97 @@
 Hybrid layers (`LinearAttentionAndFullAttentionLayer`) are both a linear layer and a `DynamicLayer`; their
 `crop` also trims the conv window, so the attention part alone is reached through `DynamicLayer`'s
 methods here.
+
+Static layers (`StaticCache`, `cache_implementation="static"`) preallocate `[B, H, max_cache_len, D]` and
+write at their private token counter `cumulative_length` (a tensor); they have no `crop`, so they are
+rolled back here by zeroing the rejected slots and moving that counter back.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+import transformers.cache_utils
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    QuantizedCache,
+    QuantizedLayer,
+    StaticLayer,
+)
 
 from hf_specssm._compat.recurrent import is_linear_layer
+
+# 5.23 puts every quantized layer (quanto, HQQ, fp8) under `BaseQuantizedLayer`; 5.17 has `QuantizedLayer` only
+_QUANTIZED_LAYER = getattr(transformers.cache_utils, "BaseQuantizedLayer", QuantizedLayer)
 
 
 def is_sliding_attention_layer(layer: object) -> bool:
     """Whether a cache layer keeps only a sliding window of keys and values."""
     return isinstance(layer, DynamicSlidingWindowLayer)
+
+
+def is_static_layer(layer: object) -> bool:
+    """Whether a cache layer preallocates its keys (`StaticLayer` and its sliding-window / hybrid kinds)."""
+    return isinstance(layer, StaticLayer)
+
+
+def cache_rollback_problem(cache: Cache) -> str | None:
+    """Why an attention cache cannot be rolled back after a verification, or `None` when it can.
+
+    Dynamic layers and full-attention `StaticLayer`s can (static ones by zeroing the rejected slots and
+    moving the token counter back). A static sliding window writes into a ring buffer, so rejected tokens
+    overwrite keys a rollback would need again; other static kinds (indexed, hybrid with linear attention)
+    are not handled; a quantized cache keeps most tokens quantized, out of reach of `crop`.
+    """
+    if isinstance(cache, QuantizedCache) or any(
+        isinstance(layer, _QUANTIZED_LAYER) for layer in cache.layers
+    ):
+        return (
+            "a quantized KV cache cannot be rolled back after a rejected draft (its quantized part is out of "
+            "reach of crop); drop cache_implementation='quantized' (and any QuantizedCache in "
+            "past_key_values)."
+        )
+    for layer in cache.layers:
+        if is_static_layer(layer) and type(layer) is not StaticLayer:
+            return (
+                f"a static cache with {type(layer).__name__} layers cannot be rolled back after a rejected "
+                "draft; drop cache_implementation='static' (and any StaticCache in past_key_values) to use a "
+                "DynamicCache."
+            )
+    return None
+
+
+def static_capacity(cache: Cache) -> int | None:
+    """Tokens the static layers of `cache` can hold (the smallest `max_cache_len`), or `None` without any."""
+    sizes = [layer.max_cache_len for layer in cache.layers if is_static_layer(layer)]
+    return min(sizes) if sizes else None
+
+
+def crop_cache(cache: Cache, tokens_to_remove: int) -> None:
+    """Drop the last `tokens_to_remove` (>= 0) tokens of every layer: transformers' `crop` for dynamic
+    layers, slot zeroing and a counter rollback for static full-attention layers."""
+    if tokens_to_remove < 0:
+        raise ValueError(f"tokens_to_remove must be >= 0, got {tokens_to_remove}.")
+    for layer in cache.layers:
+        if is_static_layer(layer):
+            _crop_static_layer(layer, tokens_to_remove)
+        else:
+            layer.crop(-tokens_to_remove)
+
+
+def _crop_static_layer(layer: StaticLayer, tokens_to_remove: int) -> None:
+    if tokens_to_remove == 0 or not layer.is_initialized:
+        return
+    length = int(layer.cumulative_length)
+    if tokens_to_remove > length:
+        raise ValueError(f"cannot remove {tokens_to_remove} tokens, the static layer holds {length}.")
+    # the rejected slots are masked by causality anyway; zeroing keeps the buffer equal to a fresh decode's
+    layer.keys[:, :, length - tokens_to_remove : length].zero_()
+    layer.values[:, :, length - tokens_to_remove : length].zero_()
+    # in place: compiled graphs hold the counter's address
+    layer.cumulative_length.sub_(tokens_to_remove)
 
 
 def enable_attention_rollback(cache: Cache) -> None:

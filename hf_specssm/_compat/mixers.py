@@ -20,12 +20,17 @@ Three patches, for three reasons:
    mixers by swapping their Δ clamp (`time_step_limit`) for per-position bounds.
 3. **Replaced forwards** (`replaced_forwards`): a mixer's `forward` swapped on the instance (tree scan,
    one-token stepping when no multi-token continuation is exact), the previous one put back on exit.
+4. **Frozen verification of the Mamba2 layout** (`ssm.state_replay`): `chunk_scan_override` replaces the
+   module-level `mamba2_chunk_scan` while a verification runs (the installed wrapper defers to the original
+   for every call that is not a frozen verification of this thread), `chunk_size_override` sets a mixer's
+   `chunk_size` to the verified length, and `mamba2_layout` reads what a commit by state update needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import importlib
 import importlib.util
 import sys
@@ -379,3 +384,167 @@ def installed_scan(module_name: str) -> Callable | None:
     """The scan function a Mamba v1 module calls right now (for tests that check patches are undone)."""
     module = sys.modules.get(module_name)
     return getattr(module, _SCAN_NAME, None) if module is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Layout:
+    """What a commit by state update needs from a Mamba2-layout mixer (Mamba2, Bamba, Falcon-H1, Zamba2,
+    Nemotron-H, GraniteMoeHybrid), read from the module's attributes.
+
+    The mixer's `in_proj` output ends with `[…, xBC (conv_dim), dt (num_heads)]`: the conv input (SSM input
+    `x`, then `B` and `C` for `n_groups` groups) and the raw time step, before `dt_bias` and softplus.
+
+    Attributes:
+        conv_dim: channels of the depthwise conv (`intermediate_size + 2 · n_groups · state_size`).
+        intermediate_size: channels of `x` (`num_heads · head_dim`).
+        num_heads: SSM heads `H`.
+        head_dim: channels per head `P`.
+        n_groups: groups sharing `B` and `C`.
+        state_size: SSM state size `N`.
+        conv_kernel_size: conv window `K`.
+        activation: the conv activation (transformers' `ACT2FN` name).
+        dt_limit: `(low, high)` clamp of Δ after softplus (the mixer's `time_step_limit`).
+        conv_weight: `[conv_dim, K]` depthwise conv weights.
+        conv_bias: `[conv_dim]` or `None`.
+        dt_bias: `[H]`.
+        A_log: `[H]`.
+        projection_scale: `[conv_dim + H]` per-channel multiplier applied after `in_proj` (Falcon-H1's
+            `mup_vector`), or `None`.
+    """
+
+    conv_dim: int
+    intermediate_size: int
+    num_heads: int
+    head_dim: int
+    n_groups: int
+    state_size: int
+    conv_kernel_size: int
+    activation: str
+    dt_limit: tuple
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor | None
+    dt_bias: torch.Tensor
+    A_log: torch.Tensor
+    projection_scale: torch.Tensor | None
+
+    @property
+    def recorded_width(self) -> int:
+        """Columns of the `in_proj` output a commit needs: `conv_dim + num_heads`."""
+        return self.conv_dim + self.num_heads
+
+
+_LAYOUT_ATTRIBUTES = (
+    "conv_dim",
+    "intermediate_size",
+    "num_heads",
+    "head_dim",
+    "n_groups",
+    "ssm_state_size",
+    "conv_kernel_size",
+    "activation",
+    "dt_bias",
+    "A_log",
+    "in_proj",
+    "chunk_size",
+)
+
+
+def mamba2_layout(mixer: torch.nn.Module) -> Mamba2Layout | None:
+    """The `Mamba2Layout` of a mixer that has one (every attribute present, `in_proj` a `Linear`, a
+    consistent width), else `None`. Structure only: the `state_replay` probe decides whether it is exact."""
+    if not has_time_step_clamp(mixer) or not all(hasattr(mixer, name) for name in _LAYOUT_ATTRIBUTES):
+        return None
+    if not isinstance(mixer.in_proj, torch.nn.Linear) or not isinstance(mixer.activation, str):
+        return None
+    width = mixer.conv_dim + mixer.num_heads
+    scale = getattr(mixer, "mup_vector", None)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.reshape(-1)[-width:]
+    elif scale is not None:
+        return None
+    if mixer.in_proj.out_features < width or mixer.intermediate_size != mixer.num_heads * mixer.head_dim:
+        return None
+    return Mamba2Layout(
+        conv_dim=mixer.conv_dim,
+        intermediate_size=mixer.intermediate_size,
+        num_heads=mixer.num_heads,
+        head_dim=mixer.head_dim,
+        n_groups=mixer.n_groups,
+        state_size=mixer.ssm_state_size,
+        conv_kernel_size=mixer.conv_kernel_size,
+        activation=mixer.activation,
+        dt_limit=time_step_bounds(mixer),
+        conv_weight=mixer.conv1d.weight.squeeze(1),
+        conv_bias=mixer.conv1d.bias,
+        dt_bias=mixer.dt_bias,
+        A_log=mixer.A_log,
+        projection_scale=scale,
+    )
+
+
+@contextlib.contextmanager
+def chunk_size_override(mixers: Sequence[torch.nn.Module], size: int) -> Iterator[None]:
+    """Inside this context Mamba2-layout `mixers` scan in chunks of `size` tokens (their `chunk_size`).
+
+    transformers pads every multi-token scan to a multiple of `chunk_size` (256 in published configs): a
+    forward over `T ≤ chunk_size` tokens with `size = T` computes exactly one chunk of `T`, the same
+    algorithm on fewer (padding) positions, so the result is the same up to rounding.
+    """
+    if size < 1:
+        raise ValueError(f"chunk size must be at least 1, got {size}.")
+    saved = [(mixer, mixer.chunk_size) for mixer in mixers]
+    try:
+        for mixer, _ in saved:
+            mixer.chunk_size = size
+        yield
+    finally:
+        for mixer, previous in reversed(saved):
+            mixer.chunk_size = previous
+
+
+_SCAN_FUNCTION = "mamba2_chunk_scan"
+_scan_override_lock = threading.Lock()
+# module -> (original function, installed wrapper, number of open contexts)
+_scan_overrides: dict[object, list] = {}
+
+
+@contextlib.contextmanager
+def chunk_scan_override(
+    mixers: Sequence[torch.nn.Module], wrapper: Callable[[Callable], Callable]
+) -> Iterator[None]:
+    """Inside this context the Mamba2-layout `mixers`' modules call `wrapper(original)` instead of their
+    module-level `mamba2_chunk_scan` (transformers 5.17 and 5.23 alike).
+
+    The module global is replaced while at least one context needs it (a counter makes nested and
+    concurrent contexts safe), so the wrapper must fall back to `original` for calls that are not its own
+    (other threads decode other models of the family meanwhile). Modules without the function are left alone.
+    """
+    modules = {
+        module
+        for mixer in mixers
+        if (module := _mixer_module(mixer)) is not None and callable(getattr(module, _SCAN_FUNCTION, None))
+    }
+    with _scan_override_lock:
+        for module in modules:
+            entry = _scan_overrides.get(module)
+            if entry is None:
+                original = getattr(module, _SCAN_FUNCTION)
+                entry = _scan_overrides[module] = [original, wrapper(original), 0]
+                setattr(module, _SCAN_FUNCTION, entry[1])
+            entry[2] += 1
+    try:
+        yield
+    finally:
+        with _scan_override_lock:
+            for module in modules:
+                entry = _scan_overrides[module]
+                entry[2] -= 1
+                if entry[2] == 0:
+                    setattr(module, _SCAN_FUNCTION, entry[0])
+                    del _scan_overrides[module]
+
+
+def installed_chunk_scan(module_name: str) -> Callable | None:
+    """The `mamba2_chunk_scan` a Mamba2-family module calls right now (for tests that check it is restored)."""
+    module = sys.modules.get(module_name)
+    return getattr(module, _SCAN_FUNCTION, None) if module is not None else None

@@ -12,7 +12,9 @@ one-token steps, outputs and the resulting conv and SSM state:
 - **identity_steps**: a two-row forward where row 0 skips its last position (Joint Attainment and
   Advancement); refused outright under fused CUDA kernels and without an exact continuation;
 - **tree_scan**: the tree-aware forward on a two-position chain and on a root with two children, outputs
-  and the committed path's state.
+  and the committed path's state;
+- **state_replay**: a frozen single-chunk verification of four tokens (`ssm.state_replay`) must leave the
+  state untouched and give the stepped outputs, and its commit of two positions the stepped state.
 
 Each runs once per (mixer class, dtype, device); a failure warns once (`MixerProbeWarning`) and callers
 take an exact fallback. The results live in `admission`, where the paths below this module read them;
@@ -45,7 +47,7 @@ from hf_specssm._compat.admission import (
 from hf_specssm._compat.mixers import CONTINUATION_MODES, fused_kernels_active
 from hf_specssm.cache import ForkableCache
 from hf_specssm.ssm import mixers as ssm_mixers
-from hf_specssm.ssm import tree_scan
+from hf_specssm.ssm import state_replay, tree_scan
 
 __all__ = [
     "CAPABILITIES",
@@ -70,12 +72,15 @@ class MixerSupport:
         identity_steps: `ssm.mixers.identity_steps` makes masked positions leave the state unchanged
             (Joint Attainment and Advancement); False under fused CUDA kernels.
         tree_scan: `ssm.tree_scan.tree_verification` reproduces one-token steps on chains and trees.
+        state_replay: every mixer is Mamba2-layout and `ssm.state_replay.StateRecorder` (single-chunk
+            verification of frozen state, commit by state update) reproduces one-token steps.
     """
 
     continuation: str = "native"
     replay: bool = True
     identity_steps: bool = True
     tree_scan: bool = True
+    state_replay: bool = True
 
 
 def mixer_support(model: torch.nn.Module) -> MixerSupport:
@@ -131,6 +136,8 @@ def _capability(capability: str, mixer: torch.nn.Module, model: torch.nn.Module)
         return FAILED[capability], "no identity-steps route for this mixer layout"
     if capability == "tree_scan" and tree_scan.mixer_family(mixer) is None:
         return FAILED[capability], "no tree-aware forward for this mixer layout"
+    if capability == "state_replay" and state_replay.state_replay_route(mixer) is None:
+        return FAILED[capability], "no Mamba2 layout to commit by state update"
     return admit(capability, mixer, model, _PROBES[capability])
 
 
@@ -226,9 +233,35 @@ def _probe_tree_scan(mixer: torch.nn.Module, model: torch.nn.Module) -> tuple[bo
     return False, f"the tree forward is off by {error:.1e} (relative) against one-token steps"
 
 
+def _probe_state_replay(mixer: torch.nn.Module, model: torch.nn.Module) -> tuple[bool, str | None]:
+    # (no continuation prerequisite: the frozen verification replaces transformers' multi-token scan)
+    hidden = probe_inputs(mixer, model, 6)
+    new_cache = _new_cache(model)
+    cache = new_cache()
+    mixer(hidden[:, :2], cache_params=cache)
+    cache.advance(2)
+    before = layer_states(cache, mixer)
+    recorder = state_replay.StateRecorder(model, cache, mixers=[mixer])
+    with recorder.verifying(4):
+        output = mixer(hidden[:, 2:6], cache_params=cache)
+    untouched = worst_error(list(zip(layer_states(cache, mixer), before, strict=True)))
+    if untouched > 0:
+        return False, f"the frozen verification changed the state (by {untouched:.1e}, relative)"
+    recorder.commit(2)
+    expected_outputs, _ = stepped(mixer, hidden, [2, 3, 4, 5], new_cache)
+    _, expected_states = stepped(mixer, hidden, [2, 3], new_cache)
+    error = worst_error(
+        [(output, expected_outputs), *zip(layer_states(cache, mixer), expected_states, strict=True)]
+    )
+    if error <= tolerance(hidden.dtype):
+        return True, None
+    return False, f"the single-chunk verification or its commit is off by {error:.1e} (relative)"
+
+
 _PROBES = {
     "continuation": probe_continuation,
     "replay": _probe_replay,
     "identity_steps": _probe_identity_steps,
     "tree_scan": _probe_tree_scan,
+    "state_replay": _probe_state_replay,
 }

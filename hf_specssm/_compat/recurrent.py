@@ -85,6 +85,27 @@ def stored_conv_state(layer: object, state_idx: int = 0) -> torch.Tensor | None:
     return layer.conv_states[state_idx]
 
 
+def conv_inputs_without_update(
+    layer: object, new_inputs: torch.Tensor, state_idx: int = 0
+) -> torch.Tensor | None:
+    """What a linear layer's `update_conv_state` returns for `new_inputs` — its stored window followed by
+    them — without writing anything; `None` where that call would do more than concatenate (before the
+    layer's first token, or while it records the past).
+
+    Args:
+        layer: a cache layer.
+        new_inputs: `[B, C, T]` conv inputs of a forward.
+
+    Returns:
+        `[B, C, K + T]`.
+    """
+    if not is_linear_layer(layer) or layer.record_past:
+        return None
+    if not layer.is_conv_states_initialized[state_idx] or not layer.has_previous_state[state_idx]:
+        return None
+    return torch.cat([layer.conv_states[state_idx], new_inputs], dim=-1)
+
+
 def conv_window(layer: object, kernel_size: int, like: torch.Tensor, state_idx: int = 0) -> torch.Tensor:
     """The last `K − 1` conv inputs a linear layer has consumed, zeros before its first token.
 

@@ -1,25 +1,41 @@
-"""The supported transformers range, and the forward-signature facts that differ between model classes."""
+"""The tested transformers range, and the forward-signature facts that differ between model classes."""
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from functools import cache
+from typing import Any
 
 import torch
 import transformers
 from packaging.version import Version
+from transformers import GenerationConfig
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
+# The one place the tested range is written: the import-time warning, the docs and the tests read it here.
 MIN_TRANSFORMERS = Version("5.17.0")
 MAX_TRANSFORMERS_EXCLUSIVE = Version("5.24.0")
 
 
-def check_transformers_version() -> None:
-    """Raise `ImportError` when the installed transformers is outside the supported range."""
-    if not MIN_TRANSFORMERS <= TRANSFORMERS_VERSION < MAX_TRANSFORMERS_EXCLUSIVE:
-        raise ImportError(
-            f"hf_specssm supports transformers >= {MIN_TRANSFORMERS} and < {MAX_TRANSFORMERS_EXCLUSIVE}; "
-            f"found {TRANSFORMERS_VERSION}."
+def check_transformers_version(installed: Version | str | None = None) -> None:
+    """Warn (`UserWarning`) when transformers is outside the tested range; never refuse to import.
+
+    Outside the range the package may still work (it reaches transformers' internals only through
+    `_compat`, whose probes fall back to exact slower paths), so the user gets a warning naming the tested
+    range and the installed version instead of an `ImportError`.
+
+    Args:
+        installed: the version to check (default: the installed transformers).
+    """
+    version = TRANSFORMERS_VERSION if installed is None else Version(str(installed))
+    if not MIN_TRANSFORMERS <= version < MAX_TRANSFORMERS_EXCLUSIVE:
+        warnings.warn(
+            f"hf_specssm is tested with transformers >= {MIN_TRANSFORMERS} and < {MAX_TRANSFORMERS_EXCLUSIVE}; "
+            f"the installed version is {version}. It may work, but is untested: if something fails, install a "
+            f"tested version (pip install 'transformers>={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS_EXCLUSIVE}').",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -69,3 +85,18 @@ def dropped_mask_length(generation_config: object | None) -> int | None:
     """
     recorded = getattr(generation_config, "_mask_length", None)
     return recorded if isinstance(recorded, int) else None
+
+
+@cache
+def _generation_defaults() -> dict[str, Any]:
+    return dict(GenerationConfig._get_default_generation_params())
+
+
+def generation_defaults() -> dict[str, Any]:
+    """The values `generate` gives the generation settings nobody set (`num_assistant_tokens=20`,
+    `num_assistant_tokens_schedule="constant"`, `assistant_confidence_threshold=0.4`, …).
+
+    5.17 and 5.23 leave every `GenerationConfig()` field `None` and fill these in when a call is prepared,
+    from the private `GenerationConfig._get_default_generation_params()`.
+    """
+    return dict(_generation_defaults())

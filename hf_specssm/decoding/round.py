@@ -9,7 +9,8 @@ A round reads like the papers:
 - **draft**: the drafter proposes a chain (`Draft`) or a `TokenTree`;
 - **verify**: the target scores every row's proposal in one forward (`Target.verify`);
 - **accept**: the target's processed scores pick the kept positions and the target's own next token
-  (`accept_proposal`: greedy matching or speculative sampling);
+  (`accept_proposal`: greedy matching or speculative sampling; sampling draws are keyed by sequence
+  position, so a seed gives the same text whatever the draft lengths, see `decoding.acceptance`);
 - **commit**: tokens are appended one by one under the stopping criteria; the target keeps its cache for
   exactly those tokens (`Target.commit`), the drafter rolls its state to them;
 - **update**: the drafter's length and tree policies learn from the round (`Drafter.observe_round`).
@@ -23,9 +24,18 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-from hf_specssm.decoding.acceptance import accept_proposal
+from hf_specssm._compat.processors import row_processors
+from hf_specssm.decoding.acceptance import SAMPLING_RULES, accept_proposal
 from hf_specssm.decoding.scores import process_proposal_scores
-from hf_specssm.drafters.base import Draft, Drafter, DraftSampler, RoundOutcome, RoundPlan, TreeDrafter
+from hf_specssm.drafters.base import (
+    Draft,
+    Drafter,
+    DraftSampler,
+    PositionNoise,
+    RoundOutcome,
+    RoundPlan,
+    TreeDrafter,
+)
 from hf_specssm.stats import SpeculationStats
 from hf_specssm.targets.base import Proposal, Target
 from hf_specssm.tree import TokenTree
@@ -74,6 +84,11 @@ class SpeculativeLoop:
         generation_config: the merged generation config (`max_length`, `do_sample`).
         streamer: single prompts only: receives each committed token; if it has
             `on_round(num_from_draft, num_committed)`, that is called after each round.
+        sampling: the sampling rule, one of `decoding.acceptance.SAMPLING_RULES`: `"coupled"` (the same
+            text for a seed whatever the draft lengths and tree shapes) or `"rejection"` (classic
+            speculative sampling: higher acceptance for sampled drafts, reproducible only while the
+            draft lengths repeat). Each call draws one seed from torch's default generator, so
+            `torch.manual_seed` before `generate` fixes the text.
     """
 
     def __init__(
@@ -83,13 +98,19 @@ class SpeculativeLoop:
         stopping_criteria: StoppingCriteriaList,
         generation_config: GenerationConfig,
         streamer=None,
+        sampling: str = "coupled",
     ) -> None:
+        if sampling not in SAMPLING_RULES:
+            raise ValueError(f"sampling must be one of {SAMPLING_RULES}, got {sampling!r}.")
         self.target = target
         self.logits_processor = logits_processor
         self.stopping_criteria = stopping_criteria
         self.max_length = generation_config.max_length
         self.do_sample = bool(generation_config.do_sample)
-        self.sampler = DraftSampler(logits_processor, self.do_sample)
+        self.sampling = sampling
+        self._samplers: dict[int, DraftSampler] = {}
+        # per row: the processors applied to its unpadded sequence (`_compat.processors.row_processors`)
+        self._processors: dict[int, LogitsProcessorList | None] = {}
         self.streamer = streamer
         self._on_round = getattr(streamer, "on_round", None)
         self.stats = SpeculationStats()
@@ -109,11 +130,32 @@ class SpeculativeLoop:
             raise ValueError(f"{type(drafter).__name__}: {self.target.hidden_problem()}")
         drafter.check_round_support(self.tree_problem)
 
+    def make_samplers(self, rows: list[Row]) -> dict[int, DraftSampler]:
+        """One `DraftSampler` per row (by `Row.index`). When sampling, the call draws one seed from torch's
+        default generator and every row's draws are keyed by `(seed, row, position)`."""
+        if not self.do_sample:
+            if len(rows) == 1:
+                shared = DraftSampler(self.logits_processor, False)
+                return {row.index: shared for row in rows}
+            return {row.index: DraftSampler(self._row_processors(row), False) for row in rows}
+        noise = PositionNoise.from_global_generator()
+        return {
+            row.index: DraftSampler(self._row_processors(row), True, noise.for_row(row.index)) for row in rows
+        }
+
+    def _row_processors(self, row: Row) -> LogitsProcessorList | None:
+        return self._processors.get(row.index, self.logits_processor)
+
     # ------------------------------------------------------------------ the loop
 
     def run(self, rows: list[Row]) -> SpeculationStats:
         """Decode `rows` to the end; their `sequence`s hold the results afterwards."""
         self.check(rows)
+        self._processors = {
+            row.index: row_processors(self.logits_processor, row.index, len(rows), row.left_pad.shape[-1])
+            for row in rows
+        }
+        self._samplers = self.make_samplers(rows)
         self.target.capture_hidden = rows[0].drafter.wants_target_hidden
         loop_start = time.perf_counter()
         started: list[Row] = []
@@ -186,17 +228,24 @@ class SpeculativeLoop:
         """The row's proposal for `plan`: a `TokenTree` for tree rounds, a `Draft` of `[1, k]` otherwise."""
         if plan.tree:
             drafter: TreeDrafter = row.drafter  # plan_round only plans trees for tree drafters
-            return drafter.draft_tree(row.sequence, self.sampler, plan.shape)
+            return drafter.draft_tree(row.sequence, self._samplers[row.index], plan.shape)
         if plan.num_tokens > 0:
-            return row.drafter.draft(row.sequence, plan.num_tokens, self.sampler)
+            return row.drafter.draft(row.sequence, plan.num_tokens, self._samplers[row.index])
         return Draft(tokens=row.sequence.new_empty((1, 0)))
 
     def accept(
         self, row: Row, proposal: Proposal, logits: torch.Tensor
     ) -> tuple[list[int], int, torch.Tensor]:
         """`(kept positions, target's next token, processed scores [1 + n, V])` for one row."""
-        scores = process_proposal_scores(self.logits_processor, row.sequence, proposal, logits)
-        path, token = accept_proposal(proposal, scores, self.do_sample)
+        scores = process_proposal_scores(self._row_processors(row), row.sequence, proposal, logits)
+        path, token = accept_proposal(
+            proposal,
+            scores,
+            self.do_sample,
+            noise=self._samplers[row.index].noise,
+            position=row.sequence.shape[1],
+            rule=self.sampling,
+        )
         return path, token, scores
 
     def append(

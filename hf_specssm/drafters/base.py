@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from hf_specssm.config import DraftConfig
-from hf_specssm.policies.draft_length import DraftLengthPolicy, make_policy
+from hf_specssm.policies.draft_length import DraftGate, DraftLengthPolicy, make_policy
 from hf_specssm.policies.tree_shape import DynamicTreePolicy, UCBTreePolicy
 from hf_specssm.tree import TokenTree
 
@@ -71,21 +71,140 @@ class RoundOutcome:
     round_time_s: float
 
 
+_MASK64 = (1 << 64) - 1
+#: sub-streams of `PositionNoise`: one independent family of draws per purpose
+GUMBEL_STREAM, ACCEPT_STREAM, RESIDUAL_STREAM = 0, 1, 2
+
+
+def _mix64(value: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that scatters nearby inputs."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+class PositionNoise:
+    """Random draws keyed by `(seed, row, sequence position, stream, index)` instead of drawn in order.
+
+    A draw for the token at position `p` of a row is the same whichever round drafts or verifies `p`, so
+    a speculative call's randomness does not depend on how positions were grouped into rounds (draft
+    lengths and tree shapes, which the adaptive schedule and the tree bandit pick from measured times).
+
+    - `gumbel(p, V)`: `[V]` standard Gumbel noise; `argmax(scores + gumbel)` samples `softmax(scores)`
+      (Gumbel-max) and `topk` of it samples without replacement (Gumbel-top-k). Drafter and target use the
+      same vector at `p`, which is what makes coupled acceptance (`decoding.acceptance`) reproducible.
+    - `uniform(p, stream, index)`: one uniform in `[0, 1)`, computed in Python (identical on every device).
+    - `categorical(probs, p)`: an inverse-CDF draw from `probs` with `uniform(p, RESIDUAL_STREAM)`.
+
+    Gumbel vectors come from a torch generator on the scores' device seeded with the key (CPU and CUDA
+    generators differ, so the same seed gives different text on CPU and on GPU; each is reproducible).
+
+    Args:
+        seed: the call's seed (`from_global_generator`: one draw from torch's default generator).
+        row: the prompt's index in the caller's batch.
+    """
+
+    #: Gumbel vectors kept for reuse (the drafter and the target draw the same positions within a round)
+    cache_size = 32
+
+    def __init__(self, seed: int, row: int = 0) -> None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+        self.seed = seed & _MASK64
+        self.row = row
+        self._gumbels: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._generators: dict[str, torch.Generator] = {}
+
+    @classmethod
+    def from_global_generator(cls, row: int = 0) -> PositionNoise:
+        """A stream whose seed is one draw from torch's default CPU generator, so `torch.manual_seed(s)`
+        before `generate` fixes every token, as it does for plain sampling."""
+        return cls(int(torch.randint(0, 2**62, (), dtype=torch.long)), row)
+
+    def for_row(self, row: int) -> PositionNoise:
+        """The same call's stream for another row of the batch."""
+        return PositionNoise(self.seed, row)
+
+    def key(self, position: int, stream: int, index: int = 0) -> int:
+        """A 64-bit key for one draw."""
+        value = 0
+        for part in (self.seed, self.row, position, stream, index):
+            value = _mix64(value ^ (part & _MASK64))
+        return value
+
+    def uniform(self, position: int, stream: int = ACCEPT_STREAM, index: int = 0) -> float:
+        """A uniform in `[0, 1)` for draw `index` of `stream` at `position`."""
+        return (self.key(position, stream, index) >> 11) * 2.0**-53
+
+    def categorical(self, probs: torch.Tensor, position: int) -> int:
+        """A token drawn from `probs` `[V]` (non-negative, any positive total) by inverse CDF."""
+        cdf = probs.to(torch.float64).cumsum(dim=0)
+        threshold = self.uniform(position, RESIDUAL_STREAM) * float(cdf[-1])
+        token = int(torch.searchsorted(cdf, cdf.new_tensor([threshold]), right=True)[0])
+        if token >= probs.shape[0]:
+            # rounding put the threshold at the total: the last token with probability > 0
+            token = int((probs > 0).nonzero()[-1, 0])
+        return token
+
+    def gumbel(self, position: int, vocab: int, device: torch.device) -> torch.Tensor:
+        """`[V]` standard Gumbel noise for `position`, on `device` (float64; float32 on MPS)."""
+        device = torch.device(device)
+        entry = (position, vocab, str(device))
+        noise = self._gumbels.get(entry)
+        if noise is None:
+            generator = self._generators.get(str(device))
+            if generator is None:
+                generator = self._generators[str(device)] = torch.Generator(device=device)
+            generator.manual_seed(self.key(position, GUMBEL_STREAM))
+            # float64 where the device has it (MPS does not)
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            uniforms = torch.rand(vocab, generator=generator, device=device, dtype=dtype)
+            noise = -torch.log(-torch.log(uniforms))
+            if len(self._gumbels) >= self.cache_size:
+                self._gumbels.pop(next(iter(self._gumbels)))
+            self._gumbels[entry] = noise
+        return noise
+
+    def perturb(self, scores: torch.Tensor, position: int) -> torch.Tensor:
+        """`scores` `[..., V]` (log-probabilities up to a constant) plus the Gumbel noise of `position`
+        (in the noise's dtype): its argmax is a sample of `softmax(scores)` keyed by `position`."""
+        noise = self.gumbel(position, scores.shape[-1], scores.device)
+        return scores.to(noise.dtype) + noise
+
+
 class DraftSampler:
-    """Turns drafter logits into a draft token with the target's logits processors.
+    """Turns drafter logits into draft tokens with the target's logits processors.
 
     Drafting with the same processors as the target (temperature, top-k/top-p, repetition penalty, bad
     words…) makes drafts agree with the target more often; losslessness never depends on it, because
-    acceptance uses the distribution each token was actually drawn from.
+    acceptance uses the distribution each token was actually drawn from (or, coupled, the target's own
+    keyed draw).
+
+    When sampling, every draw is keyed by the position of the drafted token (`PositionNoise.gumbel`), so
+    the draft at position `p` is the same whichever round drafts it, and the target's coupled acceptance
+    agrees with it as often as the drafter's and target's distributions allow.
 
     Args:
         logits_processor: the target's prepared processors (and warpers, when sampling).
         do_sample: sample from the processed distribution instead of taking its argmax.
+        noise: the row's keyed draws; when sampling without one, a stream seeded by one draw from torch's
+            default generator.
     """
 
-    def __init__(self, logits_processor: LogitsProcessorList | None, do_sample: bool) -> None:
+    def __init__(
+        self,
+        logits_processor: LogitsProcessorList | None,
+        do_sample: bool,
+        noise: PositionNoise | None = None,
+    ) -> None:
         self.logits_processor = logits_processor
         self.do_sample = do_sample
+        self.noise = noise if noise is not None or not do_sample else PositionNoise.from_global_generator()
+
+    def scores(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` `[1, V]` after the processors, with `sequence` `[1, L]` as their prefix."""
+        return self.logits_processor(sequence, logits) if self.logits_processor else logits
 
     def choose(
         self, sequence: torch.Tensor, logits: torch.Tensor
@@ -93,17 +212,43 @@ class DraftSampler:
         """Pick the next draft token.
 
         Args:
-            sequence: `[1, L]` committed tokens followed by the drafts so far.
+            sequence: `[1, L]` committed tokens followed by the drafts so far; the new token's position
+                is `L`.
             logits: `[1, V]` float32 drafter logits for the next position.
 
         Returns:
             `(token [1], probs [1, V] or None)`.
         """
-        scores = self.logits_processor(sequence, logits) if self.logits_processor else logits
+        scores = self.scores(sequence, logits)
         if self.do_sample:
             probs = torch.softmax(scores, dim=-1)
-            return torch.multinomial(probs, 1)[:, 0], probs
+            return self.noise.perturb(scores, sequence.shape[1]).argmax(dim=-1), probs
         return scores.argmax(dim=-1), None
+
+    def choose_children(
+        self, sequence: torch.Tensor, logits: torch.Tensor, width: int, sample: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A tree node's children: its best `width` tokens or (`sample`, when sampling) `width` tokens drawn
+        without replacement (Gumbel-top-k keyed by the children's position; fewer if fewer tokens have
+        probability > 0).
+
+        Args:
+            sequence: `[1, L]` the node's prefix; its children sit at position `L`.
+            logits: `[1, V]` float32 drafter logits after the node.
+            width: children wanted.
+            sample: draw the children instead of taking the top `width` (only when sampling).
+
+        Returns:
+            `(tokens [w], probs [V] or None)`: the children and, when drawn, the distribution they were
+            drawn from.
+        """
+        scores = self.scores(sequence, logits.clone())
+        width = min(width, scores.shape[-1])
+        if not (sample and self.do_sample):
+            return scores[0].topk(width).indices, None
+        probs = torch.softmax(scores[0].float(), dim=-1)
+        width = min(width, int((probs > 0).sum()))
+        return self.noise.perturb(scores[0], sequence.shape[1]).topk(width).indices, probs
 
 
 class Drafter(ABC):
@@ -120,6 +265,13 @@ class Drafter(ABC):
     def __init__(self, config: DraftConfig | None = None) -> None:
         self.config = config if config is not None else DraftConfig()
         self.length_policy: DraftLengthPolicy = make_policy(self.config)
+        self.draft_gate: DraftGate | None = (
+            DraftGate(self.config) if self.config.schedule == "adaptive" or self.gates_drafting else None
+        )
+
+    #: Whether drafting is switched off while it does not pay (`policies.draft_length.DraftGate`) under
+    #: every schedule, not only `"adaptive"`: drafters whose length is an upper bound anyway (prompt lookup).
+    gates_drafting: bool = False
 
     #: Whether the loop should hand this drafter the target's last hidden state each round (draft heads
     #: such as ReDrafter read it); the target then captures the input of its output embedding.
@@ -181,10 +333,20 @@ class Drafter(ABC):
     def plan_round(self, room: int, tree_problem: str | None) -> RoundPlan:
         """Decide this round: a chain of the length policy's next length, at most `room - 1` tokens (the
         target adds one). `room` is how many tokens may still be committed."""
-        return RoundPlan(num_tokens=max(0, min(self.length_policy.next_length(), room - 1)))
+        length = self.length_policy.next_length()
+        if self.draft_gate is not None:
+            if not self.draft_gate.allows_drafting():
+                length = 0
+            elif self.draft_gate.probing:
+                length = min(length, 1)  # a probe asks the first draft only: it costs least
+        return RoundPlan(num_tokens=max(0, min(length, room - 1)))
 
     def observe_round(self, plan: RoundPlan, outcome: RoundOutcome) -> None:
         """Learn from a finished round (the draft-length policy, for chain rounds)."""
+        if self.draft_gate is not None:
+            self.draft_gate.update(outcome.drafted, outcome.committed, outcome.round_time_s)
+        if plan.num_tokens == 0 and not plan.tree:
+            return  # a round planned without drafts (gated, or no room) says nothing about draft lengths
         self.length_policy.update(
             outcome.drafted, outcome.accepted, outcome.draft_time_s, outcome.verify_time_s
         )

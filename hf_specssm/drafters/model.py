@@ -188,8 +188,9 @@ class ModelDrafter(TreeDrafter):
 
     def _feed_level(self, sources: list[int], tokens: list[int], nodes: list[int]) -> torch.Tensor:
         """Fork rows `sources` of the cache, feed one token per new row, remember the level's state."""
-        self.cache.select(torch.tensor(sources))
-        logits = self._forward(torch.tensor([[token] for token in tokens]), rows=len(tokens))
+        device = self.model.device
+        self.cache.select(torch.tensor(sources, device=device))
+        logits = self._forward(torch.tensor([[token] for token in tokens], device=device), rows=len(tokens))
         self._tree_levels.append((list(nodes), self.cache.snapshot()))
         return logits
 
@@ -247,7 +248,7 @@ class ModelDrafter(TreeDrafter):
         keep = 0
         while keep < min(len(path), len(fed)) and path[keep] in fed[keep]:
             keep += 1
-        self.cache.select(torch.tensor([0]))
+        self.cache.select(torch.tensor([0], device=self.model.device))
         if keep == 0:
             self.cache.restore(self._tree_root)
         elif not self.cache.attention_tensors():
@@ -286,28 +287,18 @@ def _confidence(logits: torch.Tensor, token: torch.Tensor, probs: torch.Tensor |
     return float(probs[0, token[0]])
 
 
-@torch.no_grad()
 def _choose_children(
     sampler: DraftSampler, sequences: list[torch.Tensor], logits: torch.Tensor, width: int, sample: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Children of each of the `R` rows by the processed scores: its best `width` tokens, or (`sample`)
-    `width` tokens drawn without replacement (fewer if fewer have probability > 0), and the `[R, V]`
-    distributions they were drawn from. Returns `R` 1-D tensors of token ids."""
-    rows, distributions = [], []
-    for row, sequence in enumerate(sequences):
-        scores = logits[row : row + 1]
-        if sampler.logits_processor:
-            scores = sampler.logits_processor(sequence, scores.clone())
-        width = min(width, scores.shape[-1])
-        if sample:
-            probs = torch.softmax(scores[0].float(), dim=-1)
-            # never more children than tokens with probability > 0
-            width = min(width, int((probs > 0).sum()))
-            rows.append(torch.multinomial(probs, width, replacement=False))
-            distributions.append(probs)
-        else:
-            rows.append(scores[0].topk(width).indices)
-    return rows, torch.stack(distributions) if sample else None
+    """Children of each of the `R` rows (`DraftSampler.choose_children`): `R` 1-D tensors of token ids,
+    and (`sample`) the `[R, V]` distributions they were drawn from."""
+    chosen = [
+        sampler.choose_children(sequence, logits[row : row + 1], width, sample)
+        for row, sequence in enumerate(sequences)
+    ]
+    rows = [tokens for tokens, _ in chosen]
+    distributions = [probs for _, probs in chosen]
+    return rows, torch.stack(distributions) if distributions and distributions[0] is not None else None
 
 
 def _check_causal_lm(model: object, role: str) -> None:

@@ -39,7 +39,12 @@ class PromptLookupDrafter(TreeDrafter):
         match: which occurrence of the n-gram to copy from first, `"earliest"` or `"latest"`.
         config: draft-length options; `num_draft_tokens` plays `prompt_lookup_num_tokens`.
         **options: `DraftConfig` fields.
+
+    Under every schedule a match is only an offer: while copied drafts lose to plain steps (text that never
+    repeats), `policies.draft_length.DraftGate` switches drafting off and probes now and then.
     """
+
+    gates_drafting = True
 
     def __init__(
         self,

@@ -170,3 +170,84 @@ def make_policy(config: DraftConfig) -> DraftLengthPolicy:
     if config.schedule == "heuristic":
         return HeuristicLength(config)
     return AdaptiveLength(config)
+
+
+class DraftGate:
+    """Switches drafting off while it does not pay, and probes now and then whether it would again.
+
+    A draft source that accepts nothing (prompt lookup on text that never repeats, a drafter that does not
+    know the domain) makes every round pay for drafting and for a wider verification, for one token. The
+    gate compares, from measured round times, the tokens per second of rounds that drafted with those of
+    rounds that did not (a plain step through the loop): while drafting is slower, the next rounds draft
+    nothing. Every `interval` closed rounds one round drafts a single token (a probe, `probing`: the cheapest
+    verification that still measures acceptance); a probe that still loses
+    doubles the interval (8 → 64 rounds), one that wins reopens the gate. While drafting pays, the gate
+    forces one undrafted round to measure the alternative only when none has been measured.
+
+    With `draft_cost_ratio = r`, nothing is timed: a round of `k` drafts costs `1 + (r + 0.15) · k`
+    target forwards and an undrafted round 1 (see `AdaptiveLength`).
+
+    Args:
+        config: the drafter's `DraftConfig` (`draft_cost_ratio`, `acceptance_memory`).
+    """
+
+    _FIRST_INTERVAL = 8
+    _MAX_INTERVAL = 64
+    _MIN_EVIDENCE = 2.0  # decayed drafted rounds before the gate may close
+
+    def __init__(self, config: DraftConfig) -> None:
+        self.config = config
+        self.open = True
+        self.rounds = 0
+        self.interval = self._FIRST_INTERVAL
+        self._closed_for = 0
+        self._probing = False
+        # decayed (weight, committed tokens, seconds) of drafted and of undrafted rounds
+        self._drafted = [0.0, 0.0, 0.0]
+        self._plain = [0.0, 0.0, 0.0]
+
+    @property
+    def probing(self) -> bool:
+        """Whether the round `allows_drafting` just allowed is a probe of a closed gate."""
+        return self._probing and not self.open
+
+    def allows_drafting(self) -> bool:
+        """Whether the next round drafts (the loop still caps the length by the room left)."""
+        if self.open:
+            # measure one undrafted round before deciding, when drafting looks poor and none was measured
+            unmeasured = self._drafted[0] >= self._MIN_EVIDENCE and self._plain[0] == 0.0
+            return not (unmeasured and self._losing_guess())
+        self._closed_for += 1
+        self._probing = self._closed_for >= self.interval
+        return self._probing
+
+    def _losing_guess(self) -> bool:
+        weight, committed, _ = self._drafted
+        return committed / weight < 1.5
+
+    def _round_time(self, drafted: int, seconds: float) -> float:
+        ratio = self.config.draft_cost_ratio
+        if ratio is None:
+            return seconds
+        return 1.0 + (ratio + AdaptiveLength._VERIFY_SLOPE) * drafted
+
+    def update(self, drafted: int, committed: int, round_time_s: float) -> None:
+        """Learn from a finished chain round: `drafted` tokens proposed, `committed` tokens appended."""
+        self.rounds += 1
+        if self.rounds == 1:
+            return  # the first round also reads the prompt
+        decay = self.config.acceptance_memory
+        stats = self._drafted if drafted > 0 else self._plain
+        stats[:] = [stats[0] * decay + 1.0, stats[1] * decay + committed, stats[2] * decay]
+        stats[2] += self._round_time(drafted, round_time_s)
+        if self._drafted[0] < self._MIN_EVIDENCE or self._plain[0] == 0.0:
+            return
+        drafting_pays = self._drafted[1] / self._drafted[2] >= self._plain[1] / self._plain[2]
+        if self.open and not drafting_pays:
+            self.open, self._closed_for = False, 0
+        elif not self.open and self._probing and drafted > 0:
+            self._probing, self._closed_for = False, 0
+            if drafting_pays:
+                self.open, self.interval = True, self._FIRST_INTERVAL
+            else:
+                self.interval = min(2 * self.interval, self._MAX_INTERVAL)

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from hf_specssm import _compat
 from hf_specssm._compat.probes import mixer_support
+from hf_specssm.ssm.state_replay import offloaded_mixers, uncovered_recurrent_layers
 from hf_specssm.targets.attention import AttentionTarget
 from hf_specssm.targets.base import Proposal, SingleRowTarget, Target
 from hf_specssm.targets.batched import BatchTarget
@@ -32,9 +33,17 @@ def recurrent_method(model: PreTrainedModel, verification: str) -> str:
     exact multi-token forwards, `"refeed"` exact multi-token forwards; `"stepwise"` always works.
     """
     support = mixer_support(model)  # (a failed probe warns once, naming the fallback)
-    if support.continuation == "none":
-        return "stepwise"
     method = verification
+    if support.continuation == "none":
+        # transformers' multi-token forward is inexact here (Zamba2 clamps Δ in its scan, not in its step);
+        # the frozen verification replaces that scan, everything else steps one token at a time
+        return "replay" if method != "refeed" and support.state_replay else "stepwise"
+    if uncovered_recurrent_layers(model):
+        # layers no mixer serves (LFM2's short convolutions): mixer-input replay and identity steps do not
+        # reach them; the state-update commit keeps their conv windows, re-feed restores checkpoints
+        if method == "refeed":
+            return method
+        return "replay" if support.state_replay else "stepwise"
     if method == "joint" and not support.identity_steps:
         method = "replay"
     if method == "replay" and not support.replay:
@@ -44,6 +53,12 @@ def recurrent_method(model: PreTrainedModel, verification: str) -> str:
 
 def tree_problem_for(model: PreTrainedModel) -> str | None:
     """Why trees cannot be verified on this SSM or hybrid target, or `None` when the tree scan serves it."""
+    uncovered = uncovered_recurrent_layers(model)
+    if uncovered:
+        return (
+            f"tree verification has no tree scan for {type(model).__name__}'s recurrent layers "
+            f"{uncovered} (no SSM mixer serves them); verify chains (drop tree_shape / tree_policy)."
+        )
     if not mixer_support(model).tree_scan:
         return (
             f"tree verification has no exact tree scan for {type(model).__name__}'s mixers here (probe); "
@@ -75,6 +90,12 @@ def make_target(
     if num_rows > 1:
         if verification != "replay":
             raise ValueError("batched speculative decoding commits SSM state by Activation Replay only.")
+        if recurrent and uncovered_recurrent_layers(model):
+            raise ValueError(
+                f"batched speculative decoding commits SSM state by replaying mixers, and no mixer serves "
+                f"{type(model).__name__}'s recurrent layers {uncovered_recurrent_layers(model)}; pass one "
+                "prompt per call."
+            )
         if recurrent and recurrent_method(model, "replay") != "replay":
             raise ValueError(
                 f"batched speculative decoding needs Activation Replay, which is not exact for "
@@ -86,7 +107,17 @@ def make_target(
     method = recurrent_method(model, verification)
     if method == "joint":
         return JointTarget(model)
-    return RecurrentTarget(model, method=method, tree_problem=tree_problem_for(model))
+    uncovered = uncovered_recurrent_layers(model)
+    state_replay = method == "replay" and mixer_support(model).state_replay and not offloaded_mixers(model)
+    if uncovered and method == "replay" and not state_replay:
+        method = "refeed"  # offloaded mixers: checkpoints restore every layer, the re-feed runs the hooks
+    return RecurrentTarget(
+        model,
+        method=method,
+        tree_problem=tree_problem_for(model),
+        state_replay=state_replay,
+        conv_only_layers=uncovered if state_replay else (),
+    )
 
 
 __all__ = [

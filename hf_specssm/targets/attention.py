@@ -1,4 +1,8 @@
-"""A Transformer target: verify chains and trees against its KV cache, roll back by cropping."""
+"""A Transformer target: verify chains and trees against its KV cache, roll back by cropping.
+
+The cache is the one `generate` prepared: a `DynamicCache`, or a `StaticCache` (`cache_implementation=
+"static"`), whose full-attention layers are rolled back in place; static sliding windows are refused.
+"""
 
 from __future__ import annotations
 
@@ -22,17 +26,34 @@ class AttentionTarget(SingleRowTarget):
     Args:
         model: the target causal LM.
         cache: its cache from `generate` (a new `DynamicCache` when `None`); sliding-window layers are
-            switched to past recording so they can be cropped.
+            switched to past recording so they can be cropped. A `StaticCache` must hold full-attention
+            layers only.
+
+    Raises:
+        ValueError: for a static cache that cannot be rolled back (sliding-window or other static kinds).
     """
 
     def __init__(self, model: PreTrainedModel, cache: Cache | None = None) -> None:
-        super().__init__(model, cache if cache is not None else DynamicCache(config=model.config))
+        cache = cache if cache is not None else DynamicCache(config=model.config)
+        problem = _compat.cache_rollback_problem(cache)
+        if problem is not None:
+            raise ValueError(problem)
+        super().__init__(model, cache)
+        # a static layer counts its tokens in a tensor
+        self.consumed = int(self.consumed)
         _compat.enable_attention_rollback(self.cache)
         self._tree_round = (0, 0)
 
     def tree_problem(self) -> str | None:
         if any(_compat.is_sliding_attention_layer(layer) for layer in self.cache.layers):
             return "tree verification does not support sliding-window attention targets yet."
+        if any(_compat.is_static_layer(layer) for layer in self.cache.layers):
+            # a tree round writes every node into the cache (more slots than the call may commit) and its
+            # 4D mask covers the used slots only, not the whole static buffer
+            return (
+                "tree verification needs a DynamicCache; drop cache_implementation='static' (or the "
+                "StaticCache) to verify trees, or drop tree_shape / tree_policy."
+            )
         return None
 
     def score(self, input_ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
@@ -43,7 +64,7 @@ class AttentionTarget(SingleRowTarget):
     def keep(self, length: int) -> None:
         if length > self.consumed:
             raise ValueError(f"cannot keep {length} tokens, the cache holds {self.consumed}.")
-        self.cache.crop(length - self.consumed)
+        _compat.crop_cache(self.cache, self.consumed - length)
         self.consumed = length
 
     def score_tree(self, input_ids: torch.Tensor, tree: TokenTree) -> torch.Tensor:

@@ -136,12 +136,10 @@ class Target(ABC):
         return pending
 
     def _tree_inputs(self, tree: TokenTree, chain_length: int, device: torch.device) -> dict:
-        """The 4D tree mask and positions attention layers need to score `[chain, tree nodes]`."""
-        compiled = compile_tree(tree, self.consumed, chain_length, self.model.dtype)
-        return {
-            "attention_mask": compiled.attention_mask.to(device),
-            "position_ids": compiled.position_ids.to(device),
-        }
+        """The 4D tree mask and positions attention layers need to score `[chain, tree nodes]`, built on
+        `device` (the forward's)."""
+        compiled = compile_tree(tree, self.consumed, chain_length, self.model.dtype, device=device)
+        return {"attention_mask": compiled.attention_mask, "position_ids": compiled.position_ids}
 
     @contextlib.contextmanager
     def _hidden_capture(self, num_positions: int, row: int = 0) -> Iterator[None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import PreTrainedModel
 
@@ -9,6 +11,7 @@ from hf_specssm import _compat
 from hf_specssm._compat.attention import keep_attention_positions
 from hf_specssm.cache import ForkableCache
 from hf_specssm.ssm.mixers import MixerInputRecorder, exact_continuation
+from hf_specssm.ssm.state_replay import StateRecorder
 from hf_specssm.targets.base import SingleRowTarget
 from hf_specssm.tree import TokenTree, kept_positions
 
@@ -21,9 +24,13 @@ class RecurrentTarget(SingleRowTarget):
 
     Before the verification forward the recurrent state is checkpointed (one copy). Afterwards:
 
-    - `"replay"` (Activation Replay, default): the SSM mixers' inputs recorded during verification are
-      replayed for the accepted tokens only, from the checkpoint; attention layers are cropped. Extra
-      memory per round: one `[1, k + 1, H]` activation per SSM layer plus one state copy.
+    - `"replay"` (Activation Replay, default). Where every mixer is Mamba2-layout and the `state_replay`
+      probe passed (`state_replay=True`), as the paper has it (`ssm.state_replay`): the verification scans
+      one chunk of exactly `T` tokens with the SSM state frozen, records each mixer's conv inputs and
+      time steps, and the commit advances the state over the accepted positions by state updates alone (no
+      projection, no checkpoint copy). Extra memory per round: `T × (conv_dim + H)` values per SSM layer.
+      Otherwise the SSM mixers' inputs recorded during verification are replayed for the accepted tokens
+      only, from the checkpoint. Attention layers are cropped either way.
     - `"refeed"` (snapshot and re-feed): restore the checkpoint and run the whole model again on the
       accepted tokens.
     - `"stepwise"`: verify one token per forward with a checkpoint before each, and roll back to the one
@@ -40,16 +47,32 @@ class RecurrentTarget(SingleRowTarget):
         model: the target causal LM (Mamba, Mamba2, FalconMamba, Jamba, Bamba, Falcon-H1, Zamba2, …).
         method: one of `RECURRENT_METHODS`.
         tree_problem: why trees cannot be verified here (`None`: the tree scan serves this model).
+        state_replay: with `method="replay"`, verify by frozen single-chunk forwards and commit by state
+            updates (`ssm.state_replay`); the caller checks the `state_replay` probe.
+        conv_only_layers: with `state_replay`, recurrent layers no mixer serves that keep only a conv
+            window (LFM2's short convolutions); their commit keeps the last conv inputs.
     """
 
     def __init__(
-        self, model: PreTrainedModel, method: str = "replay", tree_problem: str | None = None
+        self,
+        model: PreTrainedModel,
+        method: str = "replay",
+        tree_problem: str | None = None,
+        state_replay: bool = False,
+        conv_only_layers: Sequence[int] = (),
     ) -> None:
         if method not in RECURRENT_METHODS:
             raise ValueError(f"RecurrentTarget verifies by one of {RECURRENT_METHODS}, got {method!r}.")
+        if state_replay and method != "replay":
+            raise ValueError(f"state_replay commits by replay; it cannot serve method={method!r}.")
         super().__init__(model, ForkableCache(model.config))
         self.method = method
         self.recorder = MixerInputRecorder(model)
+        self.state_recorder = (
+            StateRecorder(model, self.cache, conv_only_layers=conv_only_layers) if state_replay else None
+        )
+        self._frozen_round = False
+        self._plain_round = False
         self._tree_problem = tree_problem
         self._round_start = 0
         self._kept_tokens: torch.Tensor | None = None
@@ -66,7 +89,23 @@ class RecurrentTarget(SingleRowTarget):
         new_tokens = torch.cat([pending, draft_tokens], dim=1)
         self._kept_tokens = new_tokens
         num_logits = draft_tokens.shape[1] + 1
+        # frozen only from a state: a layer's first forward initialises (writes) its cache entry
+        self._frozen_round = (
+            self.state_recorder is not None and new_tokens.shape[1] > 1 and self._round_start > 0
+        )
+        # no drafts: everything fed is committed, so nothing is checkpointed or recorded (a plain step)
+        self._plain_round = draft_tokens.shape[1] == 0
         with self._hidden_capture(num_logits):
+            if self._plain_round:
+                with exact_continuation(self.model):
+                    return self._forward(new_tokens, num_logits)
+            if self._frozen_round:
+                with self.state_recorder.verifying(new_tokens.shape[1]):
+                    logits = self._forward(new_tokens, num_logits)
+                self.peak_verification_bytes = max(
+                    self.peak_verification_bytes, self.state_recorder.recorded_bytes
+                )
+                return logits
             if self.method == "stepwise":
                 logits = self._score_stepwise(new_tokens, num_logits)
             else:
@@ -96,6 +135,20 @@ class RecurrentTarget(SingleRowTarget):
             raise ValueError(
                 f"can keep between {self._round_start} and {self.consumed} tokens this round, not {length}."
             )
+        if self._plain_round:
+            if length != self.consumed:
+                raise ValueError(f"a round without drafts keeps all {self.consumed} tokens, not {length}.")
+            self._plain_round = False
+            return
+        if self._frozen_round:
+            # the SSM layers still hold the state from before the round: advance them over what was kept
+            self.state_recorder.commit(length - self._round_start)
+            self.state_recorder.clear()
+            self._frozen_round = False
+            self.cache.crop_attention(length)
+            self.cache.set_length(length)
+            self.consumed = length
+            return
         if length < self.consumed:
             if self.method == "replay":
                 self.cache.rewind_recurrent(self._round_start)

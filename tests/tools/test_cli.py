@@ -16,11 +16,21 @@ def test_demo_runs_and_reports_identity(capsys):
 
 
 def test_bench_ssm_runs(capsys):
-    args = ["bench-ssm", "--sizes", "mamba2-8M", "--repeats", "1", "--prompts", "1"]
-    assert main([*args, "--max-new-tokens", "4", "--prompt-bytes", "40"]) == 0
+    args = ["bench-ssm", "--models", "mamba2-8M", "--repeats", "1", "--prompts", "1", "--threads", "1"]
+    args += ["--alphas", "0.7", "--oracle-k", "2", "--max-new-tokens", "6", "--prompt-bytes", "40"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    for part in ("### A.", "### B.", "### C.", "| mamba2-8M |", "peak process memory"):
+    for part in (
+        "## mamba2-8M",
+        "| ours |",
+        "| state update |",
+        "tree verification",
+        "oracle drafter",
+        "prompt lookup",
+        "peak process memory",
+    ):
         assert part in out
+    assert "| NO |" not in out
 
 
 @pytest.mark.slow

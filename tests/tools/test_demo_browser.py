@@ -152,12 +152,14 @@ def test_greedy_race_in_the_browser(browser_page, demo_url):
     assert "Greedy outputs identical: yes" in stats.inner_text()
     for fact in ("tokens/s", "Speed-up", "mean accepted length τ", "acceptance"):
         assert fact in stats.inner_text()
-    plain = _words(page.locator("#plain-output .textfield").inner_text())
-    speculative = _words(" ".join(page.locator("#spec-output .textfield .text").all_inner_texts()))
+    plain = _words(page.locator("#plain-output .lane").inner_text())
+    speculative = _words(page.locator("#spec-output .lane").inner_text())
     assert plain and plain == speculative
     assert len(plain.split()) == 24  # the toy codec spells each token as one word
-    # Both kinds of token are highlighted, each in its own colour (the legend names them).
-    legend = page.locator("#spec-output [data-testid='highlighted-text:category-legend']").inner_text()
+    # Both kinds of token are highlighted inline, each in its own colour (the legend names them).
+    assert page.locator("#spec-output .lane .from-draft").count() >= 1
+    assert page.locator("#spec-output .lane .from-target").count() >= 1
+    legend = page.locator("#spec-output .legend").inner_text()
     assert "accepted draft" in legend and "target" in legend
     assert "tokens/s" in page.locator("#plain-meter").inner_text()
     assert "τ" in page.locator("#spec-meter").inner_text()

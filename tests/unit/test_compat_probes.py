@@ -83,10 +83,21 @@ def test_every_family_passes_every_probe(kind, continuation):
     with warnings.catch_warnings():
         warnings.simplefilter("error", MixerProbeWarning)
         support = mixer_support(model)
+    # the state-update commit serves the Mamba2 layout; Mamba v1 mixers keep mixer-input replay
+    mamba2_layout = continuation == "native"
     assert support == MixerSupport(
-        continuation=continuation, replay=True, identity_steps=True, tree_scan=True
+        continuation=continuation,
+        replay=True,
+        identity_steps=True,
+        tree_scan=True,
+        state_replay=mamba2_layout,
     )
-    assert probes.unsupported_reasons(model) == {}
+    reasons = probes.unsupported_reasons(model)
+    if mamba2_layout:
+        assert reasons == {}
+    else:
+        assert reasons == {"state_replay": reasons["state_replay"]}
+        assert "no Mamba2 layout" in reasons["state_replay"]
 
 
 def test_models_without_ssm_mixers_support_everything():
@@ -336,3 +347,18 @@ def test_keep_positions_counts_sliding_window_tokens():
         _forward(model, cache, _tokens(8))
     cache.keep_positions(torch.tensor([0, 1, 2, 3, 5]))
     assert all(layer.get_seq_length() == 5 for layer in cache.layers)
+
+
+def test_a_wrong_state_update_commit_fails_its_probe(monkeypatch):
+    """Negative control: a commit that drops the accepted steps is caught by the probe, which warns and
+    sends the target back to mixer-input replay."""
+    from hf_specssm import targets
+    from hf_specssm.ssm import state_replay
+
+    monkeypatch.setattr(state_replay, "commit_state", lambda *args, **kwargs: None)
+    model = build("mamba2", seed=0)
+    with pytest.warns(MixerProbeWarning):
+        support = mixer_support(model)
+    assert support.state_replay is False and support.replay is True
+    assert "off by" in probes.unsupported_reasons(model)["state_replay"]
+    assert targets.make_target(model, None).state_recorder is None

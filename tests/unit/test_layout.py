@@ -16,6 +16,10 @@ LAYERS: dict[str, int] = {
     "hf_specssm.config": 0,
     "hf_specssm.tree": 0,
     "hf_specssm.stats": 0,
+    # finds the shipped drafter folders: pathlib and importlib.metadata only
+    "hf_specssm.shipped": 0,
+    # which dtype the tools load models in (torch only)
+    "hf_specssm.hardware": 0,
     "hf_specssm.kernels": 0,
     "hf_specssm.cache": 1,
     # the probes run the SSM paths they admit (ssm/, cache) against transformers' own steps

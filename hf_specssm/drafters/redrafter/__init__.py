@@ -1,7 +1,10 @@
 """ReDrafter (arXiv 2403.09919): recurrent draft heads on the target's own hidden state.
 
 - `ReDrafterConfig` / `ReDrafterHead`: the head, a transformers model (`save_pretrained`,
-  `from_pretrained`, `push_to_hub`, `AutoModel.from_pretrained`), sharing the target's embedding.
+  `from_pretrained`, `push_to_hub`, `AutoModel.from_pretrained`), sharing the target's embedding. A saved
+  folder carries the head's code (`configuration.py`, `modeling.py`, `card.py`, which import nothing from
+  hf_specssm) and `auto_map`, so `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads it
+  where hf_specssm is not installed.
 - `beam_search`, `beams_to_tree`: beam search with carried recurrent states; beams merged into one prefix
   tree so the target verifies each unique token once (dynamic tree attention).
 - `ReDrafterDrafter`: the head as a drafter for `generate(..., assistant_model=...)`.

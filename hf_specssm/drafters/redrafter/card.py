@@ -2,28 +2,58 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
-from hf_specssm.drafters.redrafter.configuration import ReDrafterConfig
+# relative, not `hf_specssm.…`: this module is part of the head folders' remote code (see modeling.py)
+from .configuration import ReDrafterConfig
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: tags every head's card carries (transformers' `push_to_hub(tags=...)` adds to them)
+CARD_TAGS = ("speculative-decoding", "redrafter", "draft-head", "hf_specssm")
 
 
 def _format_tau(value: float | None) -> str:
     return f"{value:.2f}" if value is not None else "not measured"
 
 
-def model_card(config: ReDrafterConfig) -> str:
-    """The card's Markdown: Hub metadata (YAML front matter), the target, data, steps and acceptance."""
+def _is_hub_id(name: str | None) -> bool:
+    """Whether `name` reads as a Hub repository id (`org/name`) rather than a local path or a toy name."""
+    return bool(name and _HUB_ID.match(name)) and not os.path.exists(name)
+
+
+def front_matter(config: ReDrafterConfig, tags: Iterable[str] = (), license: str = "apache-2.0") -> list[str]:
+    """The card's Hub metadata, one YAML line each (without the `---` fences).
+
+    `base_model` and `datasets` must be Hub ids: a target or training data named otherwise (a local path,
+    a toy model, a file) is named only in the card's text.
+    """
+    lines = [f"license: {license}", "library_name: transformers", "pipeline_tag: text-generation"]
+    if _is_hub_id(config.target_name):
+        lines.append(f"base_model: {config.target_name}")
+    if _is_hub_id(config.training_data):
+        lines += ["datasets:", f"- {config.training_data}"]
+    lines.append("tags:")
+    for tag in dict.fromkeys([*CARD_TAGS, *tags]):
+        # JSON strings are YAML scalars: a tag with ':' or '#' stays one string
+        lines.append(f"- {tag}" if re.fullmatch(r"[\w.-]+", tag) else f"- {json.dumps(tag)}")
+    return lines
+
+
+def model_card(config: ReDrafterConfig, tags: Iterable[str] = (), license: str = "apache-2.0") -> str:
+    """The card's Markdown: Hub metadata (YAML front matter), the target, data, steps and acceptance.
+
+    Args:
+        config: the head's config (what it was trained for and on, and how well it drafts).
+        tags: Hub tags beyond `CARD_TAGS`.
+        license: the license of the head's weights (Hub license id).
+    """
     target = config.target_name or "unrecorded target"
-    metadata = ["library_name: hf_specssm", "tags:", "- speculative-decoding", "- redrafter", "- draft-head"]
-    is_hub_id = bool(config.target_name and _HUB_ID.match(config.target_name)) and not os.path.exists(target)
-    # `base_model` must be a Hub id; local paths and toy targets are only named in the text
-    if is_hub_id:
-        metadata.append(f"base_model: {config.target_name}")
-    loadable = is_hub_id or os.path.isdir(target)
+    metadata = front_matter(config, tags, license)
+    loadable = _is_hub_id(config.target_name) or os.path.isdir(target)
     rows = [
         ("target", f"`{target}`" + (f" ({config.target_model_type})" if config.target_model_type else "")),
         ("target hidden size / vocabulary", f"{config.hidden_size} / {config.vocab_size}"),
@@ -61,6 +91,8 @@ beam search whose beams are merged into one token tree and verified in one targe
 
 ## Usage
 
+With hf_specssm (`ReDrafterDrafter` runs the beam search and the tree verification):
+
 ```python
 import hf_specssm
 from hf_specssm import ReDrafterDrafter, ReDrafterHead
@@ -71,11 +103,24 @@ head = ReDrafterHead.from_pretrained("<this repository or folder>")
 drafter = ReDrafterDrafter(head, target)     # raises ValueError for a target of another size
 out = target.generate(input_ids, assistant_model=drafter, max_new_tokens=128)
 ```
+
+The folder carries its own code (`configuration.py`, `modeling.py`, `card.py`), so the head also loads
+without hf_specssm, e.g. to inspect or fine-tune it:
+
+```python
+from transformers import AutoModel
+
+head = AutoModel.from_pretrained("<this repository or folder>", trust_remote_code=True)
+```
 """
 
 
-def write_model_card(folder: str | os.PathLike, config: ReDrafterConfig) -> Path:
-    """Write `model_card(config)` to `folder/README.md`; returns its path."""
+def write_model_card(
+    folder: str | os.PathLike, config: ReDrafterConfig, tags: Iterable[str] = (), license: str = "apache-2.0"
+) -> Path:
+    """Write `model_card(config, tags, license)` to `folder/README.md` (atomically); returns its path."""
     path = Path(folder) / "README.md"
-    path.write_text(model_card(config), encoding="utf-8")
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(model_card(config, tags, license), encoding="utf-8")
+    partial.replace(path)
     return path

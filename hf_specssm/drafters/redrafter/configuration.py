@@ -1,4 +1,7 @@
-"""Configuration of a ReDrafter head: its sizes, its beam shape, and the target it was trained for."""
+"""Configuration of a ReDrafter head: its sizes, its beam shape, and the target it was trained for.
+
+Imports nothing from hf_specssm: it is part of the head folders' remote code (see `modeling.py`).
+"""
 
 from __future__ import annotations
 
@@ -67,3 +70,7 @@ class ReDrafterConfig(PretrainedConfig):
     def head_width(self) -> int:
         """Width of the residual blocks: `exit_dim`, or `2H` when there is no input projection."""
         return self.exit_dim if self.exit_dim is not None else 2 * self.hidden_size
+
+
+# `save_pretrained` writes this module next to the config, and `auto_map["AutoConfig"]` naming it
+ReDrafterConfig.register_for_auto_class()

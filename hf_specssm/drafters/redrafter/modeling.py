@@ -1,4 +1,9 @@
-"""The ReDrafter head: a small recurrent network that drafts from the target's own last hidden state."""
+"""The ReDrafter head: a small recurrent network that drafts from the target's own last hidden state.
+
+This module, `configuration.py` and `card.py` import nothing from hf_specssm: `save_pretrained` copies them
+next to the weights as the folder's remote code (`auto_map` in `config.json`), so a head folder loads with
+`AutoModel.from_pretrained(folder, trust_remote_code=True)` where hf_specssm is not installed.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from hf_specssm.drafters.redrafter.card import write_model_card
-from hf_specssm.drafters.redrafter.configuration import ReDrafterConfig
+# relative, not `hf_specssm.…`: this module is also the head folders' remote code, loaded without hf_specssm
+from .card import write_model_card
+from .configuration import ReDrafterConfig
 
 
 class ResidualBlock(nn.Module):
@@ -168,7 +174,8 @@ class ReDrafterHead(PreTrainedModel):
         return ReDrafterOutput(loss=loss, logits=torch.stack(all_logits, dim=2))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """transformers' `save_pretrained` (config and weights, never the target's embedding), plus a model
+        """transformers' `save_pretrained` (config and weights, never the target's embedding, and this module
+        with the configuration and card modules as remote code, `auto_map` in `config.json`), plus a model
         card (`README.md`) recording the target, the training data and steps, and the measured acceptance."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
@@ -179,15 +186,30 @@ class ReDrafterHead(PreTrainedModel):
         repo_id: str,
         *,
         commit_message: str | None = None,
+        commit_description: str | None = None,
         private: bool | None = None,
         token: bool | str | None = None,
         revision: str | None = None,
         create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
     ):
-        """Upload the head (config, weights and its generated model card) to the Hub repository `repo_id`.
+        """Upload the head (config, weights, remote code and its generated model card) to the Hub.
 
-        transformers' own `push_to_hub` replaces `README.md` with a generic card; this one uploads exactly
-        what `save_pretrained` writes.
+        Takes transformers' own `push_to_hub` arguments. transformers' implementation replaces `README.md`
+        with a generic card; this one uploads exactly what `save_pretrained` writes, with `tags` added to
+        the card's metadata.
+
+        Args:
+            repo_id: the Hub repository (`name` or `org/name`); created when missing.
+            commit_message: defaults to "Upload ReDrafter head".
+            commit_description: the commit's description.
+            private: visibility of a repository this call creates.
+            token: Hub token (default: the stored login).
+            revision: the branch to push to (created when missing).
+            create_pr: open a pull request instead of committing.
+            max_shard_size: largest weights file before sharding.
+            tags: Hub tags added to the card's.
 
         Returns:
             the `huggingface_hub` commit info of the upload.
@@ -196,13 +218,21 @@ class ReDrafterHead(PreTrainedModel):
 
         api = HfApi(library_name="hf_specssm")
         repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            write_model_card(folder, self.config, tags=tags or ())
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
                 commit_message=commit_message or "Upload ReDrafter head",
+                commit_description=commit_description,
                 token=token,
                 revision=revision,
                 create_pr=create_pr,
             )
+
+
+# `save_pretrained` writes this module (and the modules it imports) next to the weights
+ReDrafterHead.register_for_auto_class("AutoModel")

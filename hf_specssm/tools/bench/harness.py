@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -165,6 +166,34 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+class TokenProgress:
+    """A `generate` streamer that advances a progress bar by every committed token.
+
+    transformers' streamer protocol: the prompt first (skipped here), then the new tokens as they are
+    committed (one at a time by plain decoding, a round's worth by assisted and speculative decoding).
+    The bar so moves every token or round, not once per generate call.
+
+    Args:
+        bar: a tqdm bar (or anything with `update(n)`).
+    """
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self.tokens = 0
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        """Count `value`'s tokens (`[1, n]` or `[n]`); the first call is the prompt."""
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.tokens += value.numel()
+        self.bar.update(value.numel())
+
+    def end(self) -> None:
+        """Nothing to flush (transformers calls it when generation ends)."""
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -176,16 +205,22 @@ def run_one(
     input_ids: torch.Tensor,
     settings: GenerationSettings,
     seed: int,
+    streamer: Any = None,
 ) -> dict:
-    """Run `method` once on `input_ids` `[1, P]`; its measurements (no prompt or method labels)."""
+    """Run `method` once on `input_ids` `[1, P]`; its measurements (no prompt or method labels).
+
+    `streamer` (e.g. a `TokenProgress`) is handed to `generate`. A method with its own `target_model`
+    (the target alone in another dtype) is timed and weighed on that model instead of `target`.
+    """
     device = input_ids.device
+    target = method.target_model if method.target_model is not None else target
     target_timer, drafter_timer = ForwardTimer(target), ForwardTimer(method.drafter_model)
     torch.manual_seed(seed)
     try:
         with peak_memory(device) as memory:
             _sync(device)
             started = time.perf_counter()
-            output = method.run(input_ids, settings)
+            output = method.run(input_ids, settings, streamer)
             _sync(device)
             seconds = time.perf_counter() - started
     finally:
@@ -231,8 +266,13 @@ class BenchContext:
     device: str
 
 
-def append_row(sink, row: dict, context: BenchContext) -> None:
-    """Write `row` with `context`'s labels as one JSONL line and flush it (so a crash loses no row)."""
+def append_row(sink, row: dict, context: BenchContext, method: Method | None = None) -> None:
+    """Write `row` with `context`'s labels as one JSONL line and flush it (so a crash loses no row).
+
+    A `method` with a dtype of its own (the target alone in the fastest dtype) labels its row with it.
+    """
+    if method is not None and method.dtype is not None:
+        context = dataclasses.replace(context, dtype=method.dtype)
     sink.write(json.dumps({**row, **dataclasses.asdict(context)}) + "\n")
     sink.flush()
 
@@ -264,7 +304,8 @@ def run_benchmark(
         context: labels for each row.
         warmup: run each method once on the first prompt with 8 new tokens before timing anything.
         seed: base seed; prompt `i` runs every method with seed `seed + i`.
-        progress: show a tqdm bar.
+        progress: show progress bars (warm-up per call; then one bar in tokens, moved by every committed
+            token or round, with the method and prompt at hand).
 
     Returns:
         all rows of `out_path` after the run.
@@ -282,14 +323,20 @@ def run_benchmark(
     ]
     if jobs and warmup:
         first = tokenize(prompts[0])
-        for method in methods:
-            for setting in settings:
-                run_one(method, target, first, GenerationSettings(8, setting.do_sample), seed)
-    bar = tqdm(total=len(jobs), desc="bench", disable=not progress)
+        warm = [(method, setting) for method in methods for setting in settings]
+        for method, setting in tqdm(warm, desc="warm-up", unit="call", disable=not progress):
+            run_one(method, target, first, GenerationSettings(8, setting.do_sample), seed)
+    # in tokens: a bar in calls would stand still for minutes on a slow target
+    total = sum(setting.max_new_tokens for _, _, setting, _ in jobs)
+    bar = tqdm(total=total, desc="bench", unit="tok", disable=not progress)
     with open(out_path, "a") as sink:
-        for index, prompt, setting, method in jobs:
+        for number, (index, prompt, setting, method) in enumerate(jobs, start=1):
+            bar.set_postfix_str(f"{number}/{len(jobs)} {method.name} on {prompt.set}/{prompt.id}")
             input_ids = tokenize(prompt)
-            measured = run_one(method, target, input_ids, setting, seed + index)
+            streamer = TokenProgress(bar)
+            measured = run_one(method, target, input_ids, setting, seed + index, streamer)
+            # a call that stopped early (EOS) leaves its remaining budget to count off
+            bar.update(setting.max_new_tokens - streamer.tokens)
             row = {
                 "set": prompt.set,
                 "prompt_id": prompt.id,
@@ -300,8 +347,6 @@ def run_benchmark(
                 "prompt_tokens": input_ids.shape[1],
                 **measured,
             }
-            append_row(sink, row, context)
-            bar.update(1)
-            bar.set_postfix(method=method.name, tok_s=f"{row['tokens_per_s']:.1f}")
+            append_row(sink, row, context, method)
     bar.close()
     return read_rows(out_path)

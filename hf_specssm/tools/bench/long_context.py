@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hf_specssm.tools.bench.harness import BenchContext, append_row, read_rows, run_one
+from hf_specssm.tools.bench.harness import BenchContext, TokenProgress, append_row, read_rows, run_one
 from hf_specssm.tools.bench.methods import GenerationSettings, Method
 
 SOURCE_MODULES = ("argparse.py", "inspect.py", "typing.py", "subprocess.py", "tarfile.py")
@@ -78,11 +78,15 @@ def run_long_context(
     for length in lengths:
         for name, ids in long_inputs(tokenizer, length, count):
             jobs += [(length, name, ids, m) for m in methods if (m.name, name, length) not in done]
-    bar = tqdm(total=len(jobs), desc="long-context", disable=not progress)
+    # in tokens, moved by every round (a long prefill alone can take a minute)
+    bar = tqdm(total=len(jobs) * max_new_tokens, desc="long-context", unit="tok", disable=not progress)
     with open(out_path, "a") as sink:
-        for length, name, ids, method in jobs:
+        for number, (length, name, ids, method) in enumerate(jobs, start=1):
+            bar.set_postfix_str(f"{number}/{len(jobs)} {method.name}, {length} tokens in")
             input_ids = torch.tensor([ids], device=target.device)
-            measured = run_one(method, target, input_ids, settings, seed=0)
+            streamer = TokenProgress(bar)
+            measured = run_one(method, target, input_ids, settings, seed=0, streamer=streamer)
+            bar.update(max_new_tokens - streamer.tokens)
             row = {
                 "method": method.name,
                 "prompt_id": name,
@@ -91,7 +95,6 @@ def run_long_context(
                 **measured,
             }
             append_row(sink, row, context)
-            bar.update(1)
     bar.close()
     return read_rows(out_path)
 

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 import hf_specssm
 from hf_specssm.drafters.base import Drafter
+
+#: the target alone in this machine's fastest dtype (`hf_specssm.hardware.fastest_dtype`), run beside the
+#: others whenever the benchmark's dtype is another one, so that no speed-up rests on a slowed baseline
+FASTEST_TARGET = "target-fastest"
+# methods that draft with the small Transformer drafter, and with the Mamba drafter
+SMALL_DRAFTER_METHODS = ("hf-assisted-0.5b", "ours-0.5b")
+MAMBA_DRAFTER_METHODS = (
+    "ours-mamba", "ours-mamba-tree", "ours-mamba-copy", "ours-mamba-copy-tree", "ours-mamba-copy-bandit",
+)  # fmt: skip
+# methods whose drafter builds trees (`--tree-shape` applies to them)
+TREE_METHODS = ("ours-mamba-tree", "ours-mamba-copy-tree")
 
 # Our tree for a target whose verification cost is flat in the number of tokens (bf16 on AMX, GPUs):
 # 3 + 6 + 6 + 6 + 6 = 27 nodes, five levels deep.
@@ -69,33 +81,62 @@ class Method:
         name: short id used in the tables (`target`, `hf-assisted-0.5b`, `ours-mamba-tree`, …).
         description: one line for the report.
         family: `"baseline"` (target alone), `"transformers"` or `"hf_specssm"`.
-        run: `(input_ids [1, P], settings) → output ids [1, P + N]`.
+        run: `(input_ids [1, P], settings, streamer) → output ids [1, P + N]`; `streamer` (or `None`) is
+            passed to `generate` (the harness counts tokens with it for its progress bar).
         drafter_model: the draft model whose forwards are timed as drafting (`None` for model-free drafts).
         stats: called after `run` for hf_specssm's `SpeculationStats` of that call (`None` for others).
+        target_model: the model whose forwards are timed as the target's, when it is not the benchmark's
+            target (the target alone in another dtype).
+        dtype: the dtype label of this method's rows, when it is not the benchmark's.
     """
 
     name: str
     description: str
     family: str
-    run: Callable[[torch.Tensor, GenerationSettings], torch.Tensor]
+    run: Callable[[torch.Tensor, GenerationSettings, Any], torch.Tensor]
     drafter_model: PreTrainedModel | None = None
     stats: Callable[[], object] | None = field(default=None, repr=False)
+    target_model: PreTrainedModel | None = None
+    dtype: str | None = None
 
 
-def _transformers_generate(target, input_ids, settings: GenerationSettings, **extra) -> torch.Tensor:
+def _transformers_generate(
+    target, input_ids, settings: GenerationSettings, streamer=None, **extra
+) -> torch.Tensor:
     """transformers' own `generate` (also on a model that `hf_specssm.enable` patched)."""
     return type(target).generate(
-        target, input_ids, attention_mask=torch.ones_like(input_ids), **extra, **settings.generate_kwargs()
+        target,
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        streamer=streamer,
+        **extra,
+        **settings.generate_kwargs(),
     )
 
 
 def target_alone(target: PreTrainedModel) -> Method:
     """Plain decoding with transformers' `generate`."""
 
-    def run(input_ids, settings):
-        return _transformers_generate(target, input_ids, settings)
+    def run(input_ids, settings, streamer=None):
+        return _transformers_generate(target, input_ids, settings, streamer)
 
     return Method("target", "the target alone (transformers' generate)", "baseline", run)
+
+
+def fastest_target_alone(reference: PreTrainedModel, dtype: str) -> Method:
+    """Plain decoding with `reference`, a copy of the target in this machine's fastest dtype `dtype`."""
+
+    def run(input_ids, settings, streamer=None):
+        return _transformers_generate(reference, input_ids, settings, streamer)
+
+    return Method(
+        FASTEST_TARGET,
+        f"the target alone in {dtype}, this machine's fastest dtype for it (transformers' generate)",
+        "baseline",
+        run,
+        target_model=reference,
+        dtype=dtype,
+    )
 
 
 def transformers_assisted(target: PreTrainedModel, assistant: PreTrainedModel, label: str) -> Method:
@@ -106,13 +147,13 @@ def transformers_assisted(target: PreTrainedModel, assistant: PreTrainedModel, l
         assistant.generation_config.assistant_confidence_threshold,
     )
 
-    def run(input_ids, settings):
+    def run(input_ids, settings, streamer=None):
         # transformers writes its heuristic draft length back into the assistant's config; reset it so that
         # every prompt starts from the same defaults
         config = assistant.generation_config
         (config.num_assistant_tokens, config.num_assistant_tokens_schedule) = defaults[:2]
         config.assistant_confidence_threshold = defaults[2]
-        return _transformers_generate(target, input_ids, settings, assistant_model=assistant)
+        return _transformers_generate(target, input_ids, settings, streamer, assistant_model=assistant)
 
     return Method(
         f"hf-assisted-{label}",
@@ -126,8 +167,10 @@ def transformers_assisted(target: PreTrainedModel, assistant: PreTrainedModel, l
 def transformers_prompt_lookup(target: PreTrainedModel, num_tokens: int = 10) -> Method:
     """transformers' prompt lookup decoding (`prompt_lookup_num_tokens`)."""
 
-    def run(input_ids, settings):
-        return _transformers_generate(target, input_ids, settings, prompt_lookup_num_tokens=num_tokens)
+    def run(input_ids, settings, streamer=None):
+        return _transformers_generate(
+            target, input_ids, settings, streamer, prompt_lookup_num_tokens=num_tokens
+        )
 
     return Method(
         "hf-prompt-lookup",
@@ -140,12 +183,13 @@ def transformers_prompt_lookup(target: PreTrainedModel, num_tokens: int = 10) ->
 def ours(target: PreTrainedModel, name: str, description: str, drafter: Drafter, draft_model=None) -> Method:
     """hf_specssm's loop with `drafter` (one drafter object for all prompts, as a user would keep it)."""
 
-    def run(input_ids, settings):
+    def run(input_ids, settings, streamer=None):
         return hf_specssm.generate(
             target,
             input_ids,
             attention_mask=torch.ones_like(input_ids),
             drafter=drafter,
+            streamer=streamer,
             **settings.generate_kwargs(),
         )
 

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hf_specssm.tools.bench.methods import FASTEST_TARGET
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -21,7 +23,10 @@ class Summary:
         draft_share, target_share: shares of the wall time in drafter and target forwards.
         peak_mib: largest memory of one call: the weights of the models it uses plus the most extra
             memory it allocated (caches, activations, drafts).
-        identical: share of prompts whose output equals the target alone's (greedy only, else `None`).
+        identical: share of prompts whose output equals the target alone's (greedy only, else `None`;
+            also `None` for the target alone in another dtype, whose output may differ by rounding).
+        speedup_vs_fastest: `tokens_per_s` over the target alone's in this machine's fastest dtype
+            (`FASTEST_TARGET` rows, on the same prompts), when the run had them; else `None`.
     """
 
     mode: str
@@ -35,12 +40,20 @@ class Summary:
     target_share: float
     peak_mib: float
     identical: float | None
+    speedup_vs_fastest: float | None = None
+
+
+def _rate(rows: Iterable[dict]) -> float:
+    rows = list(rows)
+    seconds = sum(row["seconds"] for row in rows)
+    return sum(row["new_tokens"] for row in rows) / seconds if seconds else 0.0
 
 
 def summarize(rows: Iterable[dict], baseline: str = "target") -> list[Summary]:
     """One `Summary` per (mode, set, method), over the prompts the method shares with `baseline`."""
     rows = list(rows)
     reference = {(r["mode"], r["set"], r["prompt_id"]): r for r in rows if r["method"] == baseline}
+    fastest = {(r["mode"], r["set"], r["prompt_id"]): r for r in rows if r["method"] == FASTEST_TARGET}
     groups: dict[tuple[str, str, str], list[tuple[dict, dict]]] = defaultdict(list)
     for row in rows:
         base = reference.get((row["mode"], row["set"], row["prompt_id"]))
@@ -54,8 +67,15 @@ def summarize(rows: Iterable[dict], baseline: str = "target") -> list[Summary]:
         rate = tokens / seconds if seconds else 0.0
         rounds = sum(row["rounds"] for row, _ in pairs)
         identical = None
-        if mode == "greedy":
+        if mode == "greedy" and method != FASTEST_TARGET:
             identical = sum(row["output_ids"] == base["output_ids"] for row, base in pairs) / len(pairs)
+        shared = [
+            (row, fastest[(mode, prompt_set, row["prompt_id"])])
+            for row, _ in pairs
+            if (mode, prompt_set, row["prompt_id"]) in fastest
+        ]
+        fastest_rate = _rate(reference_row for _, reference_row in shared)
+        speedup_vs_fastest = _rate(row for row, _ in shared) / fastest_rate if fastest_rate else None
         summaries.append(
             Summary(
                 mode=mode,
@@ -69,6 +89,7 @@ def summarize(rows: Iterable[dict], baseline: str = "target") -> list[Summary]:
                 target_share=sum(row["target_s"] for row, _ in pairs) / seconds if seconds else 0.0,
                 peak_mib=max(row["peak_bytes"] + row.get("weight_bytes", 0) for row, _ in pairs) / 2**20,
                 identical=identical,
+                speedup_vs_fastest=speedup_vs_fastest,
             )
         )
     return summaries
@@ -99,6 +120,26 @@ def markdown_tables(summaries: Sequence[Summary], method_order: Sequence[str] = 
             if any(r != "–" for r in row):
                 out.append(f"| {method} | " + " | ".join(row) + " |")
         out.append("")
+        fastest_cells = sorted(
+            (s for s in cells.values() if s.method == FASTEST_TARGET), key=lambda s: sets.index(s.set)
+        )
+        if fastest_cells:
+            rates = ", ".join(f"{s.set} {s.tokens_per_s:.1f}" for s in fastest_cells)
+            out.append(
+                f"**{mode}**: speed-up over `{FASTEST_TARGET}`, the target alone in this machine's fastest "
+                f"dtype (its tokens/s: {rates})\n"
+            )
+            out.append("| method | " + " | ".join(sets) + " |")
+            out.append("|---|" + "---:|" * len(sets))
+            for method in methods:
+                row = []
+                for prompt_set in sets:
+                    cell = cells.get((method, prompt_set))
+                    vs = cell.speedup_vs_fastest if cell is not None else None
+                    row.append(f"{vs:.2f}×" if vs is not None else "–")
+                if any(r != "–" for r in row):
+                    out.append(f"| {method} | " + " | ".join(row) + " |")
+            out.append("")
     out.append("Detail (per mode, set and method):\n")
     out.append(
         "| mode | set | method | prompts | tok/s | speed-up | τ | drafter time | target time | peak memory MiB | identical |"

@@ -1,140 +1,233 @@
-"""Benchmark for SSM targets (`hf-specssm bench-ssm`): verification cost and prompt-lookup speed.
+"""`hf-specssm bench-ssm`: what verifying drafts costs on SSM and hybrid targets of real sizes, and what it buys.
 
-Part A: cost of one Mamba2 forward over k = 1, 2, 4, 8, 16 tokens from a cached state, relative to k = 1
-(Snakes and Ladders reports 6 tokens for 1.47× one forward on GPU).
-Part B: cost of a steady-state round (verify k drafts, commit some of them) with each way of bringing the
-state to the accepted prefix: Activation Replay, Joint Attainment and Advancement, snapshot-and-re-feed;
-and the extra memory each holds for it.
-Part C: end-to-end greedy tokens/s of prompt-lookup speculation vs plain decoding on the CNN/DM
-summarization prompts (byte-level tokens), same process, same prompts, with an identity check.
+Targets are random-weight models built from published configs (`ssm_models.TARGET_CONFIGS`): cost does
+not depend on the weights. Parts (each a Markdown table):
 
-Models have random weights (no download): timings are real, acceptance is not that of a trained model.
+- `verify`: one plain step (a one-token forward from the cache) and one verification forward of `k` drafts
+  (`k + 1` tokens: the pending token and the drafts) for k = 1, 2, 4, 8, 16, relative to the step — by the
+  path `make_target` picks (for the Mamba2 family: one chunk of exactly `k + 1` tokens with the state frozen,
+  `ssm.state_replay`) and by transformers' own multi-token forward (padded to `chunk_size`) for reference;
+  and the part of the k = 8 forward that is not the projections' matrix products, relative to a step.
+- `commit`: a round that verifies 8 drafts and commits 4, per way of bringing the state to the accepted
+  prefix: state-update commit (Activation Replay as the paper has it), mixer-input replay, Joint Attainment
+  and Advancement, re-feed — the commit's time relative to a step, and the extra memory each holds.
+- `tree`: verifying a token tree of 8, 16 and 32 nodes in one forward (STree tree scan), relative to a step.
+- `oracle`: end to end with `testing.oracle.OracleDrafter` (the target's own greedy continuation, each
+  token corrupted with probability 1 − α) against plain decoding, per α and k, next to the ideal
+  `(1 − α^(k+1)) / (1 − α) / cost(k)` with `cost(k)` the measured round (verify + commit) over a step.
+  Greedy output is checked against plain decoding. Run in fp32: random bf16 targets have near-ties, so
+  the verification forward and plain steps pick different argmaxes and the oracle stops matching.
+- `lookup`: prompt lookup (transformers' n-gram drafts) vs plain decoding on CNN/DM prompts as byte-level
+  tokens: a random target never continues its prompt, so this measures what a draft source that accepts
+  nothing costs (the adaptive schedule's off-switch).
+
+Timings are the minimum over `--repeats`. Run on a quiet machine (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import time
 from importlib import resources
 
 import torch
-from transformers import BambaConfig, BambaForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
 import hf_specssm
-from hf_specssm.targets import JointTarget, RecurrentTarget
+from hf_specssm.config import DraftConfig
+from hf_specssm.targets import JointTarget, RecurrentTarget, make_target
+from hf_specssm.testing.oracle import OracleDrafter
+from hf_specssm.tools.bench.ssm_models import TARGET_CONFIGS, build_target
+from hf_specssm.tree import TokenTree
 
-SIZES = {
-    # name: (hidden, layers); vocab 50280 and 64-dim heads as in the state-spaces Mamba2 checkpoints
-    "mamba2-8M": (128, 4),
-    "mamba2-40M": (384, 12),
-    "mamba2-130M": (768, 24),
-}
-
-
-def build_mamba2(name: str, chunk_size: int, seed: int = 0) -> Mamba2ForCausalLM:
-    """A random-weight Mamba2 of one of `SIZES`, fp32, eval mode."""
-    hidden, layers = SIZES[name]
-    torch.manual_seed(seed)
-    config = Mamba2Config(
-        vocab_size=50280,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        head_dim=64,
-        num_heads=2 * hidden // 64,
-        state_size=128,
-        n_groups=1,
-        expand=2,
-        chunk_size=chunk_size,
-        tie_word_embeddings=True,
-        eos_token_id=None,
-        pad_token_id=None,
-        bos_token_id=None,
-    )
-    model = Mamba2ForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
-    return model
+PARTS = ("verify", "commit", "tree", "oracle", "lookup")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: ways of bringing the state to the accepted prefix, as the `commit` part names them
+COMMIT_PATHS = ("state update", "mixer-input replay", "joint", "refeed")
 
 
-def build_bamba(name: str, chunk_size: int, seed: int = 0) -> BambaForCausalLM:
-    """A Bamba-style hybrid of the same width and depth as `SIZES[name]`: Mamba2 layers with one attention
-    layer in four (8 heads, 4 KV heads), fp32, eval mode."""
-    hidden, layers = SIZES[name]
-    torch.manual_seed(seed)
-    config = BambaConfig(
-        vocab_size=50280,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        attn_layer_indices=list(range(3, layers, 4)),
-        mamba_n_heads=2 * hidden // 64,
-        mamba_d_head=64,
-        mamba_n_groups=1,
-        mamba_d_state=128,
-        mamba_chunk_size=chunk_size,
-        tie_word_embeddings=True,
-        eos_token_id=None,
-        pad_token_id=None,
-        bos_token_id=None,
-    )
-    model = BambaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
-    return model
+def _new_target(model, path: str):
+    """A fresh single-row verifier: `"ours"` (what `make_target` picks), `"transformers"` (transformers'
+    padded multi-token forward, commit by mixer-input replay), or one of `COMMIT_PATHS`."""
+    if path in ("ours", "state update"):
+        target = make_target(model, None)
+        if path == "state update" and getattr(target, "state_recorder", None) is None:
+            return None
+        return target
+    if path in ("transformers", "mixer-input replay"):
+        return RecurrentTarget(model, method="replay")
+    if path == "joint":
+        return JointTarget(model)
+    return RecurrentTarget(model, method="refeed")
 
 
-def _prefilled(model, prompt: torch.Tensor, method: str = "replay") -> RecurrentTarget | JointTarget:
-    """A target whose cache holds `prompt` except its last token (as at the start of a round)."""
-    target = JointTarget(model) if method == "joint" else RecurrentTarget(model, method=method)
-    target.score(prompt[:, :-1], prompt[:, :0])
-    target.keep(target.consumed)
-    return target
+class _Run:
+    """One target in the middle of a sequence: each measurement verifies drafts after the committed
+    tokens and commits some, so the sequence grows by what was kept."""
+
+    def __init__(self, model, path: str, context: int, vocab: int, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vocab = vocab
+        self.target = _new_target(model, path)
+        self.sequence = self._tokens(context + 1)
+        if self.target is not None:
+            self.target.score(self.sequence[:, :-1], self.sequence[:, :0])
+            self.target.keep(self.target.consumed)
+            for warm_up in (0, 2, 0):  # first calls allocate buffers and run the mixer probes
+                self.chain(warm_up)
+            self.target.peak_verification_bytes = 0  # the prefill's checkpoint is not a round's
+
+    def _tokens(self, count: int) -> torch.Tensor:
+        return torch.randint(3, self.vocab, (1, count), generator=self.generator)
+
+    def chain(self, num_drafts: int, kept: int = 0) -> tuple[float, float]:
+        """`(verify seconds, commit seconds)` of one round of `num_drafts` drafts keeping `kept`."""
+        drafts = self._tokens(num_drafts)
+        start = time.perf_counter()
+        self.target.score(self.sequence, drafts)
+        middle = time.perf_counter()
+        self.target.keep(self.sequence.shape[1] + kept)
+        end = time.perf_counter()
+        self.sequence = torch.cat([self.sequence, drafts[:, :kept], self._tokens(1)], dim=1)
+        return middle - start, end - middle
+
+    def tree(self, num_nodes: int) -> float:
+        """Seconds of one tree verification of `num_nodes` nodes (a binary tree); keeps two nodes."""
+        parents = torch.tensor([-1 if i < 2 else (i - 2) // 2 for i in range(num_nodes)])
+        tree = TokenTree(tokens=self._tokens(num_nodes)[0], parents=parents)
+        start = time.perf_counter()
+        self.target.score_tree(self.sequence, tree)
+        elapsed = time.perf_counter() - start
+        path = [0, 2] if num_nodes > 2 else [0]
+        self.target.keep_tree(path)
+        self.sequence = torch.cat([self.sequence, tree.tokens[path][None], self._tokens(1)], dim=1)
+        return elapsed
 
 
-@torch.no_grad()
-def verification_cost(model, widths: list[int], context: int, repeats: int) -> dict[int, float]:
-    """Seconds of one verification `score()` over `k` tokens (1 pending + k-1 drafts) after a `context`-token
-    prefix, checkpoint and activation recording included; min over `repeats` fresh states."""
-    prompt = torch.randint(3, 50000, (1, context + 1))
-    drafts = torch.randint(3, 50000, (1, max(widths)))
-    times = {}
-    for k in widths:
-        best = float("inf")
-        for _ in range(repeats):
-            target = _prefilled(model, prompt)
-            start = time.perf_counter()
-            target.score(prompt, drafts[:, : k - 1])
-            best = min(best, time.perf_counter() - start)
-        times[k] = best
-    return times
+def _best(measure, repeats: int) -> float:
+    return min(measure() for _ in range(repeats))
 
 
 @torch.no_grad()
-def commit_cost(
-    model, k: int, accepted: int, repeats: int, context: int = 64
-) -> dict[str, tuple[float, int]]:
-    """Per method, `(seconds, extra bytes)` of a steady-state round: `score()` of k drafts and `keep()` of
-    `accepted` of them, after a first round that also accepted `accepted` (so Joint Attainment and
-    Advancement re-feeds `accepted + 1` tokens, as it would in a run)."""
-    prompt = torch.randint(3, 50000, (1, context + 1))
-    drafts = torch.randint(3, 50000, (2, k))
-    committed = torch.cat([prompt, drafts[:1, :accepted], prompt[:, :1]], dim=1)
+def projection_share(model, num_drafts: int, context: int, path: str = "ours") -> float:
+    """The share of one verification forward's CPU time spent in the projections' matrix products
+    (`aten::mm` / `aten::addmm` self time under `torch.profiler`, two rounds after a warm-up); the rest
+    is the SSM scans, convolutions, norms, attention and Python."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    run = _Run(model, path, context, vocab)
+    run.chain(num_drafts)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(2):
+            run.target.score(run.sequence, run._tokens(num_drafts))
+            run.target.keep(run.sequence.shape[1])
+            run.sequence = torch.cat([run.sequence, run._tokens(1)], dim=1)
+    events = profile.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    products = sum(event.self_cpu_time_total for event in events if event.key in ("aten::mm", "aten::addmm"))
+    return products / total if total else 0.0
+
+
+@torch.no_grad()
+def verification_costs(
+    model, widths: list[int], context: int, repeats: int, path: str = "ours"
+) -> dict[int, tuple[float, float]]:
+    """Per number of drafts `k` (0 = a plain step), `(verify seconds, commit seconds)` of a round keeping
+    none of the drafts, min over `repeats`."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    run = _Run(model, path, context, vocab)
     results = {}
-    for method in ("replay", "joint", "refeed"):
-        best = float("inf")
-        for _ in range(repeats):
-            target = _prefilled(model, prompt, method)
-            target.score(prompt, drafts[:1])
-            target.keep(prompt.shape[1] + accepted)
-            start = time.perf_counter()
-            target.score(committed, drafts[1:])
-            target.keep(committed.shape[1] + accepted)
-            best = min(best, time.perf_counter() - start)
-        results[method] = (best, target.peak_verification_bytes)
+    for k in [0, *widths]:
+        run.chain(k)  # warm-up at this width
+        samples = [run.chain(k) for _ in range(repeats)]
+        results[k] = (min(s[0] for s in samples), min(s[1] for s in samples))
     return results
+
+
+@torch.no_grad()
+def commit_costs(
+    model, num_drafts: int, kept: int, context: int, repeats: int
+) -> dict[str, tuple[float, float, int]]:
+    """Per `COMMIT_PATHS` entry that serves `model`, `(verify seconds, commit seconds, extra bytes)` of
+    steady-state rounds of `num_drafts` drafts keeping `kept` (after a first such round, so Joint
+    Attainment and Advancement re-feeds what was kept, as in a run)."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    results = {}
+    for path in COMMIT_PATHS:
+        try:
+            run = _Run(model, path, context, vocab)
+        except ValueError:
+            continue  # e.g. no identity steps for Joint Attainment and Advancement on this family
+        if run.target is None:
+            continue
+        run.chain(num_drafts, kept)
+        samples = [run.chain(num_drafts, kept) for _ in range(repeats)]
+        results[path] = (
+            min(s[0] for s in samples),
+            min(s[1] for s in samples),
+            run.target.peak_verification_bytes,
+        )
+    return results
+
+
+@torch.no_grad()
+def tree_costs(model, sizes: list[int], context: int, repeats: int) -> dict[int, float] | str:
+    """Seconds of one tree verification per tree size, or why the target cannot verify trees."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    run = _Run(model, "ours", context, vocab)
+    problem = run.target.tree_problem()
+    if problem is not None:
+        return problem
+    return {size: _best(lambda size=size: run.tree(size), repeats) for size in sizes}
+
+
+def ideal_speedup(alpha: float, num_drafts: int, cost: float) -> float:
+    """Expected tokens per round over the round's cost in plain steps: `(1 − α^(k+1)) / (1 − α) / cost`."""
+    if alpha >= 1.0:
+        return (num_drafts + 1) / cost
+    return (1 - alpha ** (num_drafts + 1)) / (1 - alpha) / cost
+
+
+@torch.no_grad()
+def oracle_run(
+    model, alphas: list[float], widths: list[int], prompt_length: int, max_new_tokens: int, seed: int = 0
+) -> tuple[float, list[dict]]:
+    """Plain greedy tok/s and, per (α, k), the oracle drafter's tok/s, speed-up, τ and identity."""
+    hf_specssm.enable(model)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    prompt = torch.randint(3, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
+    model.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up
+    start = time.perf_counter()
+    reference = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    plain_s = time.perf_counter() - start
+    rows = []
+    for alpha in alphas:
+        for k in widths:
+            drafter = OracleDrafter(
+                reference,
+                alpha,
+                vocab,
+                seed=seed,
+                config=DraftConfig(num_draft_tokens=k, schedule="constant"),
+            )
+            start = time.perf_counter()
+            output = model.generate(
+                prompt, assistant_model=drafter, max_new_tokens=max_new_tokens, do_sample=False
+            )
+            spec_s = time.perf_counter() - start
+            stats = model.last_speculation_stats
+            rows.append(
+                {
+                    "alpha": alpha,
+                    "k": k,
+                    "tok_s": max_new_tokens / spec_s,
+                    "speedup": plain_s / spec_s,
+                    "tau": stats.new_tokens / max(stats.rounds, 1),
+                    "identical": torch.equal(output, reference),
+                }
+            )
+    return max_new_tokens / plain_s, rows
 
 
 def byte_prompts(limit: int, max_bytes: int) -> list[torch.Tensor]:
@@ -149,12 +242,13 @@ def byte_prompts(limit: int, max_bytes: int) -> list[torch.Tensor]:
     return prompts
 
 
-def end_to_end(model, prompts, max_new_tokens: int, lookup: int) -> dict[str, float]:
-    """Plain greedy vs prompt-lookup speculation on the same prompts; returns tok/s, τ, identity."""
+@torch.no_grad()
+def lookup_run(model, prompts, max_new_tokens: int, lookup: int) -> dict[str, float]:
+    """Plain greedy vs prompt-lookup speculation on the same prompts; tok/s, τ, identity."""
     hf_specssm.enable(model)
     plain_s = spec_s = 0.0
     identical = True
-    rounds = new_tokens = 0
+    rounds = new_tokens = drafted = 0
     for prompt in prompts:
         start = time.perf_counter()
         plain = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
@@ -168,90 +262,189 @@ def end_to_end(model, prompts, max_new_tokens: int, lookup: int) -> dict[str, fl
         stats = model.last_speculation_stats
         rounds += stats.rounds
         new_tokens += stats.new_tokens
+        drafted += stats.drafted_tokens
     return {
         "plain_tok_s": new_tokens / plain_s,
         "spec_tok_s": new_tokens / spec_s,
         "speedup": plain_s / spec_s,
-        "tau": new_tokens / rounds,
+        "tau": new_tokens / max(rounds, 1),
+        "drafted": drafted,
         "identical": identical,
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    """Print the three parts as Markdown tables."""
-    import resource
+def _cpu_description() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            info = handle.read()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "CPU")
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    found = [flag for flag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {flag}" in flags]
+    return f"{name} ({', '.join(found) or 'no AVX2'})"
 
+
+def run(args: argparse.Namespace) -> int:
+    """Print the chosen parts as Markdown tables."""
     torch.set_num_threads(args.threads)
+    print(
+        f"# bench-ssm: torch {torch.__version__}, {args.threads} threads, {_cpu_description()}, "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
     widths = [1, 2, 4, 8, 16]
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, Mamba2 chunk_size {args.chunk_size}")
-    if "A" in args.parts:
-        _part_a(args, widths)
-    if "B" in args.parts:
-        _part_b(args)
-    if "C" in args.parts:
-        _part_c(args)
+    for name in args.models:
+        for dtype_name in args.dtypes:
+            started = time.perf_counter()
+            model = build_target(name, DTYPES[dtype_name], chunk_size=args.chunk_size)
+            print(f"\n## {name} ({TARGET_CONFIGS[name][0]}), {dtype_name}\n", flush=True)
+            if "verify" in args.parts:
+                _part_verify(model, widths, args)
+            if "commit" in args.parts:
+                _part_commit(model, args)
+            if "tree" in args.parts:
+                _part_tree(model, args)
+            if "oracle" in args.parts and dtype_name == "float32":
+                _part_oracle(model, args)
+            if "lookup" in args.parts:
+                _part_lookup(model, args)
+            print(f"\n({name} {dtype_name}: {time.perf_counter() - started:.0f} s)", flush=True)
+            del model
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak process memory: {peak:.0f} MiB")
+    print(f"\npeak process memory: {peak:.0f} MiB; load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
 
-def _part_a(args: argparse.Namespace, widths: list[int]) -> None:
-    print("\n### A. One forward over k tokens from a cached state, relative to k = 1\n")
-    print("| model | k=1 (ms) | " + " | ".join(f"k={k}" for k in widths[1:]) + " |")
-    print("|---|---:|" + "---:|" * (len(widths) - 1))
-    for name in args.sizes:
-        model = build_mamba2(name, args.chunk_size)
-        cost = verification_cost(model, widths, context=128, repeats=args.repeats)
-        ratios = " | ".join(f"{cost[k] / cost[1]:.2f}×" for k in widths[1:])
-        print(f"| {name} | {cost[1] * 1e3:.1f} | {ratios} |", flush=True)
-
-
-def _part_b(args: argparse.Namespace) -> None:
-    print("\n### B. A round that verifies k = 8 drafts and commits 4: time (extra memory) per method\n")
-    print("| model | context | Activation Replay | Joint Attainment and Advancement | snapshot + re-feed |")
-    print("|---|---:|---:|---:|---:|")
-    builds = [(name, build_mamba2) for name in args.sizes]
-    builds += [(name.replace("mamba2", "bamba"), build_bamba) for name in args.sizes if args.hybrids]
-    for name, build in builds:
-        model = build(name.replace("bamba", "mamba2"), args.chunk_size)
-        for context in args.contexts:
-            cost = commit_cost(model, k=8, accepted=4, repeats=args.repeats, context=context)
-            cells = " | ".join(
-                f"{cost[m][0] * 1e3:.1f} ms ({cost[m][1] / 2**20:.2f} MiB)"
-                for m in ("replay", "joint", "refeed")
-            )
-            print(f"| {name} | {context} | {cells} |", flush=True)
-
-
-def _part_c(args: argparse.Namespace) -> None:
-    print(f"\n### C. Prompt lookup ({args.lookup} tokens) vs plain greedy, {args.prompts} CNN/DM prompts\n")
-    prompts = byte_prompts(args.prompts, args.prompt_bytes)
-    print("| model | plain tok/s | prompt lookup tok/s | speed-up | τ | identical |")
-    print("|---|---:|---:|---:|---:|:---:|")
-    for name in args.sizes:
-        model = build_mamba2(name, args.chunk_size)
-        result = end_to_end(model, prompts, args.max_new_tokens, args.lookup)
+def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
+    ours = verification_costs(model, widths, args.context, args.repeats, "ours")
+    theirs = verification_costs(model, [8], args.context, args.repeats, "transformers")
+    step = ours[0][0]
+    share_step = projection_share(model, 0, args.context)
+    share_8 = projection_share(model, 8, args.context)
+    print("verification forward of k drafts (k + 1 tokens), relative to one plain step:\n")
+    header = " | ".join(f"k={k}" for k in widths)
+    print(f"| path | step (ms) | {header} |")
+    print("|---|---:|" + "---:|" * len(widths))
+    cells = " | ".join(f"{ours[k][0] / step:.2f}×" for k in widths)
+    print(f"| ours | {step * 1e3:.1f} | {cells} |")
+    print(
+        f"| transformers' multi-token forward | {theirs[0][0] * 1e3:.1f} | – | – | – | "
+        f"{theirs[8][0] / theirs[0][0]:.2f}× | – |"
+    )
+    other = ours[8][0] * (1 - share_8) / step
+    print(
+        f"\ntime split (torch.profiler, self CPU time): the projections' matrix products take {share_8:.0%} of "
+        f"the k=8 verification and {share_step:.0%} of a step; the rest of the k=8 verification (SSM scan, "
+        f"conv, norms, attention, Python) is {other:.0%} of a step, against {1 - share_step:.0%} of a step "
+        f"in the step itself."
+    )
+    rounds = {k: (ours[k][0] + ours[k][1]) / step for k in widths}
+    for alpha in (0.6, 0.7, 0.8):
+        best = max(widths, key=lambda k: ideal_speedup(alpha, k, rounds[k]))
         print(
-            f"| {name} | {result['plain_tok_s']:.1f} | {result['spec_tok_s']:.1f} | {result['speedup']:.2f}× | "
-            f"{result['tau']:.2f} | {'yes' if result['identical'] else 'NO'} |",
+            f"α = {alpha}: best k = {best} (expected {ideal_speedup(alpha, best, rounds[best]):.2f}× "
+            f"from round cost {rounds[best]:.2f} steps)"
+        )
+    args._round_costs = rounds
+    args._round_seconds = {k: ours[k][0] + ours[k][1] for k in widths}
+    args._step_seconds = step
+
+
+def _part_commit(model, args: argparse.Namespace) -> None:
+    costs = commit_costs(model, 8, 4, args.context, args.repeats)
+    step = verification_costs(model, [], args.context, args.repeats, "ours")[0][0]
+    print("\na round of 8 drafts keeping 4: verify and commit, relative to one plain step:\n")
+    print("| commit by | verify | commit | round | extra memory |")
+    print("|---|---:|---:|---:|---:|")
+    for path, (verify_s, commit_s, extra) in costs.items():
+        print(
+            f"| {path} | {verify_s / step:.2f}× | {commit_s / step:.1%} | {(verify_s + commit_s) / step:.2f}× | "
+            f"{extra / 2**20:.2f} MiB |"
+        )
+
+
+def _part_tree(model, args: argparse.Namespace) -> None:
+    costs = tree_costs(model, [8, 16, 32], args.context, args.repeats)
+    if isinstance(costs, str):
+        print(f"\ntree verification: not served ({costs})")
+        return
+    step = verification_costs(model, [], args.context, args.repeats, "ours")[0][0]
+    cells = " | ".join(f"{costs[n] / step:.2f}×" for n in costs)
+    print("\ntree verification (STree tree scan), relative to one plain step:\n")
+    print("| nodes | " + " | ".join(str(n) for n in costs) + " |")
+    print("|---|" + "---:|" * len(costs))
+    print(f"| cost | {cells} |")
+
+
+def _part_oracle(model, args: argparse.Namespace) -> None:
+    plain, rows = oracle_run(model, args.alphas, args.oracle_k, args.prompt_length, args.max_new_tokens)
+    rounds = getattr(args, "_round_seconds", None)
+    print(f"\noracle drafter, {args.max_new_tokens} new tokens, plain greedy {plain:.2f} tok/s", end="")
+    if rounds:
+        print(
+            f" ({1e3 / plain:.0f} ms a token through `generate`; one forward step measured above: "
+            f"{args._step_seconds * 1e3:.0f} ms). ideal = (1 − α^(k+1)) / (1 − α) / cost(k), cost(k) = the "
+            "measured verify + commit of k drafts over plain `generate`'s time per token:\n"
+        )
+    else:
+        print(" (run the verify part too for the ideal column):\n")
+    print("| α | k | tok/s | speed-up | τ | ideal | within | identical |")
+    print("|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    for row in rows:
+        ideal = ideal_speedup(row["alpha"], row["k"], rounds[row["k"]] * plain) if rounds else float("nan")
+        print(
+            f"| {row['alpha']} | {row['k']} | {row['tok_s']:.2f} | {row['speedup']:.2f}× | {row['tau']:.2f} | "
+            f"{ideal:.2f}× | {row['speedup'] / ideal:.0%} | {'yes' if row['identical'] else 'NO'} |",
             flush=True,
         )
+
+
+def _part_lookup(model, args: argparse.Namespace) -> None:
+    prompts = byte_prompts(args.prompts, args.prompt_bytes)
+    result = lookup_run(model, prompts, args.max_new_tokens, args.lookup)
+    print(
+        f"\nprompt lookup ({args.lookup} tokens) vs plain greedy, {len(prompts)} CNN/DM prompts as bytes:\n"
+    )
+    print("| plain tok/s | prompt lookup tok/s | speed-up | τ | drafted | identical |")
+    print("|---:|---:|---:|---:|---:|:---:|")
+    print(
+        f"| {result['plain_tok_s']:.2f} | {result['spec_tok_s']:.2f} | {result['speedup']:.2f}× | "
+        f"{result['tau']:.2f} | {result['drafted']} | {'yes' if result['identical'] else 'NO'} |",
+        flush=True,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `hf-specssm bench-ssm`."""
     parser.add_argument(
-        "--sizes", nargs="+", choices=sorted(SIZES), default=["mamba2-8M", "mamba2-40M", "mamba2-130M"]
+        "--models",
+        "--sizes",
+        dest="models",
+        nargs="+",
+        choices=sorted(TARGET_CONFIGS),
+        default=["mamba2-370m"],
+        help="targets, from published configs with random weights",
     )
-    parser.add_argument("--chunk-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-bytes", type=int, default=400)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--lookup", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--parts", nargs="+", choices=["A", "B", "C"], default=["A", "B", "C"])
     parser.add_argument(
-        "--hybrids", action="store_true", help="part B also on Bamba-style hybrids of the same sizes"
+        "--dtypes",
+        nargs="+",
+        choices=sorted(DTYPES),
+        default=["float32"],
+        help="model dtypes (the oracle part runs in float32 only)",
     )
-    parser.add_argument("--contexts", type=int, nargs="+", default=[64], help="part B: cached tokens")
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which tables to print"
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=256, help="the Mamba2 family's chunk_size (published: 256)"
+    )
+    parser.add_argument("--context", type=int, default=64, help="cached tokens before the measured rounds")
+    parser.add_argument("--repeats", type=int, default=3, help="timings are the minimum over these")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.7, 0.9], help="oracle acceptance")
+    parser.add_argument("--oracle-k", type=int, nargs="+", default=[2, 4, 8], help="oracle draft lengths")
+    parser.add_argument("--prompt-length", type=int, default=32, help="oracle prompt tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="oracle and lookup: tokens per prompt")
+    parser.add_argument("--prompts", type=int, default=4, help="lookup: CNN/DM prompts")
+    parser.add_argument("--prompt-bytes", type=int, default=400, help="lookup: bytes of each prompt kept")
+    parser.add_argument("--lookup", type=int, default=8, help="prompt_lookup_num_tokens")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")

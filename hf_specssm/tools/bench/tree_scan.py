@@ -161,23 +161,38 @@ def part_b(args: argparse.Namespace) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the parts named by `--parts` and print Markdown tables."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of `hf-specssm bench-tree-scan`."""
     parser.add_argument("--parts", default="ab", help="a: verification cost, b: end to end")
-    parser.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument(
-        "--sizes", type=lambda text: tuple(map(int, text.split("x"))), nargs="+", default=[(256, 4), (768, 8)]
+        "--nodes", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="tree sizes (part a)"
     )
-    parser.add_argument("--prompt-length", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--target-hidden", type=int, default=512)
-    parser.add_argument("--target-layers", type=int, default=8)
-    parser.add_argument("--head-noise", type=float, default=0.05)
-    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[12, 48])
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: tuple(map(int, text.split("x"))),
+        nargs="+",
+        default=[(256, 4), (768, 8)],
+        metavar="HIDDENxLAYERS",
+        help="Mamba2 targets of part a, e.g. 256x4",
+    )
+    parser.add_argument("--prompt-length", type=int, default=64, help="tokens before the tree (part a)")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per case; the median is shown")
+    parser.add_argument("--target-hidden", type=int, default=512, help="hidden size of part b's targets")
+    parser.add_argument("--target-layers", type=int, default=8, help="layers of part b's targets")
+    parser.add_argument(
+        "--head-noise", type=float, default=0.05, help="drafter/target disagreement knob (part b)"
+    )
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[12, 48], help="prompts of part b")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per prompt (part b)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parts named by `--parts` and print Markdown tables."""
+    unknown = sorted(set(args.parts) - set("ab"))
+    if unknown or not args.parts:
+        raise ValueError(f"--parts takes a, b or ab; got {args.parts!r}.")
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, fp32\n"
@@ -188,6 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     if "b" in args.parts:
         part_b(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hf_specssm.tools.bench.tree_scan` (the same as `hf-specssm bench-tree-scan`)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_specssm.tools.bench.tree_scan",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    return run(add_arguments(parser).parse_args(argv))
 
 
 if __name__ == "__main__":

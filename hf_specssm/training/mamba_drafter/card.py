@@ -62,20 +62,27 @@ def model_card(facts: DrafterCardFacts) -> str:
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     measured = "\n".join(f"- {line}" for line in facts.measured) or "- not measured yet"
     return f"""---
-library_name: hf_specssm
 license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+base_model: {facts.target}
+# no Hub dataset: the training data was built offline from the target's own answers and local
+# Python source and documentation (see "training data" below)
+datasets: []
 tags:
 - speculative-decoding
 - mamba2
 - drafter
+- hf_specssm
+- custom_code
 ---
 
 # Mamba2 drafter for {facts.target}
 
-A small Mamba2 language model that drafts tokens for speculative decoding with
-[hf_specssm](https://github.com/) (lossless: the target verifies every token). Its state has a fixed
-size, so a draft step costs the same at any context length, and tree drafts fork the state along the
-batch axis.
+A small Mamba2 language model that drafts tokens for speculative decoding of
+[{facts.target}](https://huggingface.co/{facts.target}) with the
+`hf_specssm` package (lossless: the target verifies every token). Its state has a fixed size, so a draft
+step costs the same at any context length, and tree drafts fork the state along the batch axis.
 
 | | |
 |---|---|
@@ -83,14 +90,31 @@ batch axis.
 
 ## Use
 
+The folder carries its own code (`configuration_mamba_drafter.py`, `modeling_mamba_drafter.py`, named in
+`config.json`'s `auto_map`), so it loads with transformers alone:
+
 ```python
-import hf_specssm  # registers the drafter with AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
+
+drafter = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)
+```
+
+With `hf_specssm` imported, the classes are registered and plain `from_pretrained` works too (for the
+drafter that ships with hf_specssm, `hf_specssm.shipped_drafter_path()` is its folder wherever the
+package is installed):
+
+```python
+import hf_specssm
 from transformers import AutoModelForCausalLM
 
 drafter = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
 target = hf_specssm.enable(AutoModelForCausalLM.from_pretrained("{facts.target}"))
 out = target.generate(input_ids, assistant_model=drafter, max_new_tokens=256)
 ```
+
+Its inputs are the target's token ids and its logits cover the target's whole vocabulary. Speculative
+decoding with it needs `hf_specssm.enable` (or `hf_specssm.generate`): transformers' own assisted
+decoding cannot roll a Mamba assistant's state back and fails in its second round.
 
 ## Measured
 

@@ -5,6 +5,8 @@
     train     train (resumes from the newest checkpoint in --out)
     export    the newest checkpoint → a Hub-format folder in bf16, with a model card
 
+`train` also runs data-parallel under `accelerate launch` or `torchrun` (the other stages run alone).
+
 Every stage resumes: run the same command again after an interruption. `distill` and `train` record what
 they were run with (`<data>/distill-run.json`, `<out>/run.json`: the target, the data and the settings)
 and refuse to resume with other ones, naming each difference, unless `--restart` is given.
@@ -19,10 +21,12 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from hf_specssm import shipped_drafter_path
 from hf_specssm.training.checkpoints import (
     RUN_FILE,
     check_steps,
@@ -170,8 +174,8 @@ def run_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _new_model(args: argparse.Namespace):
-    """A fresh drafter: vocabulary from the token counts, embeddings from the target's."""
+def _new_model(args: argparse.Namespace, say: Callable[..., None] = print):
+    """A fresh drafter: vocabulary from the token counts, embeddings from the target's (`say` reports)."""
     from safetensors import safe_open
 
     from hf_specssm.training.mamba_drafter.data import SOURCES, load_stream, select_vocabulary, token_counts
@@ -195,9 +199,7 @@ def _new_model(args: argparse.Namespace):
     specials.append(int(meta["separator"]))
     vocabulary = select_vocabulary(counts, args.draft_vocab - 1, always=specials)
     coverage = counts[vocabulary.numpy()].sum() / counts.sum()
-    print(
-        f"draft vocabulary: {args.draft_vocab} entries cover {coverage:.2%} of the weighted training tokens"
-    )
+    say(f"draft vocabulary: {args.draft_vocab} entries cover {coverage:.2%} of the weighted training tokens")
     embeddings = None
     for file in sorted(Path(target_path).glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
@@ -211,8 +213,14 @@ def _new_model(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Stage `train`: train into `--out` (resuming from its newest checkpoint)."""
+    """Stage `train`: train into `--out` (resuming from its newest checkpoint).
+
+    Under a launcher every process runs this: the main process claims `--out` first, each trains on its
+    share of every batch on its own device (its GPU, or the CPU when there is none), and only the main
+    process writes and prints.
+    """
     from hf_specssm.drafters.mamba import MambaDrafterForCausalLM
+    from hf_specssm.training.distributed import make_accelerator
     from hf_specssm.training.mamba_drafter.data import read_distilled
     from hf_specssm.training.mamba_drafter.training import (
         DrafterTrainingConfig,
@@ -222,19 +230,25 @@ def run_train(args: argparse.Namespace) -> int:
     )
 
     _threads(args)
+    accelerator = make_accelerator()
+    main = accelerator.is_main_process
+    say = accelerator.print
     out = Path(args.out)
-    if args.restart:
-        for folder in checkpoints(out):
-            shutil.rmtree(folder)
-        for name in (RUN_FILE, EVAL_LOG):
-            (out / name).unlink(missing_ok=True)
-    claim_output_dir(
-        out,
-        _train_fingerprint(args),
-        "train-mamba-drafter train",
-        has_progress=bool(checkpoints(out)),
-        derived=[EVAL_LOG],
-    )
+    # the main process settles --out before the others look at its checkpoints
+    with accelerator.main_process_first():
+        if args.restart and main:
+            for folder in checkpoints(out):
+                shutil.rmtree(folder)
+            for name in (RUN_FILE, EVAL_LOG):
+                (out / name).unlink(missing_ok=True)
+        if main:
+            claim_output_dir(
+                out,
+                _train_fingerprint(args),
+                "train-mamba-drafter train",
+                has_progress=bool(checkpoints(out)),
+                derived=[EVAL_LOG],
+            )
     config = DrafterTrainingConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -252,17 +266,17 @@ def run_train(args: argparse.Namespace) -> int:
     checkpoint = latest_checkpoint(out)
     check_steps(args.steps, checkpoint)
     if checkpoint is not None:
-        print(f"resuming from {checkpoint}")
+        say(f"resuming from {checkpoint}")
         model = MambaDrafterForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     else:
-        model = _new_model(args)
-    print(f"drafter: {parameter_count(model) / 1e6:.1f} M parameters")
+        model = _new_model(args, say)
+    say(f"drafter: {parameter_count(model) / 1e6:.1f} M parameters")
     heldout = list(read_distilled(Path(args.data) / HELDOUT_FILENAME))[: args.eval_records]
     log = out / EVAL_LOG
 
     def evaluate(step: int, loss: float) -> None:
         # the held-out estimate at every checkpoint, to see over-fitting to the distilled answers
-        if not heldout or step % config.checkpoint_every:
+        if not main or not heldout or step % config.checkpoint_every:
             return
         estimate = estimate_acceptance(model, heldout, draft_length=5, bf16=config.bf16)
         model.train()
@@ -275,9 +289,10 @@ def run_train(args: argparse.Namespace) -> int:
                 f"step {step}: held-out top-1 {estimate.top1:.3f}, simulated τ {estimate.tau:.2f}", flush=True
             )
 
-    losses = train_drafter(model, args.data, args.out, config, on_step=evaluate)
+    losses = train_drafter(model, args.data, args.out, config, on_step=evaluate, accelerator=accelerator)
     tail = losses[-min(50, len(losses)) :]
-    print(f"trained {len(losses)} steps; mean loss of the last {len(tail)}: {sum(tail) / len(tail):.3f}")
+    say(f"trained {len(losses)} steps; mean loss of the last {len(tail)}: {sum(tail) / len(tail):.3f}")
+    accelerator.end_training()
     return 0
 
 
@@ -361,7 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default="artifacts/mamba-drafter/run", help="checkpoint folder (train, export)"
     )
-    parser.add_argument("--export", default="checkpoints/mamba2-qwen2.5-coder", help="export folder (export)")
+    parser.add_argument("--export", default=str(shipped_drafter_path()), help="export folder (export)")
     parser.add_argument(
         "--corpus-root",
         type=Path,
@@ -422,7 +437,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the parsed stage."""
+    """Run the parsed stage.
+
+    Raises:
+        ValueError: a stage other than `train` started by a launcher with several processes.
+    """
+    from hf_specssm.training.distributed import launched_processes
+
+    if args.stage != "train" and (processes := launched_processes()) > 1:
+        raise ValueError(
+            f"the {args.stage} stage runs in one process, not {processes}: run it without `accelerate launch` "
+            "or `torchrun` (only the train stage trains data-parallel)."
+        )
     return {"distill": run_distill, "data": run_data, "train": run_train, "export": run_export}[args.stage](
         args
     )

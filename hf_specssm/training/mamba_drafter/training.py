@@ -6,6 +6,9 @@ The loop is plain next-token training over packed blocks (`data.sample_blocks`),
 Every `checkpoint_every` steps the model and the trainer state go to `checkpoint-<step>/`; the same call
 resumes from the newest one, and since each batch is a pure function of `(seed, step)` a resumed run
 trains on exactly the data an uninterrupted one would.
+
+Under `accelerate launch` (or `torchrun`) each process trains on its share of every step's batch and
+DDP averages the gradients (`hf_specssm.training.distributed`): the same steps as one process, faster.
 """
 
 from __future__ import annotations
@@ -18,11 +21,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from hf_specssm.drafters.mamba import MambaDrafterConfig, MambaDrafterForCausalLM
-from hf_specssm.training.checkpoints import latest_checkpoint, load_trainer_state, save_checkpoint
+from hf_specssm.training.checkpoints import (
+    latest_checkpoint,
+    load_schedule,
+    load_trainer_state,
+    save_checkpoint,
+)
+from hf_specssm.training.distributed import (
+    check_global_batch,
+    loss_over_processes,
+    make_accelerator,
+    shard_rows,
+    training_device,
+)
 from hf_specssm.training.mamba_drafter.data import SOURCES, Mixture, load_stream, sample_blocks
 
 # Named shapes: (hidden size, layers, head_dim, state size). Heads = 2 · hidden / head_dim (expand 2).
@@ -100,7 +116,7 @@ class DrafterTrainingConfig:
 
     Attributes:
         steps: optimiser steps in total (a resumed run continues up to this count).
-        batch_size: blocks per step.
+        batch_size: blocks per step (the global batch: split evenly over the processes of a launched run).
         block_length: tokens per block.
         learning_rate: peak AdamW learning rate (linear warm-up, cosine decay to 10%).
         warmup_steps: warm-up steps.
@@ -194,6 +210,21 @@ def batch_loss(
     return (loss_fn or _draft_loss)(model, draft_ids, bf16)
 
 
+class _BatchLoss(torch.nn.Module):
+    """`batch_loss` as a module's forward: DDP synchronises the gradients of what runs through the forward
+    of the module it wraps, and a drafter's training loss runs through `draft_logits`, not its forward."""
+
+    def __init__(self, model: MambaDrafterForCausalLM, bf16: bool, loss_fn: Callable | None) -> None:
+        super().__init__()
+        self.model = model
+        self.bf16 = bf16
+        self.loss_fn = loss_fn
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The mean loss over blocks `[B, T + 1]` (scalar)."""
+        return batch_loss(self.model, blocks, self.bf16, self.loss_fn)
+
+
 def train_drafter(
     model: MambaDrafterForCausalLM,
     data_dir: str | Path,
@@ -201,16 +232,35 @@ def train_drafter(
     config: DrafterTrainingConfig | None = None,
     resume: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    accelerator: Accelerator | None = None,
 ) -> list[float]:
     """Train `model` in place on the token streams of `data_dir`; checkpoints go to `output_dir`.
+
+    Alone, the model trains where it is. Under a launcher every process calls this with the same model
+    and arguments: each trains on its share of every step's blocks on its own device, and only the main
+    process saves checkpoints and shows progress.
+
+    Args:
+        model: the drafter.
+        data_dir: the token streams (`<source>.bin`).
+        output_dir: where `checkpoint-<step>/` folders go.
+        config: training options (default `DrafterTrainingConfig()`).
+        resume: continue from the newest checkpoint in `output_dir` if there is one.
+        on_step: called with `(step, loss)` after every step, in every process (the loss is the mean over
+            the processes).
+        accelerator: this process's (default `make_accelerator()`).
 
     Returns:
         the loss of every step so far (a resumed run includes the steps before the interruption).
 
     Raises:
-        ValueError: a stream holds token ids outside the model's target vocabulary.
+        ValueError: a stream holds token ids outside the model's target vocabulary, or the batch does not
+            split evenly over the processes.
     """
     config = config if config is not None else DrafterTrainingConfig()
+    accelerator = accelerator if accelerator is not None else make_accelerator()
+    check_global_batch(config.batch_size, accelerator, "batch_size")
+    model.to(training_device(accelerator, model.device))
     streams = {}
     for source in SOURCES:
         path = Path(data_dir) / f"{source}.bin"
@@ -235,27 +285,33 @@ def train_drafter(
             raise ValueError(f"{folder} does not match the model: {result}")
         state = load_trainer_state(folder)
         optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        load_schedule(schedule, state["schedule"])
         step, losses, seconds = int(state["step"]), list(state["losses"]), float(state.get("seconds", 0.0))
     model.train()
     # compiling the function, not the module, keeps the module's parameter names (and checkpoints) as they are
     loss_fn = torch.compile(_draft_loss) if config.compile else None
-    bar = tqdm(total=config.steps, initial=step, desc="train-mamba-drafter", disable=not config.progress)
+    # alone: the module and the optimizer as they are; launched: DDP and accelerate's optimizer wrapper
+    loss_module, optimizer = accelerator.prepare(_BatchLoss(model, config.bf16, loss_fn), optimizer)
+    main = accelerator.is_main_process
+    bar = tqdm(
+        total=config.steps, initial=step, desc="train-mamba-drafter", disable=not (config.progress and main)
+    )
     try:
         while step < config.steps:
             started = time.perf_counter()
+            # every process draws the whole batch (a pure function of seed and step) and trains on its rows
             blocks = sample_blocks(
                 streams, config.mixture_at(step), config.batch_size, config.block_length, step, config.seed
             )
-            loss = batch_loss(model, blocks, config.bf16, loss_fn)
+            loss = loss_module(shard_rows(blocks, accelerator))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             schedule.step()
             step += 1
             seconds += time.perf_counter() - started
-            losses.append(float(loss.detach()))
+            losses.append(loss_over_processes(loss, accelerator)[0])
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
             if step % config.checkpoint_every == 0 or step == config.steps:
@@ -267,10 +323,14 @@ def train_drafter(
                     "losses": losses,
                     "seconds": seconds,
                     "tokens": step * config.batch_size * config.block_length,
+                    "processes": accelerator.num_processes,
                 }
-                save_checkpoint(output_dir, step, model, state, config.keep_checkpoints)
+                if main:
+                    save_checkpoint(output_dir, step, model, state, config.keep_checkpoints)
             if on_step is not None:
                 on_step(step, losses[-1])
+        # the last checkpoint is on disk before any process returns
+        accelerator.wait_for_everyone()
     finally:
         bar.close()
         model.eval()

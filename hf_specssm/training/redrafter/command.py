@@ -7,6 +7,10 @@ continuations of random prompts.
 `--out` remembers what it was trained from (`run.json`: the target, the data file's content and the
 settings). Running again with the same ones resumes; with others it refuses (naming each difference)
 unless `--restart` is given, so checkpoints and cached data of another run are never silently reused.
+
+It also trains data-parallel under `accelerate launch` or `torchrun`: the main process builds the data,
+every process reads the hidden states of its share of each batch from its own copy of the target, and
+the main process evaluates and saves the head.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from hf_specssm.training.checkpoints import (
     model_fingerprint,
     replace_folder,
 )
+from hf_specssm.training.distributed import make_accelerator, training_device
 from hf_specssm.training.redrafter.training import (
     TrainingConfig,
     TrainingData,
@@ -81,7 +86,7 @@ def _looks_like_a_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec)
 
 
-def load_target(spec: str, seed: int, device: str):
+def load_target(spec: str, seed: int, device: str | torch.device):
     """`(target, tokenizer or None)` for a toy name or a model folder / Hub id."""
     if spec in TOY_TARGETS:
         return toy_target(spec, seed).to(device), None
@@ -178,6 +183,9 @@ def _check_vocabulary(data: TrainingData, evaluation: torch.Tensor, vocab: int, 
 def run(args: argparse.Namespace) -> int:
     """Train (or resume training) a head as the arguments say; save it with its model card to `--out`.
 
+    Under a launcher every process runs this; the main process prepares `--out` (run record, data cache,
+    toy target) before the others read it, and alone evaluates, saves and prints.
+
     Raises:
         ValueError: bad input (a missing `--data` file, a corpus line that does not parse, token ids
             outside the vocabulary, `--out` holding a run with other inputs, `--steps` below the steps
@@ -193,42 +201,34 @@ def run(args: argparse.Namespace) -> int:
     if args.quiet:
         # transformers' own bars (saving and loading checkpoints) too
         transformers.utils.logging.disable_progress_bar()
+    accelerator = make_accelerator(args.device)
+    main = accelerator.is_main_process
+    say = accelerator.print
+    device = training_device(accelerator, args.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.restart:
-        for folder in checkpoints(out):
-            shutil.rmtree(folder)
-        for name in (DATA_FILE, EVAL_FILE, RUN_FILE):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / TARGET_DIR, ignore_errors=True)
-    changes = claim_output_dir(
-        out,
-        fingerprint(args),
-        "train-redrafter",
-        has_progress=bool(checkpoints(out)),
-        derived=[DATA_FILE, EVAL_FILE, TARGET_DIR],
-    )
-    if changes:
-        print(
-            f"note: the data cached in {out} was built from other inputs ({'; '.join(changes)}); rebuilding it"
-        )
-    checkpoint = latest_checkpoint(out)
-    check_steps(args.steps, checkpoint)
-    target, tokenizer = load_target(args.target, args.seed, args.device)
-    vocab = target.config.get_text_config(decoder=True).vocab_size
-    if args.target in TOY_TARGETS and not (out / TARGET_DIR).exists():
-        # the toy target is part of the result: the head drafts for exactly these weights
-        replace_folder(out / TARGET_DIR, target.save_pretrained)
-    cached = _load_cached_data(out)
-    if cached is not None:
-        data, evaluation = cached
-        _check_vocabulary(data, evaluation, vocab, out)
-    else:
-        data, evaluation = build_data(args, target, tokenizer)
-        # before caching: data the target cannot read must not outlive the run that built it
-        _check_vocabulary(data, evaluation, vocab, out)
-        data.save(out / DATA_FILE)
-        atomic_torch_save(evaluation, out / EVAL_FILE)
+    # the main process settles --out (and builds the data) before the others read it
+    with accelerator.main_process_first():
+        if main:
+            _claim(args, out)
+        checkpoint = latest_checkpoint(out)
+        check_steps(args.steps, checkpoint)
+        target, tokenizer = load_target(args.target, args.seed, device)
+        vocab = target.config.get_text_config(decoder=True).vocab_size
+        if main and args.target in TOY_TARGETS and not (out / TARGET_DIR).exists():
+            # the toy target is part of the result: the head drafts for exactly these weights
+            replace_folder(out / TARGET_DIR, target.save_pretrained)
+        cached = _load_cached_data(out)
+        if cached is not None:
+            data, evaluation = cached
+            _check_vocabulary(data, evaluation, vocab, out)
+        elif not main:
+            raise RuntimeError(f"the main process left no training data in {out} (did it fail?).")
+        else:
+            data, evaluation = build_data(args, target, tokenizer)
+            # before caching: data the target cannot read must not outlive the run that built it
+            _check_vocabulary(data, evaluation, vocab, out)
+            data.save(out / DATA_FILE)
+            atomic_torch_save(evaluation, out / EVAL_FILE)
     text_config = target.config.get_text_config(decoder=True)
     config = ReDrafterConfig(
         hidden_size=text_config.hidden_size,
@@ -243,11 +243,11 @@ def run(args: argparse.Namespace) -> int:
         training_data=data.description,
     )
     torch.manual_seed(args.seed)
-    head = ReDrafterHead(config).to(args.device)
+    head = ReDrafterHead(config).to(device)
     if checkpoint is not None:
         untrained = ReDrafterConfig.from_pretrained(checkpoint).untrained_mean_accepted_length
-        print(f"resuming from {checkpoint}")
-    elif evaluation.shape[0]:
+        say(f"resuming from {checkpoint}")
+    elif evaluation.shape[0] and main:
         untrained = mean_accepted_length(target, head.attach(target), evaluation, args.eval_new_tokens)
     else:
         untrained = None
@@ -261,7 +261,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
-    losses = train_head(head, target, data, training, output_dir=out)
+    losses = train_head(head, target, data, training, output_dir=out, accelerator=accelerator)
+    accelerator.end_training()
+    if not main:
+        return 0
     if evaluation.shape[0]:
         head.config.mean_accepted_length = mean_accepted_length(
             target, head, evaluation, args.eval_new_tokens
@@ -280,6 +283,28 @@ def run(args: argparse.Namespace) -> int:
         head.push_to_hub(args.push_to_hub)
         print(f"pushed to {args.push_to_hub}")
     return 0
+
+
+def _claim(args: argparse.Namespace, out: Path) -> None:
+    """Make `out` this run's (`--restart` first clears it); say when stale cached data will be rebuilt."""
+    out.mkdir(parents=True, exist_ok=True)
+    if args.restart:
+        for folder in checkpoints(out):
+            shutil.rmtree(folder)
+        for name in (DATA_FILE, EVAL_FILE, RUN_FILE):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / TARGET_DIR, ignore_errors=True)
+    changes = claim_output_dir(
+        out,
+        fingerprint(args),
+        "train-redrafter",
+        has_progress=bool(checkpoints(out)),
+        derived=[DATA_FILE, EVAL_FILE, TARGET_DIR],
+    )
+    if changes:
+        print(
+            f"note: the data cached in {out} was built from other inputs ({'; '.join(changes)}); rebuilding it"
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -318,7 +343,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--push-to-hub", metavar="REPO_ID", help="upload the trained head to this Hub repository"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to train; under accelerate launch or torchrun its type only: cpu (CPU processes) or cuda "
+        "(one GPU per process)",
+    )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

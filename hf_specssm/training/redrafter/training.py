@@ -4,17 +4,20 @@ The loss is ReDrafter's: from the target's hidden state at position `t` and the 
 predicts tokens `t + 2 … t + C + 1`; the loss sums the `C` cross-entropies. With distillation the training
 sequences are the target's own greedy continuations, which is what the head has to predict at decoding
 time.
+
+Under `accelerate launch` (or `torchrun`) each process reads the target's hidden states over its share of
+every step's sequences and DDP averages the head's gradients (`hf_specssm.training.distributed`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
@@ -27,7 +30,15 @@ from hf_specssm.training.checkpoints import (
     TRAINER_STATE,
     atomic_torch_save,
     latest_checkpoint,
+    load_schedule,
     save_checkpoint,
+)
+from hf_specssm.training.distributed import (
+    check_global_batch,
+    loss_over_processes,
+    make_accelerator,
+    shard_rows,
+    training_device,
 )
 
 IGNORE = -100
@@ -39,7 +50,8 @@ class TrainingConfig:
 
     Attributes:
         steps: optimiser steps in total (a resumed run continues up to this count).
-        batch_size: sequences per step, drawn with replacement from the training blocks.
+        batch_size: sequences per step, drawn with replacement from the training blocks (the global batch:
+            split evenly over the processes of a launched run).
         learning_rate: peak AdamW learning rate (cosine decay after `warmup_steps`).
         warmup_steps: linear warm-up steps.
         weight_decay: AdamW weight decay.
@@ -311,14 +323,17 @@ def _save_checkpoint(
     generator: torch.Generator,
     losses: list[float],
     keep: int,
+    processes: int = 1,
 ) -> Path:
     head.config.training_steps = step
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
+        # the batch order: every process draws the same rows, so one state serves them all
         "generator": generator.get_state(),
         "losses": torch.tensor(losses, dtype=torch.float64),
+        "processes": processes,
     }
     return save_checkpoint(output_dir, step, head, state, keep)
 
@@ -327,13 +342,13 @@ def _load_checkpoint(
     folder: Path,
     head: ReDrafterHead,
     optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
     generator: torch.Generator,
 ) -> tuple[int, list[float]]:
     head.load_state_dict(load_file(folder / "model.safetensors", device=str(head.device)))
     state = torch.load(folder / TRAINER_STATE, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
+    load_schedule(schedule, state["schedule"])
     generator.set_state(state["generator"])
     return int(state["step"]), state["losses"].tolist()
 
@@ -346,11 +361,16 @@ def train_head(
     output_dir: str | Path | None = None,
     resume: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    accelerator: Accelerator | None = None,
 ) -> list[float]:
     """Train `head` on `data` for the frozen `target` (in place).
 
     Each step draws `batch_size` sequences, reads the target's hidden states over them (no gradient), and
     takes one AdamW step on the summed cross-entropy of the head's `C` draft steps.
+
+    Alone, the head trains on its device. Under a launcher every process calls this with the same head,
+    data and arguments (and its own copy of the target, on its device): each reads the hidden states of
+    its share of every step's sequences, and only the main process saves checkpoints and shows progress.
 
     Args:
         head: the head to train (attached to `target` here).
@@ -360,12 +380,20 @@ def train_head(
         output_dir: where `checkpoint-<step>/` folders go (head, optimizer, schedule and batch-order state);
             `None` saves nothing.
         resume: continue from the newest checkpoint in `output_dir` if there is one.
-        on_step: called with `(step, loss)` after every step.
+        on_step: called with `(step, loss)` after every step, in every process (the loss is the mean over
+            the processes).
+        accelerator: this process's (default `make_accelerator()`).
 
     Returns:
         the loss of every step so far (resumed runs include the steps before the interruption).
+
+    Raises:
+        ValueError: the batch does not split evenly over the processes.
     """
     config = config if config is not None else TrainingConfig()
+    accelerator = accelerator if accelerator is not None else make_accelerator()
+    check_global_batch(config.batch_size, accelerator, "batch_size")
+    head.to(training_device(accelerator, head.device))
     head.attach(target)
     target.eval()
     optimizer = torch.optim.AdamW(
@@ -378,30 +406,50 @@ def train_head(
     if output_dir is not None and resume and (folder := latest_checkpoint(output_dir)) is not None:
         step, losses = _load_checkpoint(folder, head, optimizer, schedule, generator)
     head.train()
-    bar = tqdm(total=config.steps, initial=step, desc="train-redrafter", disable=not config.progress)
+    # alone: the head and the optimizer as they are; launched: DDP and accelerate's optimizer wrapper
+    model, optimizer = accelerator.prepare(head, optimizer)
+    main = accelerator.is_main_process
+    bar = tqdm(
+        total=config.steps, initial=step, desc="train-redrafter", disable=not (config.progress and main)
+    )
     try:
         while step < config.steps:
-            rows = torch.randint(len(data), (config.batch_size,), generator=generator)
+            # every process draws the whole batch (the same generator everywhere) and trains on its rows
+            rows = shard_rows(
+                torch.randint(len(data), (config.batch_size,), generator=generator), accelerator
+            )
             input_ids = data.input_ids[rows]
             hidden = target_hidden_states(target, input_ids)
-            output = head(input_ids.to(head.device), hidden, data.labels[rows].to(head.device))
+            output = model(input_ids.to(head.device), hidden, data.labels[rows].to(head.device))
+            loss, with_loss = loss_over_processes(output.loss, accelerator)
             optimizer.zero_grad(set_to_none=True)
-            if output.loss is not None:
-                output.loss.backward()
-                torch.nn.utils.clip_grad_norm_(head.parameters(), config.max_grad_norm)
+            if with_loss:
+                # a process whose rows carry no label still joins the gradient average, with zeros
+                accelerator.backward(output.loss if output.loss is not None else 0 * output.logits.sum())
+                accelerator.clip_grad_norm_(head.parameters(), config.max_grad_norm)
                 optimizer.step()
             schedule.step()
             step += 1
-            loss = output.loss.item() if output.loss is not None else math.nan
             losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
-            if output_dir is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+            saving = output_dir is not None and (step % config.checkpoint_every == 0 or step == config.steps)
+            if saving and main:
                 _save_checkpoint(
-                    output_dir, step, head, optimizer, schedule, generator, losses, config.keep_checkpoints
+                    output_dir,
+                    step,
+                    head,
+                    optimizer,
+                    schedule,
+                    generator,
+                    losses,
+                    config.keep_checkpoints,
+                    accelerator.num_processes,
                 )
             if on_step is not None:
                 on_step(step, loss)
+        # the last checkpoint is on disk before any process returns
+        accelerator.wait_for_everyone()
     finally:
         bar.close()
         head.eval()

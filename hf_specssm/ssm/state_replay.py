@@ -1,0 +1,418 @@
+"""Verification of Mamba2-layout targets without the chunk-scan padding, committed by state updates.
+
+*Snakes and Ladders*' Activation Replay stores what the state update needs (`x`, `Δ`, `B` and the conv
+inputs) during verification, so that after acceptance the commit is a few small state updates, not another
+projection pass. For the Mamba2 layout (Mamba2, Bamba, Falcon-H1, Zamba2, Nemotron-H, GraniteMoeHybrid):
+
+- **verification** (`StateRecorder.verifying`): the `T = pending + k` tokens run through transformers' own
+  multi-token forward with three changes, all undone on exit:
+  1. each mixer scans one chunk of exactly `T` tokens (`_compat.mixers.chunk_size_override`) instead of
+     padding to its `chunk_size` (256 in published configs): the same algorithm on no padding;
+  2. the SSM layers' cache entries are frozen (`ForkableCache.frozen`): the forward reads the conv and SSM
+     state but writes neither, so nothing is copied before the round and nothing is rewound after it;
+  3. a forward hook on each mixer's `in_proj` keeps the last `conv_dim + H` columns of its output — the
+     conv inputs `xBC` `[1, T, conv_dim]` and raw time steps `[1, T, H]` (after Falcon-H1's `mup_vector`).
+- **commit** (`StateRecorder.commit(m)`): per SSM layer, from the unchanged state `(conv₀, h₀)` and the
+  first `m` recorded positions: the conv window becomes the last `K` inputs of `[conv₀, xBC₁…ₘ]`; the conv
+  of those `m` positions gives `x` and `B`; `Δ = softplus(dt + dt_bias)`, `a_s = Δ_s · A`; and
+
+      h_m = exp(Σ_s a_s) · h₀ + Σ_s exp(Σ_{r>s} a_r) · Δ_s · x_s ⊗ B_s
+
+  — the closed form of `m` recurrent steps, which is what transformers' chunk scan computes as its final
+  state. No projection runs; attention layers of hybrids are cropped by the caller.
+
+Whether this is exact for a mixer class is probed against one-token steps (`_compat.probes`, capability
+`state_replay`); other mixers keep `ssm.mixers.MixerInputRecorder`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from hf_specssm import _compat
+from hf_specssm._compat.mixers import Mamba2Layout, chunk_scan_override, chunk_size_override, mamba2_layout
+from hf_specssm.cache import ForkableCache
+
+__all__ = [
+    "LayoutGroup",
+    "StateRecorder",
+    "commit_state",
+    "group_layouts",
+    "offloaded_mixers",
+    "state_replay_route",
+    "uncovered_recurrent_layers",
+]
+
+
+def state_replay_route(mixer: torch.nn.Module) -> Mamba2Layout | None:
+    """The layout a state-update commit reads for this mixer, or `None` when it has none."""
+    return mamba2_layout(mixer)
+
+
+def uncovered_recurrent_layers(model: torch.nn.Module) -> list[int]:
+    """Indices of the recurrent cache layers of `model` that no SSM mixer module serves (`ssm_mixers`
+    finds mixers by their `conv1d`): LFM2's short convolutions, for one. Their state cannot be replayed by
+    mixer, only committed by `StateRecorder` (conv windows) or restored by checkpoints."""
+    cache = ForkableCache(model.config)
+    served = {mixer.layer_idx for mixer in _compat.ssm_mixers(model)}
+    return [
+        index
+        for index, layer in enumerate(_compat.cache_layers(cache))
+        if _compat.is_linear_layer(layer) and index not in served
+    ]
+
+
+def offloaded_mixers(model: torch.nn.Module) -> bool:
+    """Whether any SSM mixer's weights are offloaded (accelerate's `device_map` with disk or CPU offload
+    keeps them on the meta device between forwards): the commit reads them outside the mixer's forward,
+    so such targets commit by mixer-input replay, which runs the forward."""
+    return any(parameter.is_meta for mixer in _compat.ssm_mixers(model) for parameter in mixer.parameters())
+
+
+# set inside `StateRecorder.verifying`: this thread's Mamba2 chunk scans are frozen verifications
+_VERIFYING: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_specssm_frozen_scan", default=False)
+
+
+def verification_scan(
+    hidden_states: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int | None = None,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple = (0.0, float("inf")),
+    return_final_states: bool = False,
+    **kwargs,
+):
+    """transformers' `mamba2_chunk_scan` for a short frozen verification: the outputs of `T` tokens from
+    `initial_states`, in one pass over the state, without the final state (the frozen cache discards it).
+
+    With `cum_t = Σ_{s≤t} Δ_s A` and `x_s` the SSM input:
+
+        y_t = exp(cum_t) · C_t · h0 + Σ_{s≤t} (C_t · B_s) · exp(cum_t − cum_s) · Δ_s · x_s + D · x_t
+
+    Args:
+        hidden_states: `[b, T, H, P]` the SSM input `x`.
+        dt: `[b, T, H]` raw time steps (before `dt_bias` and softplus).
+        A: `[H]`.
+        B, C: `[b, T, G, N]`.
+        chunk_size: ignored (one block of `T`).
+        D: `[H]` skip weights, or `None`.
+        dt_bias: `[H]`, or `None`.
+        initial_states: `[b, H, P, N]` the state before the tokens (`None`: zeros).
+        dt_softplus: apply softplus to `dt + dt_bias`.
+        dt_limit: transformers' clamp of Δ; ignored (see above).
+        return_final_states: also return the final state slot; it holds `initial_states` unchanged, which
+            the frozen cache does not write.
+
+    Returns:
+        `[b, T, H, P]` float32 outputs (and the unchanged state with `return_final_states`).
+    """
+    length, heads = hidden_states.shape[1:3]
+    groups = B.shape[2]
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    # `dt_limit` is not applied: these outputs must equal transformers' one-token steps, which do not clamp
+    # Δ (its multi-token scan does; with Zamba2's `time_step_min` the two differ)
+    dt = dt.float()  # [b, T, H]
+    x = hidden_states.float()
+    a = torch.cumsum(A.float() * dt, dim=1).transpose(1, 2)  # [b, H, T]: cum_t
+    repeat = heads // groups
+    C_h = C.float().repeat_interleave(repeat, dim=2).transpose(1, 2)  # [b, H, T, N]
+    B_h = B.float().repeat_interleave(repeat, dim=2).transpose(1, 2)  # [b, H, T, N]
+    x_h = x.transpose(1, 2)  # [b, H, T, P]
+    # intra-block: (C_t · B_s) exp(cum_t − cum_s) Δ_s for s ≤ t
+    segment = a[..., :, None] - a[..., None, :]  # [b, H, T, T]
+    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp(segment.masked_fill(~causal, float("-inf")))
+    mixing = torch.matmul(C_h, B_h.transpose(-1, -2)) * decay * dt.transpose(1, 2)[..., None, :]
+    y = torch.matmul(mixing, x_h)  # [b, H, T, P]
+    if initial_states is not None:
+        carried = torch.matmul(C_h, initial_states.float().transpose(-1, -2))  # [b, H, T, P]
+        y = y + carried * torch.exp(a)[..., None]
+    y = y.transpose(1, 2)  # [b, T, H, P]
+    if D is not None:
+        y = y + D.float()[:, None] * x
+    y = y.contiguous()  # callers (Falcon-H1) `.view()` the result
+    if return_final_states:
+        return y, initial_states
+    return y
+
+
+def _frozen_scan(original):
+    """The `mamba2_chunk_scan` installed while a frozen verification runs: ours on this thread's frozen
+    verifications, transformers' everywhere else."""
+
+    def scan(*args, **kwargs):
+        if _VERIFYING.get():
+            return verification_scan(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    return scan
+
+
+@dataclass(frozen=True)
+class LayoutGroup:
+    """Mixers of one shape (every Mamba2 layer of a model, usually), whose commit runs batched over layers.
+
+    Attributes:
+        layout: the first mixer's `Mamba2Layout` (shapes, activation and Δ clamp are shared).
+        indices: positions of the group's mixers in `StateRecorder.mixers`.
+        conv_weight: `[G, 1, C, K]` the mixers' depthwise conv weights.
+        conv_bias: `[G, 1, C, 1]` or `None`.
+        dt_bias: `[G, 1, 1, H]`.
+        A: `[G, 1, 1, H]` float32, `-exp(A_log)`.
+    """
+
+    layout: Mamba2Layout
+    indices: tuple[int, ...]
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor | None
+    dt_bias: torch.Tensor
+    A: torch.Tensor
+
+    @classmethod
+    def of(cls, layouts: Sequence[Mamba2Layout], indices: Sequence[int]) -> LayoutGroup:
+        """Stack the parameters of `layouts[i]` for `i` in `indices` (all of one shape)."""
+        members = [layouts[i] for i in indices]
+        biases = [member.conv_bias for member in members]
+        return cls(
+            layout=members[0],
+            indices=tuple(indices),
+            conv_weight=torch.stack([m.conv_weight.detach() for m in members])[:, None],
+            conv_bias=None
+            if biases[0] is None
+            else torch.stack([b.detach() for b in biases])[:, None, :, None],
+            dt_bias=torch.stack([m.dt_bias.detach() for m in members])[:, None, None],
+            A=-torch.exp(torch.stack([m.A_log.detach().float() for m in members]))[:, None, None],
+        )
+
+
+def _shape_key(layout: Mamba2Layout) -> tuple:
+    return (
+        layout.conv_dim,
+        layout.intermediate_size,
+        layout.num_heads,
+        layout.head_dim,
+        layout.n_groups,
+        layout.state_size,
+        tuple(layout.conv_weight.shape),
+        layout.activation,
+        tuple(float(bound) for bound in layout.dt_limit),
+        layout.conv_bias is None,
+        layout.conv_weight.dtype,
+        layout.dt_bias.dtype,
+    )
+
+
+def group_layouts(layouts: Sequence[Mamba2Layout]) -> list[LayoutGroup]:
+    """Partition `layouts` into groups of one shape (first appearance order)."""
+    groups: dict[tuple, list[int]] = {}
+    for index, layout in enumerate(layouts):
+        groups.setdefault(_shape_key(layout), []).append(index)
+    return [LayoutGroup.of(layouts, indices) for indices in groups.values()]
+
+
+def commit_state(
+    group: LayoutGroup,
+    conv_states: Sequence[torch.Tensor],
+    ssm_states: Sequence[torch.Tensor],
+    recorded: Sequence[torch.Tensor],
+    length: int,
+) -> None:
+    """Advance the states of a group's layers over the first `length` recorded positions, in place.
+
+    Everything but the final per-layer writes runs batched over the `G` layers of the group (a handful of
+    tensor operations per round instead of per layer).
+
+    Args:
+        group: the layers' `LayoutGroup`.
+        conv_states: per layer, `[B, conv_dim, K]` the stored conv window (before the recorded positions);
+            overwritten.
+        ssm_states: per layer, `[B, H, P, N]` the SSM state (before the recorded positions); overwritten.
+        recorded: per layer, `[B, T, conv_dim + H]` the recorded `in_proj` columns (`xBC`, raw `dt`),
+            `T ≥ length`.
+        length: positions to commit, `0 … T`.
+    """
+    if length <= 0:
+        return
+    layout = group.layout
+    heads, head_dim, groups, state_size = (
+        layout.num_heads,
+        layout.head_dim,
+        layout.n_groups,
+        layout.state_size,
+    )
+    stacked = torch.stack([values[:, :length] for values in recorded])  # [G, B, m, C + H]
+    layers, batch = stacked.shape[:2]
+    xbc, dt = stacked.split([layout.conv_dim, heads], dim=-1)
+    windows = torch.stack(list(conv_states))  # [G, B, C, K]
+    window = windows.shape[-1]
+    inputs = torch.cat([windows, xbc.transpose(-1, -2).to(windows.dtype)], dim=-1)  # [G, B, C, K + m]
+    # the depthwise causal conv of the m new positions, as K shifted products (faster than conv1d here)
+    weight = group.conv_weight  # [G, 1, C, K]
+    kernel = weight.shape[-1]
+    taps = inputs[..., -(length + kernel - 1) :].to(weight.dtype)
+    convolved = taps[..., :length] * weight[..., :1]
+    for tap in range(1, kernel):
+        convolved = convolved + taps[..., tap : tap + length] * weight[..., tap : tap + 1]
+    if group.conv_bias is not None:
+        convolved = convolved + group.conv_bias
+    convolved = ACT2FN[layout.activation](convolved).transpose(-1, -2)  # [G, B, m, C]
+    x, B, _ = convolved.split([layout.intermediate_size, groups * state_size, groups * state_size], dim=-1)
+
+    # no Δ clamp: transformers' one-token step (what plain decoding runs after the prompt) has none either
+    dt = F.softplus(dt + group.dt_bias.to(dt.dtype)).float()  # [G, B, m, H]
+    a = dt * group.A  # Δ_s · A
+    total = a.sum(dim=2)  # [G, B, H]
+    weights = torch.exp(total[:, :, None] - torch.cumsum(a, dim=2)) * dt  # exp(Σ_{r>s} a_r) · Δ_s
+    # Σ_s weights_s · x_s ⊗ B_s as batched products per head: [G, B·H, P, m] @ [G, B·H, m, N]
+    x = x.float().reshape(layers, batch, length, heads, head_dim) * weights[..., None]
+    x = x.permute(0, 1, 3, 4, 2).reshape(layers, batch * heads, head_dim, length)
+    B = B.float().reshape(layers, batch, length, groups, 1, state_size)
+    B = B.expand(-1, -1, -1, -1, heads // groups, -1).reshape(layers, batch, length, heads, state_size)
+    B = B.permute(0, 1, 3, 2, 4).reshape(layers, batch * heads, length, state_size)
+    decay = torch.exp(total).reshape(layers, batch * heads, 1, 1)
+    new_windows = inputs[..., -window:]
+    for layer in range(layers):
+        conv_states[layer].copy_(new_windows[layer])
+        state = ssm_states[layer]
+        if state.dtype == torch.float32 and state.is_contiguous():
+            flat = state.view(batch * heads, head_dim, state_size)
+            flat.mul_(decay[layer]).baddbmm_(x[layer], B[layer])
+        else:
+            update = torch.baddbmm(
+                state.float().reshape(batch * heads, head_dim, state_size) * decay[layer], x[layer], B[layer]
+            )
+            state.copy_(update.reshape(state.shape).to(state.dtype))
+
+
+class StateRecorder:
+    """Records, during verification, what a commit by state update needs; commits an accepted prefix.
+
+    Memory per round: `T × (conv_dim + H)` values per SSM layer (the recorded `in_proj` columns), and no
+    state copy.
+
+    Args:
+        model: the target whose SSM mixers are all Mamba2-layout (`state_replay_route`).
+        cache: the `ForkableCache` the target decodes with.
+        mixers: record only these of its mixers (default: all of them).
+        conv_only_layers: indices of recurrent cache layers no SSM mixer serves that keep only a conv
+            window (LFM2's short convolutions, `uncovered_recurrent_layers`): their commit keeps the last
+            `K` conv inputs, read from the cache's `frozen_conv_inputs`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache,
+        mixers: Sequence[torch.nn.Module] | None = None,
+        conv_only_layers: Sequence[int] = (),
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.conv_only_layers = list(conv_only_layers)
+        self.mixers = list(mixers) if mixers is not None else _compat.ssm_mixers(model)
+        self.layouts: list[Mamba2Layout] = []
+        for mixer in self.mixers:
+            layout = state_replay_route(mixer)
+            if layout is None:
+                raise ValueError(
+                    f"{type(mixer).__name__} has no Mamba2 layout to commit by state update; "
+                    "use Activation Replay of the mixer inputs (ssm.mixers.MixerInputRecorder)."
+                )
+            self.layouts.append(layout)
+        self.groups = group_layouts(self.layouts)
+        self._records: list[torch.Tensor | None] = [None] * len(self.mixers)
+
+    @property
+    def recorded_bytes(self) -> int:
+        """Bytes held by the recorded columns."""
+        return sum(r.numel() * r.element_size() for r in self._records if r is not None)
+
+    @contextlib.contextmanager
+    def verifying(self, num_tokens: int) -> Iterator[None]:
+        """Forwards of `num_tokens ≥ 2` tokens inside this context scan one chunk of exactly that many
+        tokens, leave every SSM layer's state as it was, and record what `commit` needs."""
+        if num_tokens < 2:
+            raise ValueError(
+                f"a frozen verification needs a multi-token forward, got {num_tokens} token(s): "
+                "one-token steps update the state in place."
+            )
+        self._records = [None] * len(self.mixers)
+        handles = [
+            mixer.in_proj.register_forward_hook(self._recorder(index, layout))
+            for index, (mixer, layout) in enumerate(zip(self.mixers, self.layouts, strict=True))
+        ]
+        chunked = [mixer for mixer in self.mixers if mixer.chunk_size > num_tokens]
+        try:
+            frozen = [mixer.layer_idx for mixer in self.mixers] + self.conv_only_layers
+            token = _VERIFYING.set(True)
+            try:
+                with (
+                    chunk_size_override(chunked, num_tokens),
+                    chunk_scan_override(self.mixers, _frozen_scan),
+                    self.cache.frozen(frozen),
+                ):
+                    yield
+            finally:
+                _VERIFYING.reset(token)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _recorder(self, index: int, layout: Mamba2Layout):
+        def record(module, args, output):
+            columns = output[..., -layout.recorded_width :]
+            if layout.projection_scale is not None:
+                columns = columns * layout.projection_scale
+            self._records[index] = columns.detach().clone()
+
+        return record
+
+    def commit(self, length: int) -> None:
+        """Advance every SSM layer over the first `length` recorded positions (the accepted prefix)."""
+        for index, recorded in enumerate(self._records):
+            if recorded is None:
+                raise RuntimeError(f"no verification was recorded for layer {self.mixers[index].layer_idx}.")
+        for group in self.groups:
+            layers = [self.cache.layers[self.mixers[index].layer_idx] for index in group.indices]
+            commit_state(
+                group,
+                [_compat.stored_conv_state(layer) for layer in layers],
+                [_compat.recurrent_state(layer) for layer in layers],
+                [self._records[index] for index in group.indices],
+                length,
+            )
+        for index in self.conv_only_layers:
+            layer = self.cache.layers[index]
+            if _compat.recurrent_state(layer) is not None:
+                raise ValueError(
+                    f"cache layer {index} keeps a recurrent state no SSM mixer of "
+                    f"{type(self.model).__name__} serves; hf_specssm cannot bring it to the accepted prefix."
+                )
+            stored = _compat.stored_conv_state(layer)
+            inputs = self.cache.frozen_conv_inputs.get(index)
+            if stored is None and inputs is None:
+                continue  # a layer the cache types as recurrent that keeps nothing (5.17's Nemotron-H MLPs)
+            if stored is None or inputs is None:
+                raise RuntimeError(f"no verification was recorded for conv layer {index}.")
+            window = torch.cat([stored, inputs[..., :length].to(stored.dtype)], dim=-1)
+            stored.copy_(window[..., -stored.shape[-1] :])
+
+    def clear(self) -> None:
+        """Drop the recorded columns."""
+        self._records = [None] * len(self.mixers)
