@@ -211,7 +211,6 @@ def _shape_key(layout: Mamba2Layout) -> tuple:
         layout.state_size,
         tuple(layout.conv_weight.shape),
         layout.activation,
-        tuple(float(bound) for bound in layout.dt_limit),
         layout.conv_bias is None,
         layout.conv_weight.dtype,
         layout.dt_bias.dtype,

@@ -348,3 +348,23 @@ def _check_clamped_zamba2(model) -> None:
     )
     output = model.generate(prompt, assistant_model=drafter, max_new_tokens=30, do_sample=False)
     assert torch.equal(output, reference)
+
+
+def test_frozen_verification_restores_transformers_chunk_scan():
+    """The scan override lives only while a verification runs; afterwards (also after an error) the module
+    calls transformers' own `mamba2_chunk_scan` again."""
+    from hf_specssm._compat.mixers import installed_chunk_scan
+
+    name = "transformers.models.mamba2.modeling_mamba2"
+    model = build("mamba2", seed=0)
+    original = installed_chunk_scan(name)
+    target = verification.make_target(model, None)
+    sequence = _prompt(10, 1)
+    with torch.no_grad():
+        target.score(sequence[:, :6], sequence[:, 6:9])
+        assert installed_chunk_scan(name) is original
+        target.keep(7)
+        with pytest.raises(RuntimeError), target.state_recorder.verifying(3):
+            assert installed_chunk_scan(name) is not original
+            raise RuntimeError("inside")
+    assert installed_chunk_scan(name) is original
