@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,9 +14,19 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 
 def _dry_run(target: str, venv: Path) -> str:
-    """What `make TARGET` would run for a fresh venv at `venv` (`make -n`: nothing is executed)."""
+    """What `make TARGET` would run for a fresh venv at `venv` (`make -n`: nothing is executed).
+
+    CI runs the suite from inside `make test`: the enclosing make's variables would turn this into a sub-make
+    (which prints "Entering directory" lines and inherits its flags), so they are dropped.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES"}}
     completed = subprocess.run(
-        ["make", "-n", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", target, f"VENV={venv}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return completed.stdout
 
