@@ -38,7 +38,7 @@ from hf_specssm import _compat
 from hf_specssm.config import DraftConfig, draft_config_from_assisted_settings
 from hf_specssm.decoding.round import Row, SpeculativeLoop
 from hf_specssm.drafters import Drafter, as_drafter
-from hf_specssm.drafters.model import ModelDrafter, _check_causal_lm, drafter_from_mamba_ssm
+from hf_specssm.drafters.model import _check_causal_lm
 from hf_specssm.drafters.ngram import PromptLookupDrafter
 from hf_specssm.inputs import (
     REFUSED_SETTINGS,
@@ -146,12 +146,9 @@ def resolve_drafter(
         return drafter
     settings = assisted_settings(generation_config, getattr(drafter, "generation_config", None))
     config = draft_config_from_assisted_settings(DraftConfig(), **settings)
-    if isinstance(drafter, PreTrainedModel):
-        return ModelDrafter(drafter, config=config)
-    if type(drafter).__name__ == "MambaLMHeadModel":
-        return drafter_from_mamba_ssm(drafter, config=config)
-    # raises the ValueError for anything else
-    return as_drafter(drafter)
+    # a Mamba drafter that reads the target's hidden state gets FeatureDrafter; anything else not a causal
+    # LM raises the ValueError
+    return as_drafter(drafter, config=config)
 
 
 def _prompt_lookup_drafter(num_tokens: int, generation_config: GenerationConfig) -> PromptLookupDrafter:

@@ -18,6 +18,11 @@ class MambaDrafterConfig(Mamba2Config):
         target_vocab_size: size of the target's vocabulary (its logits' last dimension).
         tokenizer_reference: the tokenizer the drafter was trained with (a Hub id or a name), for the
             model card and for users; the drafter itself never loads it.
+        feature_size: the target's hidden size `F` for a *feature-conditioned* drafter, which also reads
+            the target's last hidden state at the last accepted position; `None` (default) for a drafter
+            that reads tokens only.
+        max_draft_depth: feature-conditioned drafters learn one offset per draft depth (how many of its
+            own tokens the drafter has fed since the target's hidden state); deeper drafts use the last.
         **kwargs: `Mamba2Config` fields: `vocab_size` is the draft vocabulary size `V_d`, the "other" slot
             included; `hidden_size`, `num_hidden_layers`, `num_heads`, `head_dim`, ….
     """
@@ -28,9 +33,17 @@ class MambaDrafterConfig(Mamba2Config):
         self,
         target_vocab_size: int = 151936,
         tokenizer_reference: str | None = None,
+        feature_size: int | None = None,
+        max_draft_depth: int = 8,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if feature_size is not None and feature_size < 1:
+            raise ValueError(f"feature_size must be a positive hidden size or None, got {feature_size}.")
+        if max_draft_depth < 1:
+            raise ValueError(f"max_draft_depth must be >= 1, got {max_draft_depth}.")
+        self.feature_size = feature_size
+        self.max_draft_depth = max_draft_depth
         if target_vocab_size < self.vocab_size - 1:
             raise ValueError(
                 f"target_vocab_size ({target_vocab_size}) must cover the draft vocabulary "

@@ -12,6 +12,14 @@ so the draft distribution is defined over the full vocabulary with exact zeros o
 vocabulary, which is what keeps speculative sampling lossless. Everything else (cache, mixers, state
 rollback, tree forking) is transformers' `Mamba2ForCausalLM`.
 
+A *feature-conditioned* drafter (`config.feature_size` set) also reads the target's last hidden state
+`f` `[B, 1|T, F]` at the last accepted position and the draft depth `j` (own tokens fed since then):
+
+    logits = lm_head(norm_f(mamba(x)) + W_f · rmsnorm(f) + depth_embedding[j])
+
+Both extra terms start at zero, so a feature-conditioned drafter initialised from a token-only one drafts
+exactly like it until trained; without `target_features` the forward is the token-only drafter's.
+
 This module and `configuration_mamba_drafter.py` import nothing from hf_specssm: `save_pretrained` copies
 them next to the weights as the folder's remote code, with `auto_map` in `config.json`, so a drafter folder
 loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` where hf_specssm is not
@@ -137,6 +145,49 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
         # derived from draft_to_target on first use (and again whenever that buffer changes or moves)
         self._target_to_draft: torch.Tensor | None = None
         self._lookup_key: tuple | None = None
+        if getattr(config, "feature_size", None):
+            self.feature_norm = torch.nn.RMSNorm(config.feature_size, eps=1e-6)
+            self.feature_proj = torch.nn.Linear(config.feature_size, config.hidden_size, bias=False)
+            self.depth_embedding = torch.nn.Embedding(config.max_draft_depth, config.hidden_size)
+            self.zero_feature_terms()
+
+    @property
+    def reads_target_hidden(self) -> bool:
+        """Whether this drafter is feature-conditioned (reads the target's last hidden state)."""
+        return bool(getattr(self.config, "feature_size", None))
+
+    def zero_feature_terms(self) -> None:
+        """Set the feature projection and the depth offsets to zero: the drafter then drafts as if token-only."""
+        with torch.no_grad():
+            self.feature_proj.weight.zero_()
+            self.depth_embedding.weight.zero_()
+            self.feature_norm.weight.fill_(1.0)
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # the feature terms start at zero (see the module docstring), not at transformers' random init
+        if module is getattr(self, "feature_proj", None) or module is getattr(self, "depth_embedding", None):
+            with torch.no_grad():
+                module.weight.zero_()
+            return
+        if module is getattr(self, "feature_norm", None):
+            with torch.no_grad():
+                module.weight.fill_(1.0)
+            return
+        super()._init_weights(module)
+
+    def feature_bias(
+        self, target_features: torch.Tensor, draft_depth: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`W_f · rmsnorm(f) + depth_embedding[j]` `[B, T, H]` for features `[B, T, F]` and depths (int or `[B, T]`)."""
+        if not self.reads_target_hidden:
+            raise ValueError("this drafter is not feature-conditioned (config.feature_size is None).")
+        features = target_features.to(self.feature_proj.weight.dtype)
+        bias = self.feature_proj(self.feature_norm(features))
+        if draft_depth is not None:
+            depth = torch.as_tensor(draft_depth, dtype=torch.long, device=bias.device)
+            # an int depth gives [H] (every position), a [B, T] one gives [B, T, H]
+            bias = bias + self.depth_embedding(depth.clamp(0, self.config.max_draft_depth - 1))
+        return bias
 
     @property
     def output_vocab_size(self) -> int:
@@ -178,6 +229,11 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
         """Logits over the draft vocabulary `[B, T, V_d]` for draft ids `[B, T]` (the training path)."""
         return super().forward(input_ids=draft_ids, **kwargs).logits
 
+    def draft_hidden(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """The LM head's input `[B, T, H]` (after the final norm) for draft ids `[B, T]` (the training path
+        of feature-conditioned drafters, which add `feature_bias` before `lm_head`)."""
+        return self.backbone(input_ids=draft_ids).last_hidden_state
+
     def expand_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits `[..., V_d]` → target-vocabulary logits `[..., V]` (lowest value outside)."""
         full = logits.new_full(
@@ -193,17 +249,31 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
         inputs_embeds: torch.Tensor | None = None,
         cache_params=None,
         labels: torch.LongTensor | None = None,
+        target_features: torch.Tensor | None = None,
+        draft_depth: int | torch.Tensor | None = None,
         **kwargs,
     ) -> ModelOutput:
         """`Mamba2ForCausalLM.forward` in target ids: `input_ids` `[B, T]` → `logits` `[B, T', V]`.
 
         `labels` (target ids, `-100` ignored) give the cross-entropy over the draft vocabulary, with
-        tokens outside it counted as the 'other' slot.
+        tokens outside it counted as the 'other' slot. `target_features` `[B, 1|T, F]` and `draft_depth`
+        (int or `[B, T]`) condition a feature-conditioned drafter's logits (see the module docstring).
         """
         draft_ids = self.to_draft_ids(input_ids) if input_ids is not None else None
-        output = super().forward(
-            input_ids=draft_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, **kwargs
+        head = self.get_output_embeddings()
+        if target_features is not None and not getattr(head, "_adds_feature_bias", False):
+            # installed on first use, so a replaced or copied head gets it too
+            head.register_forward_pre_hook(_add_feature_bias)
+            head._adds_feature_bias = True
+        head._feature_bias = (
+            self.feature_bias(target_features, draft_depth) if target_features is not None else None
         )
+        try:
+            output = super().forward(
+                input_ids=draft_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, **kwargs
+            )
+        finally:
+            head._feature_bias = None
         if labels is not None:
             draft_labels = torch.where(labels < 0, labels, self.to_draft_ids(labels.clamp(min=0)))
             output.loss = torch.nn.functional.cross_entropy(
@@ -211,6 +281,22 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
             )
         output.logits = self.expand_logits(output.logits)
         return output
+
+
+def _add_feature_bias(module: torch.nn.Module, args: tuple) -> tuple | None:
+    """Pre-hook on a feature-conditioned drafter's LM head: adds the pending feature bias to its input.
+
+    The bias (`module._feature_bias`, set by `MambaDrafterForCausalLM.forward` for one call) is `[B, 1, H]`
+    (one feature for every position) or `[B, T, H]`; when transformers keeps only the last positions'
+    logits, the bias is cut to match. The bias lives on the head itself, so copies of the model stay apart.
+    """
+    bias = getattr(module, "_feature_bias", None)
+    if bias is None:
+        return None
+    hidden = args[0]
+    if bias.shape[1] not in (1, hidden.shape[1]):
+        bias = bias[:, -hidden.shape[1] :]
+    return (hidden + bias.to(hidden.dtype), *args[1:])
 
 
 def _weights_file(folder: Path, kwargs: dict) -> Path | None:

@@ -126,7 +126,11 @@ class SpeculativeLoop:
         if self.streamer is not None and len(rows) > 1:
             raise ValueError("streamers take one sequence: pass one prompt per call to stream.")
         drafter = rows[0].drafter
-        if drafter.wants_target_hidden and self.target.hidden_problem() is not None:
+        if (
+            drafter.wants_target_hidden
+            and not drafter.target_hidden_optional
+            and self.target.hidden_problem() is not None
+        ):
             raise ValueError(f"{type(drafter).__name__}: {self.target.hidden_problem()}")
         drafter.check_round_support(self.tree_problem)
 
@@ -156,7 +160,10 @@ class SpeculativeLoop:
             for row in rows
         }
         self._samplers = self.make_samplers(rows)
-        self.target.capture_hidden = rows[0].drafter.wants_target_hidden
+        # drafters that can do without hidden states draft from tokens where the target has none to give
+        self.target.capture_hidden = (
+            rows[0].drafter.wants_target_hidden and self.target.hidden_problem() is None
+        )
         loop_start = time.perf_counter()
         started: list[Row] = []
         try:
@@ -278,7 +285,7 @@ class SpeculativeLoop:
     def update(self, row: Row, plan: RoundPlan, kept: list[int], outcome: RoundOutcome) -> None:
         """Hand the drafter what the target kept (and its hidden state), and let its policies learn."""
         drafter = row.drafter
-        if drafter.wants_target_hidden:
+        if drafter.wants_target_hidden and self.target.capture_hidden:
             # the hidden state at the position whose logits chose the last committed token
             position = [0, *(p + 1 for p in kept)][outcome.committed - 1]
             drafter.observe_target_hidden(self.target.last_hidden[:, position])

@@ -277,6 +277,10 @@ class Drafter(ABC):
     #: such as ReDrafter read it); the target then captures the input of its output embedding.
     wants_target_hidden: bool = False
 
+    #: Whether the drafter also drafts without those hidden states (from its tokens alone), so that a target
+    #: that cannot hand them over (batches) is served instead of refused.
+    target_hidden_optional: bool = False
+
     def observe_target_hidden(self, hidden: torch.Tensor) -> None:
         """Receive the target's last-layer hidden state `[1, H]` at the position whose logits chose the last
         committed token (the input of the target's LM head there). Called before `commit` / `commit_tree`,

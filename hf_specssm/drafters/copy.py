@@ -78,6 +78,22 @@ class ContextCopyDrafter(TreeDrafter):
         """The model drafter's tree depth (`None` with fixed shapes)."""
         return self.inner.max_tree_depth
 
+    @property
+    def wants_target_hidden(self) -> bool:
+        """Whether the model drafter reads the target's hidden state (`FeatureDrafter`)."""
+        return self.inner.wants_target_hidden
+
+    @property
+    def target_hidden_optional(self) -> bool:
+        """Whether the model drafter also drafts without hidden states."""
+        return self.inner.target_hidden_optional
+
+    def observe_target_hidden(self, hidden: torch.Tensor) -> None:
+        self.inner.observe_target_hidden(hidden)
+
+    def validate_for(self, target) -> None:
+        self.inner.validate_for(target)
+
     def check_round_support(self, tree_problem: str | None) -> None:
         self.inner.check_round_support(tree_problem)
 

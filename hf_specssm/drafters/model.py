@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 from hf_specssm import _compat
 from hf_specssm.cache import CacheSnapshot, ForkableCache
 from hf_specssm.config import DraftConfig
-from hf_specssm.drafters.base import Draft, Drafter, DraftSampler, TreeDrafter
+from hf_specssm.drafters.base import Draft, DraftSampler, TreeDrafter
 from hf_specssm.policies.tree_shape import DynamicTreePolicy, UCBTreePolicy
 from hf_specssm.tree import TokenTree
 
@@ -75,10 +75,14 @@ class ModelDrafter(TreeDrafter):
     def end(self) -> None:
         self.cache = None
 
-    def _forward(self, tokens: torch.Tensor, rows: int = 1) -> torch.Tensor:
-        """Run `tokens` `[R, T]` through the model from the cache; return the last logits `[R, V]` (fp32)."""
+    def _forward(self, tokens: torch.Tensor, rows: int = 1, depth: int = 0) -> torch.Tensor:
+        """Run `tokens` `[R, T]` through the model from the cache; return the last logits `[R, V]` (fp32).
+
+        `depth` counts the drafter's own tokens among those fed this round (0 for committed tokens): drafters
+        that condition on it (`FeatureDrafter`) read it in `_extra_inputs`.
+        """
         start = self.cache.seen_tokens
-        kwargs = {self._cache_name: self.cache, "use_cache": True}
+        kwargs = {self._cache_name: self.cache, "use_cache": True, **self._extra_inputs(rows, depth)}
         if self._pass_positions:
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
             kwargs["position_ids"] = positions[None].expand(rows, -1)
@@ -87,6 +91,10 @@ class ModelDrafter(TreeDrafter):
         logits = self.model(input_ids=tokens, **kwargs).logits[:, -1].float()
         self.cache.advance(tokens.shape[1])
         return logits
+
+    def _extra_inputs(self, rows: int, depth: int) -> dict:
+        """More forward arguments for `rows` rows at draft depth `depth` (none for token-only models)."""
+        return {}
 
     def _consume(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed committed tokens `[1, T]` the drafter has not seen; return the next-token logits `[1, V]`."""
@@ -124,7 +132,7 @@ class ModelDrafter(TreeDrafter):
                 break
             sequence = torch.cat([sequence, token[:, None]], dim=1)
             self.cache.checkpoint()
-            logits = self._forward(token[:, None])
+            logits = self._forward(token[:, None], depth=step + 1)
         self._round_drafted = len(tokens)
         draft_tokens = torch.stack(tokens, dim=1) if tokens else input_ids.new_empty((input_ids.shape[0], 0))
         draft_probs = torch.stack(probs, dim=1) if probs and probs[0] is not None else None
@@ -178,7 +186,7 @@ class ModelDrafter(TreeDrafter):
             frontier, paths = new_frontier, new_paths
             if depth == len(shape) - 1:
                 break
-            logits = self._feed_level(sources, [tokens[node] for node in frontier], frontier)
+            logits = self._feed_level(sources, [tokens[node] for node in frontier], frontier, depth + 1)
         return TokenTree(
             tokens=torch.tensor(tokens),
             parents=torch.tensor(parents),
@@ -186,11 +194,16 @@ class ModelDrafter(TreeDrafter):
             sampled_without_replacement=sample,
         )
 
-    def _feed_level(self, sources: list[int], tokens: list[int], nodes: list[int]) -> torch.Tensor:
-        """Fork rows `sources` of the cache, feed one token per new row, remember the level's state."""
+    def _feed_level(
+        self, sources: list[int], tokens: list[int], nodes: list[int], depth: int
+    ) -> torch.Tensor:
+        """Fork rows `sources` of the cache, feed one token per new row (draft depth `depth`), remember the
+        level's state."""
         device = self.model.device
         self.cache.select(torch.tensor(sources, device=device))
-        logits = self._forward(torch.tensor([[token] for token in tokens], device=device), rows=len(tokens))
+        logits = self._forward(
+            torch.tensor([[token] for token in tokens], device=device), rows=len(tokens), depth=depth
+        )
         self._tree_levels.append((list(nodes), self.cache.snapshot()))
         return logits
 
@@ -217,7 +230,7 @@ class ModelDrafter(TreeDrafter):
             if depth == policy.depth - 1:
                 break
             sources = [frontier.index(candidates[c][1]) for c in expand]
-            logits = self._feed_level(sources, [candidates[c][0] for c in expand], expand)
+            logits = self._feed_level(sources, [candidates[c][0] for c in expand], expand, depth + 1)
             frontier = expand
             values = [candidates[c][2] for c in expand]
             paths = [candidates[c][3] for c in expand]
@@ -316,31 +329,3 @@ def _check_causal_lm(model: object, role: str) -> None:
             f"the {role} must be a causal LM with a language-modelling head; got {type(model).__name__}."
         )
     _compat.cache_kwarg_name(model)
-
-
-def as_drafter(assistant: object) -> Drafter:
-    """Wrap `assistant_model` in a drafter: a `Drafter` is used as is, a causal LM (or mamba-ssm's
-    `MambaLMHeadModel`) gets `ModelDrafter` defaults."""
-    if isinstance(assistant, Drafter):
-        return assistant
-    if isinstance(assistant, PreTrainedModel):
-        return ModelDrafter(assistant)
-    if type(assistant).__name__ == "MambaLMHeadModel":
-        # mamba-ssm's own model: drafted through its transformers twin (same weights)
-        return drafter_from_mamba_ssm(assistant)
-    raise ValueError(
-        f"assistant_model must be a transformers causal LM or a hf_specssm Drafter, got {type(assistant).__name__}."
-    )
-
-
-def drafter_from_mamba_ssm(model: torch.nn.Module, **options) -> ModelDrafter:
-    """A `ModelDrafter` over the transformers twin of a mamba-ssm `MambaLMHeadModel`
-    (`hf_specssm.drafters.mamba_ssm.to_transformers`).
-
-    Args:
-        model: the `MambaLMHeadModel`.
-        **options: `ModelDrafter` options (`num_draft_tokens`, `tree_shape`, …).
-    """
-    from hf_specssm.drafters.mamba_ssm import to_transformers
-
-    return ModelDrafter(to_transformers(model), **options)

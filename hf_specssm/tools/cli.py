@@ -341,6 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
             "distil a target, tokenize offline corpora, train and export a reduced-vocabulary Mamba2 drafter",
         )
     )
+    from hf_specssm.training.distillation.command import add_arguments as add_distill_arguments
+
+    add_distill_arguments(
+        command(
+            "distill",
+            "self-distillation data: the target's answers (greedy and T = 0.7) to a broad built instruction "
+            "set, with top-k soft labels and hidden states; grows across runs; pack it compactly",
+        )
+    )
+    from hf_specssm.training.mamba_drafter.finetune_command import add_arguments as add_finetune_arguments
+
+    add_finetune_arguments(
+        command(
+            "finetune-drafter",
+            "fine-tune a Mamba drafter (token-only or reading the target's hidden state) on a distillation "
+            "store; simulated chains on held-out answers; export",
+        )
+    )
     return parser
 
 
@@ -349,6 +367,8 @@ _COMMANDS = {
     "train-redrafter": ("hf_specssm.training.redrafter.command", "run"),
     "bench": ("hf_specssm.tools.bench.command", "run"),
     "train-mamba-drafter": ("hf_specssm.training.mamba_drafter.command", "run"),
+    "distill": ("hf_specssm.training.distillation.command", "run"),
+    "finetune-drafter": ("hf_specssm.training.mamba_drafter.finetune_command", "run"),
     "bench-trees": ("hf_specssm.tools.bench.trees", "run"),
     "bench-ssm": ("hf_specssm.tools.bench.ssm", "run"),
     "bench-tree-scan": ("hf_specssm.tools.bench.tree_scan", "run"),

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import hf_specssm
+from hf_specssm.drafters.assistant import drafter_from_mamba_ssm
 from hf_specssm.drafters.mamba_ssm import mamba_ssm_available, to_transformers
-from hf_specssm.drafters.model import drafter_from_mamba_ssm
 
 from tests.helpers.models import VOCAB, align, build
 

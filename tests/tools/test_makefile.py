@@ -19,7 +19,9 @@ def _dry_run(target: str, venv: Path) -> str:
     CI runs the suite from inside `make test`: the enclosing make's variables would turn this into a sub-make
     (which prints "Entering directory" lines and inherits its flags), so they are dropped.
     """
-    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES"}}
+    env = {
+        k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES"}
+    }
     completed = subprocess.run(
         ["make", "--no-print-directory", "-n", target, f"VENV={venv}"],
         cwd=ROOT,

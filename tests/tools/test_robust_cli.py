@@ -104,6 +104,7 @@ def test_export_without_a_checkpoint_is_bad_input(tmp_path, capsys):
 def test_the_data_stage_needs_the_distilled_answers(tmp_path, capsys):
     args = ["train-mamba-drafter", "data", "--data", str(tmp_path / "data"), "--target", str(tmp_path)]
     assert main(args) == 2
-    assert "distilled.jsonl does not exist: run `hf-specssm train-mamba-drafter distill` first." in (
-        _one_error_line(capsys)
+    assert (
+        "distilled.jsonl does not exist: run `hf-specssm train-mamba-drafter distill` first, or pass "
+        "--distilled with a store or pack of `hf-specssm distill`." in _one_error_line(capsys)
     )

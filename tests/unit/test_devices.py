@@ -122,9 +122,9 @@ def test_tree_drafting_feeds_the_drafter_device_ids(monkeypatch):
     fed = []
     original = ModelDrafter._forward
 
-    def recording_forward(self, tokens, rows=1):
+    def recording_forward(self, tokens, rows=1, depth=0):
         fed.append(tokens)
-        return original(self, tokens, rows)
+        return original(self, tokens, rows, depth)
 
     monkeypatch.setattr(ModelDrafter, "_forward", recording_forward)
     guard = HostTensorGuard(target, drafter_model, inputs=(PROMPT,))

@@ -203,6 +203,15 @@ def ours(target: PreTrainedModel, name: str, description: str, drafter: Drafter,
     )
 
 
+def _mamba(model: PreTrainedModel, **options) -> hf_specssm.ModelDrafter:
+    """The drafter users get for a Mamba drafter model: `FeatureDrafter` when it reads the target's hidden
+    state, else `ModelDrafter`."""
+    from hf_specssm.drafters.feature import FeatureDrafter
+
+    kind = FeatureDrafter if getattr(model, "reads_target_hidden", False) else hf_specssm.ModelDrafter
+    return kind(model, **options)
+
+
 def standard_methods(
     target: PreTrainedModel,
     small_drafter: PreTrainedModel | None = None,
@@ -231,37 +240,35 @@ def standard_methods(
                 target,
                 "ours-mamba",
                 "hf_specssm, Mamba drafter (adaptive chain)",
-                hf_specssm.ModelDrafter(mamba_drafter),
+                _mamba(mamba_drafter),
                 mamba_drafter,
             ),
             ours(
                 target,
                 "ours-mamba-tree",
                 f"hf_specssm, Mamba drafter, tree {tree_shape}",
-                hf_specssm.ModelDrafter(mamba_drafter, tree_shape=tree_shape),
+                _mamba(mamba_drafter, tree_shape=tree_shape),
                 mamba_drafter,
             ),
             ours(
                 target,
                 "ours-mamba-copy",
                 "hf_specssm, Mamba drafter chain; copies a prompt-lookup match of 2+ tokens instead (ContextCopyDrafter)",
-                hf_specssm.ContextCopyDrafter(hf_specssm.ModelDrafter(mamba_drafter)),
+                hf_specssm.ContextCopyDrafter(_mamba(mamba_drafter)),
                 mamba_drafter,
             ),
             ours(
                 target,
                 "ours-mamba-copy-tree",
                 f"hf_specssm, Mamba drafter, tree {tree_shape} plus a prompt-lookup branch (ContextCopyDrafter)",
-                hf_specssm.ContextCopyDrafter(hf_specssm.ModelDrafter(mamba_drafter, tree_shape=tree_shape)),
+                hf_specssm.ContextCopyDrafter(_mamba(mamba_drafter, tree_shape=tree_shape)),
                 mamba_drafter,
             ),
             ours(
                 target,
                 "ours-mamba-copy-bandit",
                 "hf_specssm, Mamba drafter, UCB bandit over tree shapes plus a prompt-lookup branch",
-                hf_specssm.ContextCopyDrafter(
-                    hf_specssm.ModelDrafter(mamba_drafter, tree_policy=hf_specssm.UCBTreePolicy())
-                ),
+                hf_specssm.ContextCopyDrafter(_mamba(mamba_drafter, tree_policy=hf_specssm.UCBTreePolicy())),
                 mamba_drafter,
             ),
         ]

@@ -157,9 +157,12 @@ def run_data(args: argparse.Namespace) -> int:
 
     from hf_specssm.training.mamba_drafter.data import build_token_data
 
-    distilled = Path(args.data) / DISTILLED_FILENAME
-    if not distilled.is_file():
-        raise ValueError(f"{distilled} does not exist: run `hf-specssm train-mamba-drafter distill` first.")
+    distilled = Path(args.distilled) if args.distilled else Path(args.data) / DISTILLED_FILENAME
+    if not distilled.exists():
+        raise ValueError(
+            f"{distilled} does not exist: run `hf-specssm train-mamba-drafter distill` first, or pass "
+            "--distilled with a store or pack of `hf-specssm distill`."
+        )
     tokenizer = AutoTokenizer.from_pretrained(_resolve_model_path(args.target))
     meta = build_token_data(
         args.data,
@@ -398,6 +401,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     distill.add_argument("--max-new-tokens", type=int, default=256)
     distill.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     data = parser.add_argument_group("data")
+    data.add_argument(
+        "--distilled",
+        default=None,
+        help="the answers to tokenize: a JSONL file, or a store or pack folder of `hf-specssm distill` "
+        "(default: <data>/distilled.jsonl from the distill stage)",
+    )
     data.add_argument("--code-tokens", type=int, default=20_000_000)
     data.add_argument("--doc-tokens", type=int, default=3_000_000)
     train = parser.add_argument_group("train")

@@ -58,6 +58,34 @@ def read_distilled(path: str | Path) -> Iterator[dict]:
             yield record
 
 
+def read_answers(path: str | Path) -> Iterator[dict]:
+    """Distilled records from any of the three forms they come in.
+
+    Args:
+        path: a JSONL file (`train-mamba-drafter distill`), a distillation store folder or a pack folder
+            (`hf-specssm distill generate` / `distill pack`).
+
+    Raises:
+        ValueError: a folder that is neither a store nor a pack.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        yield from read_distilled(path)
+        return
+    if (path / "answers.npz").is_file():
+        from hf_specssm.training.distillation.pack import read_pack
+
+        yield from read_pack(path)
+    elif (path / "manifest.json").is_file():
+        from hf_specssm.training.distillation.store import DistillStore
+
+        yield from DistillStore(path).records()
+    else:
+        raise ValueError(
+            f"{path} is a folder but neither a distillation store (manifest.json) nor a pack (answers.npz)."
+        )
+
+
 def _write_stream(
     path: Path, documents: Iterable[list[int]], separator: int, limit: int | None, desc: str, progress: bool
 ) -> int:
@@ -111,7 +139,8 @@ def build_token_data(
     Args:
         data_dir: output folder (created).
         tokenizer: the target's tokenizer.
-        distilled: the distillation JSONL (its `input_ids` are used as they are).
+        distilled: the distilled answers: a JSONL file, a store or a pack (`read_answers`; their
+            `input_ids` are used as they are).
         code_tokens: stop the code stream after about this many tokens.
         doc_tokens: likewise for documentation.
         heldout_every: one distilled record in this many goes to `heldout.jsonl` instead of training.
@@ -127,7 +156,7 @@ def build_token_data(
     if separator is None or separator == tokenizer.unk_token_id:
         separator = tokenizer.eos_token_id
     train, heldout = [], []
-    for record in read_distilled(distilled):
+    for record in read_answers(distilled):
         (heldout if is_heldout(record["id"], heldout_every) else train).append(record)
     if not train:
         raise ValueError(f"{distilled} holds no distilled records to train on.")

@@ -50,9 +50,14 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
 
 
 def drafter_config(
-    architecture: str, draft_vocab_size: int, target_vocab_size: int, tokenizer_reference: str | None = None
+    architecture: str,
+    draft_vocab_size: int,
+    target_vocab_size: int,
+    tokenizer_reference: str | None = None,
+    feature_size: int | None = None,
 ) -> MambaDrafterConfig:
-    """The config of a named architecture (`ARCHITECTURES`) over `draft_vocab_size` entries ('other' included)."""
+    """The config of a named architecture (`ARCHITECTURES`) over `draft_vocab_size` entries ('other' included);
+    with `feature_size` (the target's hidden size), a feature-conditioned drafter."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}.")
     shape = ARCHITECTURES[architecture]
@@ -60,6 +65,7 @@ def drafter_config(
     return MambaDrafterConfig(
         target_vocab_size=target_vocab_size,
         tokenizer_reference=tokenizer_reference,
+        feature_size=feature_size,
         vocab_size=draft_vocab_size,
         hidden_size=hidden,
         num_hidden_layers=shape["num_hidden_layers"],
@@ -171,7 +177,8 @@ class DrafterTrainingConfig:
 
 
 def learning_rate_factor(step: int, config: DrafterTrainingConfig, floor: float = 0.1) -> float:
-    """Linear warm-up to 1, then cosine decay to `floor` at the last step."""
+    """Linear warm-up to 1, then cosine decay to `floor` at the last step (reads only `config.steps` and
+    `config.warmup_steps`, so `finetune.FinetuneConfig` uses it too)."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)

@@ -1,0 +1,284 @@
+"""`hf-specssm distill ACTION`: self-distillation data that grows across sessions, and its compact form.
+
+    generate  the target answers a broad, built instruction set (greedy, and sampled at T = 0.7 for a
+              share of it), then follow-up turns after its own answers; with top-k soft labels and
+              last hidden states kept beside the answers. Stops cleanly at --hours; run it again
+              (with the same or a larger --count) to continue.
+    status    what the store holds (records by domain and mode, answer tokens, runs and their speed)
+    pack      the store's token ids → a compact, committable dataset (`pack.py`)
+    unpack    a pack's chats → the store (without extras), so a later session continues after them
+
+The store records its recipe (target, answer length, top-k, seed, corpus) and refuses another one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+ACTIONS = ("generate", "status", "pack", "unpack")
+DEFAULT_STORE = "artifacts/distill/qwen2.5-coder-1.5b-instruct"
+# batches per pass of `generate` (a pass rebuilds the task list, picking up new follow-ups)
+PASS_BATCHES = 8
+
+
+def _recipe(args: argparse.Namespace) -> dict[str, object]:
+    from hf_specssm.training.mamba_drafter.command import _target_fingerprint
+
+    roots = sorted(str(Path(root).resolve()) for root in args.corpus_root) if args.corpus_root else None
+    return {
+        "--target": _target_fingerprint(args.target),
+        "--max-new-tokens": args.max_new_tokens,
+        "--max-prompt-tokens": args.max_prompt_tokens,
+        "--top-k": args.top_k,
+        "--seed": args.seed,
+        "--corpus-root": roots,
+    }
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad values before anything loads.
+
+    Raises:
+        ValueError: naming the option and the accepted range.
+    """
+    positive = {
+        "--count": args.count,
+        "--batch-size": args.batch_size,
+        "--max-new-tokens": args.max_new_tokens,
+        "--max-prompt-tokens": args.max_prompt_tokens,
+        "--shard-records": args.shard_records,
+        "--top-k": args.top_k,
+    }
+    for flag, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}.")
+    for flag, value in (("--sample-share", args.sample_share), ("--followup-share", args.followup_share)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{flag} must lie in [0, 1], got {value}.")
+    if args.hours is not None and args.hours <= 0:
+        raise ValueError(f"--hours must be > 0, got {args.hours}.")
+
+
+def _tasks(args, tokenizer, store, instructions):
+    """What is left to answer: first turns (greedy, and sampled for a share), then available follow-ups."""
+    import hashlib
+
+    from hf_specssm.training.distillation.generate import GREEDY, SAMPLED, Task, render, task_id
+    from hf_specssm.training.distillation.instructions import followup_instructions
+
+    done = store.done_ids()
+    by_id = {instruction.id: instruction for instruction in instructions}
+    wanted = []
+    for instruction in instructions:
+        wanted.append((instruction, GREEDY))
+        share = int(hashlib.sha1(f"sample:{instruction.id}".encode()).hexdigest(), 16) % 10_000
+        if share < args.sample_share * 10_000:
+            wanted.append((instruction, SAMPLED))
+    # follow-ups after the target's own finished greedy first answers already in the store
+    first_turns = []
+    for record in store.records():
+        instruction = by_id.get(record["id"])
+        if instruction is not None and record["mode"] == GREEDY and record["finished"]:
+            answer = record["input_ids"][record["prompt_length"] :]
+            first_turns.append((instruction, tokenizer.decode(answer, skip_special_tokens=True)))
+    # follow-ups first: they are few, and a run stopped by --hours should have some of every kind
+    wanted = [
+        (instruction, GREEDY)
+        for instruction in followup_instructions(first_turns, share=args.followup_share, seed=args.seed)
+    ] + wanted
+    tasks, too_long = [], 0
+    for instruction, mode in wanted:
+        identifier = task_id(instruction.id, mode)
+        if identifier in done:
+            continue
+        ids = render(tokenizer, instruction)
+        if len(ids) > args.max_prompt_tokens:
+            too_long += 1
+            continue
+        tasks.append(Task(identifier, instruction, mode, tuple(ids)))
+    return tasks, too_long
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Action `generate`: answer what is left, in batches, until done or past --hours."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_specssm.hardware import resolve_dtype
+    from hf_specssm.training.distillation.generate import run_tasks
+    from hf_specssm.training.distillation.instructions import build_broad_instructions
+    from hf_specssm.training.distillation.store import DistillStore
+    from hf_specssm.training.mamba_drafter.command import _resolve_model_path
+
+    check_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    deadline = time.monotonic() + args.hours * 3600 if args.hours is not None else None
+    store = DistillStore(args.store, recipe=_recipe(args))
+    path = _resolve_model_path(args.target)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    choice = resolve_dtype(args.dtype, args.device)
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=choice.dtype).to(args.device).eval()
+    say = (lambda *a: None) if args.quiet else print
+    say(f"target in {choice.name} ({choice.reason}); store {store.root}")
+    instructions = build_broad_instructions(args.count, seed=args.seed, roots=args.corpus_root)
+    started = time.monotonic()
+    answers = tokens = 0
+    bar = tqdm(desc="distill", unit="answer", disable=args.quiet)
+    try:
+        # in passes of a few batches: each pass sees the follow-ups that the first turns answered so far allow
+        while deadline is None or time.monotonic() < deadline:
+            tasks, too_long = _tasks(args, tokenizer, store, instructions)
+            if not tasks:
+                break
+            if bar.total is None:
+                bar.total = len(tasks)
+                if too_long:
+                    say(
+                        f"skipping {too_long} prompts longer than --max-prompt-tokens {args.max_prompt_tokens}"
+                    )
+            pass_started = time.monotonic()
+
+            def on_batch(count: int, produced: int, seconds: float, before: int = tokens) -> None:
+                bar.update(count)
+                bar.set_postfix(tok_s=f"{(before + produced) / max(time.monotonic() - started, 1e-9):.1f}")
+
+            done, produced, _ = run_tasks(
+                target,
+                tokenizer,
+                tasks[: args.batch_size * PASS_BATCHES],
+                store,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                shard_records=args.shard_records,
+                deadline=deadline,
+                top_k=args.top_k,
+                hidden=not args.no_hidden,
+                dtype_name=choice.name,
+                on_batch=on_batch,
+            )
+            answers += done
+            tokens += produced
+            if done == 0 and time.monotonic() - pass_started < 1:
+                break
+    finally:
+        bar.close()
+        seconds = time.monotonic() - started
+        store.seal()
+        # recorded also when interrupted: the speed of every run that added answers is in the manifest
+        store.add_run(
+            {
+                "answers": answers,
+                "answer_tokens": tokens,
+                "seconds": round(seconds, 1),
+                "tokens_per_hour": round(tokens / max(seconds, 1e-9) * 3600),
+                "dtype": choice.name,
+                "device": str(args.device),
+                "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
+                "count": args.count,
+            }
+        )
+    left, _ = _tasks(args, tokenizer, store, instructions)
+    say(
+        f"{answers} answers, {tokens} answer tokens in {seconds / 60:.1f} min "
+        f"({tokens / max(seconds, 1e-9) * 3600:,.0f} tokens/hour); {len(left)} left"
+        + (": run the same command again to continue" if left else "")
+    )
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Action `status`: print what the store holds."""
+    from hf_specssm.training.distillation.store import DistillStore
+
+    store = DistillStore(args.store)
+    print(
+        json.dumps(
+            {**store.summary(), "shards": len(store.manifest["shards"]), "runs": store.manifest["runs"]},
+            indent=1,
+        )
+    )
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    """Action `pack`: write the compact dataset of the store's token ids to --pack-out."""
+    from hf_specssm.training.distillation.pack import pack_store
+    from hf_specssm.training.distillation.store import DistillStore
+
+    path = pack_store(DistillStore(args.store), args.pack_out, max_bytes=int(args.max_pack_mb * 2**20))
+    print(path)
+    return 0
+
+
+def run_unpack(args: argparse.Namespace) -> int:
+    """Action `unpack`: add the chats of --pack-out to the store (created with this command's recipe)."""
+    from hf_specssm.training.distillation.pack import unpack_into_store
+    from hf_specssm.training.distillation.store import DistillStore
+
+    recipe = json.loads((Path(args.pack_out) / "manifest.json").read_text())["recipe"]
+    added = unpack_into_store(args.pack_out, DistillStore(args.store, recipe=recipe))
+    print(f"{added} chats added to {args.store}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `distill` options."""
+    parser.add_argument("action", choices=ACTIONS, help="what to do (generate resumes)")
+    parser.add_argument(
+        "--target",
+        default="qwen2.5-coder-1.5b-instruct",
+        help="target model folder, or a name from `hf-specssm fetch --list` (fetched when missing)",
+    )
+    parser.add_argument("--store", default=DEFAULT_STORE, help="the store folder (grows across runs)")
+    parser.add_argument(
+        "--count", type=int, default=6000, help="first-turn instructions (grow it to continue)"
+    )
+    parser.add_argument(
+        "--sample-share", type=float, default=0.5, help="share of instructions also answered at T = 0.7"
+    )
+    parser.add_argument(
+        "--followup-share",
+        type=float,
+        default=0.3,
+        help="share of finished first answers given a second turn",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are skipped")
+    parser.add_argument("--shard-records", type=int, default=512, help="records per sealed shard")
+    parser.add_argument("--top-k", type=int, default=8, help="soft-label entries kept per answer token")
+    parser.add_argument("--no-hidden", action="store_true", help="do not keep the target's hidden states")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU exists")
+    parser.add_argument("--hours", type=float, default=None, help="stop after the batch that crosses this")
+    parser.add_argument(
+        "--corpus-root",
+        type=Path,
+        action="append",
+        help="folder of Python source and docs to build instructions from (repeatable)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--pack-out",
+        default="data/distilled/qwen2.5-coder-1.5b-instruct",
+        help="pack, unpack: the compact dataset's folder",
+    )
+    parser.add_argument(
+        "--max-pack-mb", type=float, default=25.0, help="pack: refuse to write more than this"
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed action."""
+    actions = {"generate": run_generate, "status": run_status, "pack": run_pack, "unpack": run_unpack}
+    return actions[args.action](args)

@@ -1,0 +1,264 @@
+"""A broad, built set of instructions for self-distillation, never from benchmark prompts.
+
+A drafter is accepted when it predicts what the *target* writes, over what users ask. So the instructions
+cover the kinds of requests a chat model gets, each built here from templates and from material on this
+machine (Python source, documentation prose), seeded and deterministic:
+
+- **code**, **math**, **chat**, **summary**: as in `mamba_drafter.prompts` (documented functions as stubs or
+  tasks, templated word problems, open questions and writing, "Summarize: …" over doc paragraphs);
+- **translation**: a sentence or short paragraph of documentation prose into one of several languages;
+- **qa**: short factual and how-to questions (about topics, and about Python functions by name);
+- **rag**: a documentation passage followed by a question to answer from it;
+- **followup**: a second user turn after the target's own first answer (`followup_instructions`, built once
+  first answers exist: "make it shorter", "add tests", "explain step 2", …).
+
+The four public benchmark sets (HumanEval, GSM8K, MT-Bench, CNN/DM) are never read; the templates were
+written for this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from hf_specssm.training.mamba_drafter.corpus import DocumentedFunction, doc_paragraphs, python_functions
+from hf_specssm.training.mamba_drafter.prompts import (
+    _TOPICS,
+    Instruction,
+    _math_problem,
+    chat_instruction,
+    code_instructions,
+    summary_instruction,
+)
+
+#: Domains of first-turn instructions, with their default shares.
+DEFAULT_MIX: dict[str, float] = {
+    "code": 0.30,
+    "math": 0.15,
+    "chat": 0.17,
+    "summary": 0.10,
+    "translation": 0.08,
+    "qa": 0.10,
+    "rag": 0.10,
+}
+DOMAINS = (*DEFAULT_MIX, "followup")
+
+_LANGUAGES = [
+    "French",
+    "German",
+    "Spanish",
+    "Italian",
+    "Portuguese",
+    "Chinese",
+    "Japanese",
+    "Russian",
+    "Dutch",
+]
+_TRANSLATE = [
+    "Translate the following text into {lang}:\n\n{text}",
+    "Please translate this into {lang}.\n\n{text}",
+    'How would you say this in {lang}? "{text}"',
+    "Translate to {lang}, keeping technical terms in English where that is usual:\n{text}",
+]
+_QA_TOPIC = [
+    "What is {t}?",
+    "Why is {t} important?",
+    "How does {t} work?",
+    "Who are some key figures associated with {t}?",
+    "What is a common mistake beginners make with {t}?",
+    "In one paragraph, what should I know about {t}?",
+    "What is the difference between {t} and {u}?",
+    "Is {t} still relevant today? Answer briefly.",
+]
+_QA_PYTHON = [
+    "What does `{name}` do in Python?",
+    "When would I use `{name}`? Give a short example.",
+    "What arguments does `{name}` take, and what does it return?",
+    "Is there a simpler alternative to `{name}` in Python?",
+]
+_RAG = [
+    "Answer the question using only the passage below.\n\nPassage:\n{text}\n\nQuestion: {question}",
+    "Read the text and answer.\n\n{text}\n\n{question}",
+    'Context:\n"""\n{text}\n"""\n\nBased on the context above, {question_lower}',
+    "Here is an excerpt from some documentation:\n\n{text}\n\nQ: {question}\nA:",
+]
+_RAG_QUESTIONS = [
+    "What is the main point of this passage?",
+    "What does the passage say about {word}?",
+    "List the key facts the passage gives.",
+    "Who is this text written for, and how can you tell?",
+    "What would a reader need to do, according to the passage?",
+    "Explain {word} as it is used in the passage.",
+]
+_FOLLOWUPS = {
+    "code": [
+        "Can you add a few unit tests for this?",
+        "Please add type hints and a docstring.",
+        "Can you make it more efficient?",
+        "Explain how your code works, step by step.",
+        "Rewrite it without using any imports.",
+    ],
+    "math": [
+        "Can you check your answer another way?",
+        "Explain the second step in more detail.",
+        "What if the numbers were doubled?",
+        "Write the solution as a short Python program.",
+    ],
+    "any": [
+        "Can you make that shorter?",
+        "Summarize your answer in three bullet points.",
+        "Can you give an example?",
+        "Explain that as if I were ten years old.",
+        "What are the limitations of what you just said?",
+        "Thanks! Can you expand on the most important point?",
+        "Please rewrite that in a more formal tone.",
+    ],
+}
+
+
+def _sentences(paragraph: str, rng: random.Random) -> str:
+    """One to three consecutive sentences of `paragraph` (at most ~400 characters)."""
+    parts = [part for part in re.split(r"(?<=[.!?])\s+", paragraph) if part]
+    if not parts:
+        return paragraph[:400]
+    start = rng.randrange(len(parts))
+    return " ".join(parts[start : start + rng.randint(1, 3)])[:400]
+
+
+def _keyword(text: str, rng: random.Random) -> str:
+    """A content word of `text` to ask about (a longer word, not a stop word)."""
+    words = [word.strip(".,;:()[]\"'`") for word in text.split()]
+    words = [word for word in words if len(word) >= 6 and word.isalpha()]
+    return rng.choice(words) if words else "it"
+
+
+def translation_instruction(paragraphs: Sequence[str], rng: random.Random) -> str:
+    """Translate a few sentences of documentation prose into one of `_LANGUAGES`."""
+    text = _sentences(rng.choice(paragraphs), rng)
+    return rng.choice(_TRANSLATE).format(lang=rng.choice(_LANGUAGES), text=text)
+
+
+def qa_instruction(functions: Sequence[DocumentedFunction], rng: random.Random) -> str:
+    """A short question about a topic or (when functions are known) about a Python function by name."""
+    if functions and rng.random() < 0.35:
+        return rng.choice(_QA_PYTHON).format(name=rng.choice(functions).name)
+    topic, other = rng.sample(_TOPICS, 2)
+    return rng.choice(_QA_TOPIC).format(t=topic, u=other)
+
+
+def rag_instruction(paragraphs: Sequence[str], rng: random.Random) -> str:
+    """A passage (one or two doc paragraphs) followed by a question to answer from it."""
+    start = rng.randrange(len(paragraphs))
+    text = "\n\n".join(paragraphs[start : start + rng.randint(1, 2)])[:1500]
+    question = rng.choice(_RAG_QUESTIONS).format(word=_keyword(text, rng))
+    template = rng.choice(_RAG)
+    return template.format(text=text, question=question, question_lower=question[0].lower() + question[1:])
+
+
+def build_broad_instructions(
+    count: int,
+    seed: int = 0,
+    mix: dict[str, float] | None = None,
+    functions: list[DocumentedFunction] | None = None,
+    paragraphs: list[str] | None = None,
+    roots: list[Path] | None = None,
+) -> list[Instruction]:
+    """`count` first-turn instructions across `DEFAULT_MIX`'s domains, deterministic for a seed and machine.
+
+    Ids are `<domain>-<index>`. Each domain draws from its own generator, so a later call with a larger
+    `count` (same seed, mix and pools) extends every domain's list and keeps the earlier ids and texts:
+    a distillation store grows across sessions by asking for more.
+
+    Args:
+        count: how many instructions.
+        seed: seeds every choice (each domain draws from its own generator, so one domain's quota does
+            not change another domain's texts).
+        mix: the share of each domain (default `DEFAULT_MIX`).
+        functions: documented functions for code and qa (default: `python_functions(roots)`).
+        paragraphs: documentation paragraphs for summary, translation and rag (default: `doc_paragraphs(roots)`).
+        roots: folders to search (default: the standard library, `site-packages` and `/usr/share/doc`).
+
+    Raises:
+        ValueError: a bad `count` or `mix`, or no paragraphs for the domains that need them.
+    """
+    mix = dict(mix or DEFAULT_MIX)
+    unknown = set(mix) - set(DEFAULT_MIX)
+    if unknown or not mix or any(share < 0 for share in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"mix must give non-negative shares of {tuple(DEFAULT_MIX)}, got {mix!r}.")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}.")
+    total = sum(mix.values())
+    quota = {domain: round(count * mix.get(domain, 0) / total) for domain in DEFAULT_MIX}
+    needs_functions = quota["code"] or quota["qa"]
+    needs_paragraphs = quota["summary"] or quota["translation"] or quota["rag"]
+    pool = functions if functions is not None else (list(python_functions(roots)) if needs_functions else [])
+    docs = paragraphs if paragraphs is not None else (list(doc_paragraphs(roots)) if needs_paragraphs else [])
+    if needs_paragraphs and not docs:
+        raise ValueError("no documentation paragraphs were found for summary, translation or rag prompts.")
+
+    def rng_for(domain: str) -> random.Random:
+        return random.Random(f"{seed}:{domain}")
+
+    instructions: list[Instruction] = []
+
+    def add(domain: str, texts: Iterable[str]) -> None:
+        for index, text in enumerate(texts):
+            instructions.append(Instruction(f"{domain}-{index}", domain, [{"role": "user", "content": text}]))
+
+    if quota["code"]:
+        rng = rng_for("code")
+        shuffled = list(pool)
+        rng.shuffle(shuffled)
+        add("code", code_instructions(shuffled[: quota["code"]], rng))
+    rng = rng_for("math")
+    add("math", (_math_problem(rng) for _ in range(quota["math"])))
+    rng = rng_for("chat")
+    add("chat", (chat_instruction(rng, _TOPICS) for _ in range(quota["chat"])))
+    rng = rng_for("summary")
+    add("summary", (summary_instruction(docs, rng) for _ in range(quota["summary"])))
+    rng = rng_for("translation")
+    add("translation", (translation_instruction(docs, rng) for _ in range(quota["translation"])))
+    rng = rng_for("qa")
+    add("qa", (qa_instruction(pool, rng) for _ in range(quota["qa"])))
+    rng = rng_for("rag")
+    add("rag", (rag_instruction(docs, rng) for _ in range(quota["rag"])))
+    random.Random(f"{seed}:order").shuffle(instructions)
+    return instructions
+
+
+def _chosen(record_id: str, share: float) -> bool:
+    """Whether a record gets a follow-up: a stable hash of its id, about `share` of them."""
+    return int(hashlib.sha1(f"followup:{record_id}".encode()).hexdigest(), 16) % 10_000 < share * 10_000
+
+
+def followup_instructions(
+    first_turns: Iterable[tuple[Instruction, str]], share: float = 0.3, seed: int = 0
+) -> list[Instruction]:
+    """Second-turn instructions after the target's own first answers.
+
+    Args:
+        first_turns: `(instruction, answer_text)` pairs; only finished answers should be passed.
+        share: about this share of the pairs gets a follow-up (chosen by a hash of the id, so the choice
+            does not depend on which other records exist).
+        seed: seeds which follow-up question each gets.
+
+    Returns:
+        Instructions with id `followup-<first id>`, domain `followup` and three messages
+        (user, the target's answer, the follow-up).
+    """
+    out = []
+    for instruction, answer in first_turns:
+        if instruction.domain == "followup" or not _chosen(instruction.id, share):
+            continue
+        rng = random.Random(f"{seed}:followup:{instruction.id}")
+        questions = _FOLLOWUPS.get(instruction.domain, []) + _FOLLOWUPS["any"]
+        messages = [
+            *instruction.messages,
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": rng.choice(questions)},
+        ]
+        out.append(Instruction(f"followup-{instruction.id}", "followup", messages))
+    return out

@@ -1,0 +1,459 @@
+"""Fine-tune a Mamba drafter on the target's own answers, with soft labels and (optionally) its hidden states.
+
+The data is a distillation store (`hf_specssm.training.distillation`): prompts and the target's answers,
+the target's top-k log-probabilities at every answer token, and its last hidden state there. The drafter
+reads the whole chat; the loss covers answer tokens only:
+
+    loss = (1 - λ) · CE(drafter, answer token) + λ · CE(drafter, target's top-k distribution renormalised)
+
+A **feature-conditioned** drafter (`config.feature_size`) is trained the way it drafts. A round starts after
+the target committed token `x_t`, chosen by the target's hidden state `h_{t-1}`; the drafter has read `x_t`
+and drafts `x_{t+1}` with feature `h_{t-1}` at depth 0, then `x_{t+2}` after its own `x_{t+1}` with the
+same feature at depth 1, and so on. So position `t` is trained with the feature of a round that started
+`j` tokens earlier (`h_{t-1-j}`, depth `j`), `j` drawn uniformly from the depths the answer allows; with
+probability `feature_dropout` a position gets no feature at all, as in the first round of a call (no hidden
+state exists before the first verification).
+
+`evaluate_drafter` simulates greedy chains on held-out greedy answers exactly: a chain's draft `i` is fed
+only if drafts `0 … i-1` equal the target's tokens, so teacher-forced predictions at depth `i` give what
+the chain would have drafted. It reports the simulated τ, the acceptance rate by draft position and the
+top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from hf_specssm.drafters.mamba import MambaDrafterForCausalLM
+from hf_specssm.training.checkpoints import (
+    latest_checkpoint,
+    load_schedule,
+    load_trainer_state,
+    save_checkpoint,
+)
+from hf_specssm.training.distillation.generate import GREEDY, load_extras
+from hf_specssm.training.distillation.store import DistillStore
+from hf_specssm.training.mamba_drafter.data import is_heldout
+from hf_specssm.training.mamba_drafter.training import learning_rate_factor
+
+
+@dataclass(frozen=True)
+class Example:
+    """One distilled chat.
+
+    Attributes:
+        ids: `[L]` target ids, prompt then answer.
+        prompt_length: `P`; the answer is `ids[P:]` (`A` tokens).
+        mode: `greedy` or `t0.7`.
+        topk_ids: `[A, k]` target ids of the target's top-k at each answer token.
+        topk_logp: `[A, k]` their log-probabilities (temperature 1).
+        hidden: `[A, F]` the target's last hidden state that chose each answer token, or None.
+        domain: the instruction's domain (`code`, `math`, …).
+    """
+
+    ids: torch.Tensor
+    prompt_length: int
+    mode: str
+    topk_ids: torch.Tensor
+    topk_logp: torch.Tensor
+    hidden: torch.Tensor | None
+    domain: str = ""
+
+
+def load_examples(
+    store: DistillStore,
+    split: str = "train",
+    heldout_every: int = 40,
+    need_hidden: bool = False,
+    limit: int | None = None,
+) -> list[Example]:
+    """The store's records of one split (`train`, `heldout` by a stable hash of the id, or `all`) with their extras.
+
+    Records whose answer is shorter than two tokens, or (with `need_hidden`) that kept no hidden states,
+    are skipped.
+
+    Raises:
+        ValueError: an unknown split, or no record left.
+    """
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}.")
+    examples = []
+    for record in store.records():
+        if split != "all" and is_heldout(record["id"], heldout_every) != (split == "heldout"):
+            continue
+        extras = load_extras(store, record)
+        if len(record["input_ids"]) - record["prompt_length"] < 2 or (need_hidden and "hidden" not in extras):
+            continue
+        ids = torch.tensor(record["input_ids"], dtype=torch.long)
+        if "topk_ids" in extras:
+            topk_ids = torch.from_numpy(extras["topk_ids"].astype(np.int64))
+            topk_logp = torch.from_numpy(extras["topk_logp"].astype(np.float32))
+        else:
+            # no soft labels kept (an unpacked chat): the answer token itself, with all the mass
+            answer = ids[int(record["prompt_length"]) :]
+            topk_ids = answer[:, None].expand(-1, store.recipe.get("--top-k", 8)).clone()
+            topk_logp = torch.full(topk_ids.shape, -1e4)
+            topk_logp[:, 0] = 0.0
+        examples.append(
+            Example(
+                ids=ids,
+                prompt_length=int(record["prompt_length"]),
+                mode=record["mode"],
+                topk_ids=topk_ids,
+                topk_logp=topk_logp,
+                hidden=torch.from_numpy(extras["hidden"]) if "hidden" in extras else None,
+                domain=record.get("domain", ""),
+            )
+        )
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise ValueError(f"{store.root} holds no usable {split} records.")
+    return examples
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Options of `finetune_drafter`.
+
+    Attributes:
+        steps: optimiser steps in total (a resumed run continues up to this count).
+        batch_size: chats per step.
+        max_length: longer chats lose the start of their prompt (never answer tokens).
+        learning_rate: peak AdamW learning rate of the drafter's own weights (linear warm-up, cosine to 10%).
+        feature_learning_rate: peak learning rate of the feature projection and depth offsets (new weights).
+        warmup_steps: warm-up steps.
+        max_grad_norm: gradient clipping norm.
+        soft_weight: λ, the weight of the soft-label term.
+        feature_dropout: share of positions trained without a feature (the first round has none).
+        max_depth: depths `0 … max_depth - 1` are trained (the chain lengths used when drafting).
+        use_features: train the feature path (needs a feature-conditioned model and stored hidden states).
+        checkpoint_every: steps between checkpoints.
+        keep_checkpoints: how many checkpoints to keep.
+        seed: the batches and draws of step `s` are a function of `(seed, s)`, so resuming is exact.
+        progress: show a tqdm bar.
+    """
+
+    steps: int = 600
+    batch_size: int = 8
+    max_length: int = 1024
+    learning_rate: float = 5e-4
+    feature_learning_rate: float = 2e-3
+    warmup_steps: int = 30
+    max_grad_norm: float = 1.0
+    soft_weight: float = 0.5
+    feature_dropout: float = 0.15
+    max_depth: int = 6
+    use_features: bool = True
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "max_length",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_depth",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if not (self.learning_rate > 0 and self.feature_learning_rate > 0 and self.max_grad_norm > 0):
+            raise ValueError("learning rates and max_grad_norm must be > 0.")
+        for name in ("soft_weight", "feature_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0.")
+
+
+@dataclass
+class Batch:
+    """Padded chats and the answer positions to train.
+
+    Attributes:
+        ids: `[B, T]` target ids (right-padded with the last token).
+        rows, positions: `[N]` the chat and position `t` of each trained prediction (of `ids[row, t + 1]`).
+        labels: `[N]` target ids to predict.
+        soft_ids, soft_probs: `[N, k]` the target's top-k and their renormalised probabilities.
+        features: `[N, F]` the feature of each prediction (zeros where none), or None without features.
+        depths: `[N]` draft depths (`-1`: no feature).
+    """
+
+    ids: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+    labels: torch.Tensor
+    soft_ids: torch.Tensor
+    soft_probs: torch.Tensor
+    features: torch.Tensor | None
+    depths: torch.Tensor
+
+
+def make_batch(
+    examples: list[Example], config: FinetuneConfig, generator: torch.Generator, use_features: bool
+) -> Batch:
+    """The trained predictions of `examples` (see the module docstring), depths and dropout drawn from `generator`."""
+    chats, rows, positions, labels, soft_ids, soft_logp, features, depths = [], [], [], [], [], [], [], []
+    for row, example in enumerate(examples):
+        cut = max(0, example.ids.numel() - config.max_length)
+        cut = min(cut, example.prompt_length - 1) if example.prompt_length > 0 else 0
+        ids = example.ids[cut:]
+        prompt = example.prompt_length - cut
+        answer = ids.numel() - prompt
+        chats.append(ids)
+        # position t reads x_t and predicts x_{t+1}: t = P … P + A - 2 (answer steps 1 … A - 1)
+        t = torch.arange(prompt, prompt + answer - 1)
+        steps = t + 1 - prompt
+        rows.append(torch.full_like(t, row))
+        positions.append(t)
+        labels.append(ids[t + 1])
+        soft_ids.append(example.topk_ids[steps])
+        soft_logp.append(example.topk_logp[steps])
+        if use_features:
+            allowed = torch.clamp(t - prompt, max=config.max_depth - 1)
+            depth = (torch.rand(t.numel(), generator=generator) * (allowed + 1)).long()
+            dropped = torch.rand(t.numel(), generator=generator) < config.feature_dropout
+            depth = torch.where(dropped, torch.full_like(depth, -1), depth)
+            source = (t - depth.clamp(min=0) - prompt).clamp(min=0)
+            chosen = example.hidden[source].float()
+            chosen[dropped] = 0
+            features.append(chosen)
+            depths.append(depth)
+        else:
+            depths.append(torch.full_like(t, -1))
+    width = max(chat.numel() for chat in chats)
+    padded = torch.stack([torch.cat([chat, chat[-1:].expand(width - chat.numel())]) for chat in chats])
+    logp = torch.cat(soft_logp)
+    return Batch(
+        ids=padded,
+        rows=torch.cat(rows),
+        positions=torch.cat(positions),
+        labels=torch.cat(labels),
+        soft_ids=torch.cat(soft_ids),
+        soft_probs=torch.softmax(logp, dim=-1),
+        features=torch.cat(features) if use_features else None,
+        depths=torch.cat(depths),
+    )
+
+
+def batch_loss(model: MambaDrafterForCausalLM, batch: Batch, soft_weight: float) -> torch.Tensor:
+    """`(1 - λ) · CE(hard) + λ · CE(soft)` over the batch's predictions, in the draft vocabulary (scalar)."""
+    device = model.device
+    hidden = model.draft_hidden(model.to_draft_ids(batch.ids.to(device)))
+    selected = hidden[batch.rows.to(device), batch.positions.to(device)]  # [N, H]
+    if batch.features is not None:
+        depths = batch.depths.to(device)
+        has_feature = (depths >= 0).to(selected.dtype)[:, None]
+        bias = model.feature_bias(batch.features.to(device)[:, None], depths.clamp(min=0)[:, None])[:, 0]
+        selected = selected + has_feature * bias
+    logits = model.lm_head(selected).float()  # [N, V_d]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    hard = -log_probs.gather(1, model.to_draft_ids(batch.labels.to(device))[:, None]).mean()
+    soft_draft = model.to_draft_ids(batch.soft_ids.to(device))
+    soft = -(batch.soft_probs.to(device) * log_probs.gather(1, soft_draft)).sum(-1).mean()
+    return (1 - soft_weight) * hard + soft_weight * soft
+
+
+def _optimizer(model: MambaDrafterForCausalLM, config: FinetuneConfig) -> torch.optim.Optimizer:
+    new = {"feature_proj.weight", "depth_embedding.weight", "feature_norm.weight"}
+    named = dict(model.named_parameters())
+    fresh = [parameter for name, parameter in named.items() if name in new]
+    rest = [parameter for name, parameter in named.items() if name not in new]
+    groups = [{"params": rest, "lr": config.learning_rate}]
+    if fresh:
+        groups.append({"params": fresh, "lr": config.feature_learning_rate})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def finetune_drafter(
+    model: MambaDrafterForCausalLM,
+    examples: list[Example],
+    output_dir: str | Path,
+    config: FinetuneConfig,
+    on_checkpoint: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Fine-tune `model` in place on `examples`; checkpoints go to `output_dir` (resumes from the newest).
+
+    Returns:
+        the loss of every step so far (a resumed run includes the steps before the interruption).
+
+    Raises:
+        ValueError: `use_features` with a token-only model or examples without hidden states, or hidden
+            states whose size is not the model's `feature_size`.
+    """
+    if config.use_features:
+        if not model.reads_target_hidden:
+            raise ValueError("use_features needs a feature-conditioned drafter (config.feature_size set).")
+        missing = sum(example.hidden is None for example in examples)
+        if missing:
+            raise ValueError(
+                f"{missing} examples kept no hidden states: regenerate them without --no-hidden."
+            )
+        size = examples[0].hidden.shape[-1]
+        if size != model.config.feature_size:
+            raise ValueError(
+                f"the stored hidden states have size {size}, the drafter reads {model.config.feature_size}."
+            )
+    optimizer = _optimizer(model, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
+    step, losses, seconds = 0, [], 0.0
+    if (folder := latest_checkpoint(output_dir)) is not None:
+        result = model.load_state_dict(
+            load_file(folder / "model.safetensors", device=str(model.device)), strict=False
+        )
+        if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
+            raise ValueError(f"{folder} does not match the model: {result}")
+        state = load_trainer_state(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        load_schedule(schedule, state["schedule"])
+        step, losses, seconds = int(state["step"]), list(state["losses"]), float(state.get("seconds", 0.0))
+    model.train()
+    bar = tqdm(total=config.steps, initial=step, desc="finetune-drafter", disable=not config.progress)
+    try:
+        while step < config.steps:
+            started = time.perf_counter()
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            chosen = torch.randint(len(examples), (config.batch_size,), generator=generator).tolist()
+            batch = make_batch([examples[i] for i in chosen], config, generator, config.use_features)
+            loss = batch_loss(model, batch, config.soft_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            seconds += time.perf_counter() - started
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                state = {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "losses": losses,
+                    "seconds": seconds,
+                    "tokens": step * config.batch_size * config.max_length,
+                }
+                model.config.training_steps = step
+                save_checkpoint(output_dir, step, model, state, config.keep_checkpoints)
+                if on_checkpoint is not None:
+                    on_checkpoint(
+                        step,
+                        sum(losses[-config.checkpoint_every :]) / min(len(losses), config.checkpoint_every),
+                    )
+                    model.train()
+    finally:
+        bar.close()
+        model.eval()
+    return losses
+
+
+@dataclass(frozen=True)
+class ChainEstimate:
+    """Simulated greedy chains on held-out greedy answers.
+
+    Attributes:
+        tau: mean tokens per target forward (accepted drafts + 1) over every round start, chains of `k`.
+        acceptance_by_position: `[k]` P(draft i accepted | drafts before it accepted).
+        top1: share of answer tokens where the depth-0 draft equals the target's token.
+        k: chain length.
+        rounds: round starts simulated.
+    """
+
+    tau: float
+    acceptance_by_position: list[float]
+    top1: float
+    k: int
+    rounds: int
+
+
+@torch.no_grad()
+def evaluate_drafter(
+    model: MambaDrafterForCausalLM, examples: Iterable[Example], k: int = 6, use_features: bool | None = None
+) -> ChainEstimate:
+    """Simulate greedy chains of `k` drafts at every round start of the greedy answers (module docstring).
+
+    Args:
+        model: the drafter.
+        examples: held-out examples (sampled ones are skipped: their tokens are not the target's argmax).
+        k: chain length.
+        use_features: read the stored hidden states (default: when the model is feature-conditioned).
+    """
+    use_features = model.reads_target_hidden if use_features is None else use_features
+    model.eval()
+    device = model.device
+    accepted_total, rounds = 0, 0
+    reached = np.zeros(k)
+    kept = np.zeros(k)
+    top1_hits = top1_count = 0
+    for example in examples:
+        if example.mode != GREEDY or (use_features and example.hidden is None):
+            continue
+        ids, prompt = example.ids.to(device), example.prompt_length
+        answer = ids.numel() - prompt
+        if answer < 2:
+            continue
+        hidden = model.draft_hidden(model.to_draft_ids(ids[None]))[0]  # [L, H]
+        t = torch.arange(prompt, prompt + answer - 1, device=device)
+        truth = model.to_draft_ids(ids[t + 1])
+        # correct[depth, i]: the prediction at position t_i with a round started `depth` tokens earlier
+        correct = torch.zeros(k, t.numel(), dtype=torch.bool, device=device)
+        for depth in range(k):
+            states = hidden[t]
+            if use_features:
+                source = (t - depth - prompt).clamp(min=0)
+                bias = model.feature_bias(example.hidden.to(device)[source][:, None], depth)[:, 0]
+                states = states + bias
+            predicted = model.lm_head(states).argmax(-1)
+            # entries with depth > i (a round started before the answer) are never read by a chain
+            correct[depth] = predicted == truth
+        top1_hits += int(correct[0].sum())
+        top1_count += t.numel()
+        table = correct.cpu().numpy()
+        for start in range(t.numel()):
+            run = 0
+            while run < k and start + run < t.numel() and table[run, start + run]:
+                run += 1
+            length = min(k, t.numel() - start)
+            accepted_total += run
+            rounds += 1
+            for position in range(min(run + 1, length)):
+                reached[position] += 1
+                kept[position] += position < run
+    return ChainEstimate(
+        tau=1 + accepted_total / max(rounds, 1),
+        acceptance_by_position=[float(kept[i] / reached[i]) if reached[i] else 0.0 for i in range(k)],
+        top1=top1_hits / max(top1_count, 1),
+        k=k,
+        rounds=rounds,
+    )
+
+
+def feature_model_from(token_only: MambaDrafterForCausalLM, feature_size: int) -> MambaDrafterForCausalLM:
+    """A feature-conditioned drafter with `token_only`'s weights and zero feature terms (drafts like it).
+
+    The new model is in fp32 on `token_only`'s device.
+    """
+    from hf_specssm.drafters.configuration_mamba_drafter import MambaDrafterConfig
+
+    config = MambaDrafterConfig(**{**token_only.config.to_dict(), "feature_size": feature_size})
+    model = MambaDrafterForCausalLM(config).to(token_only.device)
+    result = model.load_state_dict(token_only.state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"unexpected weights in the token-only drafter: {result.unexpected_keys}")
+    model.zero_feature_terms()
+    return model.float()

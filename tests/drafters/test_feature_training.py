@@ -1,0 +1,154 @@
+"""Fine-tuning on distilled answers: features that carry the next token are learned, resuming is exact,
+and the chain simulation counts what a chain would accept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_specssm.training.mamba_drafter.finetune import (
+    Example,
+    FinetuneConfig,
+    evaluate_drafter,
+    feature_model_from,
+    finetune_drafter,
+    make_batch,
+)
+from hf_specssm.training.mamba_drafter.training import drafter_config, new_drafter
+
+TARGET_VOCAB = 48
+DRAFT_IDS = torch.arange(2, TARGET_VOCAB, 2)  # 23 draftable tokens
+FEATURE = 16
+
+
+def _examples(count: int, seed: int, answer: int = 24, informative: bool = True) -> list[Example]:
+    """Random chats whose answer tokens cannot be predicted from tokens; the stored hidden state that chose
+    answer token `s` encodes token `s + 1` (what a round starting there drafts first)."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randn(TARGET_VOCAB, FEATURE, generator=torch.Generator().manual_seed(99))
+    examples = []
+    for _ in range(count):
+        ids = DRAFT_IDS[torch.randint(DRAFT_IDS.numel(), (4 + answer,), generator=generator)]
+        tokens = ids[4:]
+        following = torch.cat([tokens[1:], tokens[-1:]])
+        hidden = codes[following] if informative else torch.randn(answer, FEATURE, generator=generator)
+        others = DRAFT_IDS[torch.randint(DRAFT_IDS.numel(), (answer, 1), generator=generator)]
+        examples.append(
+            Example(
+                ids=ids,
+                prompt_length=4,
+                mode="greedy",
+                topk_ids=torch.cat([tokens[:, None], others], dim=1),
+                topk_logp=torch.tensor([[-0.01, -4.6]]).expand(answer, 2).clone(),
+                hidden=hidden.to(torch.float16),
+            )
+        )
+    return examples
+
+
+def _token_only(seed: int = 0):
+    return new_drafter(
+        drafter_config("tiny", DRAFT_IDS.numel() + 1, TARGET_VOCAB), DRAFT_IDS, seed=seed
+    ).eval()
+
+
+def _config(**overrides) -> FinetuneConfig:
+    options = dict(steps=60, batch_size=8, learning_rate=3e-3, feature_learning_rate=1e-2, warmup_steps=5,
+                   checkpoint_every=60, max_depth=3, progress=False)  # fmt: skip
+    return FinetuneConfig(**{**options, **overrides})
+
+
+def test_batches_train_answer_positions_with_the_feature_of_the_round_start():
+    example = _examples(1, seed=0)[0]
+    config = _config(max_depth=3, feature_dropout=0.0)
+    batch = make_batch([example], config, torch.Generator().manual_seed(0), use_features=True)
+    # positions t = P … P + A - 2 predict answer steps 1 … A - 1
+    assert batch.positions.tolist() == list(range(4, 4 + 23))
+    assert torch.equal(batch.labels, example.ids[5:])
+    assert torch.equal(batch.soft_ids[:, 0], example.ids[5:])
+    for t, depth, feature in zip(batch.positions.tolist(), batch.depths.tolist(), batch.features):
+        assert 0 <= depth <= min(2, t - 4)
+        assert torch.equal(feature, example.hidden[t - depth - 4].float())
+    dropped = make_batch([example], _config(feature_dropout=1.0), torch.Generator(), use_features=True)
+    assert (dropped.depths == -1).all() and not dropped.features.any()
+
+
+@pytest.mark.slow
+def test_features_that_carry_the_next_token_are_learned(tmp_path):
+    train, heldout = _examples(64, seed=1), _examples(8, seed=2)
+    featured = feature_model_from(_token_only(), FEATURE)
+    before = evaluate_drafter(featured, heldout, k=3)
+    finetune_drafter(featured, train, tmp_path / "featured", _config())
+    after = evaluate_drafter(featured, heldout, k=3)
+    plain = _token_only()
+    finetune_drafter(plain, train, tmp_path / "plain", _config(use_features=False))
+    baseline = evaluate_drafter(plain, heldout, k=3)
+    # tokens alone cannot beat chance (1/23); the feature names the next token at depth 0
+    assert baseline.top1 < 0.2 and before.top1 < 0.2
+    assert after.top1 > 0.3
+    assert after.tau > baseline.tau + 0.2
+    assert after.acceptance_by_position[0] == pytest.approx(after.top1, abs=0.05)
+
+
+@pytest.mark.slow
+def test_uninformative_features_teach_nothing(tmp_path):
+    """Negative control: the same training with features that carry nothing stays at chance."""
+    train, heldout = _examples(64, seed=1, informative=False), _examples(8, seed=2, informative=False)
+    featured = feature_model_from(_token_only(), FEATURE)
+    finetune_drafter(featured, train, tmp_path / "run", _config())
+    assert evaluate_drafter(featured, heldout, k=3).top1 < 0.2
+
+
+def test_resuming_gives_the_same_weights(tmp_path):
+    train = _examples(16, seed=3)
+    straight = feature_model_from(_token_only(), FEATURE)
+    finetune_drafter(straight, train, tmp_path / "straight", _config(steps=6, checkpoint_every=3))
+    resumed = feature_model_from(_token_only(), FEATURE)
+    finetune_drafter(resumed, train, tmp_path / "resumed", _config(steps=3, checkpoint_every=3))
+    again = feature_model_from(_token_only(), FEATURE)
+    finetune_drafter(again, train, tmp_path / "resumed", _config(steps=6, checkpoint_every=3))
+    for (name, a), b in zip(straight.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_feature_training_is_refused_without_what_it_needs(tmp_path):
+    train = _examples(4, seed=0)
+    with pytest.raises(ValueError, match="feature-conditioned drafter"):
+        finetune_drafter(_token_only(), train, tmp_path / "a", _config())
+    wrong = feature_model_from(_token_only(), FEATURE + 1)
+    with pytest.raises(ValueError, match="size 16"):
+        finetune_drafter(wrong, train, tmp_path / "b", _config())
+    with pytest.raises(ValueError, match="soft_weight"):
+        FinetuneConfig(soft_weight=1.5)
+
+
+def test_the_chain_simulation_counts_leading_agreements():
+    """A drafter that is right everywhere gets τ = 1 + k wherever k drafts fit; sampled answers are skipped."""
+    example = _examples(1, seed=5, answer=10)[0]
+
+    class Oracle(torch.nn.Module):
+        """Stands in for a drafter: its logits always name the true next token."""
+
+        reads_target_hidden = False
+        device = torch.device("cpu")
+
+        def __init__(self, ids):
+            super().__init__()
+            self.ids = ids
+
+        def to_draft_ids(self, ids):
+            return ids
+
+        def draft_hidden(self, ids):
+            return torch.nn.functional.one_hot(torch.cat([ids[:, 1:], ids[:, -1:]], 1), TARGET_VOCAB).float()
+
+        def lm_head(self, states):
+            return states
+
+    estimate = evaluate_drafter(Oracle(example.ids), [example], k=3)
+    # 9 round starts; chains of 3 fit fully at the first 7, then 2 and 1 drafts
+    assert estimate.rounds == 9
+    assert estimate.tau == pytest.approx(1 + (7 * 3 + 2 + 1) / 9)
+    assert estimate.acceptance_by_position == [1.0, 1.0, 1.0]
+    sampled = Example(**{**example.__dict__, "mode": "t0.7"})
+    assert evaluate_drafter(Oracle(example.ids), [sampled], k=3).rounds == 0
