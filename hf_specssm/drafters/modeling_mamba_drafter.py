@@ -260,20 +260,23 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
         (int or `[B, T]`) condition a feature-conditioned drafter's logits (see the module docstring).
         """
         draft_ids = self.to_draft_ids(input_ids) if input_ids is not None else None
-        head = self.get_output_embeddings()
-        if target_features is not None and not getattr(head, "_adds_feature_bias", False):
-            # installed on first use, so a replaced or copied head gets it too
-            head.register_forward_pre_hook(_add_feature_bias)
-            head._adds_feature_bias = True
-        head._feature_bias = (
-            self.feature_bias(target_features, draft_depth) if target_features is not None else None
-        )
-        try:
+        if target_features is None:
             output = super().forward(
                 input_ids=draft_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, **kwargs
             )
-        finally:
-            head._feature_bias = None
+        else:
+            head = self.get_output_embeddings()
+            if not getattr(head, "_adds_feature_bias", False):
+                # installed on first use, so a replaced or copied head gets it too
+                head.register_forward_pre_hook(_add_feature_bias)
+                head._adds_feature_bias = True
+            head._feature_bias = self.feature_bias(target_features, draft_depth)
+            try:
+                output = super().forward(
+                    input_ids=draft_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, **kwargs
+                )
+            finally:
+                head._feature_bias = None
         if labels is not None:
             draft_labels = torch.where(labels < 0, labels, self.to_draft_ids(labels.clamp(min=0)))
             output.loss = torch.nn.functional.cross_entropy(

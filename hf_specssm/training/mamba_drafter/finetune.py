@@ -29,20 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from hf_specssm.drafters.mamba import MambaDrafterForCausalLM
 from hf_specssm.training.checkpoints import (
-    latest_checkpoint,
-    load_schedule,
-    load_trainer_state,
     save_checkpoint,
 )
 from hf_specssm.training.distillation.generate import GREEDY, load_extras
 from hf_specssm.training.distillation.store import DistillStore
 from hf_specssm.training.mamba_drafter.data import is_heldout
-from hf_specssm.training.mamba_drafter.training import learning_rate_factor
+from hf_specssm.training.mamba_drafter.training import learning_rate_factor, resume_drafter
 
 
 @dataclass(frozen=True)
@@ -309,17 +305,7 @@ def finetune_drafter(
             )
     optimizer = _optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
-    step, losses, seconds = 0, [], 0.0
-    if (folder := latest_checkpoint(output_dir)) is not None:
-        result = model.load_state_dict(
-            load_file(folder / "model.safetensors", device=str(model.device)), strict=False
-        )
-        if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
-            raise ValueError(f"{folder} does not match the model: {result}")
-        state = load_trainer_state(folder)
-        optimizer.load_state_dict(state["optimizer"])
-        load_schedule(schedule, state["schedule"])
-        step, losses, seconds = int(state["step"]), list(state["losses"]), float(state.get("seconds", 0.0))
+    step, losses, seconds = resume_drafter(model, optimizer, schedule, output_dir)
     model.train()
     bar = tqdm(total=config.steps, initial=step, desc="finetune-drafter", disable=not config.progress)
     try:

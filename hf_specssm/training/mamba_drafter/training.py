@@ -232,6 +232,35 @@ class _BatchLoss(torch.nn.Module):
         return batch_loss(self.model, blocks, self.bf16, self.loss_fn)
 
 
+def resume_drafter(
+    model: MambaDrafterForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+    output_dir: str | Path,
+) -> tuple[int, list[float], float]:
+    """Load the newest intact checkpoint of `output_dir` into the model, optimizer and schedule.
+
+    Returns:
+        `(step, losses, seconds)` of that checkpoint, or `(0, [], 0.0)` when there is none.
+
+    Raises:
+        ValueError: the checkpoint's weights do not fit the model.
+    """
+    folder = latest_checkpoint(output_dir)
+    if folder is None:
+        return 0, [], 0.0
+    result = model.load_state_dict(
+        load_file(folder / "model.safetensors", device=str(model.device)), strict=False
+    )
+    # the LM head is tied to the embeddings and saved once
+    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
+        raise ValueError(f"{folder} does not match the model: {result}")
+    state = load_trainer_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    load_schedule(schedule, state["schedule"])
+    return int(state["step"]), list(state["losses"]), float(state.get("seconds", 0.0))
+
+
 def train_drafter(
     model: MambaDrafterForCausalLM,
     data_dir: str | Path,
@@ -282,18 +311,7 @@ def train_drafter(
         _parameter_groups(model, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.95)
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
-    step, losses, seconds = 0, [], 0.0
-    if resume and (folder := latest_checkpoint(output_dir)) is not None:
-        result = model.load_state_dict(
-            load_file(folder / "model.safetensors", device=str(model.device)), strict=False
-        )
-        # the LM head is tied to the embeddings and saved once
-        if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
-            raise ValueError(f"{folder} does not match the model: {result}")
-        state = load_trainer_state(folder)
-        optimizer.load_state_dict(state["optimizer"])
-        load_schedule(schedule, state["schedule"])
-        step, losses, seconds = int(state["step"]), list(state["losses"]), float(state.get("seconds", 0.0))
+    step, losses, seconds = resume_drafter(model, optimizer, schedule, output_dir) if resume else (0, [], 0.0)
     model.train()
     # compiling the function, not the module, keeps the module's parameter names (and checkpoints) as they are
     loss_fn = torch.compile(_draft_loss) if config.compile else None
