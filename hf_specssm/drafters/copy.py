@@ -8,7 +8,11 @@ the span at once. `ContextCopyDrafter` combines the two:
 - **trees**: the prompt-lookup continuation is grafted onto the model's tree as one more branch
   (merged where it agrees with the model's own nodes), so the target verifies both in the same forward;
 - **chains**: a round drafts the lookup continuation when the context has a match of at least
-  `min_copy` tokens, and the model's chain otherwise.
+  `min_copy` tokens, and the model's chain otherwise. Copy rounds are judged on their own: the lookup
+  drafter's `DraftGate` compares the tokens per second of rounds that copied with those of rounds that
+  did not, and stops copying (probing now and then) while copies lose, as on text whose short n-gram
+  matches do not continue the way the target does; the model drafter's own gate and length policy
+  learn from the model's rounds only.
 
 Lossless either way: copied tokens are deterministic drafts (one-hot proposals when sampling), and the
 model's drafter state is rolled back to the part of the accepted path it drafted itself; the rest is
@@ -18,11 +22,12 @@ fed to it at the start of the next round like any committed tokens.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
 from hf_specssm.config import DraftConfig
-from hf_specssm.drafters.base import Draft, DraftSampler, RoundOutcome, RoundPlan, TreeDrafter
+from hf_specssm.drafters.base import Draft, Drafter, DraftSampler, RoundOutcome, RoundPlan, TreeDrafter
 from hf_specssm.drafters.model import ModelDrafter
 from hf_specssm.drafters.ngram import PromptLookupDrafter
 from hf_specssm.tree import TokenTree
@@ -36,7 +41,8 @@ class ContextCopyDrafter(TreeDrafter):
         drafter: the model drafter (its config, tree shape or tree policy and draft-length schedule
             apply to the model's drafts).
         lookup: the prompt-lookup drafter that finds the continuation (default: n-grams of 3 down to 2
-            tokens, 12 tokens copied).
+            tokens, 12 tokens copied); its length policy sets a chain round's copy length and its gate
+            decides whether chain rounds copy at all.
         min_copy: a chain round copies only a continuation of at least this many tokens.
 
     Attributes:
@@ -64,6 +70,9 @@ class ContextCopyDrafter(TreeDrafter):
         self.tree_policy = drafter.tree_policy
         self.last_round_copied = False
         self.copied_rounds = 0
+        # this round's plans of the model drafter and of the copy (`None` before the first plan)
+        self._model_plan: RoundPlan | None = None
+        self._copy_plan: RoundPlan | None = None
 
     @property
     def vocab_size(self) -> int | None:
@@ -98,12 +107,34 @@ class ContextCopyDrafter(TreeDrafter):
         self.inner.check_round_support(tree_problem)
 
     def plan_round(self, room: int, tree_problem: str | None) -> RoundPlan:
-        return self.inner.plan_round(room, tree_problem)
+        """The model drafter's plan; for chain rounds also the copy's (the lookup's length, or 0 while its
+        gate is closed), and a round long enough for either."""
+        self.last_round_copied = False
+        plan = self.inner.plan_round(room, tree_problem)
+        if plan.tree:
+            # trees graft the copy onto the model's tree and are judged as one proposal
+            self._model_plan, self._copy_plan = plan, None
+            return plan
+        # a chain plan from the lookup's own policies, whatever trees it might shape on its own
+        copy_tokens = Drafter.plan_round(self.lookup, room, None).num_tokens
+        if copy_tokens > 0:
+            # the gate's probes ask for one token; a copy needs `min_copy` to count as one
+            copy_tokens = max(copy_tokens, min(self.min_copy, room - 1))
+        self._model_plan, self._copy_plan = plan, RoundPlan(num_tokens=copy_tokens)
+        return RoundPlan(num_tokens=max(plan.num_tokens, copy_tokens))
 
     def observe_round(self, plan: RoundPlan, outcome: RoundOutcome) -> None:
-        # a copy round's length and acceptance say nothing about the model's drafts
-        if plan.tree or not self.last_round_copied:
+        if plan.tree or self._copy_plan is None:
             self.inner.observe_round(plan, outcome)
+            return
+        model_plan, copy_plan = self._model_plan, self._copy_plan
+        if self.last_round_copied:
+            # a copy round says nothing about the model's drafts: only the copy's policies learn from it
+            self.lookup.observe_round(copy_plan, outcome)
+            return
+        # for the copy's gate, a round that did not copy is the alternative to copying
+        self.lookup.observe_round(RoundPlan(), dataclasses.replace(outcome, drafted=0, accepted=0))
+        self.inner.observe_round(model_plan, outcome)
 
     def spawn(self) -> ContextCopyDrafter:
         clone = copy.copy(self)
@@ -119,19 +150,32 @@ class ContextCopyDrafter(TreeDrafter):
         self.inner.end()
         self.lookup.end()
 
-    def _copy(self, input_ids: torch.Tensor, sampler: DraftSampler) -> list[int]:
-        """The lookup continuation of `input_ids` (empty without a match)."""
-        draft = self.lookup.draft(input_ids, self.lookup.config.num_draft_tokens, sampler)
-        return draft.tokens[0].tolist()
+    def _copy(
+        self, input_ids: torch.Tensor, sampler: DraftSampler, num_tokens: int | None = None
+    ) -> list[int]:
+        """The lookup continuation of `input_ids` (empty without a match), at most `num_tokens` long
+        (default: the lookup's `num_draft_tokens`)."""
+        if num_tokens is None:
+            num_tokens = self.lookup.config.num_draft_tokens
+        if num_tokens < 1:
+            return []
+        return self.lookup.draft(input_ids, num_tokens, sampler).tokens[0].tolist()
 
     @torch.no_grad()
     def draft(self, input_ids: torch.Tensor, num_tokens: int, sampler: DraftSampler) -> Draft:
-        copied = self._copy(input_ids, sampler)
+        """The copy when this round may copy and the context has a match of `min_copy` tokens or more,
+        else the model's chain of its planned length (none while its gate is closed); `[1, ≤ num_tokens]`."""
+        planned = self._copy_plan is not None
+        copy_tokens = min(num_tokens, self._copy_plan.num_tokens) if planned else None
+        copied = self._copy(input_ids, sampler, copy_tokens)
         self.last_round_copied = len(copied) >= self.min_copy
         if self.last_round_copied:
             self.copied_rounds += 1
             return Draft(tokens=input_ids.new_tensor([copied]))
-        return self.inner.draft(input_ids, num_tokens, sampler)
+        model_tokens = min(num_tokens, self._model_plan.num_tokens) if planned else num_tokens
+        if model_tokens < 1:
+            return Draft(tokens=input_ids.new_empty((1, 0)))
+        return self.inner.draft(input_ids, model_tokens, sampler)
 
     def commit(self, input_ids: torch.Tensor, num_accepted: int) -> None:
         # after a copy round the model drafter has drafted nothing: it reads the new tokens next round

@@ -83,7 +83,9 @@ class RecurrentTarget(SingleRowTarget):
         return self._tree_problem
 
     def score(self, input_ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
-        pending = self._pending(input_ids, apart=True)
+        # a round without drafts commits all it feeds, so a first one reads the whole prompt in one
+        # forward (as plain decoding does) instead of a prefill plus one more step
+        pending = self._pending(input_ids, apart=draft_tokens.shape[1] > 0)
         self.cache.clear_checkpoints()
         self._round_start = self.consumed
         new_tokens = torch.cat([pending, draft_tokens], dim=1)

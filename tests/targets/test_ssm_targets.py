@@ -265,6 +265,34 @@ def _one_step(model, cache: ForkableCache, token: torch.Tensor, position: int) -
     return logits
 
 
+@pytest.mark.parametrize("target_kind", ["mamba2", "bamba"])
+def test_a_first_round_without_drafts_reads_the_prompt_in_one_forward(target_kind):
+    """A round without drafts commits everything it feeds, so the first one reads the whole prompt in one
+    forward, as plain decoding does (no separate prefill and extra step); with drafts the prompt but its
+    last token is read apart (what a round's commit must not replay)."""
+    model = build(target_kind, seed=0)
+    prompt = _prompt(9, 4)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            target = verification.make_target(model, None)
+            logits = target.score(prompt, prompt[:, :0])
+            assert len(calls) == 1
+            target.keep(9)
+            reference = model(input_ids=prompt).logits[0, -1].float()
+            calls.clear()
+            drafted = verification.make_target(model, None)
+            drafted.score(prompt, prompt[:, :2])
+            assert len(calls) == 2
+    finally:
+        handle.remove()
+    assert (logits[0, -1] - reference).abs().max() < 1e-4
+    recomputed, _ = fresh(model, prompt)
+    assert target.consumed == 9
+    assert max_state_diff(target.cache, recomputed) < STATE_ATOL
+
+
 def test_state_replay_forced_off_falls_back_to_mixer_input_replay():
     from hf_specssm._compat import probes
 

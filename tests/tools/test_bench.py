@@ -205,3 +205,42 @@ def test_bench_cli_names_unknown_methods(tmp_path, capsys):
 def test_enable_is_not_needed_by_the_harness(tiny_models):
     target, _, _ = tiny_models
     assert not hf_specssm.is_enabled(target)
+
+
+def test_time_budget_fits_the_tokens_to_the_time_left():
+    from hf_specssm.tools.bench.harness import TimeBudget
+
+    budget = TimeBudget(time.perf_counter() + 100.0)
+    # 2 methods × 2 prompts: 4 prefills of 1 s leave 96 s for 2 × (0.5 + 0.5) s per token → 49 tokens
+    assert 47 <= budget.fit(1.0, [0.5, 0.5], calls_per_method=2, asked=96) <= 49
+    # never more than asked
+    assert budget.fit(1.0, [0.01, 0.01], calls_per_method=2, asked=96) == 96
+    # a spent budget still generates the floor, or what was asked when that is less
+    spent = TimeBudget(time.perf_counter() - 1.0, min_new_tokens=16)
+    assert spent.fit(1.0, [0.5], calls_per_method=1, asked=96) == 16
+    assert spent.fit(1.0, [0.5], calls_per_method=1, asked=8) == 8
+
+
+def test_run_benchmark_with_a_spent_budget_runs_the_floor(tmp_path, tiny_models):
+    from hf_specssm.tools.bench.harness import TimeBudget
+
+    target, small, mamba = tiny_models
+    methods = [m for m in standard_methods(target, small, mamba) if m.name in ("target", "ours-mamba")]
+    said = []
+    rows = run_benchmark(
+        target, _tokenize, methods, load_prompt_set("gsm8k", limit=1), [GenerationSettings(40)],
+        tmp_path / "results.jsonl", BenchContext(target="tiny", dtype="fp32", device="cpu"),
+        progress=False, budget=TimeBudget(time.perf_counter() - 1.0, min_new_tokens=5), say=said.append,
+    )  # fmt: skip
+    assert {row["max_new_tokens"] for row in rows} == {5}
+    assert {row["new_tokens"] for row in rows} == {5}
+    assert len(said) == 1 and "→ 5 new tokens per prompt (asked 40" in said[0]
+
+
+def test_bench_cli_refuses_a_budget_it_could_not_keep(tmp_path, capsys):
+    from hf_specssm.tools.cli import main
+
+    assert main(["bench", "--toy", "--time-budget", "0", "--out", str(tmp_path)]) == 2
+    assert "--time-budget must be a positive number" in capsys.readouterr().err
+    assert main(["bench", "--toy", "--time-budget", "60", "--no-warmup", "--out", str(tmp_path)]) == 2
+    assert "drop --no-warmup" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,13 @@ def check_arguments(args: argparse.Namespace) -> None:
     for dest, low in (("limit", 1), ("max_new_tokens", 1), ("offset", 0), ("threads", 0)):
         if getattr(args, dest) < low:
             raise ValueError(f"{_flag(dest)} must be at least {low}; got {getattr(args, dest)}.")
+    if args.time_budget is not None:
+        if not args.time_budget > 0:
+            raise ValueError(f"--time-budget must be a positive number of seconds; got {args.time_budget}.")
+        if args.no_warmup:
+            raise ValueError("--time-budget sizes the run from the warm-up's timings: drop --no-warmup.")
+        if args.long_context_only:
+            raise ValueError("--time-budget applies to the prompt sets, not to --long-context-only: drop it.")
     if args.dtype not in DTYPE_CHOICES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}; got {args.dtype!r}.")
     try:
@@ -302,12 +310,13 @@ def _run_dtype(args: argparse.Namespace, device: torch.device) -> DtypeChoice:
 
 def run(args: argparse.Namespace) -> int:
     """Carry out a parsed `bench` command line (checked first: nothing loads for a bad one)."""
-    from hf_specssm.tools.bench.harness import BenchContext, read_rows, run_benchmark
+    from hf_specssm.tools.bench.harness import BenchContext, TimeBudget, read_rows, run_benchmark
     from hf_specssm.tools.bench.long_context import long_context_table, run_long_context
     from hf_specssm.tools.bench.methods import GenerationSettings, fastest_target_alone, standard_methods
     from hf_specssm.tools.bench.prompt_sets import load_prompt_set
     from hf_specssm.tools.bench.report import markdown_tables, plot_long_context, plot_speedups, summarize
 
+    started = time.perf_counter()
     check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -361,6 +370,8 @@ def run(args: argparse.Namespace) -> int:
                 warmup=not args.no_warmup,
                 seed=args.seed,
                 progress=not args.quiet,
+                budget=TimeBudget(started + args.time_budget) if args.time_budget is not None else None,
+                say=_say,
             )
         if args.long_context:
             import hf_specssm
@@ -473,6 +484,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="artifacts/bench", help="results folder (resumed when it has rows)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (prompt i runs with seed + i)")
     parser.add_argument("--no-warmup", action="store_true", help="time the first calls too (no warm-up)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="finish within this many seconds from the start (model loading included) by choosing fewer "
+        "new tokens than --max-new-tokens where the warm-up says the asked number would not fit (at "
+        "least 16); default: no budget",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from --out")
     parser.add_argument(

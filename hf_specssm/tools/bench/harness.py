@@ -277,6 +277,55 @@ def append_row(sink, row: dict, context: BenchContext, method: Method | None = N
     sink.flush()
 
 
+#: new tokens of each method's warm-up call (also what a time budget is estimated from)
+WARMUP_TOKENS = 8
+#: the warm-up reads only this many of the first prompt's last tokens: it is there for first-call costs,
+#: and a full prefill per method would cost minutes on a slow CPU
+WARMUP_PROMPT_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class TimeBudget:
+    """Fit the run into a wall-clock budget by choosing `max_new_tokens` from the warm-up's measurements.
+
+    The warm-up times every method with `WARMUP_TOKENS` new tokens on a short prompt, and the target alone
+    with one new token on that prompt and on the first real one (≈ their prefills). A call of `n` tokens
+    is then estimated as the real prompt's prefill plus `n − 1` times the method's measured cost per
+    further token (prefills of drafters count as per-token cost, so the estimate errs long). The run gets
+    the most tokens, up to the asked number, whose estimate ends before `deadline`, and never fewer than
+    `min_new_tokens`.
+
+    Attributes:
+        deadline: a `time.perf_counter()` value (e.g. the command's start plus the budget).
+        min_new_tokens: the floor, even when the budget is already spent.
+    """
+
+    deadline: float
+    min_new_tokens: int = 16
+
+    def fit(self, prefill_s: float, per_token_s: Sequence[float], calls_per_method: int, asked: int) -> int:
+        """The new tokens per call that fit in what is left of the budget.
+
+        Args:
+            prefill_s: a call's fixed cost (the target's prefill and first token).
+            per_token_s: per method, seconds per further token.
+            calls_per_method: prompts × settings each method runs on.
+            asked: the requested `max_new_tokens` (the most this returns).
+        """
+        left = self.deadline - time.perf_counter()
+        calls = calls_per_method * len(per_token_s)
+        per_token = calls_per_method * sum(max(cost, 0.0) for cost in per_token_s)
+        room = left - calls * prefill_s
+        fitting = 1 + int(room / per_token) if per_token > 0 and room > 0 else 1
+        return max(min(asked, fitting), min(self.min_new_tokens, asked))
+
+
+def _timed_call(method: Method, target, input_ids, settings: GenerationSettings, seed: int) -> float:
+    started = time.perf_counter()
+    run_one(method, target, input_ids, settings, seed)
+    return time.perf_counter() - started
+
+
 def run_benchmark(
     target: torch.nn.Module,
     tokenize,
@@ -288,11 +337,15 @@ def run_benchmark(
     warmup: bool = True,
     seed: int = 0,
     progress: bool = True,
+    budget: TimeBudget | None = None,
+    say: Callable[[str], None] = print,
 ) -> list[dict]:
     """Run every method on every prompt under every setting; append rows to `out_path` (JSONL).
 
     Per prompt the methods run one after another, the target alone first, so that a prompt's rows are
-    measured close together in time. Rows already in `out_path` are skipped (resume).
+    measured close together in time. Rows already in `out_path` are skipped (resume). With `budget`, the
+    warm-up (then always run) also picks `max_new_tokens` so the run ends within it (`TimeBudget`), and
+    `say` reports the choice.
 
     Args:
         target: the target model (its forwards are timed as verification).
@@ -302,10 +355,13 @@ def run_benchmark(
         settings: generation settings (e.g. one greedy, one sampling).
         out_path: the JSONL file.
         context: labels for each row.
-        warmup: run each method once on the first prompt with 8 new tokens before timing anything.
+        warmup: run each method once on the first prompt's last `WARMUP_PROMPT_TOKENS` tokens with
+            `WARMUP_TOKENS` new tokens before timing anything.
         seed: base seed; prompt `i` runs every method with seed `seed + i`.
         progress: show progress bars (warm-up per call; then one bar in tokens, moved by every committed
             token or round, with the method and prompt at hand).
+        budget: fit the run into a time budget by choosing `max_new_tokens` (see `TimeBudget`).
+        say: where the budget's choice is reported.
 
     Returns:
         all rows of `out_path` after the run.
@@ -314,18 +370,40 @@ def run_benchmark(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     prompts = list(prompts)
     done = {row_key(row) for row in read_rows(out_path)}
-    jobs = [
-        (index, prompt, setting, method)
-        for index, prompt in enumerate(prompts)
-        for setting in settings
-        for method in methods
-        if (prompt.set, prompt.id, method.name, setting.mode, setting.max_new_tokens) not in done
-    ]
-    if jobs and warmup:
+
+    def pending(settings: Sequence[GenerationSettings]) -> list:
+        return [
+            (index, prompt, setting, method)
+            for index, prompt in enumerate(prompts)
+            for setting in settings
+            for method in methods
+            if (prompt.set, prompt.id, method.name, setting.mode, setting.max_new_tokens) not in done
+        ]
+
+    jobs = pending(settings)
+    if jobs and (warmup or budget is not None):
         first = tokenize(prompts[0])
+        short = first[:, -WARMUP_PROMPT_TOKENS:]
         warm = [(method, setting) for method in methods for setting in settings]
+        seconds = {}
         for method, setting in tqdm(warm, desc="warm-up", unit="call", disable=not progress):
-            run_one(method, target, first, GenerationSettings(8, setting.do_sample), seed)
+            warm_settings = dataclasses.replace(setting, max_new_tokens=WARMUP_TOKENS)
+            seconds[method.name, setting.mode] = _timed_call(method, target, short, warm_settings, seed)
+        if budget is not None:
+            one_token = dataclasses.replace(settings[0], max_new_tokens=1)
+            short_prefill_s = _timed_call(methods[0], target, short, one_token, seed)
+            prefill_s = _timed_call(methods[0], target, first, one_token, seed)
+            per_token = [(cost - short_prefill_s) / (WARMUP_TOKENS - 1) for cost in seconds.values()]
+            asked = max(setting.max_new_tokens for setting in settings)
+            fitted = budget.fit(prefill_s, per_token, len(prompts), asked)
+            say(
+                f"time budget: {max(0.0, budget.deadline - time.perf_counter()):.0f} s left; the warm-up "
+                f"measured {prefill_s:.1f} s per prompt's prefill and {min(per_token):.2f}–{max(per_token):.2f} s "
+                f"per further token across the methods → {fitted} new tokens per prompt"
+                + (f" (asked {asked}; pass a larger budget for more)" if fitted < asked else "")
+            )
+            settings = [dataclasses.replace(setting, max_new_tokens=fitted) for setting in settings]
+            jobs = pending(settings)
     # in tokens: a bar in calls would stand still for minutes on a slow target
     total = sum(setting.max_new_tokens for _, _, setting, _ in jobs)
     bar = tqdm(total=total, desc="bench", unit="tok", disable=not progress)
