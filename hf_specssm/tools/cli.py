@@ -250,7 +250,7 @@ def add_demo_arguments(demo: argparse.ArgumentParser) -> argparse.ArgumentParser
     demo.add_argument(
         "--time-budget",
         type=float,
-        default=260.0,
+        default=210.0,
         metavar="SECONDS",
         help="real models: finish within this many seconds after the download (model loading included) by "
         "generating fewer than --max-new-tokens where the warm-up measures a slow machine (at least 16); "

@@ -44,3 +44,22 @@ def test_bench_tree_scan_runs(capsys):
     args = ["bench-tree-scan", "--parts", "a", "--nodes", "4", "--sizes", "64x2", "--repeats", "1"]
     assert main([*args, "--threads", "1"]) == 0
     assert "| Mamba2 h=64 L=2 | 4 |" in capsys.readouterr().out
+
+
+def test_bench_ssm_lookup_repeats_alternate_and_keep_the_first_pass_apart():
+    import hf_specssm
+    from hf_specssm.tools.bench.ssm import byte_prompts, lookup_run
+    from hf_specssm.tools.bench.ssm_models import build_target
+
+    model = hf_specssm.enable(build_target("mamba2-8M"))
+    calls = []
+    generate = model.generate
+
+    def counting_generate(self, *args, **kwargs):
+        calls.append("lookup" if "prompt_lookup_num_tokens" in kwargs else "plain")
+        return generate(*args, **kwargs)
+
+    model.generate = counting_generate.__get__(model)
+    result = lookup_run(model, byte_prompts(1, 24), max_new_tokens=4, lookup=3, repeats=2)
+    assert calls == ["plain", "lookup", "plain", "lookup"]
+    assert result["identical"] and result["speedup"] > 0 and result["steady_speedup"] > 0

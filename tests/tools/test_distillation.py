@@ -210,6 +210,31 @@ def test_the_command_resumes_and_grows(tmp_path, corpus, capsys):
     assert "another recipe" in capsys.readouterr().err
 
 
+def test_an_interrupted_run_records_the_batches_it_stored(tmp_path, corpus, monkeypatch):
+    from hf_specssm.tools.cli import main
+    from hf_specssm.training.distillation import generate
+
+    save_chat_target(tmp_path / "model")
+    root = write_corpus(tmp_path / "corpus")
+    answer_batch, calls = generate.answer_batch, []
+
+    def interrupted_after_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return answer_batch(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "answer_batch", interrupted_after_one)
+    argv = ["distill", "generate", "--target", str(tmp_path / "model"), "--store", str(tmp_path / "store"),
+            "--corpus-root", str(root), "--batch-size", "4", "--max-new-tokens", "6", "--count", "10",
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 130
+    store = DistillStore(tmp_path / "store")
+    run = store.manifest["runs"][-1]
+    assert store.summary()["records"] == 4
+    assert run["answers"] == 4 and run["answer_tokens"] == store.summary()["answer_tokens"] > 0
+
+
 def test_a_pack_round_trips_the_chats_and_refuses_damage_and_size(tmp_path):
     from hf_specssm.training.distillation.pack import pack_store, read_pack
 

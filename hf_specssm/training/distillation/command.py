@@ -128,7 +128,8 @@ def run_generate(args: argparse.Namespace) -> int:
     say(f"target in {choice.name} ({choice.reason}); store {store.root}")
     instructions = build_broad_instructions(args.count, seed=args.seed, roots=args.corpus_root)
     started = time.monotonic()
-    answers = tokens = 0
+    # counted per stored batch, so that an interrupted pass still records what it added
+    added = {"answers": 0, "tokens": 0}
     bar = tqdm(desc="distill", unit="answer", disable=args.quiet)
     try:
         # in passes of a few batches: each pass sees the follow-ups that the first turns answered so far allow
@@ -144,11 +145,13 @@ def run_generate(args: argparse.Namespace) -> int:
                     )
             pass_started = time.monotonic()
 
-            def on_batch(count: int, produced: int, seconds: float, before: int = tokens) -> None:
+            def on_batch(count: int, produced: int, seconds: float, before: int = added["tokens"]) -> None:
+                added["answers"] += count
+                added["tokens"] = before + produced
                 bar.update(count)
-                bar.set_postfix(tok_s=f"{(before + produced) / max(time.monotonic() - started, 1e-9):.1f}")
+                bar.set_postfix(tok_s=f"{added['tokens'] / max(time.monotonic() - started, 1e-9):.1f}")
 
-            done, produced, _ = run_tasks(
+            done, _, _ = run_tasks(
                 target,
                 tokenizer,
                 tasks[: args.batch_size * PASS_BATCHES],
@@ -162,13 +165,12 @@ def run_generate(args: argparse.Namespace) -> int:
                 dtype_name=choice.name,
                 on_batch=on_batch,
             )
-            answers += done
-            tokens += produced
             if done == 0 and time.monotonic() - pass_started < 1:
                 break
     finally:
         bar.close()
         seconds = time.monotonic() - started
+        answers, tokens = added["answers"], added["tokens"]
         store.seal()
         # recorded also when interrupted: the speed of every run that added answers is in the manifest
         store.add_run(
