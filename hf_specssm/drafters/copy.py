@@ -164,7 +164,8 @@ class ContextCopyDrafter(TreeDrafter):
     @torch.no_grad()
     def draft(self, input_ids: torch.Tensor, num_tokens: int, sampler: DraftSampler) -> Draft:
         """The copy when this round may copy and the context has a match of `min_copy` tokens or more,
-        else the model's chain of its planned length (none while its gate is closed); `[1, ≤ num_tokens]`."""
+        else the model's chain of its planned length (none while its gate is closed); `[1, ≤ num_tokens]`
+        after `plan_round` (a call without one copies up to the lookup's `num_draft_tokens`)."""
         planned = self._copy_plan is not None
         copy_tokens = min(num_tokens, self._copy_plan.num_tokens) if planned else None
         copied = self._copy(input_ids, sampler, copy_tokens)

@@ -320,12 +320,6 @@ class TimeBudget:
         return max(min(asked, fitting), min(self.min_new_tokens, asked))
 
 
-def _timed_call(method: Method, target, input_ids, settings: GenerationSettings, seed: int) -> float:
-    started = time.perf_counter()
-    run_one(method, target, input_ids, settings, seed)
-    return time.perf_counter() - started
-
-
 def run_benchmark(
     target: torch.nn.Module,
     tokenize,
@@ -388,11 +382,13 @@ def run_benchmark(
         seconds = {}
         for method, setting in tqdm(warm, desc="warm-up", unit="call", disable=not progress):
             warm_settings = dataclasses.replace(setting, max_new_tokens=WARMUP_TOKENS)
-            seconds[method.name, setting.mode] = _timed_call(method, target, short, warm_settings, seed)
+            seconds[method.name, setting.mode] = run_one(method, target, short, warm_settings, seed)[
+                "seconds"
+            ]
         if budget is not None:
             one_token = dataclasses.replace(settings[0], max_new_tokens=1)
-            short_prefill_s = _timed_call(methods[0], target, short, one_token, seed)
-            prefill_s = _timed_call(methods[0], target, first, one_token, seed)
+            short_prefill_s = run_one(methods[0], target, short, one_token, seed)["seconds"]
+            prefill_s = run_one(methods[0], target, first, one_token, seed)["seconds"]
             per_token = [(cost - short_prefill_s) / (WARMUP_TOKENS - 1) for cost in seconds.values()]
             asked = max(setting.max_new_tokens for setting in settings)
             fitted = budget.fit(prefill_s, per_token, len(prompts), asked)
