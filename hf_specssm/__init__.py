@@ -32,6 +32,7 @@ from hf_specssm.generation import (  # noqa: E402
     is_enabled,
     speculative_generate,
 )
+from hf_specssm.kernels.packed_linear import PackedLinears, pack_linears  # noqa: E402
 from hf_specssm.policies.tree_shape import DynamicTreePolicy, UCBTreePolicy  # noqa: E402
 from hf_specssm.shipped import shipped_drafter_path  # noqa: E402
 from hf_specssm.stats import SpeculationStats  # noqa: E402
@@ -51,6 +52,7 @@ __all__ = [
     "MambaDrafterForCausalLM",
     "ModelDrafter",
     "NgramTableDrafter",
+    "PackedLinears",
     "PromptLookupDrafter",
     "ReDrafterConfig",
     "ReDrafterDrafter",
@@ -64,6 +66,7 @@ __all__ = [
     "enable",
     "generate",
     "is_enabled",
+    "pack_linears",
     "shipped_drafter_path",
     "speculative_generate",
 ]

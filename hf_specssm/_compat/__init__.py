@@ -32,6 +32,9 @@ from hf_specssm._compat.attention import (
 )
 from hf_specssm._compat.mixers import (
     fused_kernels_active,
+    has_instance_forward,
+    install_forward,
+    remove_forward,
     replaced_forwards,
     ssm_mixers,
     time_step_bounds,
@@ -89,7 +92,9 @@ __all__ = [
     "forward_accepts",
     "fused_kernels_active",
     "generation_defaults",
+    "has_instance_forward",
     "has_linear_layers",
+    "install_forward",
     "is_attention_layer",
     "is_linear_layer",
     "is_sliding_attention_layer",
@@ -102,6 +107,7 @@ __all__ = [
     "normalize_attention_mask",
     "recurrent",
     "recurrent_state",
+    "remove_forward",
     "replaced_forwards",
     "reset_recurrent_part",
     "set_attention_tensors",

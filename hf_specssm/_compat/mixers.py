@@ -357,6 +357,30 @@ def identity_steps_patch(clamp_mixers: Sequence[torch.nn.Module], mask: torch.Te
                 mixer.time_step_limit = limit
 
 
+def install_forward(module: torch.nn.Module, forward: Callable) -> bool:
+    """Give `module` an instance `forward` that stays until `remove_forward` (hooks still run). Used for
+    persistent, opt-in patches of plain torch layers (`kernels.packed_linear`), where `replaced_forwards`
+    serves one call.
+
+    Returns:
+        False, changing nothing, when the instance already has its own `forward` (ours, or accelerate's).
+    """
+    if "forward" in module.__dict__:
+        return False
+    module.forward = forward
+    return True
+
+
+def remove_forward(module: torch.nn.Module) -> None:
+    """Drop the instance `forward` `install_forward` set: the class's own runs again."""
+    module.__dict__.pop("forward", None)
+
+
+def has_instance_forward(module: torch.nn.Module) -> bool:
+    """Whether `module` runs an instance `forward` (a patch of ours or accelerate's hooks)."""
+    return "forward" in module.__dict__
+
+
 @contextlib.contextmanager
 def replaced_forwards(forwards: Mapping[torch.nn.Module, Callable]) -> Iterator[None]:
     """Inside this context each module's `forward` is the given callable (set on the instance, so hooks

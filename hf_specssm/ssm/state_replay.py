@@ -171,8 +171,8 @@ class LayoutGroup:
     Attributes:
         layout: the first mixer's `Mamba2Layout` (shapes, activation and Δ clamp are shared).
         indices: positions of the group's mixers in `StateRecorder.mixers`.
-        conv_weight: `[G, 1, C, K]` the mixers' depthwise conv weights.
-        conv_bias: `[G, 1, C, 1]` or `None`.
+        conv_weight: `[G, 1, C, K]` float32, the mixers' depthwise conv weights.
+        conv_bias: `[G, 1, C, 1]` float32, or `None`.
         dt_bias: `[G, 1, 1, H]`.
         A: `[G, 1, 1, H]` float32, `-exp(A_log)`.
     """
@@ -192,10 +192,10 @@ class LayoutGroup:
         return cls(
             layout=members[0],
             indices=tuple(indices),
-            conv_weight=torch.stack([m.conv_weight.detach() for m in members])[:, None],
+            conv_weight=torch.stack([m.conv_weight.detach().float() for m in members])[:, None],
             conv_bias=None
             if biases[0] is None
-            else torch.stack([b.detach() for b in biases])[:, None, :, None],
+            else torch.stack([b.detach().float() for b in biases])[:, None, :, None],
             dt_bias=torch.stack([m.dt_bias.detach() for m in members])[:, None, None],
             A=-torch.exp(torch.stack([m.A_log.detach().float() for m in members]))[:, None, None],
         )
@@ -261,10 +261,11 @@ def commit_state(
     windows = torch.stack(list(conv_states))  # [G, B, C, K]
     window = windows.shape[-1]
     inputs = torch.cat([windows, xbc.transpose(-1, -2).to(windows.dtype)], dim=-1)  # [G, B, C, K + m]
-    # the depthwise causal conv of the m new positions, as K shifted products (faster than conv1d here)
-    weight = group.conv_weight  # [G, 1, C, K]
+    # the depthwise causal conv of the m new positions, as K shifted products (faster than conv1d here), in
+    # float32: CPU elementwise kernels on strided bf16 are several times slower than one widening copy
+    weight = group.conv_weight  # [G, 1, C, K] float32
     kernel = weight.shape[-1]
-    taps = inputs[..., -(length + kernel - 1) :].to(weight.dtype)
+    taps = inputs[..., -(length + kernel - 1) :].float()
     convolved = taps[..., :length] * weight[..., :1]
     for tap in range(1, kernel):
         convolved = convolved + taps[..., tap : tap + length] * weight[..., tap : tap + 1]

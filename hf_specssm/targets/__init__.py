@@ -19,6 +19,7 @@ from hf_specssm.ssm.state_replay import offloaded_mixers, uncovered_recurrent_la
 from hf_specssm.targets.attention import AttentionTarget
 from hf_specssm.targets.base import Proposal, SingleRowTarget, Target
 from hf_specssm.targets.batched import BatchTarget
+from hf_specssm.targets.chain_paths import CHAIN_PATHS, chain_path_costs
 from hf_specssm.targets.joint import JointTarget
 from hf_specssm.targets.recurrent import RECURRENT_METHODS, RecurrentTarget
 
@@ -111,12 +112,19 @@ def make_target(
     state_replay = method == "replay" and mixer_support(model).state_replay and not offloaded_mixers(model)
     if uncovered and method == "replay" and not state_replay:
         method = "refeed"  # offloaded mixers: checkpoints restore every layer, the re-feed runs the hooks
+    tree_problem = tree_problem_for(model)
+    # chains may also take the tree scan where it serves (measured per round); not where the caller
+    # asked for re-feed, which names its own path
+    chain_paths = None
+    if tree_problem is None and verification != "refeed" and not offloaded_mixers(model):
+        chain_paths = chain_path_costs(model, CHAIN_PATHS)
     return RecurrentTarget(
         model,
         method=method,
-        tree_problem=tree_problem_for(model),
+        tree_problem=tree_problem,
         state_replay=state_replay,
         conv_only_layers=uncovered if state_replay else (),
+        chain_paths=chain_paths,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +14,7 @@ from hf_specssm.cache import ForkableCache
 from hf_specssm.ssm.mixers import MixerInputRecorder, exact_continuation
 from hf_specssm.ssm.state_replay import StateRecorder
 from hf_specssm.targets.base import SingleRowTarget
+from hf_specssm.targets.chain_paths import ChainPathCosts
 from hf_specssm.tree import TokenTree, kept_positions
 
 #: how `RecurrentTarget` brings the state to the accepted prefix
@@ -42,6 +44,8 @@ class RecurrentTarget(SingleRowTarget):
 
     Trees are verified by the STree tree scan (`ssm.tree_scan`): every node's output from the committed
     state, attention layers under the tree mask; the accepted path is committed by Activation Replay.
+    With `chain_paths`, chains may take that route too (a one-branch tree), whenever the measured round
+    times say it is cheaper (`targets.chain_paths`).
 
     Args:
         model: the target causal LM (Mamba, Mamba2, FalconMamba, Jamba, Bamba, Falcon-H1, Zamba2, …).
@@ -51,6 +55,8 @@ class RecurrentTarget(SingleRowTarget):
             updates (`ssm.state_replay`); the caller checks the `state_replay` probe.
         conv_only_layers: with `state_replay`, recurrent layers no mixer serves that keep only a conv
             window (LFM2's short convolutions); their commit keeps the last conv inputs.
+        chain_paths: measured costs that choose, per chain round, between the multi-token forward above
+            and the tree scan (needs `tree_problem=None`); `None`: always the forward.
     """
 
     def __init__(
@@ -60,11 +66,14 @@ class RecurrentTarget(SingleRowTarget):
         tree_problem: str | None = None,
         state_replay: bool = False,
         conv_only_layers: Sequence[int] = (),
+        chain_paths: ChainPathCosts | None = None,
     ) -> None:
         if method not in RECURRENT_METHODS:
             raise ValueError(f"RecurrentTarget verifies by one of {RECURRENT_METHODS}, got {method!r}.")
         if state_replay and method != "replay":
             raise ValueError(f"state_replay commits by replay; it cannot serve method={method!r}.")
+        if chain_paths is not None and "tree" in chain_paths.paths and tree_problem is not None:
+            raise ValueError(f"chains cannot take the tree scan here: {tree_problem}")
         super().__init__(model, ForkableCache(model.config))
         self.method = method
         self.recorder = MixerInputRecorder(model)
@@ -78,11 +87,26 @@ class RecurrentTarget(SingleRowTarget):
         self._kept_tokens: torch.Tensor | None = None
         self._tree_record = None
         self._tree_round = (0, 0)
+        self.chain_paths = chain_paths
+        # this round: (path, drafts, start time or None for a first round) while a chosen-path chain
+        # round runs, else None
+        self._chain_round: tuple[str, int, float | None] | None = None
 
     def tree_problem(self) -> str | None:
         return self._tree_problem
 
     def score(self, input_ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+        num_drafts = draft_tokens.shape[1]
+        self._chain_round = None
+        if self.chain_paths is not None and num_drafts > 0:
+            path = self.chain_paths.choose(num_drafts)
+            if input_ids.shape[1] <= self.consumed:
+                path = "forward"  # nothing pending to root a tree on (the forward feeds only the drafts)
+            # a call's first round also reads the prompt: its time says nothing about the path
+            self._chain_round = (path, num_drafts, time.perf_counter() if self.consumed > 0 else None)
+            if path == "tree":
+                chain = TokenTree(tokens=draft_tokens[0], parents=torch.arange(-1, num_drafts - 1))
+                return self.score_tree(input_ids, chain)
         # a round without drafts commits all it feeds, so a first one reads the whole prompt in one
         # forward (as plain decoding does) instead of a prefill plus one more step
         pending = self._pending(input_ids, apart=draft_tokens.shape[1] > 0)
@@ -133,6 +157,30 @@ class RecurrentTarget(SingleRowTarget):
         return torch.cat(logits, dim=1)[:, -num_logits:]
 
     def keep(self, length: int) -> None:
+        if self._chain_round is not None:
+            path, num_drafts, started = self._chain_round
+            self._chain_round = None
+            if path == "tree":
+                self._keep_chain_tree(length, num_drafts)
+            else:
+                self._keep_chain(length)
+            if started is not None:
+                self.chain_paths.record(path, num_drafts, time.perf_counter() - started)
+            return
+        self._keep_chain(length)
+
+    def _keep_chain_tree(self, length: int, num_drafts: int) -> None:
+        """`keep(length)` after a chain scored as a one-branch tree: its first `length − fed` nodes."""
+        start, chain_length = self._tree_round
+        accepted = length - start - chain_length
+        if not 0 <= accepted <= num_drafts:
+            raise ValueError(
+                f"can keep between {start + chain_length} and {start + chain_length + num_drafts} tokens "
+                f"this round, not {length}."
+            )
+        self.keep_tree(list(range(accepted)))
+
+    def _keep_chain(self, length: int) -> None:
         if not self._round_start <= length <= self.consumed:
             raise ValueError(
                 f"can keep between {self._round_start} and {self.consumed} tokens this round, not {length}."

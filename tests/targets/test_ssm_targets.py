@@ -255,6 +255,29 @@ def test_mamba2_layout_targets_commit_by_state_update(target_kind):
     assert max_state_diff(target.cache, recomputed) < STATE_ATOL
 
 
+@pytest.mark.parametrize("target_kind", ["mamba2", "bamba"])
+def test_a_bf16_target_commits_by_state_update_to_bf16_tolerance(target_kind):
+    """In bf16 the commit widens the conv to float32 (bf16 weights and recorded inputs): the committed
+    states equal a fresh bf16 recompute of the kept prefix to bf16 rounding, and a commit that keeps one
+    position fewer does not (the tolerance can tell a step apart)."""
+    model = build(target_kind, seed=0).to(torch.bfloat16)
+    sequence = _prompt(12, 3)
+    errors = {}
+    with torch.no_grad():
+        for kept in (8, 7):
+            target = verification.make_target(model, None)
+            assert target.state_recorder is not None
+            target.score(sequence[:, :6], sequence[:, 6:11])
+            target.keep(kept)
+            recomputed, _ = fresh(model, sequence[:, :8])
+            errors[kept] = max(
+                ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+                for a, b in zip(target.cache.state_tensors(), recomputed.state_tensors(), strict=True)
+            )
+    assert errors[8] < 2e-2, errors
+    assert errors[7] > 5 * errors[8], errors
+
+
 def _one_step(model, cache: ForkableCache, token: torch.Tensor, position: int) -> torch.Tensor:
     """Logits `[V]` of one token fed at `position` through transformers' single-token path."""
     kwargs = {_compat.cache_kwarg_name(model): cache, "use_cache": True}

@@ -22,7 +22,8 @@ def test_bench_ssm_runs(capsys):
     out = capsys.readouterr().out
     for part in (
         "## mamba2-8M",
-        "| ours |",
+        "| ours: multi-token forward |",
+        "| ours: chain as a one-branch tree (tree scan) |",
         "| state update |",
         "tree verification",
         "oracle drafter",
@@ -30,6 +31,20 @@ def test_bench_ssm_runs(capsys):
         "peak process memory",
     ):
         assert part in out
+    assert "| NO |" not in out
+
+
+def test_bench_ssm_with_packed_linears_reports_the_stock_baseline_too(capsys):
+    """`--pack-linears`: the decision is printed, the oracle part times plain `generate` stock as well,
+    and the model's linears are packed while the parts run."""
+    pytest.importorskip("torch").backends.mkldnn.is_available() or pytest.skip("no oneDNN")
+    args = ["bench-ssm", "--models", "mamba2-8M", "--repeats", "1", "--threads", "1", "--parts", "verify"]
+    args += ["oracle", "--alphas", "0.7", "--oracle-k", "2", "--max-new-tokens", "6", "--pack-linears"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "linears: " in out
+    if "linears: packed" in out:
+        assert "tok/s stock" in out and "over stock" in out
     assert "| NO |" not in out
 
 

@@ -21,6 +21,10 @@ not depend on the weights. Parts (each a Markdown table):
   tokens: a random target never continues its prompt, so this measures what a draft source that accepts
   nothing costs (the adaptive schedule's off-switch).
 
+With `--pack-linears` the target's linears are packed for oneDNN first (`kernels.packed_linear`, decided by
+measurement): every part then runs packed, plain steps and plain `generate` included, so ratios compare
+like with like; the oracle part also times plain `generate` with the stock linears (`stock` column).
+
 Timings are the minimum over `--repeats`. Run on a quiet machine (see docs/benchmarks.md).
 """
 
@@ -38,23 +42,34 @@ import torch
 import hf_specssm
 from hf_specssm.config import DraftConfig
 from hf_specssm.targets import JointTarget, RecurrentTarget, make_target
+from hf_specssm.targets.chain_paths import ChainPathCosts
 from hf_specssm.testing.oracle import OracleDrafter
 from hf_specssm.tools.bench.ssm_models import TARGET_CONFIGS, build_target
 from hf_specssm.tree import TokenTree
 
 PARTS = ("verify", "commit", "tree", "oracle", "lookup")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: profiler keys of the projections' matrix products (stock `nn.Linear`, and packed for oneDNN)
+PROJECTION_OPS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
 #: ways of bringing the state to the accepted prefix, as the `commit` part names them
 COMMIT_PATHS = ("state update", "mixer-input replay", "joint", "refeed")
 
 
 def _new_target(model, path: str):
-    """A fresh single-row verifier: `"ours"` (what `make_target` picks), `"transformers"` (transformers'
-    padded multi-token forward, commit by mixer-input replay), or one of `COMMIT_PATHS`."""
-    if path in ("ours", "state update"):
+    """A fresh single-row verifier: `"ours"` (what `make_target` picks, chains by its multi-token forward),
+    `"tree chain"` (the same target verifying chains as one-branch trees through the tree scan; `None`
+    where that does not serve), `"transformers"` (transformers' padded multi-token forward, commit by
+    mixer-input replay), or one of `COMMIT_PATHS`."""
+    if path in ("ours", "state update", "tree chain"):
         target = make_target(model, None)
         if path == "state update" and getattr(target, "state_recorder", None) is None:
             return None
+        if path == "tree chain":
+            if target.tree_problem() is not None:
+                return None
+            target.chain_paths = ChainPathCosts(("tree",))
+        elif isinstance(target, RecurrentTarget):
+            target.chain_paths = None  # the multi-token forward only (`generate` measures both, per round)
         return target
     if path in ("transformers", "mixer-input replay"):
         return RecurrentTarget(model, method="replay")
@@ -113,7 +128,7 @@ def _best(measure, repeats: int) -> float:
 @torch.no_grad()
 def projection_share(model, num_drafts: int, context: int, path: str = "ours") -> float:
     """The share of one verification forward's CPU time spent in the projections' matrix products
-    (`aten::mm` / `aten::addmm` self time under `torch.profiler`, two rounds after a warm-up); the rest
+    (`PROJECTION_OPS` self time under `torch.profiler`, two rounds after a warm-up); the rest
     is the SSM scans, convolutions, norms, attention and Python."""
     vocab = model.config.get_text_config(decoder=True).vocab_size
     run = _Run(model, path, context, vocab)
@@ -125,7 +140,7 @@ def projection_share(model, num_drafts: int, context: int, path: str = "ours") -
             run.sequence = torch.cat([run.sequence, run._tokens(1)], dim=1)
     events = profile.key_averages()
     total = sum(event.self_cpu_time_total for event in events)
-    products = sum(event.self_cpu_time_total for event in events if event.key in ("aten::mm", "aten::addmm"))
+    products = sum(event.self_cpu_time_total for event in events if event.key in PROJECTION_OPS)
     return products / total if total else 0.0
 
 
@@ -194,13 +209,9 @@ def oracle_run(
     model, alphas: list[float], widths: list[int], prompt_length: int, max_new_tokens: int, seed: int = 0
 ) -> tuple[float, list[dict]]:
     """Plain greedy tok/s and, per (α, k), the oracle drafter's tok/s, speed-up, τ and identity."""
-    hf_specssm.enable(model)
+    reference, plain_s = plain_run(model, prompt_length, max_new_tokens, seed)
     vocab = model.config.get_text_config(decoder=True).vocab_size
-    prompt = torch.randint(3, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
-    model.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up
-    start = time.perf_counter()
-    reference = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
-    plain_s = time.perf_counter() - start
+    prompt = reference[:, :prompt_length]
     rows = []
     for alpha in alphas:
         for k in widths:
@@ -228,6 +239,18 @@ def oracle_run(
                 }
             )
     return max_new_tokens / plain_s, rows
+
+
+@torch.no_grad()
+def plain_run(model, prompt_length: int, max_new_tokens: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Plain greedy decoding of a seeded random prompt after a warm-up: `([1, prompt + new] ids, seconds)`."""
+    hf_specssm.enable(model)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    prompt = torch.randint(3, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
+    model.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up
+    start = time.perf_counter()
+    reference = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    return reference, time.perf_counter() - start
 
 
 def byte_prompts(limit: int, max_bytes: int) -> list[torch.Tensor]:
@@ -311,6 +334,10 @@ def run(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             model = build_target(name, DTYPES[dtype_name], chunk_size=args.chunk_size)
             print(f"\n## {name} ({TARGET_CONFIGS[name][0]}), {dtype_name}\n", flush=True)
+            args._packed = None
+            if args.pack_linears:
+                args._packed = hf_specssm.pack_linears(model)
+                print(f"linears: {args._packed.reason}\n", flush=True)
             if "verify" in args.parts:
                 _part_verify(model, widths, args)
             if "commit" in args.parts:
@@ -339,7 +366,12 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
     print(f"| path | step (ms) | {header} |")
     print("|---|---:|" + "---:|" * len(widths))
     cells = " | ".join(f"{ours[k][0] / step:.2f}×" for k in widths)
-    print(f"| ours | {step * 1e3:.1f} | {cells} |")
+    print(f"| ours: multi-token forward | {step * 1e3:.1f} | {cells} |")
+    tree = None
+    if _new_target(model, "tree chain") is not None:
+        tree = verification_costs(model, widths, args.context, args.repeats, "tree chain")
+        cells = " | ".join(f"{tree[k][0] / step:.2f}×" for k in widths)
+        print(f"| ours: chain as a one-branch tree (tree scan) | {tree[0][0] * 1e3:.1f} | {cells} |")
     print(
         f"| transformers' multi-token forward | {theirs[0][0] * 1e3:.1f} | – | – | – | "
         f"{theirs[8][0] / theirs[0][0]:.2f}× | – |"
@@ -351,7 +383,20 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
         f"conv, norms, attention, Python) is {other:.0%} of a step, against {1 - share_step:.0%} of a step "
         f"in the step itself."
     )
-    rounds = {k: (ours[k][0] + ours[k][1]) / step for k in widths}
+    # `generate` takes the cheaper path per round (measured, `targets.chain_paths`)
+    seconds = {
+        k: min(ours[k][0] + ours[k][1], tree[k][0] + tree[k][1]) if tree else ours[k][0] + ours[k][1]
+        for k in widths
+    }
+    if tree:
+        print(
+            "\nround (verify + commit of k drafts keeping none), the cheaper path: "
+            + ", ".join(
+                f"k={k} {'tree' if tree[k][0] + tree[k][1] < ours[k][0] + ours[k][1] else 'forward'}"
+                for k in widths
+            )
+        )
+    rounds = {k: seconds[k] / step for k in widths}
     for alpha in (0.6, 0.7, 0.8):
         best = max(widths, key=lambda k: ideal_speedup(alpha, k, rounds[k]))
         print(
@@ -359,7 +404,7 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
             f"from round cost {rounds[best]:.2f} steps)"
         )
     args._round_costs = rounds
-    args._round_seconds = {k: ours[k][0] + ours[k][1] for k in widths}
+    args._round_seconds = seconds
     args._step_seconds = step
 
 
@@ -392,7 +437,14 @@ def _part_tree(model, args: argparse.Namespace) -> None:
 def _part_oracle(model, args: argparse.Namespace) -> None:
     plain, rows = oracle_run(model, args.alphas, args.oracle_k, args.prompt_length, args.max_new_tokens)
     rounds = getattr(args, "_round_seconds", None)
+    packed: hf_specssm.PackedLinears | None = getattr(args, "_packed", None)
+    stock = None
+    if packed is not None and packed.packed:
+        with packed.suspended():
+            stock = args.max_new_tokens / plain_run(model, args.prompt_length, args.max_new_tokens)[1]
     print(f"\noracle drafter, {args.max_new_tokens} new tokens, plain greedy {plain:.2f} tok/s", end="")
+    if stock is not None:
+        print(f" packed, {stock:.2f} tok/s stock", end="")
     if rounds:
         print(
             f" ({1e3 / plain:.0f} ms a token through `generate`; one forward step measured above: "
@@ -401,13 +453,16 @@ def _part_oracle(model, args: argparse.Namespace) -> None:
         )
     else:
         print(" (run the verify part too for the ideal column):\n")
-    print("| α | k | tok/s | speed-up | τ | ideal | within | identical |")
-    print("|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    stock_header = " over stock |" if stock is not None else ""
+    print(f"| α | k | tok/s | speed-up |{stock_header} τ | ideal | within | identical |")
+    print("|---:|---:|---:|---:|" + ("---:|" if stock is not None else "") + "---:|---:|---:|:---:|")
     for row in rows:
         ideal = ideal_speedup(row["alpha"], row["k"], rounds[row["k"]] * plain) if rounds else float("nan")
+        stock_cell = f" {row['tok_s'] / stock:.2f}× |" if stock is not None else ""
         print(
-            f"| {row['alpha']} | {row['k']} | {row['tok_s']:.2f} | {row['speedup']:.2f}× | {row['tau']:.2f} | "
-            f"{ideal:.2f}× | {row['speedup'] / ideal:.0%} | {'yes' if row['identical'] else 'NO'} |",
+            f"| {row['alpha']} | {row['k']} | {row['tok_s']:.2f} | {row['speedup']:.2f}× |{stock_cell} "
+            f"{row['tau']:.2f} | {ideal:.2f}× | {row['speedup'] / ideal:.0%} | "
+            f"{'yes' if row['identical'] else 'NO'} |",
             flush=True,
         )
 
@@ -463,3 +518,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-bytes", type=int, default=400, help="lookup: bytes of each prompt kept")
     parser.add_argument("--lookup", type=int, default=8, help="prompt_lookup_num_tokens")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--pack-linears",
+        action="store_true",
+        help="pack the target's linears for oneDNN first (measured; plain decoding runs packed too)",
+    )
