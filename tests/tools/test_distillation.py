@@ -316,11 +316,25 @@ def test_an_unpacked_pack_lets_generation_continue_and_trains_on_hard_labels(tmp
     records = [{"id": f"r{i}", "domain": "qa", "mode": GREEDY, "input_ids": [5, 6, 7 + i, 8, 9],
                 "prompt_length": 2, "finished": True} for i in range(4)]  # fmt: skip
     store.append(records)
+    run = {
+        "answers": 4,
+        "answer_tokens": 12,
+        "seconds": 6.0,
+        "tokens_per_hour": 7200,
+        "dtype": "fp32",
+        "device": "cpu",
+        "batch_size": 4,
+        "threads": 1,
+        "count": 4,
+    }
+    store.add_run(run)
     pack = pack_store(store, tmp_path / "pack")
     fresh = DistillStore(tmp_path / "later", recipe={"--top-k": 3})
     assert unpack_into_store(pack, fresh) == 4
     assert unpack_into_store(pack, fresh) == 0
     assert fresh.done_ids() == {f"r{i}" for i in range(4)}
+    # the pack's runs come along once, so a pack rewritten from this store keeps its history
+    assert fresh.manifest["runs"] == [run]
     examples = load_examples(fresh, "all")
     example = examples[0]
     assert example.hidden is None and example.topk_ids.shape == (3, 3)

@@ -107,11 +107,17 @@ Read it with `hf_specssm.training.distillation.pack.read_pack(folder)` (records 
 
 def unpack_into_store(folder: str | Path, store: DistillStore) -> int:
     """Add a pack's chats to `store` (without extras: soft labels and hidden states stay where they were
-    made), so that generation continues after them. Chats the store already holds are skipped.
+    made), so that generation continues after them. Chats the store already holds are skipped; the pack's
+    recorded generation runs the store does not list yet are added to its runs (a pack rewritten later
+    keeps its history).
 
     Returns:
         how many chats were added.
     """
+    known = store.manifest.get("runs", [])
+    for run in json.loads((Path(folder) / "manifest.json").read_text()).get("runs", []):
+        if run not in known:
+            store.add_run(run)
     done = store.done_ids()
     added = [
         {**record, "extras": None, "offset": 0} for record in read_pack(folder) if record["id"] not in done
