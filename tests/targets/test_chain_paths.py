@@ -48,11 +48,15 @@ def test_warm_up_rounds_are_not_counted_and_a_cost_that_changes_is_followed():
     costs.record("tree", 4, 100.0)
     costs.record("tree", 4, 1.0)
     assert costs.estimates() == {("forward", 3): 2.0, ("tree", 3): 1.0}
-    assert costs.choose(4) == "tree"
-    for _ in range(4):  # the tree path got slower; retries of the forward keep it measured
+    assert costs.choose(4) == "tree"  # first exploited round
+    chosen = []
+    for _ in range(4):  # the tree path got slower; every 2nd exploited round retries the other path
         path = costs.choose(4)
+        chosen.append(path)
         costs.record(path, 4, 5.0 if path == "tree" else 2.0)
-    assert costs.choose(4) == "forward" or costs.choose(4) == "forward"
+    # retry (forward), tree (now 3.0), retry (tree: forward is cheaper now), forward
+    assert chosen == ["forward", "tree", "tree", "forward"]
+    assert costs.estimates() == {("forward", 3): 2.0, ("tree", 3): 4.0}
 
 
 @pytest.mark.parametrize(

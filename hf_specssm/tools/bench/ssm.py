@@ -41,7 +41,7 @@ import torch
 
 import hf_specssm
 from hf_specssm.config import DraftConfig
-from hf_specssm.targets import JointTarget, RecurrentTarget, make_target
+from hf_specssm.targets import JointTarget, RecurrentTarget, make_target, tree_problem_for
 from hf_specssm.targets.chain_paths import ChainPathCosts
 from hf_specssm.testing.oracle import OracleDrafter
 from hf_specssm.tools.bench.ssm_models import TARGET_CONFIGS, build_target
@@ -368,7 +368,7 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
     cells = " | ".join(f"{ours[k][0] / step:.2f}×" for k in widths)
     print(f"| ours: multi-token forward | {step * 1e3:.1f} | {cells} |")
     tree = None
-    if _new_target(model, "tree chain") is not None:
+    if tree_problem_for(model) is None:
         tree = verification_costs(model, widths, args.context, args.repeats, "tree chain")
         cells = " | ".join(f"{tree[k][0] / step:.2f}×" for k in widths)
         print(f"| ours: chain as a one-branch tree (tree scan) | {tree[0][0] * 1e3:.1f} | {cells} |")
