@@ -14,8 +14,10 @@ from pathlib import Path
 
 #: the drafter a bare `shipped_drafter_path()` means: our Mamba2 drafter for the Qwen2.5 tokenizer
 DEFAULT_DRAFTER = "mamba2-qwen2.5-coder"
+#: the feature-conditioned Mamba2 drafter for the same target (reads its hidden states; single prompts)
+FEATURE_DRAFTER = "mamba2-qwen2.5-coder-fc"
 #: every drafter the package ships
-SHIPPED_DRAFTERS = (DEFAULT_DRAFTER,)
+SHIPPED_DRAFTERS = (DEFAULT_DRAFTER, FEATURE_DRAFTER)
 DISTRIBUTION = "hf_specssm"
 _CHECKOUT = Path(__file__).resolve().parents[1] / "checkpoints"
 

@@ -15,10 +15,13 @@ rollback, tree forking) is transformers' `Mamba2ForCausalLM`.
 A *feature-conditioned* drafter (`config.feature_size` set) also reads the target's last hidden state
 `f` `[B, 1|T, F]` at the last accepted position and the draft depth `j` (own tokens fed since then):
 
-    logits = lm_head(norm_f(mamba(x)) + W_f · rmsnorm(f) + depth_embedding[j])
+    u = norm_f(mamba(x)) + W_f · rmsnorm(f) + depth_embedding[j]
+    logits = lm_head(u)                                         (config.feature_mlp_size None)
+    logits = lm_head(u + W_down · silu(W_up · u))               (config.feature_mlp_size set)
 
-Both extra terms start at zero, so a feature-conditioned drafter initialised from a token-only one drafts
-exactly like it until trained; without `target_features` the forward is the token-only drafter's.
+`W_f`, the depth offsets and `W_down` start at zero, so a feature-conditioned drafter initialised from a
+token-only one drafts exactly like it until trained; without `target_features` the feature terms are absent
+(`u = norm_f(mamba(x))`, as before the first verification) and the MLP, if any, still applies.
 
 This module and `configuration_mamba_drafter.py` import nothing from hf_specssm: `save_pretrained` copies
 them next to the weights as the folder's remote code, with `auto_map` in `config.json`, so a drafter folder
@@ -149,6 +152,11 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
             self.feature_norm = torch.nn.RMSNorm(config.feature_size, eps=1e-6)
             self.feature_proj = torch.nn.Linear(config.feature_size, config.hidden_size, bias=False)
             self.depth_embedding = torch.nn.Embedding(config.max_draft_depth, config.hidden_size)
+            if getattr(config, "feature_mlp_size", None):
+                self.feature_mlp_up = torch.nn.Linear(config.hidden_size, config.feature_mlp_size, bias=False)
+                self.feature_mlp_down = torch.nn.Linear(
+                    config.feature_mlp_size, config.hidden_size, bias=False
+                )
             self.zero_feature_terms()
 
     @property
@@ -156,24 +164,48 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
         """Whether this drafter is feature-conditioned (reads the target's last hidden state)."""
         return bool(getattr(self.config, "feature_size", None))
 
-    def zero_feature_terms(self) -> None:
-        """Set the feature projection and the depth offsets to zero: the drafter then drafts as if token-only."""
+    @property
+    def fuses_head_input(self) -> bool:
+        """Whether a residual MLP transforms the LM head's input (`config.feature_mlp_size` set)."""
+        return bool(getattr(self.config, "feature_mlp_size", None)) and self.reads_target_hidden
+
+    def zero_feature_terms(self, generator: torch.Generator | None = None) -> None:
+        """Zero the feature projection, the depth offsets and the MLP's output: the drafter then drafts as if
+        token-only (the MLP's input weights get a fresh random init from `generator`, so that its output
+        weights can learn)."""
         with torch.no_grad():
             self.feature_proj.weight.zero_()
             self.depth_embedding.weight.zero_()
             self.feature_norm.weight.fill_(1.0)
+            if self.fuses_head_input:
+                self.feature_mlp_down.weight.zero_()
+                self.feature_mlp_up.weight.normal_(0.0, self.config.hidden_size**-0.5, generator=generator)
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         # the feature terms start at zero (see the module docstring), not at transformers' random init
-        if module is getattr(self, "feature_proj", None) or module is getattr(self, "depth_embedding", None):
+        zeroed = ("feature_proj", "depth_embedding", "feature_mlp_down")
+        if any(module is getattr(self, name, None) for name in zeroed):
             with torch.no_grad():
                 module.weight.zero_()
+            return
+        if module is getattr(self, "feature_mlp_up", None):
+            with torch.no_grad():
+                module.weight.normal_(0.0, self.config.hidden_size**-0.5)
             return
         if module is getattr(self, "feature_norm", None):
             with torch.no_grad():
                 module.weight.fill_(1.0)
             return
         super()._init_weights(module)
+
+    def fuse_head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`u + W_down · silu(W_up · u)` `[..., H]` for the LM head's input `u` (features already added); `u`
+        itself when the drafter has no MLP."""
+        if not self.fuses_head_input:
+            return hidden
+        weight = self.feature_mlp_up.weight
+        update = self.feature_mlp_down(torch.nn.functional.silu(self.feature_mlp_up(hidden.to(weight.dtype))))
+        return hidden + update.to(hidden.dtype)
 
     def feature_bias(
         self, target_features: torch.Tensor, draft_depth: int | torch.Tensor | None = None
@@ -260,7 +292,7 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
         (int or `[B, T]`) condition a feature-conditioned drafter's logits (see the module docstring).
         """
         draft_ids = self.to_draft_ids(input_ids) if input_ids is not None else None
-        if target_features is None:
+        if target_features is None and not self.fuses_head_input:
             output = super().forward(
                 input_ids=draft_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, **kwargs
             )
@@ -270,13 +302,17 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
                 # installed on first use, so a replaced or copied head gets it too
                 head.register_forward_pre_hook(_add_feature_bias)
                 head._adds_feature_bias = True
-            head._feature_bias = self.feature_bias(target_features, draft_depth)
+            if target_features is not None:
+                head._feature_bias = self.feature_bias(target_features, draft_depth)
+            # a bound method, not a module: nothing is registered on the head
+            head._fuse_head_input = self.fuse_head_input
             try:
                 output = super().forward(
                     input_ids=draft_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, **kwargs
                 )
             finally:
                 head._feature_bias = None
+                head._fuse_head_input = None
         if labels is not None:
             draft_labels = torch.where(labels < 0, labels, self.to_draft_ids(labels.clamp(min=0)))
             output.loss = torch.nn.functional.cross_entropy(
@@ -287,19 +323,26 @@ class MambaDrafterForCausalLM(Mamba2ForCausalLM):
 
 
 def _add_feature_bias(module: torch.nn.Module, args: tuple) -> tuple | None:
-    """Pre-hook on a feature-conditioned drafter's LM head: adds the pending feature bias to its input.
+    """Pre-hook on a feature-conditioned drafter's LM head: adds the pending feature bias to its input, then
+    applies the drafter's MLP if it has one.
 
     The bias (`module._feature_bias`, set by `MambaDrafterForCausalLM.forward` for one call) is `[B, 1, H]`
     (one feature for every position) or `[B, T, H]`; when transformers keeps only the last positions'
-    logits, the bias is cut to match. The bias lives on the head itself, so copies of the model stay apart.
+    logits, the bias is cut to match. The bias and the MLP's entry point (`module._fuse_head_input`) live on
+    the head for one call only, so copies of the model stay apart.
     """
     bias = getattr(module, "_feature_bias", None)
-    if bias is None:
+    fuse = getattr(module, "_fuse_head_input", None)
+    if bias is None and fuse is None:
         return None
     hidden = args[0]
-    if bias.shape[1] not in (1, hidden.shape[1]):
-        bias = bias[:, -hidden.shape[1] :]
-    return (hidden + bias.to(hidden.dtype), *args[1:])
+    if bias is not None:
+        if bias.shape[1] not in (1, hidden.shape[1]):
+            bias = bias[:, -hidden.shape[1] :]
+        hidden = hidden + bias.to(hidden.dtype)
+    if fuse is not None:
+        hidden = fuse(hidden)
+    return (hidden, *args[1:])
 
 
 def _weights_file(folder: Path, kwargs: dict) -> Path | None:

@@ -31,6 +31,7 @@ from hf_specssm._compat.attention import (
     static_capacity,
 )
 from hf_specssm._compat.mixers import (
+    fixed_mixers,
     fused_kernels_active,
     has_instance_forward,
     install_forward,
@@ -89,6 +90,7 @@ __all__ = [
     "crop_cache",
     "dropped_mask_length",
     "enable_attention_rollback",
+    "fixed_mixers",
     "forward_accepts",
     "fused_kernels_active",
     "generation_defaults",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+from hf_specssm._compat.mixers import fixed_mixers
 from hf_specssm._compat.processors import row_processors
 from hf_specssm.decoding.acceptance import SAMPLING_RULES, accept_proposal
 from hf_specssm.decoding.scores import process_proposal_scores
@@ -166,22 +167,24 @@ class SpeculativeLoop:
         )
         loop_start = time.perf_counter()
         started: list[Row] = []
-        try:
-            for row in rows:
-                row.drafter.begin(row.sequence)
-                started.append(row)
-            self.target.prefill([row.sequence for row in rows])
-            for row in rows:
-                row.finished = row.length >= self.max_length
-            active = [row for row in rows if not row.finished]
-            if active and len(active) < len(rows):
-                self.target.release([b for b, row in enumerate(rows) if not row.finished])
-            while active:
-                active = self.round(active)
-        finally:
-            for row in started:
-                row.drafter.end()
-            self.target.close()
+        # the target's module tree is fixed for the call: rounds find its SSM mixers without a module walk
+        with fixed_mixers(self.target.model):
+            try:
+                for row in rows:
+                    row.drafter.begin(row.sequence)
+                    started.append(row)
+                self.target.prefill([row.sequence for row in rows])
+                for row in rows:
+                    row.finished = row.length >= self.max_length
+                active = [row for row in rows if not row.finished]
+                if active and len(active) < len(rows):
+                    self.target.release([b for b, row in enumerate(rows) if not row.finished])
+                while active:
+                    active = self.round(active)
+            finally:
+                for row in started:
+                    row.drafter.end()
+                self.target.close()
         self.stats.total_time_s = time.perf_counter() - loop_start
         self.stats.peak_verification_bytes = self.target.peak_verification_bytes
         if self.streamer is not None:

@@ -23,6 +23,9 @@ class MambaDrafterConfig(Mamba2Config):
             that reads tokens only.
         max_draft_depth: feature-conditioned drafters learn one offset per draft depth (how many of its
             own tokens the drafter has fed since the target's hidden state); deeper drafts use the last.
+        feature_mlp_size: the width of a residual MLP a feature-conditioned drafter applies to its LM
+            head's input after adding the feature terms (`x + W_down · silu(W_up · x)`), so the target's
+            hidden state and the drafter's own state combine non-linearly; `None` (default): no MLP.
         **kwargs: `Mamba2Config` fields: `vocab_size` is the draft vocabulary size `V_d`, the "other" slot
             included; `hidden_size`, `num_hidden_layers`, `num_heads`, `head_dim`, ….
     """
@@ -35,6 +38,7 @@ class MambaDrafterConfig(Mamba2Config):
         tokenizer_reference: str | None = None,
         feature_size: int | None = None,
         max_draft_depth: int = 8,
+        feature_mlp_size: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -42,7 +46,13 @@ class MambaDrafterConfig(Mamba2Config):
             raise ValueError(f"feature_size must be a positive hidden size or None, got {feature_size}.")
         if max_draft_depth < 1:
             raise ValueError(f"max_draft_depth must be >= 1, got {max_draft_depth}.")
+        if feature_mlp_size is not None and (feature_mlp_size < 1 or feature_size is None):
+            raise ValueError(
+                f"feature_mlp_size must be a positive width on a feature-conditioned drafter (feature_size set), "
+                f"got feature_mlp_size={feature_mlp_size}, feature_size={feature_size}."
+            )
         self.feature_size = feature_size
+        self.feature_mlp_size = feature_mlp_size
         self.max_draft_depth = max_draft_depth
         if target_vocab_size < self.vocab_size - 1:
             raise ValueError(

@@ -21,18 +21,22 @@ TARGET_VOCAB = 48
 DRAFT_IDS = torch.arange(2, TARGET_VOCAB, 2)
 
 
-def feature_drafter(seed: int = 0, live: bool = True, draft_ids=DRAFT_IDS, target_vocab=TARGET_VOCAB):
-    """A tiny feature-conditioned drafter reading hidden states of size HIDDEN; `live`: random feature
-    weights (large enough to change drafts), else the zero start."""
-    config = drafter_config("tiny", draft_ids.numel() + 1, target_vocab, feature_size=HIDDEN)
+def feature_drafter(
+    seed: int = 0, live: bool = True, draft_ids=DRAFT_IDS, target_vocab=TARGET_VOCAB, mlp: int | None = None
+):
+    """A tiny feature-conditioned drafter reading hidden states of size HIDDEN (with a head-input MLP of
+    width `mlp`); `live`: random feature weights (large enough to change drafts), else the zero start."""
+    config = drafter_config(
+        "tiny", draft_ids.numel() + 1, target_vocab, feature_size=HIDDEN, feature_mlp_size=mlp
+    )
     model = new_drafter(config, draft_ids, seed=seed).eval()
     if live:
         generator = torch.Generator().manual_seed(seed + 100)
+        live_weights = ["feature_proj", "depth_embedding"] + (["feature_mlp_down"] if mlp else [])
         with torch.no_grad():
-            model.feature_proj.weight.copy_(torch.randn(model.feature_proj.weight.shape, generator=generator))
-            model.depth_embedding.weight.copy_(
-                torch.randn(model.depth_embedding.weight.shape, generator=generator)
-            )
+            for name in live_weights:
+                weight = getattr(model, name).weight
+                weight.copy_(torch.randn(weight.shape, generator=generator))
     return model
 
 
@@ -46,6 +50,64 @@ def test_the_zero_start_drafts_like_the_token_only_drafter():
     expected = token_only(ids).logits
     assert torch.equal(featured(ids).logits, expected)
     assert torch.equal(featured(ids, target_features=features, draft_depth=2).logits, expected)
+
+
+def test_the_zero_start_of_a_drafter_with_a_head_mlp_drafts_like_the_token_only_drafter():
+    token_only = new_drafter(drafter_config("tiny", DRAFT_IDS.numel() + 1, TARGET_VOCAB), DRAFT_IDS, seed=3)
+    featured = feature_drafter(seed=3, live=False, mlp=32)
+    missing = featured.load_state_dict(token_only.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [
+        "depth_embedding.weight",
+        "feature_mlp_down.weight",
+        "feature_mlp_up.weight",
+        "feature_norm.weight",
+        "feature_proj.weight",
+    ]
+    featured.zero_feature_terms()
+    # the input weights are random (so the output weights can learn), the output weights zero
+    assert featured.feature_mlp_up.weight.abs().sum() > 0 and not featured.feature_mlp_down.weight.any()
+    ids = torch.tensor([[2, 4, 7, 10]])
+    expected = token_only(ids).logits
+    assert torch.equal(featured(ids).logits, expected)
+    assert torch.equal(
+        featured(ids, target_features=torch.randn(1, 1, HIDDEN), draft_depth=2).logits, expected
+    )
+
+
+def test_the_head_mlp_applies_with_and_without_a_feature():
+    """The MLP transforms the head's input in every forward: before the first verification (no feature) too."""
+    linear, fused = feature_drafter(seed=4), feature_drafter(seed=4, mlp=32)
+    with torch.no_grad():
+        for name in ("feature_proj", "depth_embedding"):
+            getattr(fused, name).weight.copy_(getattr(linear, name).weight)
+    ids = torch.tensor([[2, 4, 7, 10]])
+    features = torch.randn(1, 1, HIDDEN)
+    hidden = fused.draft_hidden(fused.to_draft_ids(ids))
+    without = fused.lm_head(fused.fuse_head_input(hidden))
+    with_feature = fused.lm_head(fused.fuse_head_input(hidden + fused.feature_bias(features, 1)))
+    assert torch.allclose(fused(ids).logits[..., DRAFT_IDS], without[..., 1:], atol=1e-5)
+    assert torch.allclose(
+        fused(ids, target_features=features, draft_depth=1).logits[..., DRAFT_IDS],
+        with_feature[..., 1:],
+        atol=1e-5,
+    )
+    # negative control: the same weights without the MLP give other logits
+    assert not torch.allclose(fused(ids).logits, linear(ids).logits, atol=1e-3)
+    assert not torch.allclose(
+        fused(ids, target_features=features, draft_depth=1).logits,
+        linear(ids, target_features=features, draft_depth=1).logits,
+        atol=1e-3,
+    )
+    # nothing is left on the head after a call
+    head = fused.get_output_embeddings()
+    assert head._feature_bias is None and head._fuse_head_input is None
+
+
+def test_a_head_mlp_needs_a_feature_conditioned_drafter():
+    with pytest.raises(ValueError, match="feature_mlp_size"):
+        drafter_config("tiny", DRAFT_IDS.numel() + 1, TARGET_VOCAB, feature_mlp_size=32)
+    with pytest.raises(ValueError, match="feature_mlp_size"):
+        drafter_config("tiny", DRAFT_IDS.numel() + 1, TARGET_VOCAB, feature_size=HIDDEN, feature_mlp_size=0)
 
 
 def test_the_feature_and_the_depth_change_the_logits():
@@ -82,12 +144,14 @@ def test_per_position_features_and_depths_match_one_position_at_a_time():
         assert torch.allclose(alone[DRAFT_IDS], together[0, position, 1:], atol=1e-5)
 
 
-def test_hub_format_round_trip_loads_a_feature_drafter(tmp_path):
-    model = feature_drafter()
+@pytest.mark.parametrize("mlp", [None, 32], ids=["linear", "head-mlp"])
+def test_hub_format_round_trip_loads_a_feature_drafter(tmp_path, mlp):
+    model = feature_drafter(mlp=mlp)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(loaded, MambaDrafterForCausalLM) and loaded.reads_target_hidden
-    assert loaded.config.feature_size == HIDDEN
+    assert loaded.config.feature_size == HIDDEN and loaded.config.feature_mlp_size == mlp
+    assert loaded.fuses_head_input == bool(mlp)
     ids = torch.tensor([[2, 4, 7]])
     features = torch.randn(1, 1, HIDDEN)
     # equal weights; the loaded ones may sit in another memory layout (last-bit differences)
@@ -157,6 +221,8 @@ def test_the_drafter_reads_the_hidden_state_that_chose_the_last_committed_token(
         ),
         pytest.param("mamba2", {}, id="mamba2-chain"),
         pytest.param("bamba", {"tree_shape": (2, 2)}, id="bamba-tree"),
+        pytest.param("llama", {"mlp": 32}, id="llama-chain-head-mlp"),
+        pytest.param("mamba2", {"mlp": 32, "tree_shape": (2, 2)}, id="mamba2-tree-head-mlp"),
     ],
 )
 def test_greedy_output_equals_the_target_alone(target_kind, options):
@@ -164,7 +230,9 @@ def test_greedy_output_equals_the_target_alone(target_kind, options):
     hf_specssm.enable(target)
     prompt = torch.tensor([[2, 4, 6, 8, 10, 12]])
     plain = target.generate(prompt, max_new_tokens=24, do_sample=False)
-    drafter = FeatureDrafter(feature_drafter(seed=1), num_draft_tokens=3, schedule="constant", **options)
+    options = dict(options)
+    model = feature_drafter(seed=1, mlp=options.pop("mlp", None))
+    drafter = FeatureDrafter(model, num_draft_tokens=3, schedule="constant", **options)
     spec = target.generate(prompt, assistant_model=drafter, max_new_tokens=24, do_sample=False)
     assert torch.equal(plain, spec)
     assert target.last_speculation_stats.rounds > 0

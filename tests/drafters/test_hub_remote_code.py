@@ -104,6 +104,20 @@ def test_registered_classes_load_the_shipped_drafter_without_remote_code():
         assert model.config.target_vocab_size == 151936
 
 
+def test_the_shipped_feature_conditioned_drafter_loads_as_a_feature_drafter():
+    """`assistant_model=` gets a `FeatureDrafter` for the shipped fc folder: it reads Qwen2.5-1.5B's hidden
+    states (1536) through its head MLP, and the folder stays within the repository's 40 MiB per drafter."""
+    from hf_specssm.drafters.assistant import as_drafter
+    from hf_specssm.drafters.feature import FeatureDrafter
+
+    folder = hf_specssm.shipped_drafter_path(hf_specssm.shipped.FEATURE_DRAFTER, must_exist=True)
+    assert (folder / "model.safetensors").stat().st_size <= 40 * 2**20
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.reads_target_hidden and model.fuses_head_input
+    assert model.config.feature_size == 1536 and model.config.target_vocab_size == 151936
+    assert isinstance(as_drafter(model), FeatureDrafter)
+
+
 def test_a_drafter_loaded_through_its_remote_code_drafts_for_hf_specssm(tmp_path):
     """The folder's own classes (what a Hub user without hf_specssm gets) work as hf_specssm drafters.
 

@@ -342,6 +342,43 @@ def test_prompt_lookup_that_never_matches_the_target_is_gated_off():
     assert drafted_rounds <= 12 < stats.rounds
 
 
+@pytest.mark.parametrize("target_kind", ["mamba2", "bamba"])
+def test_rounds_find_the_mixers_without_walking_the_modules(target_kind, monkeypatch):
+    """A call walks the target's modules a fixed number of times, not once or more per round (a walk over
+    a 48-layer model costs ~1.5% of its step); the output stays plain greedy."""
+    target = hf_specssm.enable(build(target_kind, seed=0))
+    target.generation_config.eos_token_id = None
+    prompt = _prompt(12, 3)
+    walks = []
+    original = torch.nn.Module.modules
+
+    def counting(module):
+        if module is target:
+            walks.append(1)
+        return original(module)
+
+    monkeypatch.setattr(torch.nn.Module, "modules", counting)
+    counts = {}
+    # the first call runs the mixer probes (once per mixer class)
+    for new_tokens in (6, 6, 30):
+        reference = target.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        drafter = ScriptedDrafter(reference, [1, 0, 2, 3], num_draft_tokens=3, vocab_size=VOCAB)
+        walks.clear()
+        output = target.generate(prompt, assistant_model=drafter, max_new_tokens=new_tokens, do_sample=False)
+        assert torch.equal(output, reference)
+        counts[new_tokens] = len(walks)
+        assert target.last_speculation_stats.rounds >= new_tokens // 4
+    assert counts[30] == counts[6]
+    # negative control: outside a call every lookup walks the modules
+    walks.clear()
+    for _ in range(3):
+        _compat.ssm_mixers(target)
+    assert len(walks) == 3
+    with _compat.fixed_mixers(target), _compat.fixed_mixers(target):
+        assert _compat.ssm_mixers(target) == _compat.ssm_mixers(target)
+    assert len(walks) == 4
+
+
 def test_prompt_lookup_drafter_and_its_gate_carry_over_between_calls():
     """`prompt_lookup_num_tokens=` keeps one drafter per target and settings, so what its draft gate learned
     (drafting off on text that never repeats) holds from the next call on; a new setting gets its own."""

@@ -203,10 +203,17 @@ def answer_batch(
     return produced
 
 
-def load_extras(store: DistillStore, record: dict) -> dict[str, np.ndarray]:
+def load_extras(store: DistillStore, record: dict, cache: dict | None = None) -> dict[str, np.ndarray]:
     """The top-k ids `[A, k]`, log-probs `[A, k]` and (when kept) hidden states `[A, H]` of a record's answer.
 
-    A record unpacked from a pack has no extras: `{}`.
+    A record unpacked from a pack has no extras: `{}`. The arrays are copies, so they do not keep the whole
+    batch's file alive.
+
+    Args:
+        store: the store.
+        record: one of its records.
+        cache: a dict the caller keeps across calls: the last extras file read is kept there, so reading
+            the records of one batch in order decompresses their file once.
 
     Raises:
         FileNotFoundError: the record names an extras file that is missing.
@@ -215,9 +222,17 @@ def load_extras(store: DistillStore, record: dict) -> dict[str, np.ndarray]:
     if record.get("extras") is None:
         # a chat unpacked from a compact pack: its extras were never copied
         return {}
-    with np.load(store.extras_path(record["extras"])) as arrays:
-        start = record["offset"]
-        return {key: arrays[key][start : start + length] for key in arrays.files}
+    name = record["extras"]
+    if cache is not None and cache.get("name") == name:
+        arrays = cache["arrays"]
+    else:
+        with np.load(store.extras_path(name)) as loaded:
+            arrays = {key: loaded[key] for key in loaded.files}
+        if cache is not None:
+            cache.clear()
+            cache.update(name=name, arrays=arrays)
+    start = record["offset"]
+    return {key: array[start : start + length].copy() for key, array in arrays.items()}
 
 
 def plan_batches(tasks: Sequence[Task], batch_size: int, window: int = 8) -> list[list[Task]]:

@@ -17,7 +17,8 @@ class DrafterCardFacts:
         size_bytes: bytes of `model.safetensors`.
         draft_vocab: draft vocabulary entries ('other' included) and the target's vocabulary size.
         data: a description of the training data (sources, token counts).
-        steps: optimiser steps; `tokens`: tokens trained on; `compute`: where and how long.
+        steps: optimiser steps; `tokens`: tokens trained on (0: not recorded, left out); `compute`: where
+            and how long.
         heldout: teacher-forced agreement on held-out distilled answers (`{"top1": …, "tau": …, "k": …}`).
         measured: end-to-end rows (benchmark, method, τ, speed-up), with the command that produced them.
     """
@@ -56,7 +57,12 @@ def model_card(facts: DrafterCardFacts) -> str:
             "outside, so speculative sampling stays exact",
         ),
         ("training data", facts.data),
-        ("training", f"{facts.steps} steps, {facts.tokens / 1e6:.1f} M tokens; {facts.compute}"),
+        (
+            "training",
+            f"{facts.steps} steps, "
+            + (f"{facts.tokens / 1e6:.1f} M tokens; " if facts.tokens else "")
+            + facts.compute,
+        ),
         ("held-out answers (teacher forced)", heldout),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)

@@ -32,9 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_specssm.drafters.mamba import MambaDrafterForCausalLM
-from hf_specssm.training.checkpoints import (
-    save_checkpoint,
-)
+from hf_specssm.training.checkpoints import latest_checkpoint, load_trainer_state, save_checkpoint
 from hf_specssm.training.distillation.generate import GREEDY, load_extras
 from hf_specssm.training.distillation.store import DistillStore
 from hf_specssm.training.mamba_drafter.data import is_heldout
@@ -82,10 +80,11 @@ def load_examples(
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}.")
     examples = []
+    cache: dict = {}
     for record in store.records():
         if split != "all" and is_heldout(record["id"], heldout_every) != (split == "heldout"):
             continue
-        extras = load_extras(store, record)
+        extras = load_extras(store, record, cache)
         if len(record["input_ids"]) - record["prompt_length"] < 2 or (need_hidden and "hidden" not in extras):
             continue
         ids = torch.tensor(record["input_ids"], dtype=torch.long)
@@ -255,7 +254,7 @@ def batch_loss(model: MambaDrafterForCausalLM, batch: Batch, soft_weight: float)
         has_feature = (depths >= 0).to(selected.dtype)[:, None]
         bias = model.feature_bias(batch.features.to(device)[:, None], depths.clamp(min=0)[:, None])[:, 0]
         selected = selected + has_feature * bias
-    logits = model.lm_head(selected).float()  # [N, V_d]
+    logits = model.lm_head(model.fuse_head_input(selected)).float()  # [N, V_d]
     log_probs = torch.log_softmax(logits, dim=-1)
     hard = -log_probs.gather(1, model.to_draft_ids(batch.labels.to(device))[:, None]).mean()
     soft_draft = model.to_draft_ids(batch.soft_ids.to(device))
@@ -264,7 +263,13 @@ def batch_loss(model: MambaDrafterForCausalLM, batch: Batch, soft_weight: float)
 
 
 def _optimizer(model: MambaDrafterForCausalLM, config: FinetuneConfig) -> torch.optim.Optimizer:
-    new = {"feature_proj.weight", "depth_embedding.weight", "feature_norm.weight"}
+    new = {
+        "feature_proj.weight",
+        "depth_embedding.weight",
+        "feature_norm.weight",
+        "feature_mlp_up.weight",
+        "feature_mlp_down.weight",
+    }
     named = dict(model.named_parameters())
     fresh = [parameter for name, parameter in named.items() if name in new]
     rest = [parameter for name, parameter in named.items() if name not in new]
@@ -306,6 +311,9 @@ def finetune_drafter(
     optimizer = _optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
     step, losses, seconds = resume_drafter(model, optimizer, schedule, output_dir)
+    latest = latest_checkpoint(output_dir)
+    # answer positions trained so far (checkpoints written before this count existed: unknown, 0)
+    positions = int(load_trainer_state(latest).get("positions", 0)) if latest is not None else 0
     model.train()
     bar = tqdm(total=config.steps, initial=step, desc="finetune-drafter", disable=not config.progress)
     try:
@@ -322,6 +330,7 @@ def finetune_drafter(
             schedule.step()
             step += 1
             seconds += time.perf_counter() - started
+            positions += int(batch.labels.numel())
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -332,7 +341,7 @@ def finetune_drafter(
                     "schedule": schedule.state_dict(),
                     "losses": losses,
                     "seconds": seconds,
-                    "tokens": step * config.batch_size * config.max_length,
+                    "positions": positions,
                 }
                 model.config.training_steps = step
                 save_checkpoint(output_dir, step, model, state, config.keep_checkpoints)
@@ -404,7 +413,7 @@ def evaluate_drafter(
                 source = (t - depth - prompt).clamp(min=0)
                 bias = model.feature_bias(example.hidden.to(device)[source][:, None], depth)[:, 0]
                 states = states + bias
-            predicted = model.lm_head(states).argmax(-1)
+            predicted = model.lm_head(model.fuse_head_input(states)).argmax(-1)
             # entries with depth > i (a round started before the answer) are never read by a chain
             correct[depth] = predicted == truth
         top1_hits += int(correct[0].sum())
@@ -429,17 +438,26 @@ def evaluate_drafter(
     )
 
 
-def feature_model_from(token_only: MambaDrafterForCausalLM, feature_size: int) -> MambaDrafterForCausalLM:
+def feature_model_from(
+    token_only: MambaDrafterForCausalLM, feature_size: int, mlp_size: int | None = None, seed: int = 0
+) -> MambaDrafterForCausalLM:
     """A feature-conditioned drafter with `token_only`'s weights and zero feature terms (drafts like it).
+
+    Args:
+        token_only: the drafter to start from.
+        feature_size: the target's hidden size.
+        mlp_size: the width of the head-input MLP (`config.feature_mlp_size`), or None for none.
+        seed: seeds the MLP's random input weights.
 
     The new model is in fp32 on `token_only`'s device.
     """
     from hf_specssm.drafters.configuration_mamba_drafter import MambaDrafterConfig
 
-    config = MambaDrafterConfig(**{**token_only.config.to_dict(), "feature_size": feature_size})
+    fields = {**token_only.config.to_dict(), "feature_size": feature_size, "feature_mlp_size": mlp_size}
+    config = MambaDrafterConfig(**fields)
     model = MambaDrafterForCausalLM(config).to(token_only.device)
     result = model.load_state_dict(token_only.state_dict(), strict=False)
     if result.unexpected_keys:
         raise ValueError(f"unexpected weights in the token-only drafter: {result.unexpected_keys}")
-    model.zero_feature_terms()
+    model.zero_feature_terms(torch.Generator().manual_seed(seed))
     return model.float()

@@ -49,10 +49,13 @@ def _config(args: argparse.Namespace):
 def _fingerprint(args: argparse.Namespace) -> dict[str, object]:
     from hf_specssm.training.checkpoints import model_fingerprint
 
+    # only when set, so the fingerprints of runs made before the option existed still match
+    mlp = {"--feature-mlp-size": args.feature_mlp_size} if args.feature_mlp_size else {}
     return {
         "--store": str(Path(args.store).resolve()),
         "--init": model_fingerprint(str(args.init)),
         "--features": args.features,
+        **mlp,
         **{
             f"--{key.replace('_', '-')}": value
             for key, value in vars(_config(args)).items()
@@ -88,14 +91,24 @@ def run_train(args: argparse.Namespace) -> int:
     init = _load(args.init, args.device)
     if args.features:
         feature_size = args.feature_size or _stored_feature_size(store)
-        model = init if init.reads_target_hidden else feature_model_from(init, feature_size)
+        if init.reads_target_hidden:
+            if args.feature_mlp_size:
+                raise ValueError(
+                    f"--feature-mlp-size applies to a new feature-conditioned drafter, but --init {args.init} "
+                    "already is one: drop --feature-mlp-size (its own MLP, if any, is kept)."
+                )
+            model = init
+        else:
+            model = feature_model_from(init, feature_size, args.feature_mlp_size or None, seed=args.seed)
     else:
+        if args.feature_mlp_size:
+            raise ValueError("--feature-mlp-size needs --features (the MLP fuses the target's hidden state).")
         if init.reads_target_hidden:
             raise ValueError(f"--init {args.init} is feature-conditioned: train it with --features.")
         model = init
     model.to(args.device)
     if latest_checkpoint(out) is None:
-        model.config.training_note = f"fine-tuned from {args.init} on {store.root}"
+        model.config.training_note = f"fine-tuned from {_shown(args.init)} on {_shown(store.root)}"
     train = load_examples(store, "train", need_hidden=args.features)
     heldout = load_examples(store, "heldout", need_hidden=args.features)[: args.eval_records]
     say = (lambda *a: None) if args.quiet else print
@@ -111,6 +124,21 @@ def run_train(args: argparse.Namespace) -> int:
 
     finetune_drafter(model, train, out, config, on_checkpoint=on_checkpoint)
     return 0
+
+
+def _shown(path: str | Path) -> str:
+    """`path` as a model card or config may show it: a shipped drafter by its name, a folder under the working
+    directory relative to it, anything else by its last part (no machine's absolute paths)."""
+    from hf_specssm.shipped import SHIPPED_DRAFTERS, shipped_drafter_path
+
+    resolved = Path(path).resolve()
+    for name in SHIPPED_DRAFTERS:
+        if resolved == shipped_drafter_path(name).resolve():
+            return f"{name} (shipped)"
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return resolved.name
 
 
 def _stored_feature_size(store) -> int:
@@ -217,6 +245,12 @@ def run_export(args: argparse.Namespace) -> int:
     heldout = load_examples(store, "heldout", need_hidden=model.reads_target_hidden)[: args.eval_records]
     estimate = evaluate_drafter(model, heldout, k=args.k)
     summary = store.summary()
+    # a feature-conditioned drafter trains only on the chats that kept hidden states
+    with_hidden = sum(record.get("extras") is not None for record in store.records())
+    used = (
+        f" (the {with_hidden} that kept hidden states were trained on)" if model.reads_target_hidden else ""
+    )
+    model.config.training_note = f"fine-tuned from {_shown(args.init)} on {_shown(store.root)}"
     model.to(torch.bfloat16)
 
     def write(staging: Path) -> None:
@@ -235,13 +269,14 @@ def run_export(args: argparse.Namespace) -> int:
             parameters=parameter_count(model),
             size_bytes=(staging / "model.safetensors").stat().st_size,
             draft_vocab=(config.vocab_size, config.target_vocab_size),
-            data=f"fine-tuned from `{args.init}` on {summary['records']} chats of the target's own answers "
-            f"({summary['answer_tokens']:,} answer tokens; domains {summary['domains']}; modes {summary['modes']}) "
-            "with its top-k soft labels"
+            data=f"fine-tuned from `{_shown(args.init)}` on a store of {summary['records']} chats of the target's "
+            f"own answers{used} ({summary['answer_tokens']:,} answer tokens; domains {summary['domains']}; modes "
+            f"{summary['modes']}) with its top-k soft labels"
             + (" and hidden states" if model.reads_target_hidden else "")
             + "; no benchmark prompts",
             steps=int(state["step"]),
-            tokens=int(state.get("tokens", 0)),
+            # answer positions trained (0 where the run predates the count: the card then leaves it out)
+            tokens=int(state.get("positions", 0)),
             compute=f"{float(state.get('seconds', 0)) / 3600:.2f} h on {_machine()}",
             heldout={"top1": estimate.top1, "tau": estimate.tau, "k": estimate.k},
             measured=list(args.measured or []),
@@ -267,6 +302,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--features", action="store_true", help="train a feature-conditioned drafter")
     parser.add_argument(
         "--feature-size", type=int, default=0, help="the target's hidden size (0: from the store)"
+    )
+    parser.add_argument(
+        "--feature-mlp-size",
+        type=int,
+        default=0,
+        help="with --features: width of a residual MLP on the LM head's input that fuses the target's hidden "
+        "state with the drafter's own state non-linearly (0: none, the feature terms are added linearly)",
     )
     parser.add_argument("--out", default="artifacts/finetune/run", help="checkpoint folder")
     parser.add_argument("--export", default="artifacts/finetune/export", help="export folder (export)")

@@ -55,9 +55,11 @@ def drafter_config(
     target_vocab_size: int,
     tokenizer_reference: str | None = None,
     feature_size: int | None = None,
+    feature_mlp_size: int | None = None,
 ) -> MambaDrafterConfig:
     """The config of a named architecture (`ARCHITECTURES`) over `draft_vocab_size` entries ('other' included);
-    with `feature_size` (the target's hidden size), a feature-conditioned drafter."""
+    with `feature_size` (the target's hidden size), a feature-conditioned drafter, and with `feature_mlp_size`
+    one whose LM head input passes a residual MLP of that width."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}.")
     shape = ARCHITECTURES[architecture]
@@ -66,6 +68,7 @@ def drafter_config(
         target_vocab_size=target_vocab_size,
         tokenizer_reference=tokenizer_reference,
         feature_size=feature_size,
+        feature_mlp_size=feature_mlp_size,
         vocab_size=draft_vocab_size,
         hidden_size=hidden,
         num_hidden_layers=shape["num_hidden_layers"],
