@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_specssm.training.checkpoints import latest_checkpoint, load_trainer_state
 from hf_specssm.training.mamba_drafter.finetune import (
     Example,
     FinetuneConfig,
@@ -156,6 +157,11 @@ def test_resuming_gives_the_same_weights(tmp_path):
     finetune_drafter(again, train, tmp_path / "resumed", _config(steps=6, checkpoint_every=3))
     for (name, a), b in zip(straight.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
+    # the trained answer positions are counted across the interruption too (6 steps of 8 chats of 23)
+    counts = [
+        load_trainer_state(latest_checkpoint(tmp_path / run))["positions"] for run in ("straight", "resumed")
+    ]
+    assert counts == [6 * 8 * 23] * 2
 
 
 def test_feature_training_is_refused_without_what_it_needs(tmp_path):

@@ -106,8 +106,8 @@ drafter = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remo
 ```
 
 With `hf_specssm` imported, the classes are registered and plain `from_pretrained` works too (for the
-drafter that ships with hf_specssm, `hf_specssm.shipped_drafter_path()` is its folder wherever the
-package is installed):
+drafters that ship with hf_specssm, `hf_specssm.shipped_drafter_path(name)` is the folder wherever the
+package is installed; the default name is `mamba2-qwen2.5-coder`):
 
 ```python
 import hf_specssm
