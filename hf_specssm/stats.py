@@ -26,6 +26,7 @@ class SpeculationStats:
         forward_passes: target verification forwards (one per round; a batch shares each forward).
         peak_verification_bytes: most extra memory held for rolling back a recurrent target in one round
             (state checkpoint, plus recorded mixer activations with Activation Replay); 0 for Transformers.
+        tree_rounds: whether each round verified a tree (else a chain, or nothing drafted).
     """
 
     draft_lengths: list[int] = field(default_factory=list)
@@ -38,12 +39,37 @@ class SpeculationStats:
     peak_verification_bytes: int = 0
     forward_passes: int = 0
     tree_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    tree_rounds: list[bool] = field(default_factory=list)
 
-    def record_round(self, drafted: int, accepted: int, committed: int) -> None:
-        """Append one round's counts."""
+    def record_round(self, drafted: int, accepted: int, committed: int, tree: bool = False) -> None:
+        """Append one round's counts (`tree`: the round verified a tree)."""
         self.draft_lengths.append(drafted)
         self.accepted_lengths.append(accepted)
         self.committed_tokens.append(committed)
+        self.tree_rounds.append(tree)
+
+    def acceptance_by_position(self) -> tuple[list[int], list[int]]:
+        """Per draft position `i` (0-based) of the chain rounds: `(reached, accepted)` counts.
+
+        `reached[i]`: rounds that drafted a token at position `i` and accepted every draft before it;
+        `accepted[i]`: those that accepted it too, so `accepted[i] / reached[i]` is the acceptance rate at
+        position `i` given the drafts before it were right. Tree rounds are left out: their nodes have no
+        single position. Both lists are as long as the longest chain drafted.
+        """
+        chains = [
+            (drafted, kept)
+            for drafted, kept, tree in zip(
+                self.draft_lengths, self.accepted_lengths, self.tree_rounds, strict=True
+            )
+            if not tree
+        ]
+        depth = max((drafted for drafted, _ in chains), default=0)
+        reached, accepted = [0] * depth, [0] * depth
+        for drafted, kept in chains:
+            for position in range(min(drafted, kept + 1)):
+                reached[position] += 1
+                accepted[position] += position < kept
+        return reached, accepted
 
     @property
     def rounds(self) -> int:

@@ -297,7 +297,7 @@ class SpeculativeLoop:
         else:
             drafter.commit(row.sequence, len(kept))
         drafter.observe_round(plan, outcome)
-        self.stats.record_round(outcome.drafted, outcome.accepted, outcome.committed)
+        self.stats.record_round(outcome.drafted, outcome.accepted, outcome.committed, tree=plan.tree)
         if plan.tree and plan.shape is not None:
             self.stats.tree_shapes.append(plan.shape)
         if self._on_round is not None:

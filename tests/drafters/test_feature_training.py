@@ -175,32 +175,46 @@ def test_feature_training_is_refused_without_what_it_needs(tmp_path):
         FinetuneConfig(soft_weight=1.5)
 
 
+class Oracle(torch.nn.Module):
+    """Stands in for a drafter: its logits always name the true next token (draft ids = target ids)."""
+
+    reads_target_hidden = False
+    device = torch.device("cpu")
+
+    def __init__(self, ids):
+        super().__init__()
+        self.ids = ids
+
+    def to_draft_ids(self, ids):
+        return ids
+
+    def draft_hidden(self, ids):
+        return torch.nn.functional.one_hot(torch.cat([ids[:, 1:], ids[:, -1:]], 1), TARGET_VOCAB).float()
+
+    def fuse_head_input(self, states):
+        return states
+
+    def lm_head(self, states):
+        return states
+
+
+class OtherFirst(Oracle):
+    """An oracle whose highest logit is always the 'other' slot (index 0), the true token second."""
+
+    def lm_head(self, states):
+        return states + 2.0 * torch.nn.functional.one_hot(torch.tensor(0), TARGET_VOCAB)
+
+
+class AllOutside(OtherFirst):
+    """... and whose vocabulary holds none of the answer's tokens (all map to the 'other' slot)."""
+
+    def to_draft_ids(self, ids):
+        return torch.zeros_like(ids)
+
+
 def test_the_chain_simulation_counts_leading_agreements():
     """A drafter that is right everywhere gets τ = 1 + k wherever k drafts fit; sampled answers are skipped."""
     example = _examples(1, seed=5, answer=10)[0]
-
-    class Oracle(torch.nn.Module):
-        """Stands in for a drafter: its logits always name the true next token."""
-
-        reads_target_hidden = False
-        device = torch.device("cpu")
-
-        def __init__(self, ids):
-            super().__init__()
-            self.ids = ids
-
-        def to_draft_ids(self, ids):
-            return ids
-
-        def draft_hidden(self, ids):
-            return torch.nn.functional.one_hot(torch.cat([ids[:, 1:], ids[:, -1:]], 1), TARGET_VOCAB).float()
-
-        def fuse_head_input(self, states):
-            return states
-
-        def lm_head(self, states):
-            return states
-
     estimate = evaluate_drafter(Oracle(example.ids), [example], k=3)
     # 9 round starts; chains of 3 fit fully at the first 7, then 2 and 1 drafts
     assert estimate.rounds == 9
@@ -208,3 +222,13 @@ def test_the_chain_simulation_counts_leading_agreements():
     assert estimate.acceptance_by_position == [1.0, 1.0, 1.0]
     sampled = Example(**{**example.__dict__, "mode": "t0.7"})
     assert evaluate_drafter(Oracle(example.ids), [sampled], k=3).rounds == 0
+
+
+def test_the_chain_simulation_never_drafts_the_other_slot():
+    """A drafter never proposes the 'other' slot, so the simulation drafts the best token inside the
+    vocabulary: right where that is the truth, never right on a token outside the vocabulary."""
+    example = _examples(1, seed=5, answer=10)[0]
+    oracle = evaluate_drafter(Oracle(example.ids), [example], k=3)
+    assert evaluate_drafter(OtherFirst(example.ids), [example], k=3) == oracle
+    outside = evaluate_drafter(AllOutside(example.ids), [example], k=3)
+    assert (outside.tau, outside.top1, outside.rounds) == (1.0, 0.0, 9)

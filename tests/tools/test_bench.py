@@ -110,6 +110,9 @@ def test_run_benchmark_writes_rows_resumes_and_summarizes(tmp_path, tiny_models)
     assert row["new_tokens"] == 10 and row["rounds"] >= 1 and row["drafted"] >= 1
     assert row["target_s"] > 0 and row["drafter_s"] > 0
     assert row["target_s"] + row["drafter_s"] <= row["seconds"] + 1e-6
+    # every accepted chain draft is counted once, at its position; no position accepts more than it reached
+    assert sum(row["position_accepted"]) == row["accepted"]
+    assert all(a <= r for a, r in zip(row["position_accepted"], row["position_reached"], strict=True))
     assert row["weight_bytes"] > 0
     # transformers' loops: τ from the target's forwards
     plain = next(r for r in rows if r["method"] == "target" and r["mode"] == "greedy")
@@ -126,6 +129,9 @@ def test_run_benchmark_writes_rows_resumes_and_summarizes(tmp_path, tiny_models)
     assert len(again) == len(rows)
     table = markdown_tables(summaries)
     assert "| ours-mamba |" in table and "**greedy**" in table and "**sample**" in table
+    assert "Acceptance by draft position" in table and "| greedy | gsm8k | ours-mamba | " in table
+    # transformers' loops report no rounds, so they have no acceptance-by-position row
+    assert "hf-assisted-0.5b" not in table.split("Acceptance by draft position")[1]
 
 
 def test_summary_marks_a_different_output(tmp_path):
@@ -188,6 +194,10 @@ def test_bench_cli_toy_end_to_end(tmp_path, capsys):
     # (plus `target-fastest` on machines whose fastest dtype is not the toy pair's fp32)
     assert {r["method"] for r in rows} - {"target-fastest"} == {"target", "ours-mamba", "hf-assisted-0.5b"}
     assert "| greedy | gsm8k | ours-mamba | 1 |" in (tmp_path / "summary.md").read_text()
+    # each drafter's teacher-forced agreement with the target alone's greedy answers
+    agreement = (tmp_path / "agreement.md").read_text()
+    assert "| gsm8k | 0.5b | 1 |" in agreement and "| gsm8k | mamba | 1 |" in agreement
+    assert len((tmp_path / "agreement.jsonl").read_text().splitlines()) == 2
     printed = capsys.readouterr().out
     assert "speed-up over the target alone" in printed
     # the report can be rebuilt without running anything

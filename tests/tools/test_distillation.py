@@ -342,3 +342,111 @@ def test_an_unpacked_pack_lets_generation_continue_and_trains_on_hard_labels(tmp
     assert torch.softmax(example.topk_logp, -1)[:, 0].tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="no usable"):
         load_examples(fresh, "all", need_hidden=True)
+
+
+def _labelled_pair(tmp_path, corpus, recipe):
+    """A store generated with extras, and the same chats unpacked from its pack into a second store."""
+    from hf_specssm.training.distillation.pack import pack_store, unpack_into_store
+
+    functions, paragraphs = corpus
+    model, tokenizer = save_chat_target(tmp_path / "model")
+    instructions = build_broad_instructions(6, functions=functions, paragraphs=paragraphs)
+    made = DistillStore(tmp_path / "made", recipe=recipe)
+    for mode in (GREEDY, SAMPLED):
+        answer_batch(
+            model, tokenizer, _tasks(tokenizer, instructions, mode), made, max_new_tokens=10, top_k=4
+        )
+    made.seal()
+    later = DistillStore(tmp_path / "later", recipe=recipe)
+    unpack_into_store(pack_store(made, tmp_path / "pack"), later)
+    return model, made, later
+
+
+def test_labelling_unpacked_chats_recovers_what_generation_captured(tmp_path, corpus):
+    from hf_specssm.training.distillation.label import label_store, unlabelled
+    from hf_specssm.training.mamba_drafter.finetune import load_examples
+
+    model, made, later = _labelled_pair(tmp_path, corpus, {"--top-k": 4})
+    count = made.summary()["records"]
+    assert len(unlabelled(later)) == count >= 12
+    assert all(load_extras(later, record) == {} for record in later.records())
+    # a small token budget: several batches of different widths
+    chats, tokens, _ = label_store(model, later, batch_tokens=200)
+    assert chats == count and tokens == made.summary()["answer_tokens"]
+    assert unlabelled(later) == [] and len({r["extras"] for r in later.records()}) > 2
+    originals = {record["id"]: load_extras(made, record) for record in made.records()}
+    for record in later.records():
+        got, want = load_extras(later, record), originals[record["id"]]
+        assert set(got) == {"topk_ids", "topk_logp", "hidden"}
+        assert np.array_equal(got["topk_ids"], want["topk_ids"])
+        assert np.allclose(got["topk_logp"], want["topk_logp"], atol=2e-3)
+        assert np.allclose(got["hidden"], want["hidden"], atol=2e-3)
+    assert len(load_examples(later, "all", need_hidden=True)) == len(load_examples(made, "all"))
+
+
+def test_labelling_resumes_after_a_kill_and_labels_each_chat_once(tmp_path, corpus):
+    from hf_specssm.training.distillation.label import label_store, unlabelled
+
+    model, made, later = _labelled_pair(tmp_path, corpus, {"--top-k": 4})
+    count = made.summary()["records"]
+    assert label_store(model, later, batch_tokens=200, limit=5)[0] == 5
+    assert len(unlabelled(later)) == count - 5
+    # a kill while appending a batch's entries leaves a torn line: reopening drops it, the chat stays to do
+    with open(later.root / "labels.jsonl", "a") as sink:
+        sink.write('{"id": "' + unlabelled(later)[0]["id"] + '", "extras": "l-')
+    reopened = DistillStore(later.root)
+    assert len(unlabelled(reopened)) == count - 5
+    assert label_store(model, reopened, batch_tokens=200)[0] == count - 5
+    lines = (later.root / "labels.jsonl").read_text().splitlines()
+    assert len(lines) == count and unlabelled(reopened) == []
+    # chats that kept their extras from generation are never relabelled
+    assert label_store(model, made)[0] == 0
+
+
+def test_the_label_command_labels_refuses_another_target_and_records_its_run(tmp_path, corpus, capsys):
+    from hf_specssm.tools.cli import main
+    from hf_specssm.training.mamba_drafter.command import _target_fingerprint
+
+    save_chat_target(tmp_path / "model")
+    recipe = {"--target": _target_fingerprint(str(tmp_path / "model")), "--top-k": 4}
+    _, _, later = _labelled_pair(tmp_path, corpus, recipe)
+    save_chat_target(tmp_path / "other", seed=1)
+    base = [
+        "distill",
+        "label",
+        "--store",
+        str(later.root),
+        "--quiet",
+        "--dtype",
+        "fp32",
+        "--batch-tokens",
+        "300",
+    ]
+    assert main([*base, "--target", str(tmp_path / "other")]) == 2
+    assert "not the target the store" in capsys.readouterr().err
+    assert main([*base, "--target", str(tmp_path / "model"), "--limit", "0"]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
+    assert main([*base, "--target", str(tmp_path / "model")]) == 0
+    store = DistillStore(later.root)
+    (run,) = store.manifest["label_runs"]
+    assert (
+        run["chats"] == store.summary()["records"]
+        and run["answer_tokens"] == store.summary()["answer_tokens"]
+    )
+    assert all(record["labels_dtype"] == "fp32" for record in store.records())
+    assert main([*base[:-2], "--target", str(tmp_path / "model")]) == 0
+    assert len(DistillStore(later.root).manifest["label_runs"]) == 1
+
+
+def test_labelling_refuses_a_chat_without_a_prompt_and_a_store_without_top_k(tmp_path):
+    from hf_specssm.training.distillation.label import label_batch, label_store
+
+    store = DistillStore(tmp_path / "store", recipe={"--top-k": 2})
+    chat = {"id": "r0", "domain": "qa", "mode": GREEDY, "input_ids": [1, 2, 3], "prompt_length": 0}
+    with pytest.raises(ValueError, match="has no prompt"):
+        label_batch(torch.nn.Linear(1, 1), [chat], store, top_k=2)
+    assert not list((store.root / "extras").iterdir()) and store.labels() == {}
+    with pytest.raises(ValueError, match="records no --top-k"):
+        label_store(torch.nn.Linear(1, 1), DistillStore(tmp_path / "bare", recipe={}))
+    with pytest.raises(ValueError, match="--batch-tokens"):
+        label_store(torch.nn.Linear(1, 1), store, batch_tokens=0)

@@ -24,3 +24,16 @@ def test_summary_of_a_call_without_rounds():
             "0 tokens in 0 rounds; τ 0.00 tokens per target forward; 0 of 0 drafted tokens accepted (0%)"
         )
     )
+
+
+def test_acceptance_by_position_counts_chain_rounds_only():
+    stats = SpeculationStats()
+    # chains: 3 drafted / 1 accepted, 3 / 3, 2 / 0, nothing drafted; one tree round of 7 nodes
+    for drafted, accepted, tree in [(3, 1, False), (3, 3, False), (2, 0, False), (0, 0, False), (7, 2, True)]:
+        stats.record_round(drafted, accepted, accepted + 1, tree=tree)
+    reached, accepted = stats.acceptance_by_position()
+    # position 0: reached by the three chains that drafted, accepted by two; position 1: reached by the
+    # two that accepted position 0, accepted by one; position 2: reached and accepted by the full chain
+    assert (reached, accepted) == ([3, 2, 1], [2, 1, 1])
+    assert sum(accepted) == stats.accepted_tokens - 2  # the tree round's path is left out
+    assert SpeculationStats().acceptance_by_position() == ([], [])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import time
 from collections.abc import Callable
@@ -373,6 +374,16 @@ def run(args: argparse.Namespace) -> int:
                 budget=TimeBudget(started + args.time_budget) if args.time_budget is not None else None,
                 say=_say,
             )
+            drafters = {
+                label: model
+                for label, model, used in (
+                    ("0.5b", small, SMALL_DRAFTER_METHODS),
+                    ("mamba", mamba, MAMBA_DRAFTER_METHODS),
+                )
+                if model is not None and any(method.name in used for method in methods)
+            }
+            if drafters and not args.no_agreement:
+                _agreement(out, target, models.tokenize, prompts, drafters, read_rows(results))
         if args.long_context:
             import hf_specssm
             from hf_specssm.tools.bench.methods import ours
@@ -412,6 +423,45 @@ def run(args: argparse.Namespace) -> int:
         _report(out / "long_context.md", long_context_table(long_rows), plot_long_context, long_rows,
                 out / "long_context.png")  # fmt: skip
     return 0
+
+
+def _agreement(
+    out: Path,
+    target: torch.nn.Module,
+    tokenize: Callable,
+    prompts: list,
+    drafters: dict[str, torch.nn.Module],
+    rows: list[dict],
+) -> None:
+    """Write `agreement.md` and `agreement.jsonl` (atomically): each drafter's teacher-forced agreement
+    with the target alone's greedy answers to this run's prompts (`agreement.drafter_agreements`)."""
+    from hf_specssm.tools.bench.agreement import agreement_table, drafter_agreements
+
+    # the last greedy answer of the target alone per prompt (a later run of the folder may ask for more tokens)
+    greedy = {
+        (row["set"], row["prompt_id"]): row["output_ids"]
+        for row in rows
+        if row["method"] == "target" and row["mode"] == "greedy"
+    }
+    answers = [
+        (prompt.set, tokenize(prompt), greedy[(prompt.set, prompt.id)])
+        for prompt in prompts
+        if (prompt.set, prompt.id) in greedy
+    ]
+    if not answers:
+        _say("no greedy answers of the target alone in this run: no agreement table")
+        return
+    _say(f"teacher-forced agreement of {', '.join(drafters)} on {len(answers)} greedy answers…")
+    agreements = drafter_agreements(target, drafters, answers)
+    lines = "".join(
+        json.dumps({"set": a.set, "drafter": a.drafter, "prompts": a.prompts, **vars(a.estimate)}) + "\n"
+        for a in agreements
+    )
+    for name, text in (("agreement.jsonl", lines), ("agreement.md", agreement_table(agreements))):
+        partial = out / (name + ".partial")
+        partial.write_text(text)
+        partial.replace(out / name)
+    print(agreement_table(agreements))
 
 
 def _report(table_path: Path, table: str, plot: Callable, data, plot_path: Path, *plot_args) -> None:
@@ -495,6 +545,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from --out")
+    parser.add_argument(
+        "--no-agreement",
+        action="store_true",
+        help="skip the drafters' teacher-forced agreement with the target's greedy answers (agreement.md)",
+    )
     parser.add_argument(
         "--long-context", type=int, nargs="*", default=[], help="input lengths, e.g. 1024 2048 4096 8192"
     )

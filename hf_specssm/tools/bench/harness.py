@@ -232,6 +232,7 @@ def run_one(
     # τ: tokens per target verification forward; transformers' loops verify in every target forward
     # (the first one includes the prompt), ours prefill separately and count rounds
     rounds = stats.rounds if stats is not None else target_timer.calls
+    reached, accepted = stats.acceptance_by_position() if stats is not None else (None, None)
     return {
         "new_tokens": len(new_ids),
         "seconds": seconds,
@@ -241,6 +242,9 @@ def run_one(
         "tau": len(new_ids) / rounds if rounds else 0.0,
         "drafted": stats.drafted_tokens if stats is not None else None,
         "accepted": stats.accepted_tokens if stats is not None else None,
+        # per chain draft position: rounds that reached it, and those that accepted it (`SpeculationStats`)
+        "position_reached": reached,
+        "position_accepted": accepted,
         "target_s": target_timer.seconds,
         "drafter_s": drafter_timer.seconds,
         "other_s": max(0.0, seconds - target_timer.seconds - drafter_timer.seconds),

@@ -27,6 +27,9 @@ class Summary:
             also `None` for the target alone in another dtype, whose output may differ by rounding).
         speedup_vs_fastest: `tokens_per_s` over the target alone's in this machine's fastest dtype
             (`FASTEST_TARGET` rows, on the same prompts), when the run had them; else `None`.
+        position_reached, position_accepted: per chain draft position, pooled: rounds that drafted a
+            token there after accepting every draft before it, and those that accepted it too (empty for
+            methods whose loop does not report rounds, e.g. transformers' own).
     """
 
     mode: str
@@ -41,6 +44,19 @@ class Summary:
     peak_mib: float
     identical: float | None
     speedup_vs_fastest: float | None = None
+    position_reached: tuple[int, ...] = ()
+    position_accepted: tuple[int, ...] = ()
+
+
+def _pooled(rows: Iterable[dict], key: str) -> tuple[int, ...]:
+    """Element-wise sum of the rows' per-position counts `key` (rows without them add nothing)."""
+    total: list[int] = []
+    for row in rows:
+        counts = row.get(key) or []
+        total += [0] * (len(counts) - len(total))
+        for position, count in enumerate(counts):
+            total[position] += count
+    return tuple(total)
 
 
 def _rate(rows: Iterable[dict]) -> float:
@@ -90,6 +106,8 @@ def summarize(rows: Iterable[dict], baseline: str = "target") -> list[Summary]:
                 peak_mib=max(row["peak_bytes"] + row.get("weight_bytes", 0) for row, _ in pairs) / 2**20,
                 identical=identical,
                 speedup_vs_fastest=speedup_vs_fastest,
+                position_reached=_pooled((row for row, _ in pairs), "position_reached"),
+                position_accepted=_pooled((row for row, _ in pairs), "position_accepted"),
             )
         )
     return summaries
@@ -151,7 +169,35 @@ def markdown_tables(summaries: Sequence[Summary], method_order: Sequence[str] = 
             f"| {s.mode} | {s.set} | {s.method} | {s.prompts} | {s.tokens_per_s:.2f} | {s.speedup:.2f}× | "
             f"{s.tau:.2f} | {s.draft_share:.0%} | {s.target_share:.0%} | {s.peak_mib:.0f} | {identical} |"
         )
+    out += _position_table(summaries, sets, methods)
     return "\n".join(out) + "\n"
+
+
+#: draft positions the acceptance table shows (deeper ones are reached by few rounds)
+SHOWN_POSITIONS = 8
+
+
+def _position_table(summaries: Sequence[Summary], sets: Sequence[str], methods: Sequence[str]) -> list[str]:
+    """Markdown lines: acceptance by chain draft position per (mode, set, method) that reports rounds."""
+    cells = [s for s in summaries if any(s.position_reached)]
+    if not cells:
+        return []
+    width = min(SHOWN_POSITIONS, max(len(s.position_reached) for s in cells))
+    out = [
+        "",
+        "Acceptance by draft position (chain rounds; P(draft i accepted | drafts before it accepted), with the "
+        "rounds that reached it):\n",
+        "| mode | set | method | " + " | ".join(str(i + 1) for i in range(width)) + " |",
+        "|---|---|---|" + "---:|" * width,
+    ]
+    for s in sorted(cells, key=lambda s: (s.mode, sets.index(s.set), methods.index(s.method))):
+        shown = [
+            f"{kept / reached:.2f} ({reached})" if reached else "–"
+            for kept, reached in zip(s.position_accepted[:width], s.position_reached[:width])
+        ]
+        shown += ["–"] * (width - len(shown))
+        out.append(f"| {s.mode} | {s.set} | {s.method} | " + " | ".join(shown) + " |")
+    return out
 
 
 def _pyplot():

@@ -7,6 +7,8 @@
     status    what the store holds (records by domain and mode, answer tokens, runs and their speed)
     pack      the store's token ids → a compact, committable dataset (`pack.py`)
     unpack    a pack's chats → the store (without extras), so a later session continues after them
+    label     the soft labels and hidden states of chats that have none (unpacked ones): one
+              teacher-forced pass of the target (`label.py`); stops at --hours, a rerun continues
 
 The store records its recipe (target, answer length, top-k, seed, corpus) and refuses another one.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-ACTIONS = ("generate", "status", "pack", "unpack")
+ACTIONS = ("generate", "status", "pack", "unpack", "label")
 DEFAULT_STORE = "artifacts/distill/qwen2.5-coder-1.5b-instruct"
 # batches per pass of `generate` (a pass rebuilds the task list, picking up new follow-ups)
 PASS_BATCHES = 8
@@ -62,6 +64,10 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must lie in [0, 1], got {value}.")
     if args.hours is not None and args.hours <= 0:
         raise ValueError(f"--hours must be > 0, got {args.hours}.")
+    if args.batch_tokens < 1:
+        raise ValueError(f"--batch-tokens must be >= 1, got {args.batch_tokens}.")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}.")
 
 
 def _tasks(args, tokenizer, store, instructions):
@@ -230,6 +236,83 @@ def run_unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_label(args: argparse.Namespace) -> int:
+    """Action `label`: the extras of the store's chats that have none, until done or past --hours."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from hf_specssm.hardware import resolve_dtype
+    from hf_specssm.training.distillation.label import label_store, unlabelled
+    from hf_specssm.training.distillation.store import DistillStore
+    from hf_specssm.training.mamba_drafter.command import _resolve_model_path, _target_fingerprint
+
+    check_arguments(args)
+    store = DistillStore(args.store)
+    recorded = store.recipe.get("--target")
+    if recorded is not None and recorded != _target_fingerprint(args.target):
+        raise ValueError(
+            f"--target {args.target} is not the target the store {store.root} was made with "
+            f"({recorded}): label it with that target."
+        )
+    todo = len(unlabelled(store))
+    if args.limit is not None:
+        todo = min(todo, args.limit)
+    say = (lambda *a: None) if args.quiet else print
+    if not todo:
+        say(f"every chat of {store.root} has its extras: nothing to label")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    deadline = time.monotonic() + args.hours * 3600 if args.hours is not None else None
+    choice = resolve_dtype(args.dtype, args.device)
+    path = _resolve_model_path(args.target)
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=choice.dtype).to(args.device).eval()
+    say(f"target in {choice.name} ({choice.reason}); labelling {todo} chats of {store.root}")
+    bar = tqdm(desc="label", unit="chat", total=todo, disable=args.quiet)
+    counted = {"chats": 0, "tokens": 0}
+    started = time.monotonic()
+
+    def on_batch(count: int, tokens: int, seconds: float) -> None:
+        counted["chats"] += count
+        counted["tokens"] = tokens
+        bar.update(count)
+        bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+
+    try:
+        label_store(
+            target,
+            store,
+            batch_tokens=args.batch_tokens,
+            hidden=not args.no_hidden,
+            dtype_name=choice.name,
+            limit=args.limit,
+            deadline=deadline,
+            on_batch=on_batch,
+        )
+    finally:
+        bar.close()
+        seconds = time.monotonic() - started
+        store.add_run(
+            {
+                "chats": counted["chats"],
+                "answer_tokens": counted["tokens"],
+                "seconds": round(seconds, 1),
+                "tokens_per_hour": round(counted["tokens"] / max(seconds, 1e-9) * 3600),
+                "dtype": choice.name,
+                "device": str(args.device),
+                "batch_tokens": args.batch_tokens,
+                "threads": torch.get_num_threads(),
+            },
+            kind="label_runs",
+        )
+    left = len(unlabelled(store))
+    say(
+        f"{counted['chats']} chats, {counted['tokens']} answer tokens labelled in {seconds / 60:.1f} min; "
+        f"{left} left" + (": run the same command again to continue" if left else "")
+    )
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `distill` options."""
     parser.add_argument("action", choices=ACTIONS, help="what to do (generate resumes)")
@@ -257,6 +340,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--shard-records", type=int, default=512, help="records per sealed shard")
     parser.add_argument("--top-k", type=int, default=8, help="soft-label entries kept per answer token")
     parser.add_argument("--no-hidden", action="store_true", help="do not keep the target's hidden states")
+    parser.add_argument(
+        "--batch-tokens", type=int, default=4096, help="label: padded tokens per teacher-forced forward"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="label: at most this many chats")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU exists")
     parser.add_argument("--hours", type=float, default=None, help="stop after the batch that crosses this")
@@ -282,5 +369,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the parsed action."""
-    actions = {"generate": run_generate, "status": run_status, "pack": run_pack, "unpack": run_unpack}
+    actions = {
+        "generate": run_generate,
+        "status": run_status,
+        "pack": run_pack,
+        "unpack": run_unpack,
+        "label": run_label,
+    }
     return actions[args.action](args)

@@ -7,7 +7,8 @@
     <folder>/README.md       how it was made and the licences of what it holds
 
 The top-k soft labels and hidden states stay in the store (hundreds of MB); a pack is what later sessions
-and users retrain token-only drafters from without regenerating (`read_pack`).
+and users retrain drafters from without regenerating (`read_pack`; `hf-specssm distill label` recomputes
+the soft labels and hidden states of unpacked chats for feature-conditioned fine-tuning).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ mode: {manifest["modes"]} (`greedy`, or sampled at temperature 0.7 with no top-k
 Recipe (the store's): `{json.dumps(manifest["recipe"])}`.
 Made with `hf-specssm distill generate` (see docs/models.md), packed with `hf-specssm distill pack`. The
 instructions are built from the generating machine's files, so their texts differ between machines; this pack
-holds the exact token ids. `hf-specssm distill unpack` turns it back into a store that generation continues.
+holds the exact token ids. `hf-specssm distill unpack` turns it back into a store that generation continues;
+`hf-specssm distill label` recomputes its soft labels and hidden states (one teacher-forced pass of the target).
 Runs: {speed or "none recorded"}.
 
 Read it with `hf_specssm.training.distillation.pack.read_pack(folder)` (records with `input_ids`,

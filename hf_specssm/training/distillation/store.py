@@ -8,6 +8,9 @@ Layout of a store folder:
     open.jsonl             records of the shard being filled, appended (and fsynced) batch by batch
     extras/<batch>.npz     per-batch arrays the records point to: the target's top-k log-probabilities
                            and its last hidden state at every answer token (large; never committed)
+    labels.jsonl           extras computed after the fact (`hf-specssm distill label`, a teacher-forced
+                           pass over chats unpacked without them): one `{"id", "extras", "offset",
+                           "labels_dtype"}` line per chat, appended (and fsynced) after its extras file
 
 A record:
 
@@ -20,7 +23,9 @@ was chosen from the distribution whose top-k entries are row `offset + s` of the
 Crash safety: a batch's extras file is written atomically before its records are appended; sealing writes
 the shard atomically, then the manifest atomically, then empties `open.jsonl`. Opening a store repairs
 whatever a kill left between those steps (a torn last line, records both sealed and still open, a shard
-file the manifest does not name), so a killed run loses at most its current batch.
+file the manifest does not name), so a killed run loses at most its current batch. Sealed shards are never
+rewritten: extras computed later live in `labels.jsonl` and `records()` lays them over the chats that have
+none.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from hf_specssm.training.checkpoints import atomic_write, atomic_write_text, fin
 
 MANIFEST = "manifest.json"
 OPEN_SHARD = "open.jsonl"
+LABELS = "labels.jsonl"
 EXTRAS = "extras"
 FORMAT = 1
 
@@ -61,6 +67,13 @@ def _read_lines(path: Path) -> Iterator[dict[str, Any]]:
                 # only an unsealed file's last line can be torn (repaired on open)
                 raise ValueError(f"{path}:{number}: not a JSON record.") from None
             yield record
+
+
+def _labelled(record: dict[str, Any], labels: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`record` with the extras `labels` holds for it when it has none of its own."""
+    if record.get("extras") is None and record["id"] in labels:
+        return {**record, **labels[record["id"]]}
+    return record
 
 
 class DistillStore:
@@ -107,11 +120,12 @@ class DistillStore:
     def _repair(self) -> None:
         """Undo what a kill between two steps left: see the module docstring."""
         open_path = self.root / OPEN_SHARD
-        if open_path.is_file() and open_path.stat().st_size:
-            with open(open_path, "rb+") as handle:
-                data = handle.read()
-                if not data.endswith(b"\n"):
-                    handle.truncate(data.rfind(b"\n") + 1)
+        for path in (open_path, self.root / LABELS):
+            if path.is_file() and path.stat().st_size:
+                with open(path, "rb+") as handle:
+                    data = handle.read()
+                    if not data.endswith(b"\n"):
+                        handle.truncate(data.rfind(b"\n") + 1)
         named = {shard["name"] for shard in self.manifest["shards"]}
         for path in self.root.glob("shard-*.jsonl.gz"):
             if path.name not in named:
@@ -139,11 +153,24 @@ class DistillStore:
         path = self.root / OPEN_SHARD
         return list(_read_lines(path)) if path.is_file() else []
 
+    def labels(self) -> dict[str, dict[str, Any]]:
+        """Extras computed after the fact, by record id: `{"extras", "offset", "labels_dtype"}`."""
+        path = self.root / LABELS
+        return {entry.pop("id"): entry for entry in _read_lines(path)} if path.is_file() else {}
+
+    def add_labels(self, entries: Iterable[dict[str, Any]]) -> None:
+        """Append `{"id", "extras", "offset", "labels_dtype"}` entries for records that have no extras (call
+        after their extras file is written; one batch: all or, after a kill, a torn tail)."""
+        self._append_lines(LABELS, entries)
+
     def records(self) -> Iterator[dict[str, Any]]:
-        """Every record: the sealed shards in order, then the open one."""
+        """Every record: the sealed shards in order, then the open one; extras added later laid over."""
+        labels = self.labels()
         for shard in self.manifest["shards"]:
-            yield from _read_lines(self.root / shard["name"])
-        yield from self.open_records()
+            for record in _read_lines(self.root / shard["name"]):
+                yield _labelled(record, labels)
+        for record in self.open_records():
+            yield _labelled(record, labels)
 
     def done_ids(self) -> set[str]:
         """Ids of every record in the store."""
@@ -159,8 +186,11 @@ class DistillStore:
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
         """Append records to the open shard and fsync (one batch: all or, after a kill, a torn tail)."""
-        text = "".join(json.dumps(record) + "\n" for record in records)
-        with open(self.root / OPEN_SHARD, "a", encoding="utf-8") as sink:
+        self._append_lines(OPEN_SHARD, records)
+
+    def _append_lines(self, name: str, entries: Iterable[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(entry) + "\n" for entry in entries)
+        with open(self.root / name, "a", encoding="utf-8") as sink:
             sink.write(text)
             sink.flush()
             os.fsync(sink.fileno())
@@ -195,9 +225,12 @@ class DistillStore:
         (self.root / OPEN_SHARD).write_bytes(b"")
         return path
 
-    def add_run(self, run: dict[str, Any]) -> None:
-        """Record one generation run's settings and speed in the manifest."""
-        self.manifest.setdefault("runs", []).append(run)
+    def add_run(self, run: dict[str, Any], kind: str = "runs") -> None:
+        """Record one run's settings and speed in the manifest: a generation run (`kind="runs"`) or a
+        labelling run (`kind="label_runs"`)."""
+        if kind not in ("runs", "label_runs"):
+            raise ValueError(f"kind must be 'runs' or 'label_runs', got {kind!r}.")
+        self.manifest.setdefault(kind, []).append(run)
         self._write_manifest()
 
     def summary(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hf_specssm.drafters.mamba import MambaDrafterForCausalLM
+from hf_specssm.drafters.mamba import OTHER_INDEX, MambaDrafterForCausalLM
 from hf_specssm.training.checkpoints import latest_checkpoint, load_trainer_state, save_checkpoint
 from hf_specssm.training.distillation.generate import GREEDY, load_extras
 from hf_specssm.training.distillation.store import DistillStore
@@ -301,7 +301,8 @@ def finetune_drafter(
         missing = sum(example.hidden is None for example in examples)
         if missing:
             raise ValueError(
-                f"{missing} examples kept no hidden states: regenerate them without --no-hidden."
+                f"{missing} examples kept no hidden states: label them with `hf-specssm distill label` "
+                "(or generate without --no-hidden)."
             )
         size = examples[0].hidden.shape[-1]
         if size != model.config.feature_size:
@@ -376,6 +377,93 @@ class ChainEstimate:
     rounds: int
 
 
+class ChainTally:
+    """Counts of simulated greedy chains of `k` drafts, from per-depth correctness tables (`add`).
+
+    A chain's draft `i` is fed only if drafts `0 … i−1` were right, so the prediction a teacher-forced pass
+    makes at depth `i` is what the chain drafts there; a round starts at every answer position.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.accepted = self.rounds = self.top1_hits = self.top1_count = 0
+        self.reached = np.zeros(k)
+        self.kept = np.zeros(k)
+
+    def add(self, correct: np.ndarray) -> None:
+        """Add one answer's table: `correct[depth, i]` `[k, n]` is whether the drafter's prediction of the
+        token after position `i` is right when its round started `depth` tokens earlier."""
+        n = correct.shape[1]
+        self.top1_hits += int(correct[0].sum())
+        self.top1_count += n
+        for start in range(n):
+            run = 0
+            while run < self.k and start + run < n and correct[run, start + run]:
+                run += 1
+            length = min(self.k, n - start)
+            self.accepted += run
+            self.rounds += 1
+            for position in range(min(run + 1, length)):
+                self.reached[position] += 1
+                self.kept[position] += position < run
+
+    def estimate(self) -> ChainEstimate:
+        """τ, acceptance by position and top-1 agreement over everything added."""
+        k = self.k
+        return ChainEstimate(
+            tau=1 + self.accepted / max(self.rounds, 1),
+            acceptance_by_position=[
+                float(self.kept[i] / self.reached[i]) if self.reached[i] else 0.0 for i in range(k)
+            ],
+            top1=self.top1_hits / max(self.top1_count, 1),
+            k=k,
+            rounds=self.rounds,
+        )
+
+
+@torch.no_grad()
+def chain_predictions(
+    model: MambaDrafterForCausalLM, example: Example, k: int, use_features: bool
+) -> torch.Tensor:
+    """`[k, A − 1]` draft ids: `[depth, i]` is what a chain drafts for answer token `i + 1` in a round that
+    started `depth` tokens before it, given the true tokens up to it (`chain_table`).
+
+    Args:
+        model: the drafter (a feature-conditioned one reads `example.hidden` when `use_features`).
+        example: an answer of at least 2 tokens.
+        k: deepest round start considered (chain length).
+        use_features: feed the stored hidden state of each round's start.
+    """
+    device = model.device
+    ids, prompt = example.ids.to(device), example.prompt_length
+    answer = ids.numel() - prompt
+    hidden = model.draft_hidden(model.to_draft_ids(ids[None]))[0]  # [L, H]
+    t = torch.arange(prompt, prompt + answer - 1, device=device)
+    predicted = torch.zeros(k, t.numel(), dtype=torch.long, device=device)
+    for depth in range(k):
+        states = hidden[t]
+        if use_features:
+            # the hidden state that chose the round's last committed token, `depth` tokens before t
+            source = (t - depth - prompt).clamp(min=0)
+            bias = model.feature_bias(example.hidden.to(device)[source][:, None], depth)[:, 0]
+            states = states + bias
+        logits = model.lm_head(model.fuse_head_input(states))
+        # a drafter never proposes the 'other' slot (its full-vocabulary logits put the dtype's lowest
+        # value there), so neither does the simulation: the best in-vocabulary token is its draft
+        logits[..., OTHER_INDEX] = torch.finfo(logits.dtype).min
+        predicted[depth] = logits.argmax(-1)
+    return predicted
+
+
+def chain_table(model: MambaDrafterForCausalLM, example: Example, k: int, use_features: bool) -> np.ndarray:
+    """`[k, A − 1]` bool: `table[depth, i]` is whether the drafter's prediction of answer token `i + 1`
+    is the target's, in a round that started `depth` tokens before it (`ChainTally.add`; entries with
+    `depth > i`, rounds started before the answer, are never read by a chain)."""
+    ids = example.ids.to(model.device)
+    truth = model.to_draft_ids(ids[example.prompt_length + 1 :])
+    return (chain_predictions(model, example, k, use_features) == truth).cpu().numpy()
+
+
 @torch.no_grad()
 def evaluate_drafter(
     model: MambaDrafterForCausalLM, examples: Iterable[Example], k: int = 6, use_features: bool | None = None
@@ -390,52 +478,14 @@ def evaluate_drafter(
     """
     use_features = model.reads_target_hidden if use_features is None else use_features
     model.eval()
-    device = model.device
-    accepted_total, rounds = 0, 0
-    reached = np.zeros(k)
-    kept = np.zeros(k)
-    top1_hits = top1_count = 0
+    tally = ChainTally(k)
     for example in examples:
         if example.mode != GREEDY or (use_features and example.hidden is None):
             continue
-        ids, prompt = example.ids.to(device), example.prompt_length
-        answer = ids.numel() - prompt
-        if answer < 2:
+        if example.ids.numel() - example.prompt_length < 2:
             continue
-        hidden = model.draft_hidden(model.to_draft_ids(ids[None]))[0]  # [L, H]
-        t = torch.arange(prompt, prompt + answer - 1, device=device)
-        truth = model.to_draft_ids(ids[t + 1])
-        # correct[depth, i]: the prediction at position t_i with a round started `depth` tokens earlier
-        correct = torch.zeros(k, t.numel(), dtype=torch.bool, device=device)
-        for depth in range(k):
-            states = hidden[t]
-            if use_features:
-                source = (t - depth - prompt).clamp(min=0)
-                bias = model.feature_bias(example.hidden.to(device)[source][:, None], depth)[:, 0]
-                states = states + bias
-            predicted = model.lm_head(model.fuse_head_input(states)).argmax(-1)
-            # entries with depth > i (a round started before the answer) are never read by a chain
-            correct[depth] = predicted == truth
-        top1_hits += int(correct[0].sum())
-        top1_count += t.numel()
-        table = correct.cpu().numpy()
-        for start in range(t.numel()):
-            run = 0
-            while run < k and start + run < t.numel() and table[run, start + run]:
-                run += 1
-            length = min(k, t.numel() - start)
-            accepted_total += run
-            rounds += 1
-            for position in range(min(run + 1, length)):
-                reached[position] += 1
-                kept[position] += position < run
-    return ChainEstimate(
-        tau=1 + accepted_total / max(rounds, 1),
-        acceptance_by_position=[float(kept[i] / reached[i]) if reached[i] else 0.0 for i in range(k)],
-        top1=top1_hits / max(top1_count, 1),
-        k=k,
-        rounds=rounds,
-    )
+        tally.add(chain_table(model, example, k, use_features))
+    return tally.estimate()
 
 
 def feature_model_from(

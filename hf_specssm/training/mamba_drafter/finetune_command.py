@@ -148,7 +148,10 @@ def _stored_feature_size(store) -> int:
         extras = load_extras(store, record)
         if "hidden" in extras:
             return int(extras["hidden"].shape[-1])
-    raise ValueError(f"the store {store.root} kept no hidden states: regenerate without --no-hidden.")
+    raise ValueError(
+        f"the store {store.root} kept no hidden states: run `hf-specssm distill label --store {store.root}` "
+        "(or generate without --no-hidden)."
+    )
 
 
 def benchmark_answers(args: argparse.Namespace):
@@ -248,7 +251,9 @@ def run_export(args: argparse.Namespace) -> int:
     # a feature-conditioned drafter trains only on the chats that kept hidden states
     with_hidden = sum(record.get("extras") is not None for record in store.records())
     used = (
-        f" (the {with_hidden} that kept hidden states were trained on)" if model.reads_target_hidden else ""
+        f" (the {with_hidden} that kept hidden states were trained on)"
+        if model.reads_target_hidden and with_hidden < summary["records"]
+        else ""
     )
     model.config.training_note = f"fine-tuned from {_shown(args.init)} on {_shown(store.root)}"
     model.to(torch.bfloat16)

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from hf_specssm.drafters.mamba import MambaDrafterConfig, MambaDrafterForCausalLM
+from hf_specssm.drafters.mamba import OTHER_INDEX, MambaDrafterConfig, MambaDrafterForCausalLM
 from hf_specssm.training.checkpoints import (
     latest_checkpoint,
     load_schedule,
@@ -423,6 +423,8 @@ def estimate_acceptance(
             continue
         with _autocast(model, bf16):
             logits = model.draft_logits(model.to_draft_ids(ids.to(model.device)), use_cache=False)
+        # the drafter never proposes the 'other' slot: its draft is the best token inside the vocabulary
+        logits[..., OTHER_INDEX] = torch.finfo(logits.dtype).min
         predicted = model.draft_to_target[logits[0, :-1].argmax(-1)].cpu()
         actual = ids[0, 1:]
         hit = (predicted == actual).numpy()[record["prompt_length"] - 1 :]
