@@ -109,3 +109,15 @@ def test_agreements_per_drafter_and_set():
     table = agreement_table(agreements)
     assert "| a | self | 1 | 1.000 | 4.45 | 1.00 | 1.00 | 1.00 | 1.00 |" in table
     assert "| b | mamba | 1 |" in table
+
+
+def test_agreements_of_bf16_models():
+    """In bf16 (the bench's dtype) a Mamba2 drafter's final norm returns fp32; the simulation casts it to the
+    head's dtype as the model's forward does, and the target drafting for itself stays right."""
+    target = _target().to(torch.bfloat16)
+    output = target.generate(PROMPT, max_new_tokens=12, do_sample=False)
+    answers = [("a", PROMPT, output[0, PROMPT.shape[1] :].tolist())]
+    drafters = {"self": target, "mamba": feature_drafter(seed=1, mlp=32).to(torch.bfloat16)}
+    agreements = drafter_agreements(target, drafters, answers, k=4)
+    assert [a.drafter for a in agreements] == ["self", "mamba"]
+    assert agreements[0].estimate.top1 > 0.8 and agreements[1].estimate.rounds == 11

@@ -440,13 +440,17 @@ def chain_predictions(
     hidden = model.draft_hidden(model.to_draft_ids(ids[None]))[0]  # [L, H]
     t = torch.arange(prompt, prompt + answer - 1, device=device)
     predicted = torch.zeros(k, t.numel(), dtype=torch.long, device=device)
+    head_weight = getattr(model.lm_head, "weight", None)
+    head_dtype = head_weight.dtype if head_weight is not None else hidden.dtype
     for depth in range(k):
-        states = hidden[t]
+        # as the model's forward: the final norm's output (fp32 in a bf16 Mamba2) cast to the head's dtype,
+        # then the feature bias in that dtype
+        states = hidden[t].to(head_dtype)
         if use_features:
             # the hidden state that chose the round's last committed token, `depth` tokens before t
             source = (t - depth - prompt).clamp(min=0)
             bias = model.feature_bias(example.hidden.to(device)[source][:, None], depth)[:, 0]
-            states = states + bias
+            states = states + bias.to(states.dtype)
         logits = model.lm_head(model.fuse_head_input(states))
         # a drafter never proposes the 'other' slot (its full-vocabulary logits put the dtype's lowest
         # value there), so neither does the simulation: the best in-vocabulary token is its draft
