@@ -35,6 +35,7 @@ from hf_specssm.generation import (  # noqa: E402
 from hf_specssm.kernels.packed_linear import PackedLinears, pack_linears  # noqa: E402
 from hf_specssm.policies.tree_shape import DynamicTreePolicy, UCBTreePolicy  # noqa: E402
 from hf_specssm.shipped import shipped_drafter_path  # noqa: E402
+from hf_specssm.ssm.lean_step import lean_steps  # noqa: E402
 from hf_specssm.stats import SpeculationStats  # noqa: E402
 
 __version__ = "0.1.0"
@@ -66,6 +67,7 @@ __all__ = [
     "enable",
     "generate",
     "is_enabled",
+    "lean_steps",
     "pack_linears",
     "shipped_drafter_path",
     "speculative_generate",

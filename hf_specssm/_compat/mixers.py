@@ -553,48 +553,70 @@ def chunk_size_override(mixers: Sequence[torch.nn.Module], size: int) -> Iterato
 
 
 _SCAN_FUNCTION = "mamba2_chunk_scan"
-_scan_override_lock = threading.Lock()
-# module -> (original function, installed wrapper, number of open contexts)
-_scan_overrides: dict[object, list] = {}
+_function_override_lock = threading.Lock()
+# (module, function name) -> [original function, installed wrapper, wrapper factory, number of open contexts]
+_function_overrides: dict[tuple[object, str], list] = {}
 
 
 @contextlib.contextmanager
-def chunk_scan_override(
-    mixers: Sequence[torch.nn.Module], wrapper: Callable[[Callable], Callable]
+def module_function_override(
+    mixers: Sequence[torch.nn.Module], name: str, wrapper: Callable[[Callable], Callable]
 ) -> Iterator[None]:
-    """Inside this context the Mamba2-layout `mixers`' modules call `wrapper(original)` instead of their
-    module-level `mamba2_chunk_scan` (transformers 5.17 and 5.23 alike).
+    """Inside this context the `mixers`' modules call `wrapper(original)` instead of their module-level
+    function `name` (`mamba2_chunk_scan`, `mamba2_selective_state_update`, `causal_conv1d_update`: the
+    same names in 5.17 and 5.23).
 
     The module global is replaced while at least one context needs it (a counter makes nested and
     concurrent contexts safe), so the wrapper must fall back to `original` for calls that are not its own
-    (other threads decode other models of the family meanwhile). Modules without the function are left alone.
+    (other threads decode other models of the family meanwhile). Modules without the function are left
+    alone.
+
+    Raises:
+        RuntimeError: another wrapper already replaces `name` in one of the modules.
     """
     modules = {
         module
         for mixer in mixers
-        if (module := _mixer_module(mixer)) is not None and callable(getattr(module, _SCAN_FUNCTION, None))
+        if (module := _mixer_module(mixer)) is not None and callable(getattr(module, name, None))
     }
-    with _scan_override_lock:
+    with _function_override_lock:
         for module in modules:
-            entry = _scan_overrides.get(module)
+            entry = _function_overrides.get((module, name))
+            if entry is not None and entry[2] is not wrapper:
+                raise RuntimeError(f"{module.__name__}.{name} is already replaced by another wrapper.")
+        for module in modules:
+            entry = _function_overrides.get((module, name))
             if entry is None:
-                original = getattr(module, _SCAN_FUNCTION)
-                entry = _scan_overrides[module] = [original, wrapper(original), 0]
-                setattr(module, _SCAN_FUNCTION, entry[1])
-            entry[2] += 1
+                original = getattr(module, name)
+                entry = _function_overrides[(module, name)] = [original, wrapper(original), wrapper, 0]
+                setattr(module, name, entry[1])
+            entry[3] += 1
     try:
         yield
     finally:
-        with _scan_override_lock:
+        with _function_override_lock:
             for module in modules:
-                entry = _scan_overrides[module]
-                entry[2] -= 1
-                if entry[2] == 0:
-                    setattr(module, _SCAN_FUNCTION, entry[0])
-                    del _scan_overrides[module]
+                entry = _function_overrides[(module, name)]
+                entry[3] -= 1
+                if entry[3] == 0:
+                    setattr(module, name, entry[0])
+                    del _function_overrides[(module, name)]
+
+
+def chunk_scan_override(
+    mixers: Sequence[torch.nn.Module], wrapper: Callable[[Callable], Callable]
+) -> contextlib.AbstractContextManager[None]:
+    """Inside this context the Mamba2-layout `mixers`' modules call `wrapper(original)` instead of their
+    module-level `mamba2_chunk_scan` (`module_function_override`)."""
+    return module_function_override(mixers, _SCAN_FUNCTION, wrapper)
+
+
+def installed_module_function(module_name: str, name: str) -> Callable | None:
+    """The function `name` a transformers module calls right now (for tests that check it is restored)."""
+    module = sys.modules.get(module_name)
+    return getattr(module, name, None) if module is not None else None
 
 
 def installed_chunk_scan(module_name: str) -> Callable | None:
     """The `mamba2_chunk_scan` a Mamba2-family module calls right now (for tests that check it is restored)."""
-    module = sys.modules.get(module_name)
-    return getattr(module, _SCAN_FUNCTION, None) if module is not None else None
+    return installed_module_function(module_name, _SCAN_FUNCTION)

@@ -10,6 +10,7 @@ from hf_specssm.cache import CacheSnapshot, ForkableCache
 from hf_specssm.config import DraftConfig
 from hf_specssm.drafters.base import Draft, DraftSampler, TreeDrafter
 from hf_specssm.policies.tree_shape import DynamicTreePolicy, UCBTreePolicy
+from hf_specssm.ssm.lean_step import lean_step_mixers, lean_steps
 from hf_specssm.tree import TokenTree
 
 # Recurrent drafters step pending tokens one at a time up to this many: a Mamba2 multi-token forward is
@@ -53,6 +54,8 @@ class ModelDrafter(TreeDrafter):
         self._pass_positions = _compat.forward_accepts(model, "position_ids")
         self._pass_logits_to_keep = _compat.forward_accepts(model, "logits_to_keep")
         self._exact_continuation = _compat.multi_token_continuation_is_exact(model)
+        # Mamba2-layout drafters step through the lean one-token conv and state update (`ssm.lean_step`)
+        self._lean_mixers = lean_step_mixers(model)
         self.cache: ForkableCache | None = None
         self._round_start = 0
         self._round_drafted = 0
@@ -88,7 +91,8 @@ class ModelDrafter(TreeDrafter):
             kwargs["position_ids"] = positions[None].expand(rows, -1)
         if self._pass_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        logits = self.model(input_ids=tokens, **kwargs).logits[:, -1].float()
+        with lean_steps(self.model, self._lean_mixers):
+            logits = self.model(input_ids=tokens, **kwargs).logits[:, -1].float()
         self.cache.advance(tokens.shape[1])
         return logits
 
