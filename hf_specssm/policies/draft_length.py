@@ -180,9 +180,10 @@ class DraftGate:
     gate compares, from measured round times, the tokens per second of rounds that drafted with those of
     rounds that did not (a plain step through the loop): while drafting is slower, the next rounds draft
     nothing. Every `interval` closed rounds one round drafts a single token (a probe, `probing`: the cheapest
-    verification that still measures acceptance); a probe that still loses
-    doubles the interval (8 → 64 rounds), one that wins reopens the gate. While drafting pays, the gate
-    forces one undrafted round to measure the alternative only when none has been measured.
+    verification that still measures acceptance); a probe that loses doubles the interval (8 → 64 rounds),
+    one whose draft was accepted and whose rate beats the undrafted rounds just before it reopens the gate
+    (closing again within 8 rounds of that also doubles the interval). While drafting pays, the gate forces
+    one undrafted round to measure the alternative only when none has been measured.
 
     With `draft_cost_ratio = r`, nothing is timed: a round of `k` drafts costs `1 + (r + 0.15) · k`
     target forwards and an undrafted round 1 (see `AdaptiveLength`).
@@ -202,6 +203,7 @@ class DraftGate:
         self.interval = self._FIRST_INTERVAL
         self._closed_for = 0
         self._probing = False
+        self._reopened_at: int | None = None  # the round a winning probe reopened the gate
         # decayed (weight, committed tokens, seconds) of drafted and of undrafted rounds
         self._drafted = [0.0, 0.0, 0.0]
         self._plain = [0.0, 0.0, 0.0]
@@ -236,18 +238,35 @@ class DraftGate:
         self.rounds += 1
         if self.rounds == 1:
             return  # the first round also reads the prompt
+        seconds = self._round_time(drafted, round_time_s)
+        if not self.open and self._probing and drafted > 0:
+            self._judge_probe(committed, seconds)
+            return
         decay = self.config.acceptance_memory
         stats = self._drafted if drafted > 0 else self._plain
-        stats[:] = [stats[0] * decay + 1.0, stats[1] * decay + committed, stats[2] * decay]
-        stats[2] += self._round_time(drafted, round_time_s)
+        stats[:] = [stats[0] * decay + 1.0, stats[1] * decay + committed, stats[2] * decay + seconds]
         if self._drafted[0] < self._MIN_EVIDENCE or self._plain[0] == 0.0:
             return
         drafting_pays = self._drafted[1] / self._drafted[2] >= self._plain[1] / self._plain[2]
         if self.open and not drafting_pays:
             self.open, self._closed_for = False, 0
-        elif not self.open and self._probing and drafted > 0:
-            self._probing, self._closed_for = False, 0
-            if drafting_pays:
-                self.open, self.interval = True, self._FIRST_INTERVAL
-            else:
-                self.interval = min(2 * self.interval, self._MAX_INTERVAL)
+            # closing soon after a probe reopened it: that probe was lucky, so probe less often
+            recently_reopened = (
+                self._reopened_at is not None and self.rounds - self._reopened_at <= self._FIRST_INTERVAL
+            )
+            self.interval = (
+                min(2 * self.interval, self._MAX_INTERVAL) if recently_reopened else self._FIRST_INTERVAL
+            )
+
+    def _judge_probe(self, committed: int, seconds: float) -> None:
+        """A probe of the closed gate wins when its draft was accepted and its tokens per second beat the
+        undrafted rounds just before it (measured in the same stretch of time, so a machine whose speed
+        drifts does not keep a useful drafter switched off); a win restarts the drafted rounds' record from
+        the probe, since the rounds that closed the gate may have run at another speed."""
+        self._probing, self._closed_for = False, 0
+        plain_rate = self._plain[1] / self._plain[2] if self._plain[2] > 0 else 0.0
+        if committed > 1 and committed / seconds >= plain_rate:
+            self.open, self._reopened_at = True, self.rounds
+            self._drafted = [1.0, float(committed), seconds]
+        else:
+            self.interval = min(2 * self.interval, self._MAX_INTERVAL)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import random
+
+import pytest
 
 from hf_specssm import DraftConfig
 from hf_specssm.policies.draft_length import DraftGate
@@ -56,3 +59,51 @@ def test_gate_with_a_fixed_cost_ratio_ignores_measured_times():
             gate.update(drafted, 1, noise if drafted else 0.1)
     assert first.open == second.open is False
     assert first.interval == second.interval
+
+
+def _drifting_run(gate: DraftGate, rounds: int, slow: range, seed: int = 0) -> list[tuple[int, int]]:
+    """A drafter whose first draft is accepted 40% of the time (chains of 2, a round costs 1.05 steps), on a
+    clock that runs drafted rounds 1.6× slower during `slow`: returns `(drafted, accepted)` per round."""
+    generator = random.Random(seed)
+    record = []
+    for index in range(rounds):
+        drafted = 2 if gate.allows_drafting() else 0
+        if gate.probing:
+            drafted = 1
+        accepted = 0
+        while accepted < drafted and generator.random() < 0.4:
+            accepted += 1
+        seconds = (1.0 + 0.025 * drafted) * (1.6 if drafted and index in slow else 1.0)
+        gate.update(drafted, 1 + accepted, seconds)
+        record.append((drafted, accepted))
+    return record
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_drifting_clock_does_not_keep_a_useful_drafter_off(seed):
+    """Drafting pays (1.4 tokens for 1.05 steps) but for 15 rounds the machine runs drafted rounds slowly: the
+    gate closes; once the clock is steady again, every probe whose draft is accepted reopens it (judged
+    against the undrafted rounds just before it), and it ends open."""
+    gate = DraftGate(DraftConfig())
+    record = _drifting_run(gate, 300, slow=range(20, 35), seed=seed)
+    drafted = [count for count, _ in record]
+    assert 0 in drafted[20:45], "the slow stretch closed the gate"
+    probes = [i for i in range(45, len(record) - 1) if record[i] == (1, 1)]
+    assert probes, "an accepted probe after the slow stretch"
+    assert all(drafted[i + 1] == 2 for i in probes), "an accepted probe reopens the gate"
+    assert gate.open
+
+
+def test_probes_that_commit_one_token_never_reopen_even_on_a_fast_clock():
+    """Prompt lookup on text that never repeats: a probe that commits only the target's token never reopens
+    the gate, however fast its round happened to run (a probe timed at 0.3 steps reopened it before)."""
+    gate = DraftGate(DraftConfig())
+    drafted = []
+    for _ in range(300):
+        count = 4 if gate.allows_drafting() else 0
+        if gate.probing:
+            count = 1
+        gate.update(count, 1, 0.3 if gate.probing else (1.3 if count else 1.0))
+        drafted.append(count)
+    assert not gate.open
+    assert sum(1 for d in drafted[50:] if d) <= 8
