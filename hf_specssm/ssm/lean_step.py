@@ -14,7 +14,7 @@ Inside `lean_steps(model)` (and always inside the forwards of `ModelDrafter`) th
 call leaner versions of both: the conv is `K` products and a sum over the window (in float32), the state
 update computes `exp(Δ · A)` once per head and updates the state in place. The state update does the same
 elementwise operations on the same values as transformers' (its state, output and the model's logits agree
-to float32 rounding; tested per family in `tests/ssm/test_lean_step.py`); the conv sums in another order
+to float32 rounding; tested per family in `tests/targets/test_lean_step.py`); the conv sums in another order
 (float32: ~1e-7 relative; bf16 models: the conv now accumulates in float32, closer to the float64 value
 than transformers' bf16 conv).
 
