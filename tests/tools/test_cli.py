@@ -29,11 +29,22 @@ def test_bench_ssm_runs(capsys):
         "| state update |",
         "tree verification",
         "oracle drafter",
+        "| speed-up, first call | speed-up, warm | decoding |",
         "prompt lookup",
         "peak process memory",
     ):
         assert part in out
     assert "| NO |" not in out
+
+
+def test_the_oracle_part_compares_decoding_without_the_shared_prefill():
+    from hf_specssm.tools.bench.ssm import PlainTiming, decoding_speedup
+
+    # 10 s plain and 6 s speculative of which 2 s are the prompt's prefill: decoding is 8 s against 4 s
+    assert decoding_speedup(10.0, 6.0, 2.0) == pytest.approx(2.0)
+    assert decoding_speedup(10.0, 6.0, 0.0) == pytest.approx(10 / 6)
+    timing = PlainTiming(torch.zeros(1, 9, dtype=torch.long), total_s=3.0, prefill_s=1.0, new_tokens=5)
+    assert timing.step_s == pytest.approx(0.5)  # 4 tokens after the first in 2 s
 
 
 @pytest.mark.skipif(
