@@ -22,7 +22,10 @@ from hf_specssm.training.distillation.generate import (
 from hf_specssm.training.distillation.instructions import (
     DEFAULT_MIX,
     build_broad_instructions,
+    digest_instructions,
     followup_instructions,
+    listed_requests,
+    selfinstruct_instructions,
 )
 from hf_specssm.training.distillation.store import DistillStore
 from hf_specssm.training.mamba_drafter.corpus import doc_paragraphs, python_functions
@@ -53,6 +56,9 @@ def test_instructions_cover_every_domain_and_are_deterministic(corpus):
         "Passage" in text or "Context" in text or "excerpt" in text or "Read the text" in text
         for text in texts
     )
+    by_domain = {i.domain: i.messages[0]["content"] for i in first}
+    assert "news" in by_domain["article"] or "journalist" in by_domain["article"]
+    assert "per line" in by_domain["brainstorm"].lower()
 
 
 def test_a_larger_count_extends_every_domain_without_changing_earlier_texts(corpus):
@@ -97,6 +103,87 @@ def test_followups_continue_the_targets_own_answer(corpus):
         assert followup.messages[2]["role"] == "user"
     # the choice of a record does not depend on the others
     assert {f.id for f in followup_instructions(pairs[:30], share=0.5)} <= {f.id for f in followups}
+
+
+def test_digests_quote_the_targets_own_article_and_skip_the_rest(corpus):
+    functions, paragraphs = corpus
+    instructions = build_broad_instructions(200, functions=functions, paragraphs=paragraphs)
+    articles = [i for i in instructions if i.domain == "article"]
+    other = next(i for i in instructions if i.domain == "chat")
+    story = "Residents of Porto cheered on Monday as the new bridge opened. " * 5
+    pairs = [(articles[0], story), (articles[1], "Too short."), (other, story)]
+    digests = digest_instructions(pairs)
+    assert [d.id for d in digests] == [f"digest-{articles[0].id}"]
+    assert digests[0].domain == "digest" and story.strip() in digests[0].messages[0]["content"]
+    assert digests == digest_instructions(pairs)  # the request chosen is seeded by the id
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        pytest.param(
+            "1. How do I write a polite reminder email?\n2) Draft a thank-you note to my team.\n",
+            ["How do I write a polite reminder email?", "Draft a thank-you note to my team."],
+            id="numbered",
+        ),
+        pytest.param(
+            "Here are some ideas:\n- Plan a 3-day trip to Kyoto on a budget\n* What should I pack for Iceland?",
+            ["Plan a 3-day trip to Kyoto on a budget", "What should I pack for Iceland?"],
+            id="bullets-and-heading",
+        ),
+        pytest.param(
+            '"Explain the causes of the First World War."\nshort\n\n'
+            '"Explain the causes of the First World War."\n**Budget:** How can I save for a car?',
+            ["Explain the causes of the First World War.", "Budget: How can I save for a car?"],
+            id="quotes-duplicates-bold",
+        ),
+    ],
+)
+def test_listed_requests_are_the_lines_of_a_list(answer, expected):
+    assert listed_requests(answer) == expected
+
+
+def test_selfinstruct_turns_each_listed_request_into_a_first_turn(corpus):
+    functions, paragraphs = corpus
+    instructions = build_broad_instructions(200, functions=functions, paragraphs=paragraphs)
+    lists = [i for i in instructions if i.domain == "brainstorm"][:2]
+    answer = "\n".join(f"{n}. Request number {n} about something useful" for n in range(1, 9))
+    pairs = [(lists[0], answer), (lists[1], "nothing listed")]
+    made = selfinstruct_instructions(pairs, per_list=3)
+    assert [m.id for m in made] == [f"selfinstruct-{lists[0].id}-{n}" for n in range(3)]
+    assert made[2].messages == [{"role": "user", "content": "Request number 3 about something useful"}]
+    assert {m.domain for m in made} == {"selfinstruct"}
+    # brainstorm lists get no follow-up ("make that shorter" after a list of requests)
+    assert not followup_instructions([(lists[0], answer)] * 3, share=1.0)
+
+
+def test_the_task_list_puts_what_the_targets_answers_allow_first(tmp_path, corpus):
+    from argparse import Namespace
+
+    from hf_specssm.training.distillation.command import _tasks as command_tasks
+
+    functions, paragraphs = corpus
+    _, tokenizer = save_chat_target(tmp_path / "model")
+    instructions = build_broad_instructions(200, functions=functions, paragraphs=paragraphs)
+    article = next(i for i in instructions if i.domain == "article")
+    brainstorm = next(i for i in instructions if i.domain == "brainstorm")
+    store = DistillStore(tmp_path / "store", recipe={})
+    answers = {article: "The mayor of Accra opened a new library on Friday. " * 6,
+               brainstorm: "- How do I boil an egg perfectly?\n- Suggest a quick vegan dinner for two."}  # fmt: skip
+    for instruction, text in answers.items():
+        prompt = render(tokenizer, instruction)
+        ids = prompt + tokenizer(text, add_special_tokens=False)["input_ids"]
+        record = {"id": task_id(instruction.id, GREEDY), "domain": instruction.domain, "mode": GREEDY,
+                  "input_ids": ids, "prompt_length": len(prompt), "finished": True}  # fmt: skip
+        store.append([record])
+    args = Namespace(sample_share=0.0, followup_share=0.0, seed=0, max_prompt_tokens=10_000)
+    tasks, _ = command_tasks(args, tokenizer, store, instructions)
+    ids = [task.id for task in tasks]
+    assert ids[0] == task_id(f"digest-{article.id}", GREEDY)
+    assert ids[1:3] == [task_id(f"selfinstruct-{brainstorm.id}-{n}", GREEDY) for n in range(2)]
+    assert tasks[1].instruction.messages[0]["content"] == "How do I boil an egg perfectly?"
+    assert task_id(article.id, GREEDY) not in ids and task_id(brainstorm.id, GREEDY) not in ids
+    assert len(ids) == len(set(ids)) == 3 + len(instructions) - 2
 
 
 def test_the_store_seals_shards_and_repairs_what_a_kill_leaves(tmp_path):
@@ -283,6 +370,9 @@ def test_the_data_stage_reads_a_store_a_pack_or_jsonl_alike(tmp_path):
         pytest.param("--sample-share", "1.5", r"--sample-share must lie in \[0, 1\]", id="share"),
         pytest.param("--hours", "0", "--hours must be > 0", id="hours"),
         pytest.param("--top-k", "0", "--top-k must be >= 1", id="top-k"),
+        pytest.param("--mix", "poetry=1", "--mix takes domain=share items", id="mix-domain"),
+        pytest.param("--mix", "article=-1", "--mix takes domain=share items", id="mix-negative"),
+        pytest.param("--mix", "article=0", "--mix needs a positive share", id="mix-zero"),
     ],
 )
 def test_bad_options_are_refused_before_anything_loads(tmp_path, capsys, option, value, message):

@@ -68,35 +68,50 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-tokens must be >= 1, got {args.batch_tokens}.")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}.")
+    parse_mix(args.mix)
 
 
 def _tasks(args, tokenizer, store, instructions):
-    """What is left to answer: first turns (greedy, and sampled for a share), then available follow-ups."""
+    """What is left to answer: instructions built from the target's answers so far (follow-ups, digests of
+    its articles), then first turns (greedy, and sampled for a share) — the requests of its brainstorm
+    lists first among them."""
     import hashlib
 
     from hf_specssm.training.distillation.generate import GREEDY, SAMPLED, Task, render, task_id
-    from hf_specssm.training.distillation.instructions import followup_instructions
+    from hf_specssm.training.distillation.instructions import (
+        digest_instructions,
+        followup_instructions,
+        selfinstruct_instructions,
+    )
 
     done = store.done_ids()
-    by_id = {instruction.id: instruction for instruction in instructions}
+    answers = {}
+    for record in store.records():
+        if record["mode"] == GREEDY and record["finished"]:
+            answers[record["id"]] = record["input_ids"][record["prompt_length"] :]
+
+    def finished(pool):
+        return [
+            (instruction, tokenizer.decode(answers[instruction.id], skip_special_tokens=True))
+            for instruction in pool
+            if instruction.id in answers
+        ]
+
+    # requests of the target's own brainstorm lists are first turns of their own
+    selfinstruct = selfinstruct_instructions(finished(instructions))
+    first = selfinstruct + list(instructions)
     wanted = []
-    for instruction in instructions:
+    for instruction in first:
         wanted.append((instruction, GREEDY))
         share = int(hashlib.sha1(f"sample:{instruction.id}".encode()).hexdigest(), 16) % 10_000
         if share < args.sample_share * 10_000:
             wanted.append((instruction, SAMPLED))
-    # follow-ups after the target's own finished greedy first answers already in the store
-    first_turns = []
-    for record in store.records():
-        instruction = by_id.get(record["id"])
-        if instruction is not None and record["mode"] == GREEDY and record["finished"]:
-            answer = record["input_ids"][record["prompt_length"] :]
-            first_turns.append((instruction, tokenizer.decode(answer, skip_special_tokens=True)))
-    # follow-ups first: they are few, and a run stopped by --hours should have some of every kind
-    wanted = [
-        (instruction, GREEDY)
-        for instruction in followup_instructions(first_turns, share=args.followup_share, seed=args.seed)
-    ] + wanted
+    # second turns and digests after the target's own finished greedy first answers already in the store:
+    # first, as they are few, and a run stopped by --hours should have some of every kind
+    first_turns = finished(first)
+    second = followup_instructions(first_turns, share=args.followup_share, seed=args.seed)
+    second += digest_instructions(first_turns, seed=args.seed)
+    wanted = [(instruction, GREEDY) for instruction in second] + wanted
     tasks, too_long = [], 0
     for instruction, mode in wanted:
         identifier = task_id(instruction.id, mode)
@@ -108,6 +123,34 @@ def _tasks(args, tokenizer, store, instructions):
             continue
         tasks.append(Task(identifier, instruction, mode, tuple(ids)))
     return tasks, too_long
+
+
+def parse_mix(items: list[str] | None) -> dict[str, float] | None:
+    """`--mix code=2 article=1 …` as a dict of shares (`None` when not given).
+
+    Raises:
+        ValueError: an item that is not `domain=share`, an unknown domain or a negative share.
+    """
+    from hf_specssm.training.distillation.instructions import DEFAULT_MIX
+
+    if not items:
+        return None
+    mix = {}
+    for item in items:
+        domain, sep, value = item.partition("=")
+        try:
+            share = float(value)
+        except ValueError:
+            share = -1.0
+        if not sep or domain not in DEFAULT_MIX or share < 0:
+            raise ValueError(
+                f"--mix takes domain=share items with domains from {tuple(DEFAULT_MIX)} and shares >= 0, "
+                f"got {item!r}."
+            )
+        mix[domain] = share
+    if sum(mix.values()) <= 0:
+        raise ValueError(f"--mix needs a positive share somewhere, got {' '.join(items)!r}.")
+    return mix
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -132,7 +175,9 @@ def run_generate(args: argparse.Namespace) -> int:
     target = AutoModelForCausalLM.from_pretrained(path, dtype=choice.dtype).to(args.device).eval()
     say = (lambda *a: None) if args.quiet else print
     say(f"target in {choice.name} ({choice.reason}); store {store.root}")
-    instructions = build_broad_instructions(args.count, seed=args.seed, roots=args.corpus_root)
+    instructions = build_broad_instructions(
+        args.count, seed=args.seed, mix=parse_mix(args.mix), roots=args.corpus_root
+    )
     started = time.monotonic()
     # counted per stored batch, so that an interrupted pass still records what it added
     added = {"answers": 0, "tokens": 0}
@@ -324,6 +369,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--store", default=DEFAULT_STORE, help="the store folder (grows across runs)")
     parser.add_argument(
         "--count", type=int, default=6000, help="first-turn instructions (grow it to continue)"
+    )
+    parser.add_argument(
+        "--mix",
+        nargs="+",
+        metavar="DOMAIN=SHARE",
+        default=None,
+        help="shares of the first-turn domains (default: instructions.DEFAULT_MIX), e.g. article=1 brainstorm=1",
     )
     parser.add_argument(
         "--sample-share", type=float, default=0.5, help="share of instructions also answered at T = 0.7"

@@ -9,8 +9,20 @@ machine (Python source, documentation prose), seeded and deterministic:
 - **translation**: a sentence or short paragraph of documentation prose into one of several languages;
 - **qa**: short factual and how-to questions (about topics, and about Python functions by name);
 - **rag**: a documentation passage followed by a question to answer from it;
+- **article**: a short news report on an invented local event (built from actors, places and happenings), so
+  that the target's own news prose is there to be summarised;
+- **brainstorm**: the target lists requests users send to an assistant in a category (writing, role-play,
+  reasoning, extraction, advice, …): self-instruct, which widens the first turns beyond these templates;
 - **followup**: a second user turn after the target's own first answer (`followup_instructions`, built once
-  first answers exist: "make it shorter", "add tests", "explain step 2", …).
+  first answers exist: "make it shorter", "add tests", "explain step 2", …);
+- **digest**: a summary, highlights or key facts of the target's own article (`digest_instructions`): news
+  summarisation whose answer copies names and numbers from the passage;
+- **selfinstruct**: each request of a finished brainstorm list, asked as a first turn of its own
+  (`selfinstruct_instructions`).
+
+Derived instructions (followup, digest, selfinstruct) exist only after the answers they start from, so
+`derived_instructions` builds them from the store's finished greedy answers at each pass of
+`hf-specssm distill generate`.
 
 The four public benchmark sets (HumanEval, GSM8K, MT-Bench, CNN/DM) are never read; the templates were
 written for this module.
@@ -43,8 +55,12 @@ DEFAULT_MIX: dict[str, float] = {
     "translation": 0.08,
     "qa": 0.10,
     "rag": 0.10,
+    "article": 0.08,
+    "brainstorm": 0.07,
 }
-DOMAINS = (*DEFAULT_MIX, "followup")
+#: domains built from the target's own answers (`derived_instructions`)
+DERIVED_DOMAINS = ("followup", "digest", "selfinstruct")
+DOMAINS = (*DEFAULT_MIX, *DERIVED_DOMAINS)
 
 _LANGUAGES = [
     "French",
@@ -93,6 +109,122 @@ _RAG_QUESTIONS = [
     "What would a reader need to do, according to the passage?",
     "Explain {word} as it is used in the passage.",
 ]
+_PLACES = [
+    "Lyon",
+    "Manchester",
+    "Osaka",
+    "Nairobi",
+    "Toronto",
+    "Melbourne",
+    "Bergen",
+    "Porto",
+    "Austin",
+    "Krakow",
+    "Cape Town",
+    "Valparaiso",
+    "Hanoi",
+    "Edinburgh",
+    "Denver",
+    "Seville",
+    "Gdansk",
+    "Auckland",
+    "Montreal",
+    "Bristol",
+    "Accra",
+    "Tampere",
+    "Cordoba",
+    "Pune",
+]
+_ACTORS = [
+    "the city council of {place}",
+    "a hospital in {place}",
+    "researchers at a university in {place}",
+    "a football club from {place}",
+    "police in {place}",
+    "a small technology start-up in {place}",
+    "the public transport operator of {place}",
+    "farmers near {place}",
+    "a museum in {place}",
+    "residents of a neighbourhood in {place}",
+    "a group of secondary-school students from {place}",
+    "firefighters in {place}",
+    "a supermarket chain based in {place}",
+    "an airline operating from {place}",
+    "environmental campaigners in {place}",
+    "the owner of a family bakery in {place}",
+    "scientists at a marine research station near {place}",
+    "the mayor of {place}",
+    "a public library in {place}",
+    "a car manufacturer with a factory in {place}",
+]
+_HAPPENINGS = [
+    "approved a plan to build a new bridge over the river",
+    "decided to close the old town centre to cars at weekends",
+    "announced that it will hire two hundred more staff",
+    "warned that a heatwave could last into next week",
+    "reported that visitor numbers doubled over the past year",
+    "found the remains of a centuries-old ship during building work",
+    "won a national award for cutting energy use",
+    "was criticised after a computer failure delayed thousands of people",
+    "celebrated its hundredth anniversary with a free open day",
+    "launched an investigation after a series of thefts",
+    "said a rare bird species has returned to the area after decades",
+    "cut ticket prices for students and pensioners",
+    "began a programme to plant ten thousand trees",
+    "postponed a major festival because of safety concerns",
+    "reported that air pollution fell by a fifth since last year",
+    "opened a new centre offering free lessons to adults",
+    "raised money for a family who lost their home in a fire",
+    "announced a partnership to test driverless buses",
+    "recalled a product after customers reported faults",
+    "set a new regional record",
+]
+_ARTICLE = [
+    "Write a news article of about 150 words reporting that {event}. Include a quote from a named person.",
+    "Write a short newspaper report (120 to 180 words): {event}.",
+    "You are a journalist. Write a brief news story about this: {event}. Invent plausible names, numbers and "
+    "details, and keep it under 200 words.",
+    "Write a local news item (about 150 words) with a headline, reporting that {event}.",
+]
+_DIGEST = [
+    "Summarize the following article in three sentences.\n\n{article}",
+    "Write three or four short highlights of this news story, one per line.\n\n{article}",
+    "Give a one-paragraph summary of this article:\n\n{article}",
+    "Article:\n{article}\n\nTL;DR:",
+    "What are the key facts in this report? Answer briefly.\n\n{article}",
+    "Summarize this for someone who has thirty seconds:\n\n{article}",
+]
+_CATEGORIES = [
+    "writing emails, letters and messages",
+    "creative writing (stories, poems, song lyrics)",
+    "role-play and imaginary scenarios",
+    "logic puzzles and reasoning questions",
+    "mathematics problems at school level",
+    "science and engineering explanations",
+    "history, philosophy and the arts",
+    "extracting information from a short text that the user pastes in",
+    "cooking and recipes",
+    "travel planning",
+    "health, fitness and sleep",
+    "personal finance and budgeting",
+    "programming and software tools",
+    "business, marketing and careers",
+    "comparisons and product recommendations",
+    "rewriting, shortening or editing the user's own text",
+    "learning languages",
+    "parenting and education",
+    "law and everyday rights (general information)",
+    "the environment and climate",
+]
+_BRAINSTORM = [
+    "Write {n} different requests that users might send to an AI assistant about {category}. Make them varied "
+    "and specific. Output one request per line, with no numbering and no other text.",
+    "Brainstorm {n} realistic questions people ask a chatbot about {category}{angle}. One per line, nothing "
+    "else.",
+    "List {n} diverse tasks a user could give a helpful assistant in the area of {category}{angle}. Write each "
+    "task as the user would type it, one per line, without numbers.",
+]
+_ANGLES = ["", " at work", " for a school project", " as a complete beginner", " in a hurry", " for a family"]
 _FOLLOWUPS = {
     "code": [
         "Can you add a few unit tests for this?",
@@ -156,6 +288,20 @@ def rag_instruction(paragraphs: Sequence[str], rng: random.Random) -> str:
     question = rng.choice(_RAG_QUESTIONS).format(word=_keyword(text, rng))
     template = rng.choice(_RAG)
     return template.format(text=text, question=question, question_lower=question[0].lower() + question[1:])
+
+
+def article_instruction(rng: random.Random) -> str:
+    """A short news report on an invented event: an actor in a city and what happened."""
+    actor = rng.choice(_ACTORS).format(place=rng.choice(_PLACES))
+    event = f"{actor} {rng.choice(_HAPPENINGS)}"
+    return rng.choice(_ARTICLE).format(event=event)
+
+
+def brainstorm_instruction(rng: random.Random) -> str:
+    """Ask the target for a list of user requests in one category (self-instruct)."""
+    return rng.choice(_BRAINSTORM).format(
+        n=rng.randint(5, 8), category=rng.choice(_CATEGORIES), angle=rng.choice(_ANGLES)
+    )
 
 
 def build_broad_instructions(
@@ -225,6 +371,10 @@ def build_broad_instructions(
     add("qa", (qa_instruction(pool, rng) for _ in range(quota["qa"])))
     rng = rng_for("rag")
     add("rag", (rag_instruction(docs, rng) for _ in range(quota["rag"])))
+    rng = rng_for("article")
+    add("article", (article_instruction(rng) for _ in range(quota["article"])))
+    rng = rng_for("brainstorm")
+    add("brainstorm", (brainstorm_instruction(rng) for _ in range(quota["brainstorm"])))
     random.Random(f"{seed}:order").shuffle(instructions)
     return instructions
 
@@ -251,7 +401,7 @@ def followup_instructions(
     """
     out = []
     for instruction, answer in first_turns:
-        if instruction.domain == "followup" or not _chosen(instruction.id, share):
+        if instruction.domain in ("followup", "brainstorm") or not _chosen(instruction.id, share):
             continue
         rng = random.Random(f"{seed}:followup:{instruction.id}")
         questions = _FOLLOWUPS.get(instruction.domain, []) + _FOLLOWUPS["any"]
@@ -261,4 +411,73 @@ def followup_instructions(
             {"role": "user", "content": rng.choice(questions)},
         ]
         out.append(Instruction(f"followup-{instruction.id}", "followup", messages))
+    return out
+
+
+def digest_instructions(first_turns: Iterable[tuple[Instruction, str]], seed: int = 0) -> list[Instruction]:
+    """A summary, highlights or key facts of each of the target's own finished articles.
+
+    Args:
+        first_turns: `(instruction, answer_text)` pairs; those of domain `article` are used.
+        seed: seeds which summary request each article gets.
+
+    Returns:
+        Instructions with id `digest-<article id>`, domain `digest`, one user message quoting the article.
+    """
+    out = []
+    for instruction, answer in first_turns:
+        article = answer.strip()
+        if instruction.domain != "article" or len(article) < 200:
+            continue
+        rng = random.Random(f"{seed}:digest:{instruction.id}")
+        text = rng.choice(_DIGEST).format(article=article)
+        out.append(Instruction(f"digest-{instruction.id}", "digest", [{"role": "user", "content": text}]))
+    return out
+
+
+_LIST_MARKER = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d{1,2}[.):]|[a-z][.)])\s*")
+
+
+def listed_requests(answer: str, limit: int = 5) -> list[str]:
+    """The requests of a brainstorm answer: its lines without list markers or quotes, at most `limit`.
+
+    Lines shorter than 15 or longer than 400 characters, headings (ending in `:`) and lines without a
+    letter are skipped; duplicates are kept once.
+    """
+    requests: list[str] = []
+    for line in answer.splitlines():
+        text = _LIST_MARKER.sub("", line.replace("**", "")).strip().strip('"\u201c\u201d').strip()
+        if not 15 <= len(text) <= 400 or text.endswith(":") or not re.search(r"[A-Za-z]", text):
+            continue
+        if text not in requests:
+            requests.append(text)
+        if len(requests) == limit:
+            break
+    return requests
+
+
+def selfinstruct_instructions(
+    first_turns: Iterable[tuple[Instruction, str]], per_list: int = 5
+) -> list[Instruction]:
+    """Each request of the target's own finished brainstorm lists, as a first turn of its own.
+
+    Args:
+        first_turns: `(instruction, answer_text)` pairs; those of domain `brainstorm` are used.
+        per_list: at most this many requests per list (the first ones).
+
+    Returns:
+        Instructions with id `selfinstruct-<brainstorm id>-<i>`, domain `selfinstruct`.
+    """
+    out = []
+    for instruction, answer in first_turns:
+        if instruction.domain != "brainstorm":
+            continue
+        for index, request in enumerate(listed_requests(answer, per_list)):
+            out.append(
+                Instruction(
+                    f"selfinstruct-{instruction.id}-{index}",
+                    "selfinstruct",
+                    [{"role": "user", "content": request}],
+                )
+            )
     return out
