@@ -6,18 +6,24 @@ pair, without a download. Without a command, `hf-specssm` prints this help.
 Every command reports errors the same way: one line `error: …` on stderr naming the file, line or
 argument at fault, exit status 2 for bad input (a missing file, a malformed line, a wrong argument, an
 option the command would ignore) and 1 for failures (no network, a full disk, a bug); `--debug` adds the
-traceback. Arguments are checked before any model loads. Ctrl-C exits with 130.
+traceback. Arguments are checked before any model loads. Ctrl-C exits with 130, and so does `kill` (SIGTERM):
+both stop a command the same way, so long jobs record their run and leave their checkpoints whole (a job
+started in the background by a non-interactive shell ignores Ctrl-C's SIGINT; SIGTERM still reaches it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import signal
 import sys
 import textwrap
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -402,6 +408,30 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [argument for argument in argv if argument != "--debug"]
+    with _terminate_as_interrupt():
+        return _main(argv, debug)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While active (in the main thread), SIGTERM raises `KeyboardInterrupt` as Ctrl-C does, so that a
+    terminated job unwinds through its `finally` blocks (a run recorded, a checkpoint completed or left
+    as it was) instead of dying mid-step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     try:
         return _dispatch(argv)
     except KeyboardInterrupt:

@@ -153,6 +153,10 @@ def test_selfinstruct_turns_each_listed_request_into_a_first_turn(corpus):
     assert [m.id for m in made] == [f"selfinstruct-{lists[0].id}-{n}" for n in range(3)]
     assert made[2].messages == [{"role": "user", "content": "Request number 3 about something useful"}]
     assert {m.domain for m in made} == {"selfinstruct"}
+    # a request listed before (case and punctuation aside) is not asked twice; the index stays the line's
+    repeated = (lists[1], "- request number 2 about something useful!\n- A new request that is long enough")
+    again = selfinstruct_instructions([*pairs[:1], repeated], per_list=3)
+    assert [m.id for m in again] == [*(m.id for m in made), f"selfinstruct-{lists[1].id}-1"]
     # brainstorm lists get no follow-up ("make that shorter" after a list of requests)
     assert not followup_instructions([(lists[0], answer)] * 3, share=1.0)
 

@@ -64,6 +64,28 @@ def test_ctrl_c_exits_130_with_a_resume_hint(monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted; resume with the same command\n"
 
 
+def test_sigterm_stops_a_command_as_ctrl_c_does_and_the_handler_is_restored(monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    unwound = []
+
+    def terminated(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        finally:
+            unwound.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "run_demo", terminated)
+    assert main(["demo", "--offline"]) == 130
+    assert unwound == [True]
+    assert capsys.readouterr().err == "interrupted; resume with the same command\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_bug_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
     def broken(args):
         raise TypeError("unsupported operand")

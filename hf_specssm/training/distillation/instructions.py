@@ -202,7 +202,7 @@ _CATEGORIES = [
     "mathematics problems at school level",
     "science and engineering explanations",
     "history, philosophy and the arts",
-    "extracting information from a short text that the user pastes in",
+    "extracting facts from a short text (quote the text inside each request)",
     "cooking and recipes",
     "travel planning",
     "health, fitness and sleep",
@@ -466,13 +466,20 @@ def selfinstruct_instructions(
         per_list: at most this many requests per list (the first ones).
 
     Returns:
-        Instructions with id `selfinstruct-<brainstorm id>-<i>`, domain `selfinstruct`.
+        Instructions with id `selfinstruct-<brainstorm id>-<i>`, domain `selfinstruct`. A request already
+        listed by an earlier pair (same words, case and punctuation aside) is left out: small targets repeat
+        themselves across lists.
     """
     out = []
+    seen: set[str] = set()
     for instruction, answer in first_turns:
         if instruction.domain != "brainstorm":
             continue
         for index, request in enumerate(listed_requests(answer, per_list)):
+            key = " ".join(re.findall(r"[a-z0-9]+", request.lower()))
+            if key in seen:
+                continue
+            seen.add(key)
             out.append(
                 Instruction(
                     f"selfinstruct-{instruction.id}-{index}",
