@@ -34,6 +34,7 @@ Timings are the minimum over `--repeats`. Run on a quiet machine (see docs/bench
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -428,7 +429,10 @@ def run(args: argparse.Namespace) -> int:
             if "lookup" in args.parts:
                 _part_lookup(model, args)
             print(f"\n({name} {dtype_name}: {time.perf_counter() - started:.0f} s)", flush=True)
+            # the packed linears hold the model's modules: drop both before the next model is built
+            args._packed = None
             del model
+            gc.collect()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak process memory: {peak:.0f} MiB; load average {os.getloadavg()[0]:.2f} at the end")
     return 0

@@ -33,7 +33,8 @@ LICENSE_NOTES = """\
   hf_specssm (Apache-2.0) and from text on the machine that generated them: Python's standard library
   (PSF License), installed packages' source and documentation (each under its own licence, mostly MIT,
   BSD and Apache-2.0) and Debian's `/usr/share/doc` (each package's licence). Chats quote short excerpts
-  (a docstring, one or two paragraphs) for drafter training.
+  (a docstring, one or two paragraphs) for drafter training. Follow-ups, digests and self-instruct requests
+  also quote the target's own earlier answers (its first turn, its news report, the list it wrote).
 - **Never used**: the benchmark sets (HumanEval, GSM8K, MT-Bench, CNN/DailyMail) or paraphrases of them.
 """
 
