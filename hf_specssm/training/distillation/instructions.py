@@ -21,8 +21,8 @@ machine (Python source, documentation prose), seeded and deterministic:
   (`selfinstruct_instructions`).
 
 Derived instructions (followup, digest, selfinstruct) exist only after the answers they start from, so
-`derived_instructions` builds them from the store's finished greedy answers at each pass of
-`hf-specssm distill generate`.
+`hf-specssm distill generate` builds them from the store's finished greedy answers at each pass
+(`distillation.command._tasks`).
 
 The four public benchmark sets (HumanEval, GSM8K, MT-Bench, CNN/DM) are never read; the templates were
 written for this module.
@@ -58,7 +58,8 @@ DEFAULT_MIX: dict[str, float] = {
     "article": 0.08,
     "brainstorm": 0.07,
 }
-#: domains built from the target's own answers (`derived_instructions`)
+#: domains built from the target's own answers (`followup_instructions`, `digest_instructions`,
+#: `selfinstruct_instructions`)
 DERIVED_DOMAINS = ("followup", "digest", "selfinstruct")
 DOMAINS = (*DEFAULT_MIX, *DERIVED_DOMAINS)
 
