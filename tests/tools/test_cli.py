@@ -47,6 +47,12 @@ def test_the_oracle_part_compares_decoding_without_the_shared_prefill():
     assert timing.step_s == pytest.approx(0.5)  # 4 tokens after the first in 2 s
 
 
+@pytest.mark.parametrize("flag", ["--repeats", "--oracle-repeats"])
+def test_bench_ssm_refuses_a_count_below_one(flag, capsys):
+    assert main(["bench-ssm", "--models", "mamba2-8M", flag, "0"]) == 2
+    assert f"{flag} must be >= 1, got 0." in capsys.readouterr().err
+
+
 @pytest.mark.skipif(
     not packed_linear_available(torch.float32), reason="this torch build has no oneDNN linear"
 )

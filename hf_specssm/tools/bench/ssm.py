@@ -282,7 +282,7 @@ def oracle_run(
             output, first_s = speculative()
             identical = torch.equal(output, reference)
             warm_s, plain_s = float("inf"), float("inf")
-            for _ in range(max(repeats, 1)):
+            for _ in range(repeats):
                 plain_s = min(plain_s, plain_run(model, prompt, max_new_tokens)[1])
                 output, seconds = speculative()
                 warm_s = min(warm_s, seconds)
@@ -328,7 +328,7 @@ def plain_timing(
     reference, total_s = plain_run(model, prompt, max_new_tokens)
     for _ in range(repeats - 1):
         total_s = min(total_s, plain_run(model, prompt, max_new_tokens)[1])
-    prefill_s = min(plain_run(model, prompt, 1)[1] for _ in range(max(repeats, 1)))
+    prefill_s = min(plain_run(model, prompt, 1)[1] for _ in range(repeats))
     new_tokens = reference.shape[1] - prompt_length
     return PlainTiming(reference, total_s, prefill_s, new_tokens)
 
@@ -402,7 +402,14 @@ def _cpu_description() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the chosen parts as Markdown tables."""
+    """Print the chosen parts as Markdown tables.
+
+    Raises:
+        ValueError: a count option below 1, named.
+    """
+    for flag, value in (("--repeats", args.repeats), ("--oracle-repeats", args.oracle_repeats)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}.")
     torch.set_num_threads(args.threads)
     print(
         f"# bench-ssm: torch {torch.__version__}, {args.threads} threads, {_cpu_description()}, "
@@ -486,9 +493,7 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
             f"α = {alpha}: best k = {best} (expected {ideal_speedup(alpha, best, rounds[best]):.2f}× "
             f"from round cost {rounds[best]:.2f} steps)"
         )
-    args._round_costs = rounds
     args._round_seconds = seconds
-    args._step_seconds = step
 
 
 def _part_commit(model, args: argparse.Namespace) -> None:
@@ -563,8 +568,9 @@ def _part_oracle(model, args: argparse.Namespace) -> None:
     for row in rows:
         decoding = decoding_speedup(row["plain_s"], row["warm_s"], plain.prefill_s)
         if rounds:
-            step_s = max(row["plain_s"] - plain.prefill_s, 1e-9) / max(new_tokens - 1, 1)
-            cost = rounds[row["k"]] / step_s
+            # a decoding token of the plain calls measured next to this row's speculative ones
+            step_s = PlainTiming(plain.reference, row["plain_s"], plain.prefill_s, new_tokens).step_s
+            cost = rounds[row["k"]] / max(step_s, 1e-9)
             ideal, at_tau = ideal_speedup(row["alpha"], row["k"], cost), row["tau"] / cost
         else:
             ideal = at_tau = float("nan")
