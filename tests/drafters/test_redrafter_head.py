@@ -34,7 +34,11 @@ def make_head(seed: int = 0, **overrides) -> ReDrafterHead:
     [
         pytest.param({"beam_width": 0}, "beam_width must be an integer >= 1", id="no-beams"),
         pytest.param({"beam_length": 0}, "beam_length must be an integer >= 1", id="no-length"),
-        pytest.param({"vocab_size": 8, "beam_width": 9}, "cannot exceed vocab_size", id="wider-than-vocab"),
+        pytest.param(
+            {"vocab_size": 8, "beam_width": 9},
+            "cannot exceed the tokens the head can draft \\(8\\)",
+            id="wider-than-vocab",
+        ),
         pytest.param({"num_draft_layers": -1}, "num_draft_layers", id="negative-layers"),
         pytest.param({"exit_dim": 0}, "exit_dim", id="zero-exit-dim"),
     ],

@@ -62,6 +62,12 @@ def model_card(config: ReDrafterConfig, tags: Iterable[str] = (), license: str =
             f"{'RNN' if config.rnn else 'running-sum'} state, {config.num_draft_layers} residual blocks of "
             f"width {config.head_width}",
         ),
+        (
+            "draft vocabulary",
+            "the target's"
+            if config.draft_vocab_size is None
+            else f"{config.draft_vocab_size - 1:,} target tokens (and an 'other' class, never drafted)",
+        ),
         ("beam search", f"{config.beam_width} beams × {config.beam_length} tokens"),
         ("training data", config.training_data or "not recorded"),
         ("training steps", str(config.training_steps)),
@@ -71,6 +77,13 @@ def model_card(config: ReDrafterConfig, tags: Iterable[str] = (), license: str =
             f"{_format_tau(config.untrained_mean_accepted_length)} untrained",
         ),
     ]
+    if config.simulated_tau is not None:
+        rows.append(
+            (
+                f"simulated τ (greedy chains of {config.beam_length} on held-out answers of the target)",
+                _format_tau(config.simulated_tau),
+            )
+        )
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"""---
 {chr(10).join(metadata)}

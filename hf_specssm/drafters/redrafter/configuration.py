@@ -22,6 +22,11 @@ class ReDrafterConfig(PretrainedConfig):
             `s_t = E(g_{t-1}) + s_{t-1}` when false.
         num_draft_layers: residual blocks `x + SiLU(Linear(x))` between `[h; s_t]` and the output layer.
         exit_dim: width of the residual blocks; `None` keeps `2H` (no input projection).
+        draft_vocab_size: `V_d`, the size of a reduced output vocabulary (the 'other' slot at index 0, then
+            `V_d - 1` target tokens named by the `draft_to_target` buffer saved with the weights), or `None`
+            to score the whole target vocabulary. A head for a large vocabulary (Qwen's 151,936 tokens) spends
+            most of its weights on the output layer; a reduced one keeps it small. Its logits are returned in
+            the target vocabulary all the same (the lowest value outside the draft vocabulary).
         beam_width: beams `M` kept by the beam search.
         beam_length: tokens `C` each beam drafts.
         initializer_range: std of the normal initialisation of the linear layers.
@@ -31,6 +36,8 @@ class ReDrafterConfig(PretrainedConfig):
         training_steps: optimiser steps the weights have seen.
         mean_accepted_length: τ measured with the trained head (tokens per target forward), if measured.
         untrained_mean_accepted_length: τ of an untrained head on the same prompts, for comparison.
+        simulated_tau: τ of greedy chains of `beam_length` drafts simulated on held-out answers of the
+            target (heads trained on a distillation store), if measured.
     """
 
     model_type = "redrafter"
@@ -40,6 +47,7 @@ class ReDrafterConfig(PretrainedConfig):
     rnn: bool = True
     num_draft_layers: int = 2
     exit_dim: int | None = None
+    draft_vocab_size: int | None = None
     beam_width: int = 4
     beam_length: int = 4
     initializer_range: float = 0.02
@@ -49,6 +57,7 @@ class ReDrafterConfig(PretrainedConfig):
     training_steps: int = 0
     mean_accepted_length: float | None = None
     untrained_mean_accepted_length: float | None = None
+    simulated_tau: float | None = None
 
     def __post_init__(self, **kwargs) -> None:
         for name in ("hidden_size", "vocab_size", "beam_width", "beam_length"):
@@ -59,12 +68,31 @@ class ReDrafterConfig(PretrainedConfig):
             raise ValueError(f"num_draft_layers must be an integer >= 0, got {self.num_draft_layers!r}.")
         if self.exit_dim is not None and (not isinstance(self.exit_dim, int) or self.exit_dim < 1):
             raise ValueError(f"exit_dim must be an integer >= 1 or None, got {self.exit_dim!r}.")
-        if self.beam_width > self.vocab_size:
+        if self.draft_vocab_size is not None and (
+            not isinstance(self.draft_vocab_size, int)
+            or isinstance(self.draft_vocab_size, bool)
+            or not 2 <= self.draft_vocab_size <= self.vocab_size + 1
+        ):
             raise ValueError(
-                f"beam_width ({self.beam_width}) cannot exceed vocab_size ({self.vocab_size}): the first "
-                "beam step expands one beam into its best tokens."
+                f"draft_vocab_size must be None or an integer in [2, vocab_size + 1 = {self.vocab_size + 1}] "
+                f"(the 'other' slot and at least one target token), got {self.draft_vocab_size!r}."
+            )
+        if self.beam_width > self.draftable_tokens:
+            raise ValueError(
+                f"beam_width ({self.beam_width}) cannot exceed the tokens the head can draft "
+                f"({self.draftable_tokens}): the first beam step expands one beam into its best tokens."
             )
         super().__post_init__(**kwargs)
+
+    @property
+    def draftable_tokens(self) -> int:
+        """How many target tokens the head can propose: `vocab_size`, or `draft_vocab_size - 1`."""
+        return self.vocab_size if self.draft_vocab_size is None else self.draft_vocab_size - 1
+
+    @property
+    def output_size(self) -> int:
+        """Width of the output layer: `draft_vocab_size` when reduced, else `vocab_size`."""
+        return self.vocab_size if self.draft_vocab_size is None else self.draft_vocab_size
 
     @property
     def head_width(self) -> int:

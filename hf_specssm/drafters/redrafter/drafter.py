@@ -46,9 +46,10 @@ class ReDrafterDrafter(TreeDrafter):
         self.head = head.eval()
         self.beam_width = beam_width if beam_width is not None else head.config.beam_width
         self.beam_length = beam_length if beam_length is not None else head.config.beam_length
-        if not 1 <= self.beam_width <= head.config.vocab_size or self.beam_length < 1:
+        if not 1 <= self.beam_width <= head.config.draftable_tokens or self.beam_length < 1:
             raise ValueError(
-                f"beam_width must lie in [1, vocab_size] and beam_length be >= 1, got {self.beam_width} and "
+                f"beam_width must lie in [1, {head.config.draftable_tokens}] (the tokens the head can draft) and "
+                f"beam_length be >= 1, got {self.beam_width} and "
                 f"{self.beam_length}."
             )
         if config is None:

@@ -40,7 +40,7 @@ class ReDrafterOutput(ModelOutput):
     Attributes:
         loss: sum over the `C` draft steps of the mean cross-entropy of that step (scalar), or `None` when
             no position has a label.
-        logits: `[B, N, C, V]` draft logits: `logits[b, t, i]` predicts token `t + i + 2` from the target's
+        logits: `[B, N, C, V_d]` the output layer's logits (`V_d = V` without a reduced vocabulary): `logits[b, t, i]` predicts token `t + i + 2` from the target's
             hidden state at `t` and the tokens `t + 1 … t + i + 1`.
     """
 
@@ -56,8 +56,17 @@ class ReDrafterHead(PreTrainedModel):
     false) and scores token `t` with `lm_head(blocks(proj([h; s_t])))`. `E` is the target's own input
     embedding, shared and frozen: call `attach(target)` before drafting or training; it is not saved.
 
+    With `config.draft_vocab_size` the output layer scores a reduced vocabulary: index 0 is the 'other'
+    slot (every target token outside it, trained as one class and never drafted), indices `1 … V_d - 1`
+    the target tokens the `draft_to_target` buffer names. `draft_logits` still returns target-vocabulary
+    logits, so beam search, logits processors and the drafter see the target's ids.
+
     Args:
         config: the head's `ReDrafterConfig`.
+
+    Buffers:
+        draft_to_target: `[V_d]` (reduced vocabulary only) the target id of each draft id, `-1` at the
+            'other' slot; saved with the weights.
     """
 
     config_class = ReDrafterConfig
@@ -73,10 +82,65 @@ class ReDrafterHead(PreTrainedModel):
         if config.exit_dim is not None:
             self.input_projection = nn.Linear(2 * size, config.exit_dim)
         self.blocks = nn.ModuleList(ResidualBlock(config.head_width) for _ in range(config.num_draft_layers))
-        self.lm_head = nn.Linear(config.head_width, config.vocab_size)
+        self.lm_head = nn.Linear(config.head_width, config.output_size)
+        if config.draft_vocab_size is not None:
+            # until `set_draft_vocabulary`: the first V_d - 1 target ids
+            identity = torch.arange(-1, config.draft_vocab_size - 1)
+            self.register_buffer("draft_to_target", identity, persistent=True)
         # a plain attribute, not a submodule: the target owns (and saves) its embedding
         object.__setattr__(self, "_target_embedding", None)
         self.post_init()
+
+    @property
+    def reduced_vocabulary(self) -> bool:
+        """Whether the output layer scores a reduced vocabulary (`config.draft_vocab_size`)."""
+        return self.config.draft_vocab_size is not None
+
+    def set_draft_vocabulary(self, target_ids: torch.Tensor) -> None:
+        """Use the target tokens `target_ids` `[V_d - 1]` (distinct, in draft-id order from 1) as the
+        reduced vocabulary.
+
+        Raises:
+            ValueError: the head scores the whole vocabulary, or the ids are not `V_d - 1` distinct ids of
+                the target vocabulary.
+        """
+        if not self.reduced_vocabulary:
+            raise ValueError(
+                "this head scores the whole target vocabulary (config.draft_vocab_size is None)."
+            )
+        target_ids = torch.as_tensor(target_ids, dtype=torch.long).flatten()
+        size = self.config.draft_vocab_size
+        if target_ids.numel() != size - 1:
+            raise ValueError(
+                f"expected {size - 1} target ids (draft_vocab_size minus the 'other' slot), got {target_ids.numel()}."
+            )
+        if target_ids.unique().numel() != target_ids.numel():
+            raise ValueError("the draft vocabulary repeats a target id.")
+        if int(target_ids.min()) < 0 or int(target_ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"target ids must lie in [0, {self.config.vocab_size}).")
+        mapping = torch.cat([target_ids.new_tensor([-1]), target_ids])
+        self.draft_to_target.copy_(mapping.to(self.draft_to_target.device))
+
+    def to_draft_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Target ids `[...]` → output-layer ids `[...]` (0, the 'other' slot, outside a reduced vocabulary;
+        the ids themselves when the head scores the whole vocabulary). `-100` (no label) stays `-100`."""
+        if not self.reduced_vocabulary:
+            return tokens
+        mapping = self.draft_to_target
+        lookup = torch.zeros(self.config.vocab_size, dtype=torch.long, device=mapping.device)
+        lookup[mapping[1:]] = torch.arange(1, mapping.numel(), device=mapping.device)
+        ignored = tokens < 0
+        mapped = lookup[tokens.to(mapping.device).clamp(min=0)]
+        return torch.where(ignored.to(mapped.device), tokens.to(mapped.device), mapped)
+
+    def expand_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Output-layer logits `[..., V_d]` → target-vocabulary logits `[..., V]` (the dtype's lowest value
+        outside the draft vocabulary and for the 'other' slot, which is never drafted)."""
+        if not self.reduced_vocabulary:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), torch.finfo(logits.dtype).min)
+        full[..., self.draft_to_target[1:]] = logits[..., 1:]
+        return full
 
     @property
     def is_attached(self) -> bool:
@@ -124,14 +188,20 @@ class ReDrafterHead(PreTrainedModel):
             return embedded + state
         return F.silu(self.state_input(embedded) + self.state_recurrence(state))
 
-    def draft_logits(self, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Logits of the next draft token from `h [..., H]` and `s_t [..., H]`: `[..., V]`."""
+    def output_logits(self, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The output layer's logits from `h [..., H]` and `s_t [..., H]`: `[..., V_d]` (`[..., V]` when the
+        head scores the whole vocabulary); the training path."""
         x = torch.cat([hidden.to(self.dtype), state], dim=-1)
         if self.config.exit_dim is not None:
             x = self.input_projection(x)
         for block in self.blocks:
             x = block(x)
         return self.lm_head(x)
+
+    def draft_logits(self, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Logits of the next draft token from `h [..., H]` and `s_t [..., H]`, in the target vocabulary:
+        `[..., V]`."""
+        return self.expand_logits(self.output_logits(hidden, state))
 
     def forward(
         self,
@@ -147,11 +217,12 @@ class ReDrafterHead(PreTrainedModel):
         Args:
             input_ids: `[B, T]` tokens, `T >= C + 2`.
             hidden_states: `[B, T, H]` the target's last hidden states (its LM head's inputs) over `input_ids`.
-            labels: `[B, T]` tokens to predict, `-100` where a position carries no loss (default:
-                `input_ids`).
+            labels: `[B, T]` target tokens to predict, `-100` where a position carries no loss (default:
+                `input_ids`); with a reduced vocabulary, tokens outside it are the 'other' class.
 
         Returns:
-            `ReDrafterOutput` with `logits` `[B, N, C, V]`, `N = T - C - 1`, and the summed loss.
+            `ReDrafterOutput` with the output layer's `logits` `[B, N, C, V_d]` (`V_d = V` without a reduced
+            vocabulary), `N = T - C - 1`, and the summed loss.
         """
         steps = self.config.beam_length
         starts = input_ids.shape[1] - steps - 1
@@ -159,13 +230,13 @@ class ReDrafterHead(PreTrainedModel):
             raise ValueError(
                 f"training sequences need at least beam_length + 2 = {steps + 2} tokens, got {input_ids.shape[1]}."
             )
-        labels = input_ids if labels is None else labels
+        labels = self.to_draft_ids(input_ids if labels is None else labels)
         hidden = hidden_states[:, :starts]
         state = torch.zeros_like(hidden, dtype=self.dtype)
         all_logits, loss = [], None
         for step in range(1, steps + 1):
             state = self.next_state(state, input_ids[:, step : step + starts])
-            logits = self.draft_logits(hidden, state)
+            logits = self.output_logits(hidden, state)
             all_logits.append(logits)
             target = labels[:, step + 1 : step + 1 + starts]
             if bool((target != -100).any()):

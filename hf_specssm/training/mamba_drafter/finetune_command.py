@@ -4,7 +4,8 @@
               --features, as a feature-conditioned drafter reading the target's hidden states (its
               feature terms start at zero, so it starts as the token-only drafter). Resumes.
     evaluate  simulated greedy chains on the store's held-out greedy answers: τ, acceptance by draft
-              position, top-1 agreement, for each --drafter folder (and --init).
+              position, top-1 agreement, for each --drafter folder (and --init); a --drafter folder may
+              hold a ReDrafter head (`train-redrafter --store`), simulated the same way on the same answers.
     export    the newest checkpoint of --out → --export in bf16, with a model card.
 
 Token-only and feature-conditioned runs on the same store, init and steps are the ablation that says
@@ -68,6 +69,49 @@ def _load(folder: str | Path, device: str):
     from hf_specssm.drafters.mamba import MambaDrafterForCausalLM
 
     return MambaDrafterForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+
+
+def _is_redrafter_head(folder: str | Path) -> bool:
+    """Whether `folder` holds a ReDrafter head (its config's `model_type`)."""
+    config = Path(folder) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "redrafter"
+
+
+class _Evaluator:
+    """Loads a drafter folder (a Mamba drafter, or a ReDrafter head attached to --target's embedding, loaded
+    once) and simulates its chains with the matching function."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._target = None
+
+    def load(self, folder: str | Path):
+        if not _is_redrafter_head(folder):
+            return _load(folder, self.args.device)
+        from hf_specssm.drafters.redrafter.modeling import ReDrafterHead
+        from hf_specssm.training.mamba_drafter.command import _resolve_model_path
+
+        if self._target is None:
+            from transformers import AutoModelForCausalLM
+
+            path = _resolve_model_path(self.args.target)
+            self._target = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        head = ReDrafterHead.from_pretrained(folder, dtype=torch.float32).to(self.args.device).eval()
+        return head.attach(self._target)
+
+    @staticmethod
+    def reads_target_hidden(model) -> bool:
+        return getattr(model, "reads_target_hidden", True)
+
+    @staticmethod
+    def estimate(model, examples, k: int):
+        from hf_specssm.drafters.redrafter.modeling import ReDrafterHead
+        from hf_specssm.training.mamba_drafter.finetune import evaluate_drafter
+        from hf_specssm.training.redrafter.store_training import evaluate_head
+
+        if isinstance(model, ReDrafterHead):
+            return evaluate_head(model, examples, k=k)
+        return evaluate_drafter(model, examples, k=k)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -194,34 +238,36 @@ def benchmark_answers(args: argparse.Namespace):
 def run_evaluate(args: argparse.Namespace) -> int:
     """Action `evaluate`: one JSON line per drafter (and per benchmark set with --bench-sets)."""
     from hf_specssm.training.distillation.store import DistillStore
-    from hf_specssm.training.mamba_drafter.finetune import evaluate_drafter, load_examples
+    from hf_specssm.training.mamba_drafter.finetune import load_examples
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    evaluator = _Evaluator(args)
     if args.bench_sets:
         answers = load_examples(benchmark_answers(args), "all", need_hidden=True)
         for folder in [args.init, *(args.drafter or [])]:
-            model = _load(folder, args.device)
+            model = evaluator.load(folder)
             for name in args.bench_sets:
-                estimate = evaluate_drafter(model, [e for e in answers if e.domain == name], k=args.k)
-                print(json.dumps({"drafter": str(folder), "set": name, "features": model.reads_target_hidden,
-                                  **vars(estimate)}))  # fmt: skip
+                estimate = evaluator.estimate(model, [e for e in answers if e.domain == name], args.k)
+                print(json.dumps({"drafter": str(folder), "set": name,
+                                  "features": evaluator.reads_target_hidden(model), **vars(estimate)}))  # fmt: skip
         return 0
     store = DistillStore(args.store)
     heldout = load_examples(store, "heldout", need_hidden=False)[: args.eval_records]
     for folder in [args.init, *(args.drafter or [])]:
-        model = _load(folder, args.device)
-        usable = [e for e in heldout if not model.reads_target_hidden or e.hidden is not None]
-        estimate = evaluate_drafter(model, usable, k=args.k)
+        model = evaluator.load(folder)
+        features = evaluator.reads_target_hidden(model)
+        usable = [e for e in heldout if not features or e.hidden is not None]
+        estimate = evaluator.estimate(model, usable, args.k)
         domains = {
-            domain: round(evaluate_drafter(model, [e for e in usable if e.domain == domain], k=args.k).tau, 3)
+            domain: round(evaluator.estimate(model, [e for e in usable if e.domain == domain], args.k).tau, 3)
             for domain in sorted({e.domain for e in usable if e.mode == "greedy"})
         }
         print(
             json.dumps(
                 {
                     "drafter": str(folder),
-                    "features": model.reads_target_hidden,
+                    "features": features,
                     **vars(estimate),
                     "tau_by_domain": domains,
                 }

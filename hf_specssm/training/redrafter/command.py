@@ -1,5 +1,10 @@
 """`hf-specssm train-redrafter`: train a ReDrafter head for a target on a local corpus, offline.
 
+With `--store` (a distillation store, `hf-specssm distill`) the head trains on the target's stored hidden
+states and soft labels instead (`hf_specssm.training.redrafter.store_training`): no target forward, only
+its token embedding; `--draft-vocab-size` gives it a reduced output vocabulary chosen from the stored
+answers, and the held-out simulated τ is written after each checkpoint (`eval.jsonl`) and to the card.
+
 `--target` is a local model folder (or Hub id) or one of the toy targets (tiny random models built from a
 config, for trying things out without downloads). Without `--data`, a toy target trains on its own greedy
 continuations of random prompts.
@@ -180,6 +185,140 @@ def _check_vocabulary(data: TrainingData, evaluation: torch.Tensor, vocab: int, 
             )
 
 
+STORE_FLAGS = (
+    "beam_width", "beam_length", "num_draft_layers", "exit_dim", "no_rnn", "batch_size", "learning_rate",
+    "warmup_steps", "seed", "draft_vocab_size", "soft_weight",
+)  # fmt: skip
+STORE_EVAL_LOG = "eval.jsonl"
+
+
+def store_fingerprint(args: argparse.Namespace) -> dict[str, object]:
+    """What a `--store` run in `--out` is trained from: target, store and settings, by flag name."""
+    from hf_specssm.training.mamba_drafter.command import _target_fingerprint
+
+    record: dict[str, object] = {
+        "--target": _target_fingerprint(args.target),
+        "--store": str(Path(args.store).resolve()),
+    }
+    for name in STORE_FLAGS:
+        record["--" + name.replace("_", "-")] = getattr(args, name)
+    return record
+
+
+def run_store(args: argparse.Namespace) -> int:
+    """`--store`: train (or resume) a head on a distillation store's hidden states and soft labels; save it
+    with its model card to `--out`.
+
+    Raises:
+        ValueError: no such store, a store without hidden states, `--out` holding a run with other inputs,
+            `--steps` below the steps already trained, or a `--draft-vocab-size` the target cannot fill.
+    """
+    import json
+
+    from hf_specssm.training.distillation.store import DistillStore
+    from hf_specssm.training.mamba_drafter.command import _resolve_model_path
+    from hf_specssm.training.mamba_drafter.finetune import load_examples
+    from hf_specssm.training.mamba_drafter.finetune_command import _shown
+    from hf_specssm.training.redrafter.store_training import (
+        HeadFinetuneConfig,
+        evaluate_head,
+        finetune_head,
+        head_rows,
+        store_vocabulary,
+    )
+    from hf_specssm.training.redrafter.training import _eos_ids
+
+    if not (Path(args.store) / "manifest.json").is_file():
+        raise ValueError(
+            f"--store {args.store}: no distillation store there (run `hf-specssm distill` first)."
+        )
+    if args.data is not None or args.distill:
+        raise ValueError("--store trains on the store's answers: leave out --data and --distill.")
+    torch.set_num_threads(args.threads)
+    if args.quiet:
+        transformers.utils.logging.disable_progress_bar()
+    say = (lambda *a: None) if args.quiet else print
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.restart:
+        for folder in checkpoints(out):
+            shutil.rmtree(folder)
+        for name in (RUN_FILE, STORE_EVAL_LOG):
+            (out / name).unlink(missing_ok=True)
+    claim_output_dir(out, store_fingerprint(args), "train-redrafter --store", has_progress=bool(checkpoints(out)),
+                     derived=[STORE_EVAL_LOG])  # fmt: skip
+    checkpoint = latest_checkpoint(out)
+    check_steps(args.steps, checkpoint)
+    store = DistillStore(args.store)
+    path = _resolve_model_path(args.target)
+    # only the embedding is read (by the head's recurrence), in the head's fp32
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
+    train = load_examples(store, "train", need_hidden=True)
+    try:
+        heldout = load_examples(store, "heldout", need_hidden=True)[: args.eval_records]
+    except ValueError:
+        # a small store may hold no held-out chat (one in 40 by a hash of its id): nothing to simulate
+        heldout = []
+    text_config = target.config.get_text_config(decoder=True)
+    summary = store.summary()
+    config = ReDrafterConfig(
+        hidden_size=text_config.hidden_size,
+        vocab_size=text_config.vocab_size,
+        rnn=not args.no_rnn,
+        num_draft_layers=args.num_draft_layers,
+        exit_dim=args.exit_dim,
+        draft_vocab_size=args.draft_vocab_size or None,
+        beam_width=args.beam_width,
+        beam_length=args.beam_length,
+        target_name=args.target,
+        target_model_type=target.config.model_type,
+        training_data=f"{len(train)} chats of the distillation store {_shown(store.root)} (the target's own "
+        f"answers, {summary['answer_tokens']:,} answer tokens in all) with its hidden states and top-k soft labels",
+    )
+    torch.manual_seed(args.seed)
+    head = ReDrafterHead(config).to(args.device)
+    if config.draft_vocab_size is not None:
+        head.set_draft_vocabulary(
+            store_vocabulary(train, config.vocab_size, config.draft_vocab_size - 1, always=_eos_ids(target))
+        )
+    head.attach(target)
+    rows = head_rows(train, args.beam_length)
+    say(f"{len(train)} training chats ({len(rows):,} round starts), {len(heldout)} held-out"
+        + (f"; resuming from {checkpoint}" if checkpoint else ""))  # fmt: skip
+
+    def on_checkpoint(step: int, loss: float) -> None:
+        if not heldout:
+            say(f"step {step}: loss {loss:.3f} (no held-out chat to simulate)")
+            return
+        estimate = evaluate_head(head, heldout, k=args.beam_length)
+        with open(out / STORE_EVAL_LOG, "a") as sink:
+            sink.write(json.dumps({"step": step, "loss": loss, **vars(estimate)}) + "\n")
+        say(f"step {step}: loss {loss:.3f}, held-out τ {estimate.tau:.2f} (k={args.beam_length}), "
+            f"top-1 {estimate.top1:.3f}")  # fmt: skip
+
+    training = HeadFinetuneConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        soft_weight=args.soft_weight,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    finetune_head(head, rows, out, training, on_checkpoint=on_checkpoint)
+    estimate = evaluate_head(head, heldout, k=args.beam_length) if heldout else None
+    head.config.simulated_tau = estimate.tau if estimate is not None else None
+    atomic_save_pretrained(head.to(torch.bfloat16), out)
+    measured = (
+        f"held-out simulated τ {estimate.tau:.3f} (chains of {args.beam_length}), top-1 {estimate.top1:.3f}"
+        if estimate is not None
+        else "no held-out chat to simulate"
+    )
+    print(f"trained {head.config.training_steps} steps; {measured}; saved to {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Train (or resume training) a head as the arguments say; save it with its model card to `--out`.
 
@@ -191,6 +330,10 @@ def run(args: argparse.Namespace) -> int:
             outside the vocabulary, `--out` holding a run with other inputs, `--steps` below the steps
             already trained).
     """
+    if args.store is not None:
+        args.batch_size = args.batch_size or 2048
+        return run_store(args)
+    args.batch_size = args.batch_size or 16
     if args.data is not None and not Path(args.data).is_file():
         raise ValueError(f"--data {args.data}: no such file.")
     if args.target not in TOY_TARGETS and not Path(args.target).is_dir() and _looks_like_a_path(args.target):
@@ -313,9 +456,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--target", required=True, help=f"model folder or Hub id, or one of {', '.join(TOY_TARGETS)}"
     )
     parser.add_argument("--data", help="corpus: .jsonl (input_ids, text, messages or conversations) or text")
+    parser.add_argument(
+        "--store",
+        help="train on a distillation store's stored hidden states and soft labels instead of --data "
+        "(`hf-specssm distill`; --target may be a `hf-specssm fetch` name); --batch-size counts round starts",
+    )
+    parser.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=0,
+        help="--store: a reduced output vocabulary of this size (the 'other' class and the most frequent "
+        "answer tokens; 0: the target's whole vocabulary)",
+    )
+    parser.add_argument(
+        "--soft-weight", type=float, default=0.5, help="--store: weight of the soft-label term"
+    )
+    parser.add_argument("--eval-records", type=int, default=200, help="--store: held-out chats scored")
     parser.add_argument("--out", required=True, help="output folder (head, card, checkpoints)")
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per step (default 16); with --store, round starts per step (default 2048)",
+    )
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--checkpoint-every", type=int, default=100)

@@ -1,0 +1,316 @@
+"""A ReDrafter head trained on a distillation store: the target's stored hidden states, no target forward.
+
+A store (`hf-specssm distill`) keeps, for every answer token of the target's own answers, the last hidden
+state that chose it and the target's top-k log-probabilities there. That is everything a ReDrafter head
+reads and predicts, so training needs only the target's token embedding (shared by the head's recurrence),
+never a forward of the target: every answer position is one independent training row.
+
+A round of decoding starts after the target committed answer token `a_j`, chosen by hidden state `h_j`: the
+head reads `h_j`, feeds `g_0 = a_j` and drafts `a_{j+1}`, then feeds its own draft and drafts `a_{j+2}`, and so
+on for `C` tokens. Row `j` holds `h_j` and `a_j … a_{j+C}`; the loss of each of its `C` steps is
+
+    (1 - λ) · CE(head, a_{j+s}) + λ · CE(head, the target's top-k at a_{j+s}, renormalised)
+
+summed over the steps (ReDrafter's sum of per-step losses), averaged over the rows.
+
+`evaluate_head` simulates greedy chains on held-out greedy answers exactly as
+`hf_specssm.training.mamba_drafter.finetune.evaluate_drafter` does for Mamba drafters (the same
+`ChainTally`), so the two kinds of drafter are compared on the same answers by the same count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from hf_specssm.drafters.redrafter.modeling import ReDrafterHead
+from hf_specssm.training.checkpoints import (
+    latest_checkpoint,
+    load_schedule,
+    load_trainer_state,
+    save_checkpoint,
+)
+from hf_specssm.training.distillation.generate import GREEDY
+from hf_specssm.training.mamba_drafter.data import select_vocabulary
+from hf_specssm.training.mamba_drafter.finetune import ChainEstimate, ChainTally, Example
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class HeadRows:
+    """Training rows from distilled answers: one per round start.
+
+    Attributes:
+        hidden: `[N, H]` the target's hidden state that chose each row's `g_0` (fp16 as stored).
+        tokens: `[N, C + 1]` target ids `g_0 … g_C` (`-100` past the end of the answer).
+        soft_ids: `[N, C, k]` the target's top-k ids at each predicted token `g_1 … g_C`.
+        soft_logp: `[N, C, k]` their log-probabilities (temperature 1).
+    """
+
+    hidden: torch.Tensor
+    tokens: torch.Tensor
+    soft_ids: torch.Tensor
+    soft_logp: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def head_rows(examples: Sequence[Example], steps: int) -> HeadRows:
+    """Every round start of every answer as a row (`HeadRows`); answers need stored hidden states.
+
+    Args:
+        examples: distilled chats (greedy and sampled: both are the target's own tokens).
+        steps: `C`, the tokens each row drafts (the head's `beam_length`).
+
+    Raises:
+        ValueError: an example without hidden states, or no answer of two tokens or more.
+    """
+    hidden, tokens, soft_ids, soft_logp = [], [], [], []
+    for example in examples:
+        if example.hidden is None:
+            raise ValueError(
+                "an example kept no hidden states: label the store with `hf-specssm distill label` first."
+            )
+        answer = example.ids[example.prompt_length :]
+        length = answer.numel()
+        if length < 2:
+            continue
+        starts = torch.arange(length - 1)
+        offsets = starts[:, None] + torch.arange(steps + 1)[None]  # [A - 1, C + 1]
+        inside = offsets < length
+        clamped = offsets.clamp(max=length - 1)
+        tokens.append(torch.where(inside, answer[clamped], torch.full_like(clamped, IGNORE)))
+        hidden.append(example.hidden[starts])
+        soft_ids.append(example.topk_ids[clamped[:, 1:]])
+        soft_logp.append(example.topk_logp[clamped[:, 1:]])
+    if not tokens:
+        raise ValueError("no answer of two tokens or more to train on.")
+    return HeadRows(
+        hidden=torch.cat(hidden),
+        tokens=torch.cat(tokens),
+        soft_ids=torch.cat(soft_ids),
+        soft_logp=torch.cat(soft_logp),
+    )
+
+
+def store_vocabulary(
+    examples: Iterable[Example], vocab_size: int, size: int, always: Iterable[int] = ()
+) -> torch.Tensor:
+    """The `size` target ids a reduced head drafts over: `always` (end-of-sequence ids) first, then the
+    answer tokens of `examples` by descending count (ties, and ids never seen, by id).
+
+    Returns:
+        `[size]` distinct target ids.
+    """
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for example in examples:
+        np.add.at(counts, example.ids[example.prompt_length :].numpy(), 1)
+    return select_vocabulary(counts, size, always)
+
+
+@dataclass(frozen=True)
+class HeadFinetuneConfig:
+    """Options of `finetune_head`.
+
+    Attributes:
+        steps: optimiser steps in total (a resumed run continues up to this count).
+        batch_size: rows (round starts) per step.
+        learning_rate: peak AdamW learning rate (linear warm-up, cosine to 10%).
+        warmup_steps: warm-up steps.
+        max_grad_norm: gradient clipping norm.
+        soft_weight: λ, the weight of the soft-label term.
+        checkpoint_every: steps between checkpoints.
+        keep_checkpoints: how many checkpoints to keep.
+        seed: the rows of step `s` are a function of `(seed, s)`, so resuming is exact.
+        progress: show a tqdm bar.
+    """
+
+    steps: int = 400
+    batch_size: int = 2048
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    soft_weight: float = 0.5
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if not (self.learning_rate > 0 and self.max_grad_norm > 0):
+            raise ValueError("learning_rate and max_grad_norm must be > 0.")
+        if not 0 <= self.soft_weight <= 1:
+            raise ValueError(f"soft_weight must lie in [0, 1], got {self.soft_weight}.")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0.")
+
+
+def rows_loss(head: ReDrafterHead, rows: HeadRows, index: torch.Tensor, soft_weight: float) -> torch.Tensor:
+    """The loss of the rows `index` `[R]` (module docstring): summed over the `C` steps, mean over rows."""
+    device = head.device
+    tokens = rows.tokens[index].to(device)  # [R, C + 1]
+    hidden = rows.hidden[index].to(device=device, dtype=head.dtype)
+    steps = tokens.shape[1] - 1
+    state = head.initial_state(tokens.shape[0])
+    total = None
+    for step in range(1, steps + 1):
+        state = head.next_state(state, tokens[:, step - 1].clamp(min=0))
+        label = tokens[:, step]
+        kept = label != IGNORE
+        if not bool(kept.any()):
+            break
+        log_probs = torch.log_softmax(head.output_logits(hidden, state).float(), dim=-1)[kept]
+        hard = -log_probs.gather(1, head.to_draft_ids(label[kept])[:, None]).mean()
+        soft_draft = head.to_draft_ids(rows.soft_ids[index][:, step - 1].to(device)[kept])
+        soft_probs = torch.softmax(rows.soft_logp[index][:, step - 1].to(device)[kept], dim=-1)
+        soft = -(soft_probs * log_probs.gather(1, soft_draft)).sum(-1).mean()
+        term = (1 - soft_weight) * hard + soft_weight * soft
+        total = term if total is None else total + term
+    assert total is not None  # every row has a label at step 1 (answers of two tokens or more)
+    return total
+
+
+def _learning_rate_factor(step: int, config: HeadFinetuneConfig, floor: float = 0.1) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return floor + (1 - floor) * 0.5 * (1 + float(np.cos(np.pi * min(1.0, progress))))
+
+
+def finetune_head(
+    head: ReDrafterHead,
+    rows: HeadRows,
+    output_dir: str | Path,
+    config: HeadFinetuneConfig,
+    on_checkpoint: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train `head` (attached to its target) in place on `rows`; checkpoints go to `output_dir` (resumes
+    from the newest).
+
+    Returns:
+        the loss of every step so far (a resumed run includes the steps before the interruption).
+
+    Raises:
+        ValueError: the head is not attached, the rows' hidden size or draft length is not the head's, or a
+            checkpoint does not fit the head.
+    """
+    if not head.is_attached:
+        raise ValueError("attach the target first (head.attach(target)): the recurrence reads its embedding.")
+    if rows.hidden.shape[-1] != head.config.hidden_size:
+        raise ValueError(
+            f"the stored hidden states have size {rows.hidden.shape[-1]}, the head reads {head.config.hidden_size}."
+        )
+    if rows.tokens.shape[1] != head.config.beam_length + 1:
+        raise ValueError(
+            f"the rows draft {rows.tokens.shape[1] - 1} tokens, the head's beam_length is {head.config.beam_length}."
+        )
+    optimizer = torch.optim.AdamW(
+        head.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _learning_rate_factor(s, config))
+    step, losses, seconds, positions = 0, [], 0.0, 0
+    folder = latest_checkpoint(output_dir)
+    if folder is not None:
+        result = head.load_state_dict(
+            load_file(folder / "model.safetensors", device=str(head.device)), strict=False
+        )
+        if result.unexpected_keys or result.missing_keys:
+            raise ValueError(f"{folder} does not match the head: {result}")
+        state = load_trainer_state(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        load_schedule(schedule, state["schedule"])
+        step, losses = int(state["step"]), list(state["losses"])
+        seconds, positions = float(state.get("seconds", 0.0)), int(state.get("positions", 0))
+    head.train()
+    bar = tqdm(total=config.steps, initial=step, desc="train-redrafter", disable=not config.progress)
+    try:
+        while step < config.steps:
+            started = time.perf_counter()
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            index = torch.randint(len(rows), (config.batch_size,), generator=generator)
+            loss = rows_loss(head, rows, index, config.soft_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            seconds += time.perf_counter() - started
+            positions += config.batch_size
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                head.config.training_steps = step
+                state = {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "losses": losses,
+                    "seconds": seconds,
+                    "positions": positions,
+                }
+                save_checkpoint(output_dir, step, head, state, config.keep_checkpoints)
+                if on_checkpoint is not None:
+                    window = losses[-config.checkpoint_every :]
+                    on_checkpoint(step, sum(window) / len(window))
+                    head.train()
+    finally:
+        bar.close()
+        head.eval()
+    head.config.training_steps = step
+    return losses
+
+
+@torch.no_grad()
+def head_chain_table(head: ReDrafterHead, example: Example, k: int) -> np.ndarray:
+    """`[k, A − 1]` bool: `table[depth, i]` is whether the head's greedy draft of answer token `i + 1` is the
+    target's, in a round that started `depth` tokens before it (after answer token `i − depth`, with that
+    token's hidden state, feeding the true tokens up to `i`); entries with `depth > i` stay false (a chain
+    never reads them). The best draftable token is the draft: never the 'other' slot."""
+    device = head.device
+    answer = example.ids[example.prompt_length :].to(device)
+    hidden = example.hidden.to(device=device, dtype=head.dtype)
+    count = answer.numel() - 1
+    table = np.zeros((k, count), dtype=bool)
+    truth = head.to_draft_ids(answer)
+    for depth in range(min(k, count)):
+        starts = torch.arange(count - depth, device=device)
+        state = head.initial_state(starts.numel())
+        for offset in range(depth + 1):
+            state = head.next_state(state, answer[starts + offset])
+        logits = head.output_logits(hidden[starts], state).float()
+        if head.reduced_vocabulary:
+            logits[..., 0] = torch.finfo(logits.dtype).min
+        table[depth, depth:] = (logits.argmax(-1) == truth[starts + depth + 1]).cpu().numpy()
+    return table
+
+
+@torch.no_grad()
+def evaluate_head(head: ReDrafterHead, examples: Iterable[Example], k: int = 6) -> ChainEstimate:
+    """Simulated greedy chains of `k` drafts at every round start of the greedy answers (module docstring);
+    sampled answers and answers without hidden states are skipped."""
+    head.eval()
+    tally = ChainTally(k)
+    for example in examples:
+        if (
+            example.mode != GREEDY
+            or example.hidden is None
+            or example.ids.numel() - example.prompt_length < 2
+        ):
+            continue
+        tally.add(head_chain_table(head, example, k))
+    return tally.estimate()
