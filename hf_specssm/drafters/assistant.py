@@ -12,11 +12,18 @@ from hf_specssm.drafters.model import ModelDrafter
 
 
 def as_drafter(assistant: object, config: DraftConfig | None = None) -> Drafter:
-    """Wrap `assistant_model` in a drafter: a `Drafter` is used as is, a feature-conditioned Mamba drafter
-    gets `FeatureDrafter`, any other causal LM (or mamba-ssm's `MambaLMHeadModel`) `ModelDrafter`, each with
+    """Wrap `assistant_model` in a drafter: a `Drafter` is used as is, a ReDrafter head gets
+    `ReDrafterDrafter`, a feature-conditioned Mamba drafter gets `FeatureDrafter`, any other causal LM (or mamba-ssm's `MambaLMHeadModel`) `ModelDrafter`, each with
     draft options `config` (default `DraftConfig()`)."""
     if isinstance(assistant, Drafter):
         return assistant
+    if getattr(getattr(assistant, "config", None), "model_type", None) == "redrafter":
+        # a ReDrafter head: beam search on the target's hidden state (attached when generate starts); its
+        # own draft length unless assisted-decoding settings asked for another
+        from hf_specssm.drafters.redrafter import ReDrafterDrafter
+
+        own = config is None or config == DraftConfig()
+        return ReDrafterDrafter(assistant, config=None if own else config)
     if isinstance(assistant, PreTrainedModel):
         if getattr(assistant, "reads_target_hidden", False):
             return FeatureDrafter(assistant, config=config)

@@ -190,3 +190,21 @@ def test_sampling_keeps_the_targets_distribution():
     skewed /= skewed.sum()
     wrong = np.random.default_rng(0).multinomial(int(counts.sum()), skewed)
     assert chi_square_p_value(wrong.astype(float), probs) < ALPHA
+
+
+def test_a_head_passed_as_assistant_model_drafts_its_beams(tmp_path):
+    """`assistant_model=` a head (as `AutoModel.from_pretrained` loads it) becomes a `ReDrafterDrafter`:
+    beam-tree rounds with the head's own draft length, greedy output unchanged."""
+    from transformers import AutoModel
+
+    target, head = target_and_head("llama", 150)
+    head.save_pretrained(tmp_path / "head")
+    loaded = AutoModel.from_pretrained(tmp_path / "head")
+    prompt = prompts(1)[0]
+    reference = target.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert torch.equal(
+        target.generate(prompt, assistant_model=loaded, max_new_tokens=20, do_sample=False), reference
+    )
+    drafted = [length for length in target.last_speculation_stats.draft_lengths if length]
+    assert drafted and max(drafted) <= BEAM_WIDTH * BEAM_LENGTH
+    assert max(target.last_speculation_stats.accepted_lengths) >= 2

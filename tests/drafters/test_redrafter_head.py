@@ -217,7 +217,13 @@ def test_model_card_records_target_data_steps_and_acceptance(tmp_path):
         assert fact in card
     # names that are not Hub ids (toy targets, local paths) are not claimed as base models
     make_head(target_name="toy-llama").save_pretrained(tmp_path / "toy")
-    assert "base_model" not in (tmp_path / "toy" / "README.md").read_text()
+    toy_card = (tmp_path / "toy" / "README.md").read_text()
+    assert "base_model" not in toy_card
+    # a head trained on a store: its simulated τ, and no empty end-to-end row
+    make_head(simulated_tau=2.0234, draft_vocab_size=9).save_pretrained(tmp_path / "store")
+    store_card = (tmp_path / "store" / "README.md").read_text()
+    assert "| 2.02 |" in store_card and "8 target tokens" in store_card
+    assert "mean accepted length" not in store_card and "mean accepted length" not in toy_card
 
 
 def _intercept_hub(monkeypatch) -> dict:

@@ -27,6 +27,7 @@ VOCAB = 64
         pytest.param("gsm8k", 1319, "gsm8k-0", "Janet", id="gsm8k"),
         pytest.param("mt_bench", 80, "81", "Hawaii", id="mt_bench"),
         pytest.param("cnn_dm", 80, "241", "Summarize", id="cnn_dm"),
+        pytest.param("outside", 16, "outside-0", "SQL query", id="outside"),
     ],
 )
 def test_prompt_sets_load_in_file_order(name, count, first_id, marker):
@@ -41,7 +42,24 @@ def test_prompt_set_errors():
         load_prompt_set("squad")
     with pytest.raises(ValueError, match="limit must be"):
         load_prompt_set("gsm8k", limit=0)
-    assert set(PROMPT_SETS) == {"humaneval", "gsm8k", "mt_bench", "cnn_dm"}
+    assert set(PROMPT_SETS) == {"humaneval", "gsm8k", "mt_bench", "cnn_dm", "outside"}
+
+
+def test_the_outside_set_holds_two_prompts_in_each_of_eight_categories_of_its_own():
+    import json
+    from importlib import resources
+
+    rows = [
+        json.loads(line)
+        for line in resources.files("hf_specssm")
+        .joinpath("data", "outside_prompts.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    assert len({row["category"] for row in rows}) == 8
+    assert all(sum(row["category"] == c for row in rows) == 2 for c in {row["category"] for row in rows})
+    public = {p.text for name in ("mt_bench", "cnn_dm", "gsm8k") for p in load_prompt_set(name)}
+    assert not {row["turns"][0] for row in rows} & public
 
 
 def test_generation_settings_validation():
@@ -254,3 +272,24 @@ def test_bench_cli_refuses_a_budget_it_could_not_keep(tmp_path, capsys):
     assert "--time-budget must be a positive number" in capsys.readouterr().err
     assert main(["bench", "--toy", "--time-budget", "60", "--no-warmup", "--out", str(tmp_path)]) == 2
     assert "drop --no-warmup" in capsys.readouterr().err
+
+
+def test_a_redrafter_head_adds_its_methods_and_they_keep_the_targets_output(tmp_path, tiny_models):
+    from hf_specssm.drafters.redrafter import ReDrafterConfig, ReDrafterHead
+
+    target = tiny_models[0]
+    text = target.config.get_text_config(decoder=True)
+    torch.manual_seed(0)
+    config = ReDrafterConfig(hidden_size=text.hidden_size, vocab_size=VOCAB, draft_vocab_size=33,
+                             beam_width=2, beam_length=3)  # fmt: skip
+    head = ReDrafterHead(config).eval().attach(target)
+    methods = standard_methods(target, redrafter_head=head)
+    assert [m.name for m in methods] == [
+        "target", "hf-prompt-lookup", "ours-redrafter", "ours-redrafter-chain", "ours-prompt-lookup",
+    ]  # fmt: skip
+    methods = [m for m in methods if m.name in ("target", "ours-redrafter", "ours-redrafter-chain")]
+    rows = run_benchmark(target, _tokenize, methods, load_prompt_set("gsm8k", limit=1), [GenerationSettings(8)],
+                         tmp_path / "results.jsonl", BenchContext(target="tiny", dtype="fp32", device="cpu"),
+                         progress=False)  # fmt: skip
+    assert {s.identical for s in summarize(rows)} == {1.0}
+    assert all(row["rounds"] >= 1 for row in rows if row["method"] != "target")

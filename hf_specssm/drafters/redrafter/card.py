@@ -71,12 +71,15 @@ def model_card(config: ReDrafterConfig, tags: Iterable[str] = (), license: str =
         ("beam search", f"{config.beam_width} beams × {config.beam_length} tokens"),
         ("training data", config.training_data or "not recorded"),
         ("training steps", str(config.training_steps)),
-        (
-            "mean accepted length τ (greedy, tokens per target forward)",
-            f"{_format_tau(config.mean_accepted_length)} trained vs "
-            f"{_format_tau(config.untrained_mean_accepted_length)} untrained",
-        ),
     ]
+    if config.mean_accepted_length is not None or config.untrained_mean_accepted_length is not None:
+        rows.append(
+            (
+                "mean accepted length τ (greedy, tokens per target forward)",
+                f"{_format_tau(config.mean_accepted_length)} trained vs "
+                f"{_format_tau(config.untrained_mean_accepted_length)} untrained",
+            )
+        )
     if config.simulated_tau is not None:
         rows.append(
             (

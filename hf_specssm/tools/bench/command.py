@@ -30,10 +30,11 @@ from hf_specssm.hardware import DTYPE_CHOICES, DtypeChoice, cpu_flags, fastest_d
 from hf_specssm.tools.bench.methods import (
     FASTEST_TARGET,
     MAMBA_DRAFTER_METHODS,
+    REDRAFTER_METHODS,
     SMALL_DRAFTER_METHODS,
     TREE_METHODS,
 )
-from hf_specssm.tools.bench.prompt_sets import PROMPT_SETS
+from hf_specssm.tools.bench.prompt_sets import PROMPT_SETS, PUBLIC_SETS
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_MAMBA_DRAFTER = str(shipped_drafter_path())
@@ -47,12 +48,14 @@ METHOD_ORDER = (
     "ours-mamba-copy",
     "ours-mamba-copy-tree",
     "ours-mamba-copy-bandit",
+    "ours-redrafter",
+    "ours-redrafter-chain",
     "ours-prompt-lookup",
 )
 #: the order of the report's rows
 REPORT_ORDER = (METHOD_ORDER[0], FASTEST_TARGET, *METHOD_ORDER[1:])
 #: options that name the real models (meaningless with --toy)
-REAL_MODEL_OPTIONS = ("target", "small_drafter", "mamba_drafter", "mamba_dtype")
+REAL_MODEL_OPTIONS = ("target", "small_drafter", "mamba_drafter", "mamba_dtype", "redrafter_head")
 #: options that shape the prompt-set runs (meaningless with --long-context-only)
 PROMPT_SET_OPTIONS = (
     "sets",
@@ -98,6 +101,7 @@ class BenchModels:
         mamba: the Mamba drafter, or `None`.
         name: the target's name for the report.
         reference: the target in this machine's fastest dtype when the run's dtype is another, else `None`.
+        redrafter: a ReDrafter head attached to the target (`--redrafter-head`), or `None`.
     """
 
     target: Any
@@ -107,6 +111,7 @@ class BenchModels:
     mamba: Any
     name: str
     reference: Any = None
+    redrafter: Any = None
 
 
 def _defaults() -> dict[str, Any]:
@@ -194,6 +199,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         if args.mamba_drafter.lower() == "none" and wanted & set(MAMBA_DRAFTER_METHODS):
             name = sorted(wanted & set(MAMBA_DRAFTER_METHODS))[0]
             raise ValueError(f"--methods {name} drafts with the Mamba drafter, but --mamba-drafter is none.")
+        if args.redrafter_head is None and wanted & set(REDRAFTER_METHODS):
+            name = sorted(wanted & set(REDRAFTER_METHODS))[0]
+            raise ValueError(f"--methods {name} drafts with a ReDrafter head: pass --redrafter-head FOLDER.")
+        if args.redrafter_head is not None and not (Path(args.redrafter_head) / "config.json").is_file():
+            raise ValueError(
+                f"--redrafter-head {args.redrafter_head}: no head folder there (config.json missing); train one "
+                "with `hf-specssm train-redrafter`."
+            )
     if not args.long_context:
         orphans = [
             d for d in ("long_context_only", "long_context_tokens", "long_context_prompts") if d in changed
@@ -287,6 +300,15 @@ def load_models(args: argparse.Namespace, choice: DtypeChoice | None = None) -> 
         mamba_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.mamba_dtype]
         mamba = AutoModelForCausalLM.from_pretrained(mamba_path, dtype=mamba_dtype).to(device).eval()
 
+    redrafter = None
+    if args.redrafter_head is not None and wanted & set(REDRAFTER_METHODS):
+        from hf_specssm.drafters.redrafter import ReDrafterHead
+
+        _say(f"Loading the ReDrafter head from {args.redrafter_head} in {args.mamba_dtype}…")
+        head_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.mamba_dtype]
+        head = ReDrafterHead.from_pretrained(args.redrafter_head, dtype=head_dtype).to(device).eval()
+        redrafter = head.attach(target)  # ValueError for a head of another target
+
     def tokenize(prompt):
         return torch.tensor([render(tokenizer, prompt)], device=device)
 
@@ -298,6 +320,7 @@ def load_models(args: argparse.Namespace, choice: DtypeChoice | None = None) -> 
         mamba,
         Path(str(target_path)).parent.name or args.target,
         reference,
+        redrafter,
     )
 
 
@@ -341,7 +364,9 @@ def run(args: argparse.Namespace) -> int:
         _say(
             f"hf_specssm bench · {models.name} · {context.dtype} · {context.device} · torch {torch.__version__}"
         )
-        methods = standard_methods(target, small, mamba, tree_shape=tuple(args.tree_shape))
+        methods = standard_methods(
+            target, small, mamba, tree_shape=tuple(args.tree_shape), redrafter_head=models.redrafter
+        )
         if args.methods:
             methods = [m for m in methods if m.name in args.methods or m.name == "target"]
         if models.reference is not None:
@@ -490,10 +515,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--mamba-drafter", default=DEFAULT_MAMBA_DRAFTER, help="Mamba drafter folder, or none"
     )
     parser.add_argument(
-        "--mamba-dtype", choices=["bf16", "fp32"], default="fp32", help="dtype of the Mamba drafter (18M)"
+        "--mamba-dtype",
+        choices=["bf16", "fp32"],
+        default="fp32",
+        help="dtype of the Mamba drafter (18M) and of a ReDrafter head",
     )
     parser.add_argument(
-        "--sets", nargs="+", choices=PROMPT_SETS, default=list(PROMPT_SETS), help="prompt sets"
+        "--redrafter-head",
+        default=None,
+        help="a ReDrafter head folder for the target (`hf-specssm train-redrafter`): adds ours-redrafter "
+        "(beam trees) and ours-redrafter-chain (one beam)",
+    )
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        choices=PROMPT_SETS,
+        default=list(PUBLIC_SETS),
+        help="prompt sets (outside: our own prompts in categories the four public sets do not cover)",
     )
     parser.add_argument("--limit", type=int, default=4, help="prompts per set")
     parser.add_argument("--offset", type=int, default=0, help="skip this many prompts of each set")

@@ -26,6 +26,8 @@ SMALL_DRAFTER_METHODS = ("hf-assisted-0.5b", "ours-0.5b")
 MAMBA_DRAFTER_METHODS = (
     "ours-mamba", "ours-mamba-tree", "ours-mamba-copy", "ours-mamba-copy-tree", "ours-mamba-copy-bandit",
 )  # fmt: skip
+# methods that draft with a ReDrafter head (`--redrafter-head`)
+REDRAFTER_METHODS = ("ours-redrafter", "ours-redrafter-chain")
 # methods whose drafter builds trees (`--tree-shape` applies to them)
 TREE_METHODS = ("ours-mamba-tree", "ours-mamba-copy-tree")
 
@@ -218,8 +220,10 @@ def standard_methods(
     mamba_drafter: PreTrainedModel | None = None,
     small_label: str = "0.5b",
     tree_shape: tuple[int, ...] = DEFAULT_TREE_SHAPE,
+    redrafter_head=None,
 ) -> list[Method]:
-    """The benchmark's methods for the models at hand (methods needing a missing model are left out)."""
+    """The benchmark's methods for the models at hand (methods needing a missing model are left out);
+    `redrafter_head` is a `ReDrafterHead` for the target, or `None`."""
     methods = [target_alone(target)]
     if small_drafter is not None:
         methods.append(transformers_assisted(target, small_drafter, small_label))
@@ -270,6 +274,27 @@ def standard_methods(
                 "hf_specssm, Mamba drafter, UCB bandit over tree shapes plus a prompt-lookup branch",
                 hf_specssm.ContextCopyDrafter(_mamba(mamba_drafter, tree_policy=hf_specssm.UCBTreePolicy())),
                 mamba_drafter,
+            ),
+        ]
+    if redrafter_head is not None:
+        from hf_specssm.drafters.redrafter import ReDrafterDrafter
+
+        config = redrafter_head.config
+        methods += [
+            ours(
+                target,
+                "ours-redrafter",
+                f"hf_specssm, ReDrafter head, {config.beam_width} beams × {config.beam_length} tokens "
+                "(a beam tree on Transformer targets)",
+                ReDrafterDrafter(redrafter_head, target),
+                redrafter_head,
+            ),
+            ours(
+                target,
+                "ours-redrafter-chain",
+                f"hf_specssm, ReDrafter head, one beam: a chain of {config.beam_length} tokens",
+                ReDrafterDrafter(redrafter_head, target, beam_width=1),
+                redrafter_head,
             ),
         ]
     methods.append(

@@ -11,13 +11,18 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
-PROMPT_SETS = ("humaneval", "gsm8k", "mt_bench", "cnn_dm")
+#: the four public sets the benchmark runs by default
+PUBLIC_SETS = ("humaneval", "gsm8k", "mt_bench", "cnn_dm")
+#: ... and `outside`: our own prompts in categories none of them covers (SQL, shell, regular expressions,
+#: e-mail, JSON, translation, unit tests, explanations), written for this project, never trained on
+PROMPT_SETS = (*PUBLIC_SETS, "outside")
 
 _FILES = {
     "humaneval": "HumanEval.jsonl.gz",
     "gsm8k": "gsm8k_test.jsonl",
     "mt_bench": "mt_bench_question.jsonl",
     "cnn_dm": "cnn_dm_summarization.jsonl",
+    "outside": "outside_prompts.jsonl",
 }
 
 

@@ -389,7 +389,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--bench-sets",
         nargs="*",
-        choices=["humaneval", "gsm8k", "mt_bench", "cnn_dm"],
+        choices=["humaneval", "gsm8k", "mt_bench", "cnn_dm", "outside"],
         help="evaluate on the target's greedy answers to these benchmark prompts instead of held-out answers",
     )
     parser.add_argument("--bench-limit", type=int, default=8, help="prompts per benchmark set")
