@@ -193,13 +193,15 @@ def test_sampling_keeps_the_targets_distribution():
 
 
 def test_a_head_passed_as_assistant_model_drafts_its_beams(tmp_path):
-    """`assistant_model=` a head (as `AutoModel.from_pretrained` loads it) becomes a `ReDrafterDrafter`:
+    """`assistant_model=` a head (as `AutoModelForCausalLM.from_pretrained` loads it after `import hf_specssm`)
+    becomes a `ReDrafterDrafter`:
     beam-tree rounds with the head's own draft length, greedy output unchanged."""
-    from transformers import AutoModel
+    from transformers import AutoModelForCausalLM
 
     target, head = target_and_head("llama", 150)
     head.save_pretrained(tmp_path / "head")
-    loaded = AutoModel.from_pretrained(tmp_path / "head")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "head")
+    assert isinstance(loaded, ReDrafterHead)
     prompt = prompts(1)[0]
     reference = target.generate(prompt, max_new_tokens=20, do_sample=False)
     assert torch.equal(

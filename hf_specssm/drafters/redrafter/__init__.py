@@ -10,11 +10,12 @@
 - `ReDrafterDrafter`: the head as a drafter for `generate(..., assistant_model=...)`.
 - `hf_specssm.training.redrafter.training`: train a head for a target (also `hf-specssm train-redrafter`).
 
-Importing this package registers `ReDrafterConfig` and `ReDrafterHead` with transformers' `AutoConfig` and
-`AutoModel` (model type `"redrafter"`), as transformers' own model packages do on import.
+Importing this package registers `ReDrafterConfig` and `ReDrafterHead` with transformers' `AutoConfig`,
+`AutoModel` and `AutoModelForCausalLM` (model type `"redrafter"`), as transformers' own model packages do on
+import.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from hf_specssm.drafters.redrafter.beams import Beams, BeamTree, beam_search, beams_to_tree
 from hf_specssm.drafters.redrafter.card import model_card, write_model_card
@@ -24,9 +25,11 @@ from hf_specssm.drafters.redrafter.modeling import ReDrafterHead, ReDrafterOutpu
 
 
 def register_auto_classes() -> None:
-    """Register the head with `AutoConfig` / `AutoModel` (idempotent)."""
+    """Register the head with `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` (idempotent): a head
+    folder loads as users load drafters, and `assistant_model=` drafts with it."""
     AutoConfig.register(ReDrafterConfig.model_type, ReDrafterConfig, exist_ok=True)
     AutoModel.register(ReDrafterConfig, ReDrafterHead, exist_ok=True)
+    AutoModelForCausalLM.register(ReDrafterConfig, ReDrafterHead, exist_ok=True)
 
 
 register_auto_classes()
