@@ -181,7 +181,7 @@ class DrafterTrainingConfig:
 
 def learning_rate_factor(step: int, config: DrafterTrainingConfig, floor: float = 0.1) -> float:
     """Linear warm-up to 1, then cosine decay to `floor` at the last step (reads only `config.steps` and
-    `config.warmup_steps`, so `finetune.FinetuneConfig` uses it too)."""
+    `config.warmup_steps`, so `finetune.FinetuneConfig` and the ReDrafter store training use it too)."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)

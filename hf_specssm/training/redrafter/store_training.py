@@ -27,19 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from hf_specssm.drafters.redrafter.modeling import ReDrafterHead
 from hf_specssm.training.checkpoints import (
     latest_checkpoint,
-    load_schedule,
     load_trainer_state,
     save_checkpoint,
 )
 from hf_specssm.training.distillation.generate import GREEDY
 from hf_specssm.training.mamba_drafter.data import select_vocabulary
 from hf_specssm.training.mamba_drafter.finetune import ChainEstimate, ChainTally, Example
+from hf_specssm.training.mamba_drafter.training import learning_rate_factor, resume_drafter
 
 IGNORE = -100
 
@@ -183,13 +182,6 @@ def rows_loss(head: ReDrafterHead, rows: HeadRows, index: torch.Tensor, soft_wei
     return total
 
 
-def _learning_rate_factor(step: int, config: HeadFinetuneConfig, floor: float = 0.1) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return floor + (1 - floor) * 0.5 * (1 + float(np.cos(np.pi * min(1.0, progress))))
-
-
 def finetune_head(
     head: ReDrafterHead,
     rows: HeadRows,
@@ -220,20 +212,10 @@ def finetune_head(
     optimizer = torch.optim.AdamW(
         head.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _learning_rate_factor(s, config))
-    step, losses, seconds, positions = 0, [], 0.0, 0
-    folder = latest_checkpoint(output_dir)
-    if folder is not None:
-        result = head.load_state_dict(
-            load_file(folder / "model.safetensors", device=str(head.device)), strict=False
-        )
-        if result.unexpected_keys or result.missing_keys:
-            raise ValueError(f"{folder} does not match the head: {result}")
-        state = load_trainer_state(folder)
-        optimizer.load_state_dict(state["optimizer"])
-        load_schedule(schedule, state["schedule"])
-        step, losses = int(state["step"]), list(state["losses"])
-        seconds, positions = float(state.get("seconds", 0.0)), int(state.get("positions", 0))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
+    step, losses, seconds = resume_drafter(head, optimizer, schedule, output_dir)
+    latest = latest_checkpoint(output_dir)
+    positions = int(load_trainer_state(latest).get("positions", 0)) if latest is not None else 0
     head.train()
     bar = tqdm(total=config.steps, initial=step, desc="train-redrafter", disable=not config.progress)
     try:
