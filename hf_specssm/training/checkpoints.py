@@ -373,3 +373,12 @@ def load_schedule(schedule: torch.optim.lr_scheduler.LambdaLR, state: dict[str, 
     schedule.load_state_dict(state)
     for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
         group["lr"] = base * factor(schedule.last_epoch)
+
+
+def check_counts(options: object, names: tuple[str, ...]) -> None:
+    """Raise `ValueError` naming the first of the attributes `names` of `options` (a training config) that is
+    not an integer >= 1 (steps, batch sizes, checkpoint intervals, …)."""
+    for name in names:
+        value = getattr(options, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")

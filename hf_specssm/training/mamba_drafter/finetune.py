@@ -32,7 +32,12 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_specssm.drafters.mamba import OTHER_INDEX, MambaDrafterForCausalLM
-from hf_specssm.training.checkpoints import latest_checkpoint, load_trainer_state, save_checkpoint
+from hf_specssm.training.checkpoints import (
+    check_counts,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
 from hf_specssm.training.distillation.generate import GREEDY, load_extras
 from hf_specssm.training.distillation.store import DistillStore
 from hf_specssm.training.mamba_drafter.data import is_heldout
@@ -154,17 +159,17 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "max_length",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "max_depth",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        check_counts(
+            self,
+            (
+                "steps",
+                "batch_size",
+                "max_length",
+                "checkpoint_every",
+                "keep_checkpoints",
+                "max_depth",
+            ),
+        )
         if not (self.learning_rate > 0 and self.feature_learning_rate > 0 and self.max_grad_norm > 0):
             raise ValueError("learning rates and max_grad_norm must be > 0.")
         for name in ("soft_weight", "feature_dropout"):

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from hf_specssm.drafters.mamba import OTHER_INDEX, MambaDrafterConfig, MambaDrafterForCausalLM
 from hf_specssm.training.checkpoints import (
+    check_counts,
     latest_checkpoint,
     load_schedule,
     load_trainer_state,
@@ -161,10 +162,7 @@ class DrafterTrainingConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "block_length", "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        check_counts(self, ("steps", "batch_size", "block_length", "checkpoint_every", "keep_checkpoints"))
         if not self.learning_rate > 0 or not self.max_grad_norm > 0:
             raise ValueError("learning_rate and max_grad_norm must be > 0.")
         if self.warmup_steps < 0 or self.weight_decay < 0:

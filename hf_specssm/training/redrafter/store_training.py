@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hf_specssm.drafters.redrafter.modeling import ReDrafterHead
 from hf_specssm.training.checkpoints import (
+    check_counts,
     latest_checkpoint,
     load_trainer_state,
     save_checkpoint,
@@ -145,10 +146,7 @@ class HeadFinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        check_counts(self, ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"))
         if not (self.learning_rate > 0 and self.max_grad_norm > 0):
             raise ValueError("learning_rate and max_grad_norm must be > 0.")
         if not 0 <= self.soft_weight <= 1:

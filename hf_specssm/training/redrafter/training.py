@@ -29,6 +29,7 @@ from hf_specssm.generation import generate
 from hf_specssm.training.checkpoints import (
     TRAINER_STATE,
     atomic_torch_save,
+    check_counts,
     latest_checkpoint,
     load_schedule,
     save_checkpoint,
@@ -74,10 +75,7 @@ class TrainingConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        check_counts(self, ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"))
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
         if self.warmup_steps < 0 or self.weight_decay < 0 or not self.max_grad_norm > 0:
