@@ -13,8 +13,10 @@ from hf_specssm.drafters.model import ModelDrafter
 
 def as_drafter(assistant: object, config: DraftConfig | None = None) -> Drafter:
     """Wrap `assistant_model` in a drafter: a `Drafter` is used as is, a ReDrafter head gets
-    `ReDrafterDrafter`, a feature-conditioned Mamba drafter gets `FeatureDrafter`, any other causal LM (or mamba-ssm's `MambaLMHeadModel`) `ModelDrafter`, each with
-    draft options `config` (default `DraftConfig()`)."""
+    `ReDrafterDrafter`, a feature-conditioned Mamba drafter gets `FeatureDrafter`, any other causal LM (or
+    mamba-ssm's `MambaLMHeadModel`) `ModelDrafter`, each with draft options `config` (default
+    `DraftConfig()`; a ReDrafter head keeps its own chain length unless assisted-decoding settings set
+    another)."""
     if isinstance(assistant, Drafter):
         return assistant
     if getattr(getattr(assistant, "config", None), "model_type", None) == "redrafter":

@@ -215,12 +215,10 @@ def test_the_command_trains_a_head_on_a_store_and_resumes(tmp_path, capsys):
     assert head.config.draft_vocab_size == 24 and head.config.training_steps == 4
     card = (tmp_path / "head" / "README.md").read_text()
     assert "23 target tokens" in card
-    if head.config.simulated_tau is not None:
-        log = [json.loads(line) for line in (tmp_path / "head" / "eval.jsonl").read_text().splitlines()]
-        assert [entry["step"] for entry in log] == [2, 4]
-    # another setting in the same folder is refused by name
-    assert main([*base, "--steps", "4", "--soft-weight", "0.2"]) == 2
-    assert "--soft-weight" in capsys.readouterr().err
+    # this store's 48+ chats hold held-out ones (1 in 40 by a hash of the id): simulated at each checkpoint
+    log = [json.loads(line) for line in (tmp_path / "head" / "eval.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [2, 4]
+    assert head.config.simulated_tau == pytest.approx(log[-1]["tau"])
     # `finetune-drafter evaluate --drafter` loads a head folder and simulates it as evaluate_head does
     import argparse
 
@@ -234,3 +232,10 @@ def test_the_command_trains_a_head_on_a_store_and_resumes(tmp_path, capsys):
     examples = load_examples(DistillStore(store), "all", need_hidden=True)
     reference = head.float().attach(evaluator._target)
     assert evaluator.estimate(loaded, examples, 3) == evaluate_head(reference, examples, k=3)
+    # another setting in the same folder is refused by name
+    assert main([*base, "--steps", "4", "--soft-weight", "0.2"]) == 2
+    assert "--soft-weight" in capsys.readouterr().err
+    # ... and --restart starts over with it: no checkpoint or log of the old run survives
+    assert main([*base, "--steps", "2", "--soft-weight", "0.2", "--restart"]) == 0
+    assert sorted(path.name for path in (tmp_path / "head").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert ReDrafterHead.from_pretrained(tmp_path / "head").config.training_steps == 2

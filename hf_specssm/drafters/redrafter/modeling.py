@@ -40,8 +40,9 @@ class ReDrafterOutput(ModelOutput):
     Attributes:
         loss: sum over the `C` draft steps of the mean cross-entropy of that step (scalar), or `None` when
             no position has a label.
-        logits: `[B, N, C, V_d]` the output layer's logits (`V_d = V` without a reduced vocabulary): `logits[b, t, i]` predicts token `t + i + 2` from the target's
-            hidden state at `t` and the tokens `t + 1 … t + i + 1`.
+        logits: `[B, N, C, V_d]` the output layer's logits (`V_d = V` without a reduced vocabulary):
+            `logits[b, t, i]` predicts token `t + i + 2` from the target's hidden state at `t` and the tokens
+            `t + 1 … t + i + 1`.
     """
 
     loss: torch.Tensor | None = None
@@ -127,8 +128,14 @@ class ReDrafterHead(PreTrainedModel):
         if not self.reduced_vocabulary:
             return tokens
         mapping = self.draft_to_target
-        lookup = torch.zeros(self.config.vocab_size, dtype=torch.long, device=mapping.device)
-        lookup[mapping[1:]] = torch.arange(1, mapping.numel(), device=mapping.device)
+        # the inverse map, rebuilt only when the buffer changed (set, loaded or moved)
+        key = (mapping.data_ptr(), mapping._version, mapping.device)
+        if getattr(self, "_lookup_key", None) != key:
+            lookup = torch.zeros(self.config.vocab_size, dtype=torch.long, device=mapping.device)
+            lookup[mapping[1:]] = torch.arange(1, mapping.numel(), device=mapping.device)
+            object.__setattr__(self, "_lookup", lookup)
+            object.__setattr__(self, "_lookup_key", key)
+        lookup = self._lookup
         ignored = tokens < 0
         mapped = lookup[tokens.to(mapping.device).clamp(min=0)]
         return torch.where(ignored.to(mapped.device), tokens.to(mapped.device), mapped)

@@ -260,10 +260,30 @@ def batch_loss(model: MambaDrafterForCausalLM, batch: Batch, soft_weight: float)
         bias = model.feature_bias(batch.features.to(device)[:, None], depths.clamp(min=0)[:, None])[:, 0]
         selected = selected + has_feature * bias
     logits = model.lm_head(model.fuse_head_input(selected)).float()  # [N, V_d]
-    log_probs = torch.log_softmax(logits, dim=-1)
-    hard = -log_probs.gather(1, model.to_draft_ids(batch.labels.to(device))[:, None]).mean()
-    soft_draft = model.to_draft_ids(batch.soft_ids.to(device))
-    soft = -(batch.soft_probs.to(device) * log_probs.gather(1, soft_draft)).sum(-1).mean()
+    labels = model.to_draft_ids(batch.labels.to(device))
+    soft_ids = model.to_draft_ids(batch.soft_ids.to(device))
+    return mixed_loss(logits, labels, soft_ids, batch.soft_probs.to(device), soft_weight)
+
+
+def mixed_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    soft_ids: torch.Tensor,
+    soft_probs: torch.Tensor,
+    soft_weight: float,
+) -> torch.Tensor:
+    """`(1 - λ) · CE(labels) + λ · CE(soft targets)`, each a mean over the rows (scalar).
+
+    Args:
+        logits: `[N, V_d]` draft-vocabulary logits.
+        labels: `[N]` draft ids of the tokens to predict.
+        soft_ids: `[N, k]` draft ids of the target's top-k.
+        soft_probs: `[N, k]` their renormalised probabilities.
+        soft_weight: λ.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    hard = -log_probs.gather(1, labels[:, None]).mean()
+    soft = -(soft_probs * log_probs.gather(1, soft_ids)).sum(-1).mean()
     return (1 - soft_weight) * hard + soft_weight * soft
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hf_specssm import shipped_drafter_path
+from hf_specssm.tools.bench.prompt_sets import PROMPT_SETS
 
 ACTIONS = ("train", "evaluate", "export")
 RUN_FILE = "finetune-run.json"
@@ -389,7 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--bench-sets",
         nargs="*",
-        choices=["humaneval", "gsm8k", "mt_bench", "cnn_dm", "outside"],
+        choices=PROMPT_SETS,
         help="evaluate on the target's greedy answers to these benchmark prompts instead of held-out answers",
     )
     parser.add_argument("--bench-limit", type=int, default=8, help="prompts per benchmark set")

@@ -239,14 +239,7 @@ def run_store(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     say = (lambda *a: None) if args.quiet else print
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.restart:
-        for folder in checkpoints(out):
-            shutil.rmtree(folder)
-        for name in (RUN_FILE, STORE_EVAL_LOG):
-            (out / name).unlink(missing_ok=True)
-    claim_output_dir(out, store_fingerprint(args), "train-redrafter --store", has_progress=bool(checkpoints(out)),
-                     derived=[STORE_EVAL_LOG])  # fmt: skip
+    _claim(args, out, store_fingerprint(args), [STORE_EVAL_LOG], "train-redrafter --store")
     checkpoint = latest_checkpoint(out)
     check_steps(args.steps, checkpoint)
     store = DistillStore(args.store)
@@ -428,22 +421,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _claim(args: argparse.Namespace, out: Path) -> None:
-    """Make `out` this run's (`--restart` first clears it); say when stale cached data will be rebuilt."""
+def _claim(
+    args: argparse.Namespace,
+    out: Path,
+    record: dict[str, object] | None = None,
+    derived: list[str] | None = None,
+    command: str = "train-redrafter",
+) -> None:
+    """Make `out` this run's (`--restart` first clears it); say when stale cached data will be rebuilt.
+
+    Args:
+        args: the parsed arguments.
+        out: the output folder.
+        record: what the run is trained from (default: `fingerprint(args)`, a corpus run).
+        derived: files in `out` built from those inputs (default: a corpus run's data cache and toy target).
+        command: the command named in messages.
+    """
+    record = record if record is not None else fingerprint(args)
+    derived = derived if derived is not None else [DATA_FILE, EVAL_FILE, TARGET_DIR]
     out.mkdir(parents=True, exist_ok=True)
     if args.restart:
         for folder in checkpoints(out):
             shutil.rmtree(folder)
-        for name in (DATA_FILE, EVAL_FILE, RUN_FILE):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / TARGET_DIR, ignore_errors=True)
-    changes = claim_output_dir(
-        out,
-        fingerprint(args),
-        "train-redrafter",
-        has_progress=bool(checkpoints(out)),
-        derived=[DATA_FILE, EVAL_FILE, TARGET_DIR],
-    )
+        for name in (RUN_FILE, *derived):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    changes = claim_output_dir(out, record, command, has_progress=bool(checkpoints(out)), derived=derived)
     if changes:
         print(
             f"note: the data cached in {out} was built from other inputs ({'; '.join(changes)}); rebuilding it"

@@ -38,7 +38,7 @@ from hf_specssm.training.checkpoints import (
 )
 from hf_specssm.training.distillation.generate import GREEDY
 from hf_specssm.training.mamba_drafter.data import select_vocabulary
-from hf_specssm.training.mamba_drafter.finetune import ChainEstimate, ChainTally, Example
+from hf_specssm.training.mamba_drafter.finetune import ChainEstimate, ChainTally, Example, mixed_loss
 from hf_specssm.training.mamba_drafter.training import learning_rate_factor, resume_drafter
 
 IGNORE = -100
@@ -159,22 +159,21 @@ def rows_loss(head: ReDrafterHead, rows: HeadRows, index: torch.Tensor, soft_wei
     """The loss of the rows `index` `[R]` (module docstring): summed over the `C` steps, mean over rows."""
     device = head.device
     tokens = rows.tokens[index].to(device)  # [R, C + 1]
+    labels = head.to_draft_ids(tokens)  # -100 stays -100
+    soft_ids = head.to_draft_ids(rows.soft_ids[index].to(device))  # [R, C, k]
+    soft_probs = torch.softmax(rows.soft_logp[index].to(device), dim=-1)
     hidden = rows.hidden[index].to(device=device, dtype=head.dtype)
-    steps = tokens.shape[1] - 1
     state = head.initial_state(tokens.shape[0])
     total = None
-    for step in range(1, steps + 1):
+    for step in range(1, tokens.shape[1]):
         state = head.next_state(state, tokens[:, step - 1].clamp(min=0))
-        label = tokens[:, step]
-        kept = label != IGNORE
+        kept = labels[:, step] != IGNORE
         if not bool(kept.any()):
             break
-        log_probs = torch.log_softmax(head.output_logits(hidden, state).float(), dim=-1)[kept]
-        hard = -log_probs.gather(1, head.to_draft_ids(label[kept])[:, None]).mean()
-        soft_draft = head.to_draft_ids(rows.soft_ids[index][:, step - 1].to(device)[kept])
-        soft_probs = torch.softmax(rows.soft_logp[index][:, step - 1].to(device)[kept], dim=-1)
-        soft = -(soft_probs * log_probs.gather(1, soft_draft)).sum(-1).mean()
-        term = (1 - soft_weight) * hard + soft_weight * soft
+        logits = head.output_logits(hidden[kept], state[kept])
+        term = mixed_loss(
+            logits, labels[kept, step], soft_ids[kept, step - 1], soft_probs[kept, step - 1], soft_weight
+        )
         total = term if total is None else total + term
     assert total is not None  # every row has a label at step 1 (answers of two tokens or more)
     return total
