@@ -7,7 +7,10 @@ projection pass. For the Mamba2 layout (Mamba2, Bamba, Falcon-H1, Zamba2, Nemotr
 - **verification** (`StateRecorder.verifying`): the `T = pending + k` tokens run through transformers' own
   multi-token forward with three changes, all undone on exit:
   1. each mixer scans one chunk of exactly `T` tokens (`_compat.mixers.chunk_size_override`) instead of
-     padding to its `chunk_size` (256 in published configs): the same algorithm on no padding;
+     padding to its `chunk_size` (256 in published configs): the same algorithm on no padding, computed
+     in one pass over the state (`verification_scan`); its depthwise causal conv is `K` shifted products
+     summed in float32 (`verification_conv`) rather than oneDNN's grouped convolution (~2× cheaper for a
+     few columns on CPU);
   2. the SSM layers' cache entries are frozen (`ForkableCache.frozen`): the forward reads the conv and SSM
      state but writes neither, so nothing is copied before the round and nothing is rewound after it;
   3. a forward hook on each mixer's `in_proj` keeps the last `conv_dim + H` columns of its output — the
@@ -37,7 +40,13 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from hf_specssm import _compat
-from hf_specssm._compat.mixers import Mamba2Layout, chunk_scan_override, chunk_size_override, mamba2_layout
+from hf_specssm._compat.mixers import (
+    Mamba2Layout,
+    chunk_scan_override,
+    chunk_size_override,
+    mamba2_layout,
+    module_function_override,
+)
 from hf_specssm.cache import ForkableCache
 
 __all__ = [
@@ -77,6 +86,9 @@ def offloaded_mixers(model: torch.nn.Module) -> bool:
 
 
 # set inside `StateRecorder.verifying`: this thread's Mamba2 chunk scans are frozen verifications
+#: transformers' module-level multi-token conv of Mamba2-layout mixers (5.23; absent in older modules, which
+#: then keep their own conv)
+_CONV_FUNCTION = "causal_conv1d_fn"
 _VERIFYING: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_specssm_frozen_scan", default=False)
 
 
@@ -150,6 +162,56 @@ def verification_scan(
     if return_final_states:
         return y, initial_states
     return y
+
+
+def verification_conv(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """transformers' `causal_conv1d_fn` (depthwise causal conv, zero history) as `K` shifted products.
+
+    Args:
+        hidden_states: `[B, C, L]` conv inputs (a verification passes the cached `K − 1` inputs first).
+        weight: `[C, K]`.
+        bias: `[C]` or `None`.
+        activation: transformers' `ACT2FN` name, or `None`.
+
+    Returns:
+        `[B, C, L]` in `hidden_states.dtype`; sums in float32, rounded to `weight.dtype` once (float32: the
+        same values as oneDNN's convolution to rounding; bf16: one rounding instead of a bf16 convolution's).
+    """
+    kernel, length = weight.shape[-1], hidden_states.shape[-1]
+    padded = F.pad(hidden_states.float(), (kernel - 1, 0))
+    taps = weight.float()
+    out = padded[..., :length] * taps[:, :1]
+    for tap in range(1, kernel):
+        out.addcmul_(padded[..., tap : tap + length], taps[:, tap : tap + 1])
+    if bias is not None:
+        out += bias.float()[:, None]
+    out = out.to(weight.dtype)
+    if activation is not None:
+        out = ACT2FN[activation](out)
+    return out.to(hidden_states.dtype)
+
+
+def _frozen_conv(original):
+    """The `causal_conv1d_fn` installed while a frozen verification runs: `verification_conv` on this
+    thread's frozen verifications on CPU (transformers' torch version ignores the extra keywords too),
+    transformers' everywhere else (GPUs keep cuDNN or the causal-conv1d kernel)."""
+
+    def conv(hidden_states, weight, bias=None, activation=None, **kwargs):
+        if (
+            _VERIFYING.get()
+            and hidden_states.device.type == "cpu"
+            and hidden_states.dim() == 3
+            and weight.dim() == 2
+        ):
+            return verification_conv(hidden_states, weight, bias, activation)
+        return original(hidden_states, weight, bias, activation=activation, **kwargs)
+
+    return conv
 
 
 def _frozen_scan(original):
@@ -365,6 +427,7 @@ class StateRecorder:
                 with (
                     chunk_size_override(chunked, num_tokens),
                     chunk_scan_override(self.mixers, _frozen_scan),
+                    module_function_override(self.mixers, _CONV_FUNCTION, _frozen_conv),
                     self.cache.frozen(frozen),
                 ):
                     yield

@@ -438,14 +438,15 @@ def _check_clamped_zamba2(model) -> None:
     assert torch.equal(output, reference)
 
 
-def test_frozen_verification_restores_transformers_chunk_scan():
-    """The scan override lives only while a verification runs; afterwards (also after an error) the module
-    calls transformers' own `mamba2_chunk_scan` again."""
-    from hf_specssm._compat.mixers import installed_chunk_scan
+def test_frozen_verification_restores_transformers_chunk_scan_and_conv():
+    """The scan and conv overrides live only while a verification runs; afterwards (also after an error)
+    the module calls transformers' own `mamba2_chunk_scan` and `causal_conv1d_fn` again."""
+    from hf_specssm._compat.mixers import installed_chunk_scan, installed_module_function
 
     name = "transformers.models.mamba2.modeling_mamba2"
     model = build("mamba2", seed=0)
     original = installed_chunk_scan(name)
+    original_conv = installed_module_function(name, "causal_conv1d_fn")
     target = verification.make_target(model, None)
     sequence = _prompt(10, 1)
     with torch.no_grad():
@@ -454,5 +455,55 @@ def test_frozen_verification_restores_transformers_chunk_scan():
         target.keep(7)
         with pytest.raises(RuntimeError), target.state_recorder.verifying(3):
             assert installed_chunk_scan(name) is not original
+            if original_conv is not None:
+                assert installed_module_function(name, "causal_conv1d_fn") is not original_conv
             raise RuntimeError("inside")
     assert installed_chunk_scan(name) is original
+    assert installed_module_function(name, "causal_conv1d_fn") is original_conv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_verification_conv_is_transformers_conv(dtype):
+    """`verification_conv` (K shifted products in float32) equals transformers' `causal_conv1d_fn` (oneDNN's
+    grouped convolution) to float32 rounding, and to one bf16 rounding in bf16; a conv that drops the oldest
+    tap does not."""
+    from transformers.models.mamba2 import modeling_mamba2
+
+    from hf_specssm.ssm.state_replay import verification_conv
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2, 24, 9, generator=generator).to(dtype)
+    weight = torch.randn(24, 4, generator=generator).to(dtype)
+    bias = torch.randn(24, generator=generator).to(dtype)
+    expected = modeling_mamba2.causal_conv1d_fn(inputs, weight, bias, activation="silu").float()
+    got = verification_conv(inputs, weight, bias, "silu").float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got - expected).abs().max() <= tolerance * expected.abs().max()
+    truncated = verification_conv(
+        inputs, weight * torch.tensor([0.0, 1, 1, 1]).to(dtype), bias, "silu"
+    ).float()
+    assert (truncated - expected).abs().max() > 10 * tolerance * expected.abs().max()
+
+
+def test_frozen_verifications_take_the_lean_conv():
+    """A Mamba2 target's verification forward convolves through `verification_conv` (a spy counts its
+    calls: one per layer), and its logits still equal transformers' one-token steps (the commit test above)."""
+    from hf_specssm.ssm import state_replay
+
+    model = build("mamba2", seed=0)
+    target = verification.make_target(model, None)
+    sequence = _prompt(10, 2)
+    calls = []
+    original = state_replay.verification_conv
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    state_replay.verification_conv = spy
+    try:
+        with torch.no_grad():
+            target.score(sequence[:, :6], sequence[:, 6:9])
+    finally:
+        state_replay.verification_conv = original
+    assert len(calls) == model.config.num_hidden_layers
