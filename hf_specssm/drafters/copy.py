@@ -28,18 +28,18 @@ import torch
 
 from hf_specssm.config import DraftConfig
 from hf_specssm.drafters.base import Draft, Drafter, DraftSampler, RoundOutcome, RoundPlan, TreeDrafter
-from hf_specssm.drafters.model import ModelDrafter
 from hf_specssm.drafters.ngram import PromptLookupDrafter
 from hf_specssm.tree import TokenTree
 
 
 class ContextCopyDrafter(TreeDrafter):
-    """`ModelDrafter` plus prompt lookup: trees get the lookup continuation as an extra branch, chains
+    """A model drafter plus prompt lookup: trees get the lookup continuation as an extra branch, chains
     draft it instead of the model when the context has a long enough match.
 
     Args:
-        drafter: the model drafter (its config, tree shape or tree policy and draft-length schedule
-            apply to the model's drafts).
+        drafter: the model drafter — a `ModelDrafter` (Mamba or Transformer draft model) or a draft head
+            (`ReDrafterDrafter`; with one beam it drafts chains) — whose config, tree shape or tree policy
+            and draft-length schedule apply to the model's drafts.
         lookup: the prompt-lookup drafter that finds the continuation (default: n-grams of 3 down to 2
             tokens, 12 tokens copied); its length policy sets a chain round's copy length and its gate
             decides whether chain rounds copy at all.
@@ -51,10 +51,15 @@ class ContextCopyDrafter(TreeDrafter):
     """
 
     def __init__(
-        self, drafter: ModelDrafter, lookup: PromptLookupDrafter | None = None, min_copy: int = 2
+        self, drafter: TreeDrafter, lookup: PromptLookupDrafter | None = None, min_copy: int = 2
     ) -> None:
-        if not isinstance(drafter, ModelDrafter):
-            raise ValueError(f"drafter must be a ModelDrafter, got {type(drafter).__name__}.")
+        if not isinstance(drafter, TreeDrafter) or isinstance(
+            drafter, (PromptLookupDrafter, ContextCopyDrafter)
+        ):
+            raise ValueError(
+                "drafter must be a model drafter (a ModelDrafter, or a draft head's ReDrafterDrafter), got "
+                f"{type(drafter).__name__}."
+            )
         if not isinstance(min_copy, int) or min_copy < 1:
             raise ValueError(f"min_copy must be an integer >= 1, got {min_copy!r}.")
         self.inner = drafter

@@ -80,8 +80,10 @@ def test_chain_rounds_copy_only_long_enough_matches():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="must be a ModelDrafter"):
+    with pytest.raises(ValueError, match="must be a model drafter"):
         hf_specssm.ContextCopyDrafter(hf_specssm.PromptLookupDrafter())
+    with pytest.raises(ValueError, match="must be a model drafter"):
+        hf_specssm.ContextCopyDrafter(hf_specssm.ContextCopyDrafter(hf_specssm.ModelDrafter(build("mamba"))))
     with pytest.raises(ValueError, match="min_copy"):
         hf_specssm.ContextCopyDrafter(hf_specssm.ModelDrafter(build("mamba")), min_copy=0)
 

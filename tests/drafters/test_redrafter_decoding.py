@@ -105,6 +105,30 @@ def test_greedy_output_is_the_targets(kind, verification, rounds, longest):
     assert max(accepted) >= longest, "rounds accepted fewer drafts than this head proposes correctly"
 
 
+@pytest.mark.parametrize("kind", ["llama", pytest.param("mamba2", marks=pytest.mark.slow)])
+def test_one_beam_drafts_chains_and_copies_from_the_context(kind):
+    """A one-beam head drafts chains of `C` on any target (no tree rounds), and `ContextCopyDrafter` around it
+    copies prompt-lookup matches instead in some rounds; greedy output stays the target's."""
+    target, head = target_and_head(kind, 150)
+    chain = ReDrafterDrafter(head, target, beam_width=1)
+    assert not chain.shapes_own_trees
+    copying = hf_specssm.ContextCopyDrafter(ReDrafterDrafter(head, target, beam_width=1))
+    # a prompt that repeats itself: the target's greedy continuation of random models falls into loops
+    repeating = torch.tensor([[5, 9, 3, 7, 5, 9, 3, 7, 5, 9]]) % VOCAB
+    for prompt in [*prompts(2), repeating]:
+        reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
+        for drafter in (chain, copying):
+            output = target.generate(prompt, assistant_model=drafter, max_new_tokens=30, do_sample=False)
+            assert torch.equal(output, reference)
+            stats = target.last_speculation_stats
+            assert not any(stats.tree_rounds)
+            if drafter is chain:
+                # chains of C, shorter only where the room runs out
+                assert set(stats.draft_lengths[1:]) <= set(range(0, BEAM_LENGTH + 1))
+                assert BEAM_LENGTH in stats.draft_lengths
+    assert copying.copied_rounds > 0
+
+
 def test_tree_rounds_keep_beams_and_logits_processors_exact():
     target, head = target_and_head("llama", 150)
     drafter = ReDrafterDrafter(head, target)

@@ -81,6 +81,22 @@ def test_forward_timer_counts_calls_and_removes_its_hooks():
     assert timer.calls == 3
 
 
+def test_forward_timer_times_a_heads_drafting_methods():
+    """A ReDrafter head drafts through `next_state` and `draft_logits`; the timer wraps them and unwraps on
+    close (the class's methods show again)."""
+    from hf_specssm.drafters.redrafter import ReDrafterConfig, ReDrafterHead
+
+    head = ReDrafterHead(ReDrafterConfig(hidden_size=8, vocab_size=VOCAB, beam_width=2, beam_length=2)).eval()
+    timer = ForwardTimer(head)
+    assert "next_state" in vars(head) and "draft_logits" in vars(head)
+    head.draft_logits(torch.zeros(1, 8), torch.zeros(1, 8))
+    assert timer.calls == 1 and timer.seconds > 0
+    timer.close()
+    assert "next_state" not in vars(head) and "draft_logits" not in vars(head)
+    head.draft_logits(torch.zeros(1, 8), torch.zeros(1, 8))
+    assert timer.calls == 1
+
+
 def test_peak_memory_sees_a_temporary_allocation():
     with peak_memory(torch.device("cpu")) as memory:
         buffer = torch.ones(8_000_000)  # 32 MB
@@ -285,11 +301,14 @@ def test_a_redrafter_head_adds_its_methods_and_they_keep_the_targets_output(tmp_
     head = ReDrafterHead(config).eval().attach(target)
     methods = standard_methods(target, redrafter_head=head)
     assert [m.name for m in methods] == [
-        "target", "hf-prompt-lookup", "ours-redrafter", "ours-redrafter-chain", "ours-prompt-lookup",
+        "target", "hf-prompt-lookup", "ours-redrafter", "ours-redrafter-chain", "ours-redrafter-copy",
+        "ours-prompt-lookup",
     ]  # fmt: skip
-    methods = [m for m in methods if m.name in ("target", "ours-redrafter", "ours-redrafter-chain")]
+    methods = [m for m in methods if m.name != "hf-prompt-lookup"]
     rows = run_benchmark(target, _tokenize, methods, load_prompt_set("gsm8k", limit=1), [GenerationSettings(8)],
                          tmp_path / "results.jsonl", BenchContext(target="tiny", dtype="fp32", device="cpu"),
                          progress=False)  # fmt: skip
     assert {s.identical for s in summarize(rows)} == {1.0}
     assert all(row["rounds"] >= 1 for row in rows if row["method"] != "target")
+    # the head's drafting is timed as the drafter's (it drafts through next_state and draft_logits)
+    assert all(row["drafter_s"] > 0 for row in rows if row["method"].startswith("ours-redrafter"))

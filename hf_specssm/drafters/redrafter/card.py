@@ -13,7 +13,7 @@ from .configuration import ReDrafterConfig
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: tags every head's card carries (transformers' `push_to_hub(tags=...)` adds to them)
-CARD_TAGS = ("speculative-decoding", "redrafter", "draft-head", "hf_specssm")
+CARD_TAGS = ("speculative-decoding", "redrafter", "draft-head", "hf_specssm", "custom_code")
 
 
 def _format_tau(value: float | None) -> str:
@@ -36,6 +36,8 @@ def front_matter(config: ReDrafterConfig, tags: Iterable[str] = (), license: str
         lines.append(f"base_model: {config.target_name}")
     if _is_hub_id(config.training_data):
         lines += ["datasets:", f"- {config.training_data}"]
+    else:
+        lines += ["# no Hub dataset: the training data is described in the card's text", "datasets: []"]
     lines.append("tags:")
     for tag in dict.fromkeys([*CARD_TAGS, *tags]):
         # JSON strings are YAML scalars: a tag with ':' or '#' stays one string
@@ -68,7 +70,12 @@ def model_card(config: ReDrafterConfig, tags: Iterable[str] = (), license: str =
             if config.draft_vocab_size is None
             else f"{config.draft_vocab_size - 1:,} target tokens (and an 'other' class, never drafted)",
         ),
-        ("beam search", f"{config.beam_width} beams × {config.beam_length} tokens"),
+        (
+            "drafting (default)",
+            f"{config.beam_width} beams × {config.beam_length} tokens"
+            if config.beam_width > 1
+            else f"one beam: chains of {config.beam_length} tokens",
+        ),
         ("training data", config.training_data or "not recorded"),
         ("training steps", str(config.training_steps)),
     ]
@@ -107,16 +114,26 @@ beam search whose beams are merged into one token tree and verified in one targe
 
 ## Usage
 
-With hf_specssm (`ReDrafterDrafter` runs the beam search and the tree verification):
+With hf_specssm, pass the head as the assistant model (after `import hf_specssm` the Auto classes load it
+and `generate` drafts with `ReDrafterDrafter`: beam trees on Transformer targets, the best beam as a chain
+on SSM and hybrid targets):
 
 ```python
 import hf_specssm
-from hf_specssm import ReDrafterDrafter, ReDrafterHead
 from transformers import AutoModelForCausalLM
 
 target = hf_specssm.enable(AutoModelForCausalLM.from_pretrained("{target if loadable else "<the target>"}"))
-head = ReDrafterHead.from_pretrained("<this repository or folder>")
-drafter = ReDrafterDrafter(head, target)     # raises ValueError for a target of another size
+head = AutoModelForCausalLM.from_pretrained("<this repository or folder>")
+out = target.generate(input_ids, assistant_model=head, max_new_tokens=128)
+```
+
+or choose the drafting yourself: one beam (a chain of {config.beam_length}, the fastest on CPUs), or one beam that
+copies prompt-lookup matches instead where the context has them:
+
+```python
+from hf_specssm import ContextCopyDrafter, ReDrafterDrafter
+
+drafter = ContextCopyDrafter(ReDrafterDrafter(head, target, beam_width=1))  # ValueError for another target
 out = target.generate(input_ids, assistant_model=drafter, max_new_tokens=128)
 ```
 

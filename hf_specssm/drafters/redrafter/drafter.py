@@ -21,7 +21,9 @@ class ReDrafterDrafter(TreeDrafter):
     attention) and the target verifies each unique token once, greedily or, when sampling, by multi-draft
     speculative sampling (the beams are deterministic, so each sibling is a one-hot proposal and the
     output keeps the target's distribution); on SSM and hybrid targets the best beam is drafted as a chain
-    (also one-hot). The head is stateless between rounds: `h` carries the context.
+    (also one-hot). With one beam (`beam_width=1`) the head is a chain drafter on every target: its rounds
+    are chains of `C` tokens (verified as chains, and wrappable in `ContextCopyDrafter`). The head is
+    stateless between rounds: `h` carries the context.
 
     Args:
         head: the trained head.
@@ -33,7 +35,6 @@ class ReDrafterDrafter(TreeDrafter):
     """
 
     wants_target_hidden = True
-    shapes_own_trees = True
 
     def __init__(
         self,
@@ -61,6 +62,8 @@ class ReDrafterDrafter(TreeDrafter):
         if config.tree_shape is not None:
             raise ValueError("ReDrafter shapes its trees from its beams; leave tree_shape unset.")
         super().__init__(config)
+        #: beams merged into trees where the target takes them; one beam is a chain
+        self.shapes_own_trees = self.beam_width > 1
         if target is not None:
             head.attach(target)
         self._hidden: torch.Tensor | None = None

@@ -50,6 +50,7 @@ METHOD_ORDER = (
     "ours-mamba-copy-bandit",
     "ours-redrafter",
     "ours-redrafter-chain",
+    "ours-redrafter-copy",
     "ours-prompt-lookup",
 )
 #: the order of the report's rows
@@ -524,7 +525,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--redrafter-head",
         default=None,
         help="a ReDrafter head folder for the target (`hf-specssm train-redrafter`): adds ours-redrafter "
-        "(beam trees) and ours-redrafter-chain (one beam)",
+        "(beam trees), ours-redrafter-chain (one beam) and ours-redrafter-copy (one beam plus prompt-lookup copies)",
     )
     parser.add_argument(
         "--sets",

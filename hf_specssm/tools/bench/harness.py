@@ -29,20 +29,47 @@ from tqdm.auto import tqdm
 from hf_specssm.tools.bench.methods import GenerationSettings, Method
 from hf_specssm.tools.bench.prompt_sets import BenchPrompt
 
+#: per model type, the methods a draft model drafts through when it is not its `forward`
+DRAFTING_METHODS = {"redrafter": ("next_state", "draft_logits")}
+
 
 class ForwardTimer:
-    """Wall time and number of calls of a module's `forward`, by hooks (removed by `close`)."""
+    """Wall time and number of calls of a module's `forward`, by hooks (removed by `close`).
+
+    A ReDrafter head drafts through `next_state` and `draft_logits`, not `forward`: those calls are timed
+    instead, by wrapping them on the instance (`DRAFTING_METHODS`).
+    """
 
     def __init__(self, module: torch.nn.Module | None) -> None:
         self.seconds = 0.0
         self.calls = 0
         self._started: list[float] = []
         self._handles = []
-        if module is not None:
+        self._wrapped: list[tuple[torch.nn.Module, str]] = []
+        if module is None:
+            return
+        methods = DRAFTING_METHODS.get(getattr(getattr(module, "config", None), "model_type", None), ())
+        if not methods:
             self._handles = [
                 module.register_forward_pre_hook(self._before),
                 module.register_forward_hook(self._after),
             ]
+        for name in methods:
+            self._wrap(module, name)
+
+    def _wrap(self, module: torch.nn.Module, name: str) -> None:
+        original = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        setattr(module, name, timed)
+        self._wrapped.append((module, name))
 
     def _before(self, module, args) -> None:
         self._started.append(time.perf_counter())
@@ -53,10 +80,13 @@ class ForwardTimer:
             self.calls += 1
 
     def close(self) -> None:
-        """Remove the hooks."""
+        """Remove the hooks and the wrappers."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for module, name in self._wrapped:
+            delattr(module, name)  # the instance attribute: the class's method shows again
+        self._wrapped = []
 
 
 class _MallInfo2(ctypes.Structure):

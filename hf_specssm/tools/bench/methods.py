@@ -27,7 +27,7 @@ MAMBA_DRAFTER_METHODS = (
     "ours-mamba", "ours-mamba-tree", "ours-mamba-copy", "ours-mamba-copy-tree", "ours-mamba-copy-bandit",
 )  # fmt: skip
 # methods that draft with a ReDrafter head (`--redrafter-head`)
-REDRAFTER_METHODS = ("ours-redrafter", "ours-redrafter-chain")
+REDRAFTER_METHODS = ("ours-redrafter", "ours-redrafter-chain", "ours-redrafter-copy")
 # methods whose drafter builds trees (`--tree-shape` applies to them)
 TREE_METHODS = ("ours-mamba-tree", "ours-mamba-copy-tree")
 
@@ -294,6 +294,14 @@ def standard_methods(
                 "ours-redrafter-chain",
                 f"hf_specssm, ReDrafter head, one beam: a chain of {config.beam_length} tokens",
                 ReDrafterDrafter(redrafter_head, target, beam_width=1),
+                redrafter_head,
+            ),
+            ours(
+                target,
+                "ours-redrafter-copy",
+                f"hf_specssm, ReDrafter head chain of {config.beam_length}; copies a prompt-lookup match of 2+ "
+                "tokens instead (ContextCopyDrafter)",
+                hf_specssm.ContextCopyDrafter(ReDrafterDrafter(redrafter_head, target, beam_width=1)),
                 redrafter_head,
             ),
         ]
