@@ -40,6 +40,7 @@ class ModelChoice:
         random_weights: a demonstration model, not a language model.
         fetch_name: its name in `hf_specssm.tools.fetch.MODELS`; `None` for the toy models.
         local_path: a model folder in the repository (our trained drafters), relative to its root.
+        head_path: a target's trained ReDrafter head in the repository (relative to its root), if one ships.
     """
 
     label: str
@@ -47,12 +48,18 @@ class ModelChoice:
     random_weights: bool = False
     fetch_name: str | None = None
     local_path: str | None = None
+    head_path: str | None = None
 
 
 TOY_TARGET = ModelChoice("Toy Llama 110M · random weights", TOY_FAMILY, random_weights=True)
 TOY_DRAFTER = ModelChoice("Toy Mamba 2-layer · random weights", TOY_FAMILY, random_weights=True)
 REAL_TARGETS = (
-    ModelChoice("Qwen2.5-Coder-1.5B-Instruct", "qwen2.5", fetch_name="qwen2.5-coder-1.5b-instruct"),
+    ModelChoice(
+        "Qwen2.5-Coder-1.5B-Instruct",
+        "qwen2.5",
+        fetch_name="qwen2.5-coder-1.5b-instruct",
+        head_path="checkpoints/redrafter-qwen2.5-coder",
+    ),
     ModelChoice("SmolLM2-135M-Instruct", "smollm2", fetch_name="smollm2-135m-instruct"),
 )
 MAMBA_DRAFTER = ModelChoice(
@@ -122,11 +129,13 @@ class LoadedModel:
         model: the causal LM, in eval mode.
         codec: its text ↔ ids conversion.
         redrafter_head: the ReDrafter head made for this model, once a race asked for one.
+        head_folder: the trained head that ships for this model (`None`: races use an untrained one).
     """
 
     model: PreTrainedModel
     codec: ToyCodec | TokenizerCodec
     redrafter_head: Any = None
+    head_folder: Path | None = None
 
 
 @dataclass
@@ -227,4 +236,6 @@ class Catalog:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-        return LoadedModel(model, TokenizerCodec(tokenizer))
+        head = Path(self.repo_root) / choice.head_path if choice.head_path else None
+        head = head if head is not None and (head / "config.json").is_file() else None
+        return LoadedModel(model, TokenizerCodec(tokenizer), head_folder=head)

@@ -38,7 +38,8 @@ COPY_CHAIN = "chain + prompt-lookup copy"
 DYNAMIC = "dynamic tree (EAGLE-2 style)"
 PROMPT_LOOKUP = "prompt lookup"
 NGRAM_TABLE = "n-gram table"
-REDRAFTER = "ReDrafter (untrained head)"
+REDRAFTER = "ReDrafter head"
+REDRAFTER_COPY = "ReDrafter head + prompt-lookup copy"
 TREE_SHAPE = (3, 2, 2, 1, 1)
 logger = logging.getLogger(__name__)
 # Methods that draft with a second model; the others draft from the text itself.
@@ -58,7 +59,7 @@ def available_methods() -> list[str]:
     """The drafting methods this installation offers (ReDrafter only where `hf_specssm.drafters.redrafter` exists)."""
     methods = [CHAIN, COPY_CHAIN, TREE, BANDIT, COPY_BANDIT, DYNAMIC, PROMPT_LOOKUP, NGRAM_TABLE]
     if importlib.util.find_spec("hf_specssm.drafters.redrafter") is not None:
-        methods.append(REDRAFTER)
+        methods += [REDRAFTER, REDRAFTER_COPY]
     return methods
 
 
@@ -156,17 +157,24 @@ def build_drafter(settings: RaceSettings, target: LoadedModel, drafter: LoadedMo
         return NgramTableDrafter(order=3, **options)
     if settings.method == REDRAFTER:
         return _redrafter(target)
+    if settings.method == REDRAFTER_COPY:
+        return ContextCopyDrafter(_redrafter(target, beam_width=1))
     raise ValueError(f"unknown method {settings.method!r}")
 
 
-def _redrafter(target: LoadedModel) -> Drafter:
+def _redrafter(target: LoadedModel, beam_width: int | None = None) -> Drafter:
     """A ReDrafter head for `target`, made once per target and kept on it.
 
-    No trained head exists for the demo's models yet, so the head has its initial random weights: the
-    race shows the mechanism (beam search on the target's hidden state, beams verified as one tree), and
-    its drafts are rarely accepted.
+    The trained head that ships for the target (Qwen2.5-Coder-1.5B: `checkpoints/redrafter-qwen2.5-coder`,
+    one beam: chains of 6) when there is one, in the target's dtype; other targets get a head with its
+    initial random weights: the race then shows the mechanism (beam search on the target's hidden state,
+    beams verified as one tree), and its drafts are rarely accepted.
     """
     redrafter = importlib.import_module("hf_specssm.drafters.redrafter")
+    if target.redrafter_head is None and target.head_folder is not None:
+        target.redrafter_head = redrafter.ReDrafterHead.from_pretrained(
+            target.head_folder, dtype=target.model.dtype
+        ).eval()
     if target.redrafter_head is None:
         config = target.model.config.get_text_config(decoder=True)
         with torch.random.fork_rng():
@@ -175,7 +183,7 @@ def _redrafter(target: LoadedModel) -> Drafter:
                 hidden_size=config.hidden_size, vocab_size=config.vocab_size
             )
             target.redrafter_head = redrafter.ReDrafterHead(head_config).eval()
-    return redrafter.ReDrafterDrafter(target.redrafter_head, target=target.model)
+    return redrafter.ReDrafterDrafter(target.redrafter_head, target=target.model, beam_width=beam_width)
 
 
 class Lane:

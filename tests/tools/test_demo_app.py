@@ -22,6 +22,7 @@ from hf_specssm_demo.catalog import (
     TOY_DRAFTER,
     TOY_TARGET,
     Catalog,
+    LoadedModel,
     ToyCodec,
 )
 from hf_specssm_demo.race import (
@@ -36,6 +37,7 @@ from hf_specssm_demo.race import (
     NGRAM_TABLE,
     PROMPT_LOOKUP,
     REDRAFTER,
+    REDRAFTER_COPY,
     TREE,
     Lane,
     LaneView,
@@ -181,7 +183,33 @@ def test_bad_input_stops_before_loading_models(toy_catalog):
 
 
 def test_redrafter_is_offered_only_when_importable():
-    assert (REDRAFTER in available_methods()) == HAS_REDRAFTER
+    assert (REDRAFTER in available_methods()) == (REDRAFTER_COPY in available_methods()) == HAS_REDRAFTER
+
+
+@pytest.mark.skipif(not HAS_REDRAFTER, reason="hf_specssm.drafters.redrafter is not there")
+def test_redrafter_races_use_the_targets_trained_head(tmp_path, toy_catalog):
+    """A target with a head folder (the Qwen2.5-Coder-1.5B entry names the shipped one) drafts with those
+    weights, loaded once; the copy method drafts one beam inside `ContextCopyDrafter`; a target without
+    one gets an untrained head."""
+    from hf_specssm.drafters.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
+    from hf_specssm_demo.race import build_drafter
+
+    assert REAL_TARGETS[0].head_path == "checkpoints/redrafter-qwen2.5-coder"
+    toy = toy_catalog.load(TOY_TARGET)
+    config = toy.model.config.get_text_config(decoder=True)
+    torch.manual_seed(3)
+    trained = ReDrafterHead(ReDrafterConfig(hidden_size=config.hidden_size, vocab_size=config.vocab_size))
+    trained.save_pretrained(tmp_path / "head")
+    loaded = LoadedModel(toy.model, toy.codec, head_folder=tmp_path / "head")
+    drafter = build_drafter(_settings(method=REDRAFTER), loaded, None)
+    assert isinstance(drafter, ReDrafterDrafter) and drafter.head is loaded.redrafter_head
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(loaded.redrafter_head.state_dict()[name], tensor), name
+    copying = build_drafter(_settings(method=REDRAFTER_COPY), loaded, None)
+    assert copying.inner.head is loaded.redrafter_head and copying.inner.beam_width == 1
+    untrained = LoadedModel(toy.model, toy.codec)
+    build_drafter(_settings(method=REDRAFTER), untrained, None)
+    assert not torch.equal(untrained.redrafter_head.lm_head.weight, trained.lm_head.weight)
 
 
 def test_lane_skips_the_prompt_and_labels_each_round():
@@ -244,6 +272,11 @@ def test_toy_codec_round_trips_nothing_but_is_readable():
         pytest.param(
             REDRAFTER,
             id="redrafter",
+            marks=pytest.mark.skipif(not HAS_REDRAFTER, reason="hf_specssm.drafters.redrafter is not there"),
+        ),
+        pytest.param(
+            REDRAFTER_COPY,
+            id="redrafter-copy",
             marks=pytest.mark.skipif(not HAS_REDRAFTER, reason="hf_specssm.drafters.redrafter is not there"),
         ),
     ],
