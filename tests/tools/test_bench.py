@@ -304,6 +304,11 @@ def test_a_redrafter_head_adds_its_methods_and_they_keep_the_targets_output(tmp_
         "target", "hf-prompt-lookup", "ours-redrafter", "ours-redrafter-chain", "ours-redrafter-copy",
         "ours-prompt-lookup",
     ]  # fmt: skip
+    # a head whose default is one beam still gets beam trees in ours-redrafter (4 beams)
+    one_beam = ReDrafterHead(ReDrafterConfig(hidden_size=text.hidden_size, vocab_size=VOCAB, beam_width=1,
+                                             beam_length=3)).eval().attach(target)  # fmt: skip
+    trees = {m.name: m for m in standard_methods(target, redrafter_head=one_beam)}["ours-redrafter"]
+    assert "4 beams × 3 tokens" in trees.description
     methods = [m for m in methods if m.name != "hf-prompt-lookup"]
     rows = run_benchmark(target, _tokenize, methods, load_prompt_set("gsm8k", limit=1), [GenerationSettings(8)],
                          tmp_path / "results.jsonl", BenchContext(target="tiny", dtype="fp32", device="cpu"),

@@ -28,6 +28,8 @@ MAMBA_DRAFTER_METHODS = (
 )  # fmt: skip
 # methods that draft with a ReDrafter head (`--redrafter-head`)
 REDRAFTER_METHODS = ("ours-redrafter", "ours-redrafter-chain", "ours-redrafter-copy")
+#: beams of `ours-redrafter` for a head whose default is one beam
+REDRAFTER_TREE_BEAMS = 4
 # methods whose drafter builds trees (`--tree-shape` applies to them)
 TREE_METHODS = ("ours-mamba-tree", "ours-mamba-copy-tree")
 
@@ -280,13 +282,15 @@ def standard_methods(
         from hf_specssm.drafters.redrafter import ReDrafterDrafter
 
         config = redrafter_head.config
+        # beam trees: the head's own beams, or ReDrafter's 4 where its default is one beam (a chain)
+        beams = config.beam_width if config.beam_width > 1 else REDRAFTER_TREE_BEAMS
         methods += [
             ours(
                 target,
                 "ours-redrafter",
-                f"hf_specssm, ReDrafter head, {config.beam_width} beams × {config.beam_length} tokens "
+                f"hf_specssm, ReDrafter head, {beams} beams × {config.beam_length} tokens "
                 "(a beam tree on Transformer targets)",
-                ReDrafterDrafter(redrafter_head, target),
+                ReDrafterDrafter(redrafter_head, target, beam_width=beams),
                 redrafter_head,
             ),
             ours(
