@@ -16,8 +16,10 @@ from pathlib import Path
 DEFAULT_DRAFTER = "mamba2-qwen2.5-coder"
 #: the feature-conditioned Mamba2 drafter for the same target (reads its hidden states; single prompts)
 FEATURE_DRAFTER = "mamba2-qwen2.5-coder-fc"
+#: the ReDrafter head for the same target (reads its hidden states and shares its embedding; single prompts)
+REDRAFTER_HEAD = "redrafter-qwen2.5-coder"
 #: every drafter the package ships
-SHIPPED_DRAFTERS = (DEFAULT_DRAFTER, FEATURE_DRAFTER)
+SHIPPED_DRAFTERS = (DEFAULT_DRAFTER, FEATURE_DRAFTER, REDRAFTER_HEAD)
 DISTRIBUTION = "hf_specssm"
 _CHECKOUT = Path(__file__).resolve().parents[1] / "checkpoints"
 

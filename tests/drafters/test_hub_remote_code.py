@@ -72,12 +72,16 @@ def test_remote_code_imports_nothing_from_hf_specssm(module):
 @pytest.mark.parametrize("name", hf_specssm.shipped.SHIPPED_DRAFTERS)
 def test_shipped_folders_carry_the_package_source_and_auto_map(name):
     folder = hf_specssm.shipped_drafter_path(name, must_exist=True)
-    for module in MAMBA_CODE:
+    config = json.loads((folder / "config.json").read_text())
+    code, auto_map = (
+        (HEAD_CODE, HEAD_AUTO_MAP) if config["model_type"] == "redrafter" else (MAMBA_CODE, MAMBA_AUTO_MAP)
+    )
+    for module in code:
         copy = folder / _source(module).name
         assert copy.read_bytes() == _source(module).read_bytes(), (
             f"{copy} differs from {_source(module)}: copy the package's file into the shipped folder"
         )
-    assert json.loads((folder / "config.json").read_text())["auto_map"] == MAMBA_AUTO_MAP
+    assert config["auto_map"] == auto_map
 
 
 def test_drafter_save_pretrained_writes_auto_map_and_remote_code(tmp_path):
@@ -116,6 +120,25 @@ def test_the_shipped_feature_conditioned_drafter_loads_as_a_feature_drafter():
     assert model.reads_target_hidden and model.fuses_head_input
     assert model.config.feature_size == 1536 and model.config.target_vocab_size == 151936
     assert isinstance(as_drafter(model), FeatureDrafter)
+
+
+def test_the_shipped_head_loads_as_a_redrafter_drafter():
+    """`assistant_model=AutoModelForCausalLM.from_pretrained(head folder)` drafts with `ReDrafterDrafter`: the
+    shipped head reads Qwen2.5-1.5B's hidden states (1536) and drafts from a reduced vocabulary of its ids,
+    within the repository's 40 MiB per drafter."""
+    from hf_specssm.drafters.assistant import as_drafter
+    from hf_specssm.drafters.redrafter import ReDrafterDrafter
+
+    folder = hf_specssm.shipped_drafter_path(hf_specssm.shipped.REDRAFTER_HEAD, must_exist=True)
+    assert (folder / "model.safetensors").stat().st_size <= 40 * 2**20
+    head = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(head) is ReDrafterHead
+    assert head.config.hidden_size == 1536 and head.config.vocab_size == 151936
+    assert head.config.draft_vocab_size is not None and head.config.simulated_tau > 1
+    # the draft vocabulary maps to distinct target ids ('other' is slot 0)
+    ids = head.draft_to_target[1:]
+    assert ids.unique().numel() == ids.numel() and int(ids.max()) < 151936
+    assert isinstance(as_drafter(head), ReDrafterDrafter)
 
 
 def test_a_drafter_loaded_through_its_remote_code_drafts_for_hf_specssm(tmp_path):
@@ -224,7 +247,8 @@ def test_shipped_card_has_hub_metadata_and_real_links(name):
     folder = hf_specssm.shipped_drafter_path(name, must_exist=True)
     card = ModelCard.load(folder / "README.md")
     data = card.data.to_dict()
-    target = json.loads((folder / "config.json").read_text())["tokenizer_reference"]
+    config = json.loads((folder / "config.json").read_text())
+    target = config.get("tokenizer_reference") or config["target_name"]
     assert data["license"] == "apache-2.0" and data["library_name"] == "transformers"
     assert data["pipeline_tag"] == "text-generation" and data["base_model"] == target
     # the training data was built offline: no Hub dataset to name, and the field says so
@@ -263,7 +287,7 @@ def test_export_writes_the_card_the_shipped_folder_has():
     ("training_data", "datasets"),
     [
         pytest.param("someone/chat-data", ["someone/chat-data"], id="hub-dataset"),
-        pytest.param("chat.jsonl (120 documents)", None, id="local-file"),
+        pytest.param("chat.jsonl (120 documents)", [], id="local-file"),
     ],
 )
 def test_head_card_names_only_hub_datasets(tmp_path, training_data, datasets):
@@ -272,7 +296,8 @@ def test_head_card_names_only_hub_datasets(tmp_path, training_data, datasets):
     head.config.target_name = "someone/target"
     head.save_pretrained(tmp_path)
     data = ModelCard.load(tmp_path / "README.md").data.to_dict()
-    assert data.get("datasets") == datasets
+    # a local file is no Hub id: the field is present and empty (the card's text describes the data)
+    assert data["datasets"] == datasets
     assert data["base_model"] == "someone/target" and data["license"] == "apache-2.0"
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
     assert {"redrafter", "speculative-decoding"} <= set(data["tags"])
