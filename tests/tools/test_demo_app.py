@@ -120,6 +120,13 @@ def test_catalog_defaults_to_our_mamba_drafter_for_the_real_pair(tmp_path):
     assert initial_method(catalog.default_target(), MAMBA_DRAFTER) == COPY_CHAIN
     assert initial_method(TOY_TARGET, TOY_DRAFTER) == CHAIN
     assert initial_method(catalog.default_target(), None) == PROMPT_LOOKUP
+    # the target's trained head ships in the repository: the page starts with it and the copy branch
+    assert catalog.head_folder(catalog.default_target()) is None
+    (repo / REAL_TARGETS[0].head_path).mkdir(parents=True)
+    (repo / REAL_TARGETS[0].head_path / "config.json").write_text("{}")
+    assert catalog.head_folder(catalog.default_target()) == repo / REAL_TARGETS[0].head_path
+    assert initial_method(catalog.default_target(), MAMBA_DRAFTER, trained_head=True) == REDRAFTER_COPY
+    assert initial_method(catalog.default_target(), None, trained_head=True) == REDRAFTER_COPY
 
 
 def test_catalog_takes_the_cache_folder_as_text(tmp_path):

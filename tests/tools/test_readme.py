@@ -91,9 +91,12 @@ def test_python_blocks_run_as_written(stand_ins, monkeypatch, capsys):
         return stand_ins[name]
 
     monkeypatch.setattr(fetch, "fetch_model", fetched)
-    monkeypatch.setattr(
-        hf_specssm, "shipped_drafter_path", lambda *args, **kwargs: stand_ins["shipped drafter"]
-    )
+
+    def shipped(name: str = hf_specssm.shipped.DEFAULT_DRAFTER, **kwargs) -> Path:
+        head = name == hf_specssm.shipped.REDRAFTER_HEAD
+        return stand_ins["heads/my-head"] if head else stand_ins["shipped drafter"]
+
+    monkeypatch.setattr(hf_specssm, "shipped_drafter_path", shipped)
     sessions: dict[str, dict] = {}
     ran = 0
     for line, language, code, session in code_blocks(README.read_text()):
