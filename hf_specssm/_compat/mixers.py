@@ -532,6 +532,25 @@ def mamba2_layout(mixer: torch.nn.Module) -> Mamba2Layout | None:
     )
 
 
+#: transformers' module-level chunked gated delta rule (Gated DeltaNet: Qwen3-Next, Qwen3.5, OLMo-hybrid in
+#: 5.23), which every multi-token forward of those mixers calls, padded to its `chunk_size` (64)
+GATED_DELTA_RULE = "torch_chunk_gated_delta_rule"
+
+
+def gated_delta_rule(mixer: torch.nn.Module) -> Callable | None:
+    """The chunked gated delta rule a Gated DeltaNet mixer's multi-token forward calls (its module's
+    `GATED_DELTA_RULE`, transformers' torch version), else `None` (other mixers, or an outside kernel such as
+    flash-linear-attention resolved in its place). Structure only: the `state_replay` probe decides whether
+    a frozen verification and a commit through it are exact."""
+    module = _mixer_module(mixer)
+    rule = getattr(module, GATED_DELTA_RULE, None)
+    if not callable(rule) or not hasattr(mixer, "conv1d") or _resolved_to_outside_kernel(rule):
+        return None
+    while (entry := _function_overrides.get((module, GATED_DELTA_RULE))) is not None and rule is entry[1]:
+        rule = entry[0]  # inside a verification the global is our wrapper: the commit calls transformers'
+    return rule
+
+
 @contextlib.contextmanager
 def chunk_size_override(mixers: Sequence[torch.nn.Module], size: int) -> Iterator[None]:
     """Inside this context Mamba2-layout `mixers` scan in chunks of `size` tokens (their `chunk_size`).

@@ -72,8 +72,8 @@ class MixerSupport:
         identity_steps: `ssm.mixers.identity_steps` makes masked positions leave the state unchanged
             (Joint Attainment and Advancement); False under fused CUDA kernels.
         tree_scan: `ssm.tree_scan.tree_verification` reproduces one-token steps on chains and trees.
-        state_replay: every mixer is Mamba2-layout and `ssm.state_replay.StateRecorder` (single-chunk
-            verification of frozen state, commit by state update) reproduces one-token steps.
+        state_replay: every mixer is Mamba2-layout or Gated DeltaNet and `ssm.state_replay.StateRecorder`
+            (single-chunk verification of frozen state, commit by state update) reproduces one-token steps.
     """
 
     continuation: str = "native"
@@ -137,7 +137,7 @@ def _capability(capability: str, mixer: torch.nn.Module, model: torch.nn.Module)
     if capability == "tree_scan" and tree_scan.mixer_family(mixer) is None:
         return FAILED[capability], "no tree-aware forward for this mixer layout"
     if capability == "state_replay" and state_replay.state_replay_route(mixer) is None:
-        return FAILED[capability], "no Mamba2 layout to commit by state update"
+        return FAILED[capability], "neither a Mamba2 layout nor a gated delta rule to commit by state update"
     return admit(capability, mixer, model, _PROBES[capability])
 
 

@@ -1,4 +1,5 @@
-"""Verification of Mamba2-layout targets without the chunk-scan padding, committed by state updates.
+"""Verification of Mamba2-layout and Gated DeltaNet targets without the chunk-scan padding, committed by
+state updates.
 
 *Snakes and Ladders*' Activation Replay stores what the state update needs (`x`, `Δ`, `B` and the conv
 inputs) during verification, so that after acceptance the commit is a few small state updates, not another
@@ -24,6 +25,13 @@ projection pass. For the Mamba2 layout (Mamba2, Bamba, Falcon-H1, Zamba2, Nemotr
   — the closed form of `m` recurrent steps, which is what transformers' chunk scan computes as its final
   state. No projection runs; attention layers of hybrids are cropped by the caller.
 
+Gated DeltaNet mixers (Qwen3-Next, Qwen3.5, OLMo-hybrid in transformers 5.23) take the same route through
+their module's chunked gated delta rule (`GATED_DELTA_RULE`), which pads every multi-token forward to its
+`chunk_size` (64): while verifying, the rule runs one chunk of exactly `T` tokens from the frozen state and
+records what it received — keys, values, log decays `g` and step sizes `β` (`DeltaRecord`); the commit
+slides the conv window over the first `m` conv inputs the frozen cache saw and runs the same rule over the
+first `m` recorded positions from the held state for its final state. No projection, no mixer forward.
+
 Whether this is exact for a mixer class is probed against one-token steps (`_compat.probes`, capability
 `state_replay`); other mixers keep `ssm.mixers.MixerInputRecorder`.
 """
@@ -32,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,15 +49,19 @@ from transformers.activations import ACT2FN
 
 from hf_specssm import _compat
 from hf_specssm._compat.mixers import (
+    GATED_DELTA_RULE,
     Mamba2Layout,
     chunk_scan_override,
     chunk_size_override,
+    gated_delta_rule,
     mamba2_layout,
     module_function_override,
 )
 from hf_specssm.cache import ForkableCache
 
 __all__ = [
+    "DeltaRecord",
+    "GatedDeltaRoute",
     "LayoutGroup",
     "StateRecorder",
     "commit_state",
@@ -60,9 +72,23 @@ __all__ = [
 ]
 
 
-def state_replay_route(mixer: torch.nn.Module) -> Mamba2Layout | None:
-    """The layout a state-update commit reads for this mixer, or `None` when it has none."""
-    return mamba2_layout(mixer)
+@dataclass(frozen=True)
+class GatedDeltaRoute:
+    """A Gated DeltaNet mixer's route to a commit by state update: the chunked gated delta rule its
+    multi-token forward calls (`_compat.mixers.gated_delta_rule`), which the commit runs on the recorded
+    keys, values, gates and step sizes of the accepted positions."""
+
+    rule: Callable
+
+
+def state_replay_route(mixer: torch.nn.Module) -> Mamba2Layout | GatedDeltaRoute | None:
+    """What a state-update commit reads for this mixer: its `Mamba2Layout`, its `GatedDeltaRoute`, or
+    `None` when it has neither."""
+    layout = mamba2_layout(mixer)
+    if layout is not None:
+        return layout
+    rule = gated_delta_rule(mixer)
+    return GatedDeltaRoute(rule) if rule is not None else None
 
 
 def uncovered_recurrent_layers(model: torch.nn.Module) -> list[int]:
@@ -226,6 +252,116 @@ def _frozen_scan(original):
     return scan
 
 
+# set by a pre-hook while a Gated DeltaNet mixer's frozen verification runs: (the recorder's delta records,
+# this mixer's slot in them)
+_DELTA_SLOT: contextvars.ContextVar[tuple[list, int] | None] = contextvars.ContextVar(
+    "hf_specssm_delta_slot", default=None
+)
+
+
+@dataclass(frozen=True)
+class DeltaRecord:
+    """What a Gated DeltaNet layer's commit needs from its frozen verification of `T` tokens: the inputs
+    its chunked gated delta rule received (after the conv), `[b, T, …]`.
+
+    Attributes:
+        rule: transformers' chunked gated delta rule (the commit runs it from the unchanged state).
+        key: `[b, T, H_k, d_k]`.
+        value: `[b, T, H_v, d_v]`.
+        g: `[b, T, H_v]` log decays.
+        beta: `[b, T, H_v]` step sizes.
+        l2norm: whether the rule L2-normalises keys (`use_qk_l2norm_in_kernel`).
+    """
+
+    rule: Callable
+    key: torch.Tensor
+    value: torch.Tensor
+    g: torch.Tensor
+    beta: torch.Tensor
+    l2norm: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the recorded tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.key, self.value, self.g, self.beta))
+
+    def final_state(self, initial_state: torch.Tensor, length: int) -> torch.Tensor:
+        """The state after the first `length ≥ 1` recorded positions from `initial_state` `[b, H_v, d_k,
+        d_v]`: transformers' own chunked rule over one chunk of exactly `length` (its output is discarded;
+        the keys stand in for the queries, which the state does not read)."""
+        key = self.key[:, :length]
+        _, state = self.rule(
+            key,
+            key,
+            self.value[:, :length],
+            g=self.g[:, :length],
+            beta=self.beta[:, :length],
+            chunk_size=length,
+            initial_state=initial_state,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=self.l2norm,
+        )
+        return state
+
+
+def _leave_delta_slot(module, args, output) -> None:
+    """Forward hook of a recording Gated DeltaNet mixer: later rule calls are not its own."""
+    _DELTA_SLOT.set(None)
+
+
+def _frozen_delta_rule(original):
+    """The chunked gated delta rule installed while a frozen verification runs: on this thread's frozen
+    verifications of a recording mixer, one chunk of exactly `T` tokens from the unchanged state (no padding
+    to `chunk_size`, no final state: the frozen cache discards it), its inputs recorded for the commit;
+    transformers' everywhere else."""
+
+    def rule(
+        query,
+        key,
+        value,
+        g,
+        beta,
+        chunk_size=64,
+        initial_state=None,
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=False,
+        **kwargs,
+    ):
+        slot = _DELTA_SLOT.get()
+        if not _VERIFYING.get() or slot is None:
+            return original(
+                query,
+                key,
+                value,
+                g=g,
+                beta=beta,
+                chunk_size=chunk_size,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                **kwargs,
+            )
+        records, index = slot
+        records[index] = DeltaRecord(
+            original, key.detach(), value.detach(), g.detach(), beta.detach(), bool(use_qk_l2norm_in_kernel)
+        )
+        output, _ = original(
+            query,
+            key,
+            value,
+            g=g,
+            beta=beta,
+            chunk_size=key.shape[1],
+            initial_state=initial_state,
+            output_final_state=False,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            **kwargs,
+        )
+        return output, initial_state
+
+    return rule
+
+
 @dataclass(frozen=True)
 class LayoutGroup:
     """Mixers of one shape (every Mamba2 layer of a model, usually), whose commit runs batched over layers.
@@ -365,16 +501,22 @@ def commit_state(
 class StateRecorder:
     """Records, during verification, what a commit by state update needs; commits an accepted prefix.
 
-    Memory per round: `T × (conv_dim + H)` values per SSM layer (the recorded `in_proj` columns), and no
-    state copy.
+    Memory per round: `T × (conv_dim + H)` values per Mamba2-layout layer (the recorded `in_proj`
+    columns), `T × (2·H_k·d_k + H_v·d_v + 2·H_v)` per Gated DeltaNet layer (the delta rule's keys, values,
+    gates and step sizes) plus its `T` conv inputs, and no state copy.
 
     Args:
-        model: the target whose SSM mixers are all Mamba2-layout (`state_replay_route`).
+        model: the target, whose SSM mixers all have a `state_replay_route` (Mamba2 layout or Gated
+            DeltaNet).
         cache: the `ForkableCache` the target decodes with.
         mixers: record only these of its mixers (default: all of them).
         conv_only_layers: indices of recurrent cache layers no SSM mixer serves that keep only a conv
             window (LFM2's short convolutions, `uncovered_recurrent_layers`): their commit keeps the last
             `K` conv inputs, read from the cache's `frozen_conv_inputs`.
+
+    Attributes:
+        mixers: the Mamba2-layout mixers (committed from their recorded `in_proj` columns).
+        delta_mixers: the Gated DeltaNet mixers (committed through their chunked gated delta rule).
     """
 
     def __init__(
@@ -387,23 +529,30 @@ class StateRecorder:
         self.model = model
         self.cache = cache
         self.conv_only_layers = list(conv_only_layers)
-        self.mixers = list(mixers) if mixers is not None else _compat.ssm_mixers(model)
+        self.mixers: list[torch.nn.Module] = []
+        self.delta_mixers: list[torch.nn.Module] = []
         self.layouts: list[Mamba2Layout] = []
-        for mixer in self.mixers:
-            layout = state_replay_route(mixer)
-            if layout is None:
+        for mixer in list(mixers) if mixers is not None else _compat.ssm_mixers(model):
+            route = state_replay_route(mixer)
+            if route is None:
                 raise ValueError(
-                    f"{type(mixer).__name__} has no Mamba2 layout to commit by state update; "
-                    "use Activation Replay of the mixer inputs (ssm.mixers.MixerInputRecorder)."
+                    f"{type(mixer).__name__} has neither a Mamba2 layout nor a gated delta rule to commit by "
+                    "state update; use Activation Replay of the mixer inputs (ssm.mixers.MixerInputRecorder)."
                 )
-            self.layouts.append(layout)
+            if isinstance(route, GatedDeltaRoute):
+                self.delta_mixers.append(mixer)
+            else:
+                self.mixers.append(mixer)
+                self.layouts.append(route)
         self.groups = group_layouts(self.layouts)
         self._records: list[torch.Tensor | None] = [None] * len(self.mixers)
+        self._delta_records: list[DeltaRecord | None] = [None] * len(self.delta_mixers)
 
     @property
     def recorded_bytes(self) -> int:
-        """Bytes held by the recorded columns."""
-        return sum(r.numel() * r.element_size() for r in self._records if r is not None)
+        """Bytes held by the recorded columns and delta-rule inputs."""
+        columns = sum(r.numel() * r.element_size() for r in self._records if r is not None)
+        return columns + sum(r.nbytes for r in self._delta_records if r is not None)
 
     @contextlib.contextmanager
     def verifying(self, num_tokens: int) -> Iterator[None]:
@@ -415,27 +564,40 @@ class StateRecorder:
                 "one-token steps update the state in place."
             )
         self._records = [None] * len(self.mixers)
+        self._delta_records = [None] * len(self.delta_mixers)
         handles = [
             mixer.in_proj.register_forward_hook(self._recorder(index, layout))
             for index, (mixer, layout) in enumerate(zip(self.mixers, self.layouts, strict=True))
         ]
+        for index, mixer in enumerate(self.delta_mixers):
+            handles.append(mixer.register_forward_pre_hook(self._delta_slot(index)))
+            handles.append(mixer.register_forward_hook(_leave_delta_slot))
         chunked = [mixer for mixer in self.mixers if mixer.chunk_size > num_tokens]
+        slot = _DELTA_SLOT.set(None)
         try:
-            frozen = [mixer.layer_idx for mixer in self.mixers] + self.conv_only_layers
+            frozen = [mixer.layer_idx for mixer in self.mixers + self.delta_mixers] + self.conv_only_layers
             token = _VERIFYING.set(True)
             try:
                 with (
                     chunk_size_override(chunked, num_tokens),
                     chunk_scan_override(self.mixers, _frozen_scan),
-                    module_function_override(self.mixers, _CONV_FUNCTION, _frozen_conv),
+                    module_function_override(self.delta_mixers, GATED_DELTA_RULE, _frozen_delta_rule),
+                    module_function_override(self.mixers + self.delta_mixers, _CONV_FUNCTION, _frozen_conv),
                     self.cache.frozen(frozen),
                 ):
                     yield
             finally:
                 _VERIFYING.reset(token)
         finally:
+            _DELTA_SLOT.reset(slot)
             for handle in handles:
                 handle.remove()
+
+    def _delta_slot(self, index: int):
+        def enter(module, args):
+            _DELTA_SLOT.set((self._delta_records, index))
+
+        return enter
 
     def _recorder(self, index: int, layout: Mamba2Layout):
         def record(module, args, output):
@@ -451,6 +613,16 @@ class StateRecorder:
         for index, recorded in enumerate(self._records):
             if recorded is None:
                 raise RuntimeError(f"no verification was recorded for layer {self.mixers[index].layer_idx}.")
+        for index, record in enumerate(self._delta_records):
+            if record is None:
+                raise RuntimeError(
+                    f"no verification was recorded for layer {self.delta_mixers[index].layer_idx}."
+                )
+        for mixer, record in zip(self.delta_mixers, self._delta_records, strict=True):
+            self._commit_conv_window(mixer.layer_idx, length)
+            state = _compat.recurrent_state(self.cache.layers[mixer.layer_idx])
+            if length > 0:
+                state.copy_(record.final_state(state, length).to(state.dtype))
         for group in self.groups:
             layers = [self.cache.layers[self.mixers[index].layer_idx] for index in group.indices]
             commit_state(
@@ -461,21 +633,26 @@ class StateRecorder:
                 length,
             )
         for index in self.conv_only_layers:
-            layer = self.cache.layers[index]
-            if _compat.recurrent_state(layer) is not None:
+            if _compat.recurrent_state(self.cache.layers[index]) is not None:
                 raise ValueError(
                     f"cache layer {index} keeps a recurrent state no SSM mixer of "
                     f"{type(self.model).__name__} serves; hf_specssm cannot bring it to the accepted prefix."
                 )
-            stored = _compat.stored_conv_state(layer)
-            inputs = self.cache.frozen_conv_inputs.get(index)
-            if stored is None and inputs is None:
-                continue  # a layer the cache types as recurrent that keeps nothing (5.17's Nemotron-H MLPs)
-            if stored is None or inputs is None:
-                raise RuntimeError(f"no verification was recorded for conv layer {index}.")
-            window = torch.cat([stored, inputs[..., :length].to(stored.dtype)], dim=-1)
-            stored.copy_(window[..., -stored.shape[-1] :])
+            self._commit_conv_window(index, length)
+
+    def _commit_conv_window(self, index: int, length: int) -> None:
+        """Slide cache layer `index`'s conv window over the first `length` conv inputs its frozen
+        verification passed through the cache (`frozen_conv_inputs`)."""
+        stored = _compat.stored_conv_state(self.cache.layers[index])
+        inputs = self.cache.frozen_conv_inputs.get(index)
+        if stored is None and inputs is None:
+            return  # a layer the cache types as recurrent that keeps nothing (5.17's Nemotron-H MLPs)
+        if stored is None or inputs is None:
+            raise RuntimeError(f"no verification was recorded for conv layer {index}.")
+        window = torch.cat([stored, inputs[..., :length].to(stored.dtype)], dim=-1)
+        stored.copy_(window[..., -stored.shape[-1] :])
 
     def clear(self) -> None:
-        """Drop the recorded columns."""
+        """Drop the recorded columns and delta-rule inputs."""
         self._records = [None] * len(self.mixers)
+        self._delta_records = [None] * len(self.delta_mixers)

@@ -26,11 +26,13 @@ class RecurrentTarget(SingleRowTarget):
 
     Before the verification forward the recurrent state is checkpointed (one copy). Afterwards:
 
-    - `"replay"` (Activation Replay, default). Where every mixer is Mamba2-layout and the `state_replay`
-      probe passed (`state_replay=True`), as the paper has it (`ssm.state_replay`): the verification scans
-      one chunk of exactly `T` tokens with the SSM state frozen, records each mixer's conv inputs and
-      time steps, and the commit advances the state over the accepted positions by state updates alone (no
-      projection, no checkpoint copy). Extra memory per round: `T × (conv_dim + H)` values per SSM layer.
+    - `"replay"` (Activation Replay, default). Where every mixer is Mamba2-layout or Gated DeltaNet and the
+      `state_replay` probe passed (`state_replay=True`), as the paper has it (`ssm.state_replay`): the
+      verification scans one chunk of exactly `T` tokens with the SSM state frozen, records what each
+      mixer's state update reads (conv inputs and time steps; the delta rule's keys, values, gates and
+      step sizes), and the commit advances the state over the accepted positions by state updates alone
+      (no projection, no checkpoint copy). Extra memory per round: `T × (conv_dim + H)` values per Mamba2
+      layer (`StateRecorder`).
       Otherwise the SSM mixers' inputs recorded during verification are replayed for the accepted tokens
       only, from the checkpoint. Attention layers are cropped either way.
     - `"refeed"` (snapshot and re-feed): restore the checkpoint and run the whole model again on the

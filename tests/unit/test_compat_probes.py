@@ -83,7 +83,8 @@ def test_every_family_passes_every_probe(kind, continuation):
     with warnings.catch_warnings():
         warnings.simplefilter("error", MixerProbeWarning)
         support = mixer_support(model)
-    # the state-update commit serves the Mamba2 layout; Mamba v1 mixers keep mixer-input replay
+    # the state-update commit serves the Mamba2 layout (and Gated DeltaNet); Mamba v1 mixers keep mixer-input
+    # replay
     mamba2_layout = continuation == "native"
     assert support == MixerSupport(
         continuation=continuation,
@@ -97,7 +98,7 @@ def test_every_family_passes_every_probe(kind, continuation):
         assert reasons == {}
     else:
         assert reasons == {"state_replay": reasons["state_replay"]}
-        assert "no Mamba2 layout" in reasons["state_replay"]
+        assert "neither a Mamba2 layout nor a gated delta rule" in reasons["state_replay"]
 
 
 def test_models_without_ssm_mixers_support_everything():

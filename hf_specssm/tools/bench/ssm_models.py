@@ -15,10 +15,12 @@ from transformers import (
     BambaConfig,
     FalconH1Config,
     GraniteMoeHybridConfig,
+    Lfm2Config,
     Mamba2Config,
     MambaConfig,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen3NextConfig,
     Zamba2Config,
 )
 
@@ -148,6 +150,51 @@ def _granite_4_h(chunk_size: int) -> PretrainedConfig:
     )
 
 
+def _qwen3_next_style(chunk_size: int) -> PretrainedConfig:
+    # Qwen/Qwen3-Next-80B-A3B's layer shapes (d 2048; Gated DeltaNet with 16 key heads and 32 value heads of
+    # 128, conv 4; gated attention with 16 heads of 256, 2 KV heads; three Gated DeltaNet layers per
+    # attention layer), scaled to 20 layers and ~2B parameters: a dense MLP of 5632 (about the active
+    # width of its 10 routed + 1 shared experts of 512) instead of 512 experts
+    layers = 20
+    return Qwen3NextConfig(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        layer_types=["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)],
+        mlp_only_layers=list(range(layers)),
+        num_experts=0,
+        tie_word_embeddings=False,
+        **_NO_SPECIAL_TOKENS,
+    )
+
+
+def _lfm2_12b(chunk_size: int) -> PretrainedConfig:
+    # LiquidAI/LFM2-1.2B: d 2048, 16 layers (short convolutions of width 3, attention at 2, 5, 8, 10, 12, 14;
+    # 32 heads, 8 KV heads), feed-forward 12288 auto-adjusted to 8192, vocab 65536
+    layers = 16
+    return Lfm2Config(
+        vocab_size=65536,
+        hidden_size=2048,
+        intermediate_size=12288,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        conv_L_cache=3,
+        layer_types=["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(layers)],
+        tie_word_embeddings=True,
+        **_NO_SPECIAL_TOKENS,
+    )
+
+
 #: name -> (what it copies, config builder taking the Mamba2 chunk size)
 TARGET_CONFIGS: dict[str, tuple[str, Callable[[int], PretrainedConfig]]] = {
     "mamba2-8M": ("a tiny Mamba2 (d 128, 4 layers) for smoke tests", _tiny_mamba2),
@@ -158,6 +205,11 @@ TARGET_CONFIGS: dict[str, tuple[str, Callable[[int], PretrainedConfig]]] = {
     "falcon-h1-0.5b": ("tiiuae/Falcon-H1-0.5B", _falcon_h1_05b),
     "zamba2-1.2b": ("Zyphra/Zamba2-1.2B", _zamba2_12b),
     "granite-4.0-h-1b": ("ibm-granite/granite-4.0-h-1b", _granite_4_h),
+    "qwen3-next-2b": (
+        "Qwen3-Next-style (Qwen3-Next-80B-A3B's layer shapes), 20 layers, dense MLP",
+        _qwen3_next_style,
+    ),
+    "lfm2-1.2b": ("LiquidAI/LFM2-1.2B", _lfm2_12b),
 }
 
 

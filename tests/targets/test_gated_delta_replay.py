@@ -1,0 +1,166 @@
+"""Gated DeltaNet (Qwen3-Next) verified by frozen single-chunk forwards and committed by state updates.
+
+The frozen verification must give the outputs of one-token steps without writing the state and without
+padding to the rule's `chunk_size`; its commit must give the stepped conv window and recurrent state for
+every accepted length, without running the mixer again; a commit that drops the carried state must fail
+the same comparison (negative control).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3NextConfig
+
+import hf_specssm
+from hf_specssm import _compat, targets
+from hf_specssm._compat.admission import layer_states, prefilled, stepped, worst_error
+from hf_specssm._compat.mixers import GATED_DELTA_RULE, gated_delta_rule
+from hf_specssm.cache import ForkableCache
+from hf_specssm.ssm import state_replay
+
+VOCAB = 64
+PREFILL = 2  # `admission.prefilled`: two tokens
+VERIFIED = 6
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = Qwen3NextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        eos_token_id=None,
+        pad_token_id=None,
+        bos_token_id=None,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # slow decays (transformers draws A up to 16): the carried state must matter
+        for mixer in _compat.ssm_mixers(model):
+            mixer.A_log.copy_(torch.empty_like(mixer.A_log).uniform_(0.01, 0.1).log())
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return hf_specssm.enable(model)
+
+
+def _hidden(mixer: torch.nn.Module, length: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(1, length, mixer.hidden_size, generator=generator)
+
+
+def _frozen_round(model, mixer, hidden, kept: int, drop_state: bool = False):
+    """Prefill, one frozen verification of `VERIFIED` tokens, commit of `kept`: outputs, the states right
+    after the verification, and the committed states."""
+    cache = prefilled(mixer, hidden, lambda: ForkableCache(model.config))
+    recorder = state_replay.StateRecorder(model, cache, mixers=[mixer])
+    with recorder.verifying(VERIFIED):
+        output = mixer(hidden[:, PREFILL : PREFILL + VERIFIED], cache_params=cache)
+    after_verification = [state.clone() for state in layer_states(cache, mixer)]
+    if drop_state:
+        _compat.recurrent_state(cache.layers[mixer.layer_idx]).zero_()
+    recorder.commit(kept)
+    return output, after_verification, layer_states(cache, mixer)
+
+
+def test_every_linear_attention_layer_takes_the_gated_delta_route():
+    model = _model()
+    target = targets.make_target(model, None)
+    recorder = target.state_recorder
+    assert recorder is not None and not recorder.mixers
+    assert [mixer.layer_idx for mixer in recorder.delta_mixers] == [0, 1, 3]
+    assert all(
+        isinstance(state_replay.state_replay_route(mixer), state_replay.GatedDeltaRoute)
+        for mixer in recorder.delta_mixers
+    )
+
+
+@pytest.mark.parametrize("kept", [0, 1, 3, VERIFIED])
+def test_frozen_verification_and_commit_match_one_token_steps(kept):
+    model = _model()
+    mixer = _compat.ssm_mixers(model)[0]
+    hidden = _hidden(mixer, PREFILL + VERIFIED)
+    new_cache = lambda: ForkableCache(model.config)  # noqa: E731
+    before = layer_states(prefilled(mixer, hidden, new_cache), mixer)
+    expected_outputs, _ = stepped(mixer, hidden, list(range(PREFILL, PREFILL + VERIFIED)), new_cache)
+    kept_positions = list(range(PREFILL, PREFILL + kept))
+    expected_states = stepped(mixer, hidden, kept_positions, new_cache)[1] if kept else before
+    output, after_verification, committed = _frozen_round(model, mixer, hidden, kept)
+    assert worst_error([(output, expected_outputs)]) < 1e-4
+    # the verification wrote nothing: the state is the prefill's until the commit
+    assert all(torch.equal(a, b) for a, b in zip(after_verification, before, strict=True))
+    assert worst_error(list(zip(committed, expected_states, strict=True))) < 1e-4
+    # negative control: the same commit from a dropped state is caught by the same comparison
+    if kept > 0:
+        _, _, forgetful = _frozen_round(model, mixer, hidden, kept, drop_state=True)
+        assert worst_error(list(zip(forgetful, expected_states, strict=True))) > 1e-2
+
+
+def test_verification_runs_one_unpadded_chunk_and_the_commit_no_mixer(monkeypatch):
+    model = _model()
+    mixer = _compat.ssm_mixers(model)[0]
+    module = __import__(type(mixer).__module__, fromlist=["_"])
+    original = getattr(module, GATED_DELTA_RULE)
+    chunk_sizes: list[int] = []
+
+    def spy(*args, chunk_size=64, **kwargs):
+        chunk_sizes.append(chunk_size)
+        return original(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(module, GATED_DELTA_RULE, spy)
+    assert gated_delta_rule(mixer) is spy
+    hidden = _hidden(mixer, PREFILL + VERIFIED)
+    cache = prefilled(mixer, hidden, lambda: ForkableCache(model.config))
+    chunk_sizes.clear()
+    recorder = state_replay.StateRecorder(model, cache, mixers=[mixer])
+    with recorder.verifying(VERIFIED):
+        mixer(hidden[:, PREFILL : PREFILL + VERIFIED], cache_params=cache)
+    assert chunk_sizes == [VERIFIED]  # one chunk of exactly the verified tokens, not padded to 64
+    assert recorder.recorded_bytes > 0
+    calls = []
+    handle = mixer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        recorder.commit(2)
+    finally:
+        handle.remove()
+    assert calls == [] and chunk_sizes == [VERIFIED, 2]  # the rule over the 2 kept positions, no forward
+
+
+def test_outside_callers_of_the_rule_are_untouched_during_a_verification():
+    """Another Gated DeltaNet model's forward inside the context (not recorded) runs transformers' rule and
+    writes its own state."""
+    model, other = _model(0), _model(1)
+    mixer, other_mixer = _compat.ssm_mixers(model)[0], _compat.ssm_mixers(other)[0]
+    hidden = _hidden(mixer, PREFILL + VERIFIED)
+    new_cache = lambda: ForkableCache(other.config)  # noqa: E731
+    expected_cache = prefilled(other_mixer, hidden, new_cache)
+    expected = other_mixer(hidden[:, PREFILL:], cache_params=expected_cache)
+    cache = prefilled(mixer, hidden, lambda: ForkableCache(model.config))
+    other_cache = prefilled(other_mixer, hidden, new_cache)
+    recorder = state_replay.StateRecorder(model, cache, mixers=[mixer])
+    with recorder.verifying(VERIFIED):
+        found = other_mixer(hidden[:, PREFILL:], cache_params=other_cache)
+    # (the conv of any multi-token forward on this thread may take the float32 products meanwhile)
+    assert worst_error([(found, expected)]) < 1e-5
+    states = zip(
+        layer_states(other_cache, other_mixer), layer_states(expected_cache, other_mixer), strict=True
+    )
+    assert worst_error(list(states)) < 1e-5
