@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3NextConfig
+from transformers import AutoModelForCausalLM
 
 import hf_specssm
 from hf_specssm import _compat, targets
@@ -19,7 +19,8 @@ from hf_specssm._compat.mixers import GATED_DELTA_RULE, gated_delta_rule
 from hf_specssm.cache import ForkableCache
 from hf_specssm.ssm import state_replay
 
-VOCAB = 64
+from tests.helpers.families import family_config
+
 PREFILL = 2  # `admission.prefilled`: two tokens
 VERIFIED = 6
 
@@ -32,27 +33,7 @@ def _no_grad():
 
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = Qwen3NextConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=32,
-        layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
-        eos_token_id=None,
-        pad_token_id=None,
-        bos_token_id=None,
-    )
+    config = family_config("qwen3_next")
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # slow decays (transformers draws A up to 16): the carried state must matter
         for mixer in _compat.ssm_mixers(model):
@@ -86,7 +67,7 @@ def test_every_linear_attention_layer_takes_the_gated_delta_route():
     target = targets.make_target(model, None)
     recorder = target.state_recorder
     assert recorder is not None and not recorder.mixers
-    assert [mixer.layer_idx for mixer in recorder.delta_mixers] == [0, 1, 3]
+    assert [mixer.layer_idx for mixer in recorder.delta_mixers] == [0, 1, 2]
     assert all(
         isinstance(state_replay.state_replay_route(mixer), state_replay.GatedDeltaRoute)
         for mixer in recorder.delta_mixers

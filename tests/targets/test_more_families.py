@@ -6,86 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    GraniteMoeHybridConfig,
-    Lfm2Config,
-    NemotronHConfig,
-    Qwen3NextConfig,
-)
+from transformers import AutoModelForCausalLM
 
 import hf_specssm
 from hf_specssm import DraftConfig, targets
 from hf_specssm.ssm import state_replay
 from hf_specssm.testing.oracle import OracleDrafter
 
-VOCAB = 64
-_COMMON = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "eos_token_id": None,
-    "pad_token_id": None,
-    "bos_token_id": None,
-}
-
-
-def _config(kind: str):
-    if kind == "qwen3_next":
-        return Qwen3NextConfig(
-            **_COMMON,
-            num_hidden_layers=4,
-            intermediate_size=128,
-            head_dim=16,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            linear_key_head_dim=16,
-            linear_value_head_dim=16,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=32,
-            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        )
-    if kind == "lfm2":
-        return Lfm2Config(
-            **_COMMON,
-            num_hidden_layers=4,
-            intermediate_size=128,
-            layer_types=["conv", "conv", "full_attention", "conv"],
-        )
-    if kind == "nemotron_h":
-        return NemotronHConfig(
-            **_COMMON,
-            num_hidden_layers=4,
-            intermediate_size=128,
-            mamba_num_heads=4,
-            mamba_head_dim=16,
-            ssm_state_size=16,
-            n_groups=1,
-            chunk_size=8,
-            hybrid_override_pattern="M*M-",
-        )
-    return GraniteMoeHybridConfig(
-        **_COMMON,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        layer_types=["mamba", "attention", "mamba", "mamba"],
-        mamba_n_heads=4,
-        mamba_d_head=32,
-        mamba_d_state=16,
-        mamba_n_groups=1,
-        mamba_chunk_size=8,
-        num_local_experts=0,
-        num_experts_per_tok=0,
-        shared_intermediate_size=128,
-    )
+from tests.helpers.families import FAMILY_KINDS, VOCAB, family_config
 
 
 def _model(kind: str):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(kind)).eval()
+    model = AutoModelForCausalLM.from_config(family_config(kind)).eval()
     with torch.no_grad():  # sharper logits: fewer near-ties between the multi-token and one-token paths
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
@@ -106,7 +39,7 @@ def _run(model, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     return output, reference, stats.new_tokens / stats.rounds
 
 
-@pytest.mark.parametrize("kind", ["qwen3_next", "lfm2", "nemotron_h", "granitemoehybrid"])
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
 @pytest.mark.parametrize("verification", ["replay", "refeed"])
 def test_partial_acceptance_matches_plain_greedy(kind, verification):
     model = _model(kind)
