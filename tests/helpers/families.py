@@ -1,5 +1,5 @@
-"""Tiny configs of the families beyond `hf_specssm.testing.tiny`'s: Qwen3-Next (Gated DeltaNet), LFM2 (short
-convolutions), Nemotron-H and GraniteMoeHybrid (Mamba2 layout)."""
+"""Tiny configs of the families beyond `hf_specssm.testing.tiny`'s: Qwen3-Next and Qwen3.5 (Gated DeltaNet), LFM2
+(short convolutions), Nemotron-H and GraniteMoeHybrid (Mamba2 layout)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from transformers import (
     PretrainedConfig,
     Qwen3NextConfig,
 )
+from transformers.models.qwen3_5 import Qwen3_5TextConfig
 
-FAMILY_KINDS = ("qwen3_next", "lfm2", "nemotron_h", "granitemoehybrid")
+FAMILY_KINDS = ("qwen3_next", "qwen3_5", "lfm2", "nemotron_h", "granitemoehybrid")
 
 VOCAB = 64
 _COMMON = {
@@ -41,6 +42,18 @@ def family_config(kind: str) -> PretrainedConfig:
             num_experts_per_tok=2,
             moe_intermediate_size=32,
             shared_expert_intermediate_size=32,
+            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        )
+    if kind == "qwen3_5":
+        return Qwen3_5TextConfig(
+            **_COMMON,
+            num_hidden_layers=4,
+            intermediate_size=128,
+            head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
             layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
         )
     if kind == "lfm2":

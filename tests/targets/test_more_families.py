@@ -1,4 +1,4 @@
-"""Families beyond the tiny suite's (`testing.tiny`): Qwen3-Next (Gated DeltaNet), LFM2 (short convolutions),
+"""Families beyond the tiny suite's (`testing.tiny`): Qwen3-Next and Qwen3.5 (Gated DeltaNet), LFM2 (short convolutions),
 Nemotron-H and GraniteMoeHybrid (Mamba2 layout). Greedy output equals plain decoding at partial acceptance,
 and LFM2's conv layers, which no SSM mixer serves, are committed by their conv windows."""
 
@@ -64,6 +64,14 @@ def test_mamba2_layout_families_commit_by_state_update():
         # every Mamba layer is served by its mixer (5.17 also types Nemotron-H's MLP layer as recurrent)
         mixers = {mixer.layer_idx for mixer in target.state_recorder.mixers}
         assert mixers and not mixers & set(target.state_recorder.conv_only_layers)
+
+
+def test_gated_delta_net_families_commit_by_state_update():
+    for kind in ("qwen3_next", "qwen3_5"):
+        model = _model(kind)
+        target = targets.make_target(model, None)
+        assert target.state_recorder is not None
+        assert [mixer.layer_idx for mixer in target.state_recorder.delta_mixers] == [0, 1, 2]
 
 
 def test_lfm2_conv_layers_are_committed_by_their_windows():
