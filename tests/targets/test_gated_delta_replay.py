@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_specssm
-from hf_specssm import _compat, targets
+from hf_specssm import _compat
 from hf_specssm._compat.admission import layer_states, prefilled, stepped, worst_error
 from hf_specssm._compat.mixers import GATED_DELTA_RULE, gated_delta_rule
 from hf_specssm.cache import ForkableCache
@@ -35,9 +35,9 @@ def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = family_config("qwen3_next")
     model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # slow decays (transformers draws A up to 16): the carried state must matter
-        for mixer in _compat.ssm_mixers(model):
-            mixer.A_log.copy_(torch.empty_like(mixer.A_log).uniform_(0.01, 0.1).log())
+    # slow decays (transformers draws A up to 16): the carried state must matter
+    for mixer in _compat.ssm_mixers(model):
+        mixer.A_log.copy_(torch.empty_like(mixer.A_log).uniform_(0.01, 0.1).log())
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     return hf_specssm.enable(model)
@@ -60,18 +60,6 @@ def _frozen_round(model, mixer, hidden, kept: int, drop_state: bool = False):
         _compat.recurrent_state(cache.layers[mixer.layer_idx]).zero_()
     recorder.commit(kept)
     return output, after_verification, layer_states(cache, mixer)
-
-
-def test_every_linear_attention_layer_takes_the_gated_delta_route():
-    model = _model()
-    target = targets.make_target(model, None)
-    recorder = target.state_recorder
-    assert recorder is not None and not recorder.mixers
-    assert [mixer.layer_idx for mixer in recorder.delta_mixers] == [0, 1, 2]
-    assert all(
-        isinstance(state_replay.state_replay_route(mixer), state_replay.GatedDeltaRoute)
-        for mixer in recorder.delta_mixers
-    )
 
 
 @pytest.mark.parametrize("kept", [0, 1, 3, VERIFIED])
