@@ -19,6 +19,7 @@ from hf_specssm.training.redrafter.store_training import (
     finetune_head,
     head_chain_table,
     head_rows,
+    init_output_from_target,
     store_vocabulary,
 )
 
@@ -109,6 +110,32 @@ def test_bad_draft_vocabularies_are_refused(size, message):
     head = _head(draft_vocab_size=5)
     with pytest.raises(ValueError, match="repeats a target id"):
         head.set_draft_vocabulary(torch.tensor([2, 2, 4, 6]))
+
+
+@pytest.mark.parametrize("draft_vocab_size", [32, None])
+def test_the_output_layer_can_start_from_the_targets_output_rows(draft_vocab_size):
+    head = _head(draft_vocab_size=draft_vocab_size)
+    target_output = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(3))
+    ids = head.draft_to_target[1:] if draft_vocab_size else torch.arange(VOCAB)
+    centred = target_output[ids] - target_output[ids].mean(0)
+
+    def gram_matches(rows):
+        gram, expected = rows @ rows.T, centred @ centred.T
+        return torch.allclose(gram / gram.norm(), expected / expected.norm(), atol=1e-5)
+
+    first = 1 if draft_vocab_size else 0
+    assert not gram_matches(head.lm_head.weight[first:].detach())  # a random layer has its own geometry
+    init_output_from_target(head, target_output)
+    weight = head.lm_head.weight.detach()
+    # the head's rows relate as the target's centred rows do (width 48 holds all their directions) ...
+    assert gram_matches(weight[first:])
+    # ... at the initialiser's spread, with the 'other' slot and the biases at zero
+    filled = weight[first:, : min(ids.numel(), HIDDEN)]  # the rest of the width starts at zero
+    assert filled.std().item() == pytest.approx(head.config.initializer_range, rel=0.05)
+    assert not weight[first:, filled.shape[1] :].any()
+    assert not weight[:first].any() and not head.lm_head.bias.any()
+    with pytest.raises(ValueError, match="output embedding"):
+        init_output_from_target(head, target_output[:, :-1])
 
 
 def test_the_vocabulary_comes_from_the_answers_by_count():
@@ -239,3 +266,14 @@ def test_the_command_trains_a_head_on_a_store_and_resumes(tmp_path, capsys):
     assert main([*base, "--steps", "2", "--soft-weight", "0.2", "--restart"]) == 0
     assert sorted(path.name for path in (tmp_path / "head").glob("checkpoint-*")) == ["checkpoint-2"]
     assert ReDrafterHead.from_pretrained(tmp_path / "head").config.training_steps == 2
+    # --init-from-target is part of what a run is trained from; it resumes like any other setting
+    started = [*base[:6], str(tmp_path / "init"), *base[7:], "--init-from-target"]
+    assert main([*started, "--steps", "2"]) == 0
+    assert main([*started, "--steps", "4"]) == 0
+    assert ReDrafterHead.from_pretrained(tmp_path / "init").config.training_steps == 4
+    assert main([*base[:6], str(tmp_path / "init"), *base[7:], "--steps", "6"]) == 2
+    assert "--init-from-target" in capsys.readouterr().err
+    # a corpus run has no output layer to start from the target's rows
+    assert main(["train-redrafter", "--target", "toy-llama", "--out", str(tmp_path / "corpus"),
+                 "--init-from-target", "--steps", "1", "--quiet"]) == 2  # fmt: skip
+    assert "--init-from-target" in capsys.readouterr().err

@@ -202,6 +202,9 @@ def store_fingerprint(args: argparse.Namespace) -> dict[str, object]:
     }
     for name in STORE_FLAGS:
         record["--" + name.replace("_", "-")] = getattr(args, name)
+    # recorded only when set, so runs from before the flag existed still resume
+    if getattr(args, "init_from_target", False):
+        record["--init-from-target"] = True
     return record
 
 
@@ -224,6 +227,7 @@ def run_store(args: argparse.Namespace) -> int:
         evaluate_head,
         finetune_head,
         head_rows,
+        init_output_from_target,
         store_vocabulary,
     )
     from hf_specssm.training.redrafter.training import _eos_ids
@@ -266,7 +270,8 @@ def run_store(args: argparse.Namespace) -> int:
         target_name=args.target,
         target_model_type=target.config.model_type,
         training_data=f"{len(train)} chats of the distillation store {_shown(store.root)} (the target's own "
-        f"answers, {summary['answer_tokens']:,} answer tokens in all) with its hidden states and top-k soft labels",
+        f"answers, {summary['answer_tokens']:,} answer tokens in all) with its hidden states and top-k soft labels"
+        + ("; output layer started from the target's output embedding rows" if args.init_from_target else ""),
     )
     torch.manual_seed(args.seed)
     head = ReDrafterHead(config).to(args.device)
@@ -274,6 +279,8 @@ def run_store(args: argparse.Namespace) -> int:
         head.set_draft_vocabulary(
             store_vocabulary(train, config.vocab_size, config.draft_vocab_size - 1, always=_eos_ids(target))
         )
+    if args.init_from_target and checkpoint is None:
+        init_output_from_target(head, target.get_output_embeddings().weight.detach())
     head.attach(target)
     rows = head_rows(train, args.beam_length)
     say(f"{len(train)} training chats ({len(rows):,} round starts), {len(heldout)} held-out"
@@ -327,6 +334,8 @@ def run(args: argparse.Namespace) -> int:
         args.batch_size = args.batch_size or 2048
         return run_store(args)
     args.batch_size = args.batch_size or 16
+    if args.init_from_target:
+        raise ValueError("--init-from-target starts a --store head; pass --store or leave it out.")
     if args.data is not None and not Path(args.data).is_file():
         raise ValueError(f"--data {args.data}: no such file.")
     if args.target not in TOY_TARGETS and not Path(args.target).is_dir() and _looks_like_a_path(args.target):
@@ -473,6 +482,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="--store: a reduced output vocabulary of this size (the 'other' class and the most frequent "
         "answer tokens; 0: the target's whole vocabulary)",
+    )
+    parser.add_argument(
+        "--init-from-target",
+        action="store_true",
+        help="--store: start the output layer from the target's output embedding rows of the draft "
+        "vocabulary (projected to the head's width) instead of at random",
     )
     parser.add_argument(
         "--soft-weight", type=float, default=0.5, help="--store: weight of the soft-label term"

@@ -117,6 +117,39 @@ def store_vocabulary(
     return select_vocabulary(counts, size, always)
 
 
+@torch.no_grad()
+def init_output_from_target(head: ReDrafterHead, target_output: torch.Tensor) -> None:
+    """Start the head's output layer from the target's own output embedding: the draft tokens' rows of
+    `target_output` `[V, H]`, projected onto their top `head_width` principal directions and scaled to the
+    initialiser's spread, so that tokens the target scores alike start alike — also tokens the training
+    answers hold rarely. Row 0 of a reduced vocabulary (the 'other' slot) and the biases start at zero.
+
+    Call it after `set_draft_vocabulary` and before training.
+
+    Raises:
+        ValueError: `target_output` is not `[vocab_size, hidden_size]` of the head's target.
+    """
+    config = head.config
+    if tuple(target_output.shape) != (config.vocab_size, config.hidden_size):
+        raise ValueError(
+            f"target_output must be the target's [vocab_size, hidden_size] = [{config.vocab_size}, "
+            f"{config.hidden_size}] output embedding, got {list(target_output.shape)}."
+        )
+    weight = head.lm_head.weight
+    ids = head.draft_to_target[1:] if head.reduced_vocabulary else torch.arange(config.vocab_size)
+    rows = target_output[ids.to(target_output.device)].float().cpu()
+    centred = rows - rows.mean(0, keepdim=True)
+    _, _, basis = torch.linalg.svd(centred, full_matrices=False)  # [min(V_d, H), H]
+    width = min(weight.shape[1], basis.shape[0])
+    projected = centred @ basis[:width].T  # [V_d - 1, width]
+    projected = projected / projected.std() * config.initializer_range
+    first = 1 if head.reduced_vocabulary else 0
+    weight.zero_()
+    weight[first:, :width] = projected.to(weight)
+    if head.lm_head.bias is not None:
+        head.lm_head.bias.zero_()
+
+
 @dataclass(frozen=True)
 class HeadFinetuneConfig:
     """Options of `finetune_head`.
