@@ -88,6 +88,17 @@ def drafter_config(
     )
 
 
+def principal_rows(rows: torch.Tensor, width: int, spread: float) -> torch.Tensor:
+    """`rows` `[N, H]` centred and projected onto their top `width` principal directions, scaled to standard
+    deviation `spread`: `[N, min(width, N, H)]` fp32 on the CPU, related rows still close together (the
+    start of a drafter's embeddings or output layer from the target's rows)."""
+    centred = rows.float().cpu()
+    centred = centred - centred.mean(0, keepdim=True)
+    _, _, basis = torch.linalg.svd(centred, full_matrices=False)
+    projected = centred @ basis[:width].T
+    return projected / projected.std() * spread
+
+
 def new_drafter(
     config: MambaDrafterConfig,
     draft_token_ids: torch.Tensor,
@@ -108,11 +119,9 @@ def new_drafter(
     model = MambaDrafterForCausalLM(config)
     model.set_draft_vocabulary(draft_token_ids)
     if target_embeddings is not None:
-        rows = target_embeddings[draft_token_ids].float()
-        rows = rows - rows.mean(0, keepdim=True)
-        _, _, basis = torch.linalg.svd(rows, full_matrices=False)
-        projected = rows @ basis[: config.hidden_size].T
-        projected = projected / projected.std() * config.initializer_range
+        projected = principal_rows(
+            target_embeddings[draft_token_ids], config.hidden_size, config.initializer_range
+        )
         with torch.no_grad():
             weight = model.get_input_embeddings().weight
             # fewer components than dimensions (tiny vocabularies): the rest keep their random init

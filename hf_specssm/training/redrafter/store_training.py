@@ -39,7 +39,7 @@ from hf_specssm.training.checkpoints import (
 from hf_specssm.training.distillation.generate import GREEDY
 from hf_specssm.training.mamba_drafter.data import select_vocabulary
 from hf_specssm.training.mamba_drafter.finetune import ChainEstimate, ChainTally, Example, mixed_loss
-from hf_specssm.training.mamba_drafter.training import learning_rate_factor, resume_drafter
+from hf_specssm.training.mamba_drafter.training import learning_rate_factor, principal_rows, resume_drafter
 
 IGNORE = -100
 
@@ -137,12 +137,10 @@ def init_output_from_target(head: ReDrafterHead, target_output: torch.Tensor) ->
         )
     weight = head.lm_head.weight
     ids = head.draft_to_target[1:] if head.reduced_vocabulary else torch.arange(config.vocab_size)
-    rows = target_output[ids.to(target_output.device)].float().cpu()
-    centred = rows - rows.mean(0, keepdim=True)
-    _, _, basis = torch.linalg.svd(centred, full_matrices=False)  # [min(V_d, H), H]
-    width = min(weight.shape[1], basis.shape[0])
-    projected = centred @ basis[:width].T  # [V_d - 1, width]
-    projected = projected / projected.std() * config.initializer_range
+    projected = principal_rows(
+        target_output[ids.to(target_output.device)], weight.shape[1], config.initializer_range
+    )
+    width = projected.shape[1]
     first = 1 if head.reduced_vocabulary else 0
     weight.zero_()
     weight[first:, :width] = projected.to(weight)
