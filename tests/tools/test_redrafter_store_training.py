@@ -270,7 +270,25 @@ def test_the_command_trains_a_head_on_a_store_and_resumes(tmp_path, capsys):
     started = [*base[:6], str(tmp_path / "init"), *base[7:], "--init-from-target"]
     assert main([*started, "--steps", "2"]) == 0
     assert main([*started, "--steps", "4"]) == 0
-    assert ReDrafterHead.from_pretrained(tmp_path / "init").config.training_steps == 4
+    started_head = ReDrafterHead.from_pretrained(tmp_path / "init")
+    assert started_head.config.training_steps == 4
+    # four small steps later the flagged head's output rows still relate as the target's rows do; the
+    # random start's (the first run above) do not
+    from transformers import AutoModelForCausalLM
+
+    target_rows = (
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model").get_output_embeddings().weight.detach()
+    )
+
+    def agreement(trained: ReDrafterHead) -> float:
+        ids = trained.draft_to_target[1:]
+        centred = target_rows[ids] - target_rows[ids].mean(0)
+        rows = trained.lm_head.weight.detach()[1:].float()
+        apart = ~torch.eye(len(ids), dtype=torch.bool)  # how rows relate, not their lengths
+        gram, expected = (rows @ rows.T)[apart], (centred @ centred.T)[apart]
+        return torch.nn.functional.cosine_similarity(gram, expected, dim=0).item()
+
+    assert agreement(started_head) > 0.9 > 0.5 > agreement(head)
     assert main([*base[:6], str(tmp_path / "init"), *base[7:], "--steps", "6"]) == 2
     assert "--init-from-target" in capsys.readouterr().err
     # a corpus run has no output layer to start from the target's rows
