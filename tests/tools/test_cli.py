@@ -47,6 +47,24 @@ def test_the_oracle_part_compares_decoding_without_the_shared_prefill():
     assert timing.step_s == pytest.approx(0.5)  # 4 tokens after the first in 2 s
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_bench_ssm_refuses_cuda_without_a_gpu(capsys):
+    assert main(["bench-ssm", "--models", "mamba2-8M", "--device", "cuda"]) == 2
+    assert "--device cuda needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_ssm_runs_on_cuda(capsys):
+    """Every part on the GPU: the timers synchronise, trees stay on the CPU, outputs match plain decoding."""
+    args = ["bench-ssm", "--models", "mamba2-8M", "--repeats", "1", "--prompts", "1", "--device", "cuda"]
+    args += ["--alphas", "0.7", "--oracle-k", "2", "--max-new-tokens", "6", "--prompt-bytes", "40"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for part in ("| ours: multi-token forward |", "tree verification", "oracle drafter", "peak GPU memory"):
+        assert part in out
+    assert "| NO |" not in out
+
+
 @pytest.mark.parametrize("flag", ["--repeats", "--oracle-repeats"])
 def test_bench_ssm_refuses_a_count_below_one(flag, capsys):
     assert main(["bench-ssm", "--models", "mamba2-8M", flag, "0"]) == 2

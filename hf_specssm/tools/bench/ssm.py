@@ -60,6 +60,13 @@ PROJECTION_OPS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
 COMMIT_PATHS = ("state update", "mixer-input replay", "joint", "refeed")
 
 
+def _now(device: torch.device | None = None) -> float:
+    """`time.perf_counter()` after the device's queued work is done (CUDA runs asynchronously)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _new_target(model, path: str):
     """A fresh single-row verifier: `"ours"` (what `make_target` picks, chains by its multi-token forward),
     `"tree chain"` (the same target verifying chains as one-branch trees through the tree scan; `None`
@@ -90,6 +97,7 @@ class _Run:
     def __init__(self, model, path: str, context: int, vocab: int, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         self.vocab = vocab
+        self.device = model.device
         self.target = _new_target(model, path)
         self.sequence = self._tokens(context + 1)
         if self.target is not None:
@@ -100,29 +108,33 @@ class _Run:
             self.target.peak_verification_bytes = 0  # the prefill's checkpoint is not a round's
 
     def _tokens(self, count: int) -> torch.Tensor:
-        return torch.randint(3, self.vocab, (1, count), generator=self.generator)
+        return torch.randint(3, self.vocab, (1, count), generator=self.generator).to(self.device)
 
     def chain(self, num_drafts: int, kept: int = 0) -> tuple[float, float]:
         """`(verify seconds, commit seconds)` of one round of `num_drafts` drafts keeping `kept`."""
         drafts = self._tokens(num_drafts)
-        start = time.perf_counter()
+        start = _now(self.device)
         self.target.score(self.sequence, drafts)
-        middle = time.perf_counter()
+        middle = _now(self.device)
         self.target.keep(self.sequence.shape[1] + kept)
-        end = time.perf_counter()
+        end = _now(self.device)
         self.sequence = torch.cat([self.sequence, drafts[:, :kept], self._tokens(1)], dim=1)
         return middle - start, end - middle
 
     def tree(self, num_nodes: int) -> float:
         """Seconds of one tree verification of `num_nodes` nodes (a binary tree); keeps two nodes."""
         parents = torch.tensor([-1 if i < 2 else (i - 2) // 2 for i in range(num_nodes)])
-        tree = TokenTree(tokens=self._tokens(num_nodes)[0], parents=parents)
-        start = time.perf_counter()
+        tree = TokenTree(
+            tokens=self._tokens(num_nodes)[0].cpu(), parents=parents
+        )  # drafters keep trees on the CPU
+        start = _now(self.device)
         self.target.score_tree(self.sequence, tree)
-        elapsed = time.perf_counter() - start
+        elapsed = _now(self.device) - start
         path = [0, 2] if num_nodes > 2 else [0]
         self.target.keep_tree(path)
-        self.sequence = torch.cat([self.sequence, tree.tokens[path][None], self._tokens(1)], dim=1)
+        self.sequence = torch.cat(
+            [self.sequence, tree.tokens[path][None].to(self.device), self._tokens(1)], dim=1
+        )
         return elapsed
 
 
@@ -138,6 +150,8 @@ def projection_share(model, num_drafts: int, context: int, path: str = "ours") -
     vocab = model.config.get_text_config(decoder=True).vocab_size
     run = _Run(model, path, context, vocab)
     run.chain(num_drafts)
+    if model.device.type != "cpu":
+        return float("nan")  # the split is of CPU time; on a GPU the launches overlap the kernels
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         for _ in range(2):
             run.target.score(run.sequence, run._tokens(num_drafts))
@@ -273,11 +287,11 @@ def oracle_run(
             )
 
             def speculative(drafter=drafter) -> tuple[torch.Tensor, float]:
-                start = time.perf_counter()
+                start = _now(model.device)
                 output = model.generate(
                     prompt, assistant_model=drafter, max_new_tokens=max_new_tokens, do_sample=False
                 )
-                return output, time.perf_counter() - start
+                return output, _now(model.device) - start
 
             output, first_s = speculative()
             identical = torch.equal(output, reference)
@@ -305,15 +319,16 @@ def oracle_run(
 def seeded_prompt(model, prompt_length: int, seed: int = 0) -> torch.Tensor:
     """`[1, prompt_length]` random token ids (3 … V − 1), seeded."""
     vocab = model.config.get_text_config(decoder=True).vocab_size
-    return torch.randint(3, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
+    prompt = torch.randint(3, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(seed))
+    return prompt.to(model.device)
 
 
 @torch.no_grad()
 def plain_run(model, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, float]:
     """One plain greedy `generate` call: `([1, prompt + new] ids, seconds)`."""
-    start = time.perf_counter()
+    start = _now(model.device)
     output = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
-    return output, time.perf_counter() - start
+    return output, _now(model.device) - start
 
 
 @torch.no_grad()
@@ -360,16 +375,17 @@ def lookup_run(model, prompts, max_new_tokens: int, lookup: int, repeats: int = 
     identical = True
     rounds = new_tokens = drafted = 0
     for prompt in prompts:
+        prompt = prompt.to(model.device)
         plain_times, spec_times = [], []
         for repeat in range(repeats):
-            start = time.perf_counter()
+            start = _now(model.device)
             plain = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
-            plain_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
+            plain_times.append(_now(model.device) - start)
+            start = _now(model.device)
             spec = model.generate(
                 prompt, prompt_lookup_num_tokens=lookup, max_new_tokens=max_new_tokens, do_sample=False
             )
-            spec_times.append(time.perf_counter() - start)
+            spec_times.append(_now(model.device) - start)
             identical &= torch.equal(plain, spec)
             if repeat == 0:
                 stats = model.last_speculation_stats
@@ -387,6 +403,13 @@ def lookup_run(model, prompts, max_new_tokens: int, lookup: int, repeats: int = 
         "drafted": drafted,
         "identical": identical,
     }
+
+
+def _device_description(device: torch.device) -> str:
+    """The GPU's name for a CUDA device, else the CPU's (`_cpu_description`)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return _cpu_description()
 
 
 def _cpu_description() -> str:
@@ -410,16 +433,23 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--repeats", args.repeats), ("--oracle-repeats", args.oracle_repeats)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}.")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU, and torch sees none; pass --device cpu.")
     torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        # fp32 in full precision, so verification forwards and one-token steps round alike (the oracle's
+        # identity check), as on the CPU
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     print(
-        f"# bench-ssm: torch {torch.__version__}, {args.threads} threads, {_cpu_description()}, "
+        f"# bench-ssm: torch {torch.__version__}, {args.threads} threads, {_device_description(device)}, "
         f"load average {os.getloadavg()[0]:.2f} at start"
     )
     widths = [1, 2, 4, 8, 16]
     for name in args.models:
         for dtype_name in args.dtypes:
             started = time.perf_counter()
-            model = build_target(name, DTYPES[dtype_name], chunk_size=args.chunk_size)
+            model = build_target(name, DTYPES[dtype_name], chunk_size=args.chunk_size).to(device)
             print(f"\n## {name} ({TARGET_CONFIGS[name][0]}), {dtype_name}\n", flush=True)
             args._packed = None
             if args.pack_linears:
@@ -441,7 +471,10 @@ def run(args: argparse.Namespace) -> int:
             del model
             gc.collect()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak process memory: {peak:.0f} MiB; load average {os.getloadavg()[0]:.2f} at the end")
+    gpu = ""
+    if device.type == "cuda":
+        gpu = f", peak GPU memory allocated {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    print(f"\npeak process memory: {peak:.0f} MiB{gpu}; load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
 
@@ -467,12 +500,15 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
         f"{theirs[8][0] / theirs[0][0]:.2f}× | – |"
     )
     other = ours[8][0] * (1 - share_8) / step
-    print(
-        f"\ntime split (torch.profiler, self CPU time): the projections' matrix products take {share_8:.0%} of "
-        f"the k=8 verification and {share_step:.0%} of a step; the rest of the k=8 verification (SSM scan, "
-        f"conv, norms, attention, Python) is {other:.0%} of a step, against {1 - share_step:.0%} of a step "
-        f"in the step itself."
-    )
+    if share_8 != share_8:  # NaN: not measured on this device
+        print("\ntime split: measured on the CPU only (on a GPU the launches overlap the kernels).")
+    else:
+        print(
+            f"\ntime split (torch.profiler, self CPU time): the projections' matrix products take {share_8:.0%} of "
+            f"the k=8 verification and {share_step:.0%} of a step; the rest of the k=8 verification (SSM scan, "
+            f"conv, norms, attention, Python) is {other:.0%} of a step, against {1 - share_step:.0%} of a step "
+            f"in the step itself."
+        )
     # `generate` takes the cheaper path per round (measured, `targets.chain_paths`)
     seconds = {
         k: min(ours[k][0] + ours[k][1], tree[k][0] + tree[k][1]) if tree else ours[k][0] + ours[k][1]
@@ -641,6 +677,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-bytes", type=int, default=400, help="lookup: bytes of each prompt kept")
     parser.add_argument("--lookup", type=int, default=8, help="prompt_lookup_num_tokens")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--device", default="cpu", help="where the targets run: cpu, or cuda (timings synchronise the GPU)"
+    )
     parser.add_argument(
         "--pack-linears",
         action="store_true",
