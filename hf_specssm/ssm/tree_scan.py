@@ -242,9 +242,10 @@ def _mamba2_tree_forward(mixer, hidden_states: torch.Tensor, plan: _TreePlan, ca
     groups_state = mixer.n_groups * mixer.ssm_state_size
     x, B, C = convolved.split([mixer.intermediate_size, groups_state, groups_state], dim=-1)
     heads, head_dim, state_size = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size
-    dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype))
-    low, high = _compat.time_step_bounds(mixer)
-    dt = torch.clamp(dt, min=low, max=high).float()  # [1, T, H]
+    # Δ is not clamped to the mixer's `time_step_limit`: the tree's nodes must equal transformers' one-token
+    # steps, which do not clamp (its multi-token chunk scan does; Zamba2's `time_step_min` makes them differ),
+    # as in `state_replay.verification_scan`
+    dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype)).float()  # [1, T, H]
     A = -torch.exp(mixer.A_log.float())
     x = x.reshape(batch, length, heads, head_dim)
     B = B.reshape(batch, length, mixer.n_groups, state_size)

@@ -418,6 +418,68 @@ def test_zamba2_with_clamped_time_steps_verifies_by_state_update():
         probes.clear_cache()
 
 
+def test_zamba2_with_clamped_time_steps_verifies_trees_in_one_forward():
+    """With Δ under Zamba2's `time_step_min` the tree scan still equals one-token steps (it does not clamp,
+    like the step), so its probe admits it and trees are verified in one forward; greedy output equals plain
+    decoding. Negative control: the same tree forward with Δ clamped as the multi-token scan does is off."""
+    from hf_specssm._compat import probes
+    from hf_specssm.ssm import tree_scan
+
+    model = build("zamba2", seed=0)
+    with torch.no_grad():
+        for mixer in mixers.ssm_mixers(model):
+            mixer.dt_bias.fill_(-9.0)  # softplus ≈ 1e-4, below Zamba2's time_step_min (1e-3)
+            mixer.D.zero_()  # outputs read the state alone, so a Δ off by the clamp shows
+    probes.clear_cache()
+    try:
+        with pytest.warns(probes.MixerProbeWarning):  # the continuation probe still fails (clamped scan)
+            support = probes.mixer_support(model)
+        assert support.tree_scan
+        drafter_model = build("mamba", seed=1)
+        align(model, drafter_model)  # before the reference: it may touch the target's output layer
+        model = hf_specssm.enable(model)
+        model.generation_config.eos_token_id = None
+        prompt = _prompt(6, 3)
+        reference = model.generate(prompt, max_new_tokens=20, do_sample=False)
+        calls = []
+        original = tree_scan.tree_verification
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        with _patched(tree_scan, "tree_verification", counted):
+            output = model.generate(
+                prompt,
+                assistant_model=hf_specssm.ModelDrafter(drafter_model, tree_shape=(2, 2)),
+                max_new_tokens=20,
+                do_sample=False,
+            )
+        assert calls, "trees were not verified in one forward"
+        assert torch.equal(output, reference)
+        # negative control: the tree scan fed Δ clamped the way the multi-token scan clamps it is refused
+        scan = tree_scan.tree_scan
+
+        def clamped(x, dt, *args, **kwargs):
+            return scan(x, dt.clamp(min=1e-3), *args, **kwargs)
+
+        probes.clear_cache()
+        with _patched(tree_scan, "tree_scan", clamped), pytest.warns(probes.MixerProbeWarning):
+            assert not probes.mixer_support(model).tree_scan
+    finally:
+        probes.clear_cache()
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
 def _check_clamped_zamba2(model) -> None:
     from hf_specssm._compat import probes
     from hf_specssm.testing.oracle import OracleDrafter
