@@ -418,7 +418,7 @@ def test_zamba2_with_clamped_time_steps_verifies_by_state_update():
         probes.clear_cache()
 
 
-def test_zamba2_with_clamped_time_steps_verifies_trees_in_one_forward():
+def test_zamba2_with_clamped_time_steps_verifies_trees_in_one_forward(monkeypatch):
     """With Δ under Zamba2's `time_step_min` the tree scan still equals one-token steps (it does not clamp,
     like the step), so its probe admits it and trees are verified in one forward; greedy output equals plain
     decoding. Negative control: the same tree forward with Δ clamped as the multi-token scan does is off."""
@@ -448,13 +448,13 @@ def test_zamba2_with_clamped_time_steps_verifies_trees_in_one_forward():
             calls.append(1)
             return original(*args, **kwargs)
 
-        with _patched(tree_scan, "tree_verification", counted):
-            output = model.generate(
-                prompt,
-                assistant_model=hf_specssm.ModelDrafter(drafter_model, tree_shape=(2, 2)),
-                max_new_tokens=20,
-                do_sample=False,
-            )
+        monkeypatch.setattr(tree_scan, "tree_verification", counted)
+        output = model.generate(
+            prompt,
+            assistant_model=hf_specssm.ModelDrafter(drafter_model, tree_shape=(2, 2)),
+            max_new_tokens=20,
+            do_sample=False,
+        )
         assert calls, "trees were not verified in one forward"
         assert torch.equal(output, reference)
         # negative control: the tree scan fed Δ clamped the way the multi-token scan clamps it is refused
@@ -464,20 +464,11 @@ def test_zamba2_with_clamped_time_steps_verifies_trees_in_one_forward():
             return scan(x, dt.clamp(min=1e-3), *args, **kwargs)
 
         probes.clear_cache()
-        with _patched(tree_scan, "tree_scan", clamped), pytest.warns(probes.MixerProbeWarning):
+        monkeypatch.setattr(tree_scan, "tree_scan", clamped)
+        with pytest.warns(probes.MixerProbeWarning):
             assert not probes.mixer_support(model).tree_scan
     finally:
         probes.clear_cache()
-
-
-@contextlib.contextmanager
-def _patched(owner, name: str, value):
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, saved)
 
 
 def _check_clamped_zamba2(model) -> None:

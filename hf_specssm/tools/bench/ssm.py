@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import time
@@ -147,11 +148,11 @@ def projection_share(model, num_drafts: int, context: int, path: str = "ours") -
     """The share of one verification forward's CPU time spent in the projections' matrix products
     (`PROJECTION_OPS` self time under `torch.profiler`, two rounds after a warm-up); the rest
     is the SSM scans, convolutions, norms, attention and Python."""
+    if model.device.type != "cpu":
+        return float("nan")  # the split is of CPU time; on a GPU the launches overlap the kernels
     vocab = model.config.get_text_config(decoder=True).vocab_size
     run = _Run(model, path, context, vocab)
     run.chain(num_drafts)
-    if model.device.type != "cpu":
-        return float("nan")  # the split is of CPU time; on a GPU the launches overlap the kernels
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         for _ in range(2):
             run.target.score(run.sequence, run._tokens(num_drafts))
@@ -500,7 +501,7 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
         f"{theirs[8][0] / theirs[0][0]:.2f}× | – |"
     )
     other = ours[8][0] * (1 - share_8) / step
-    if share_8 != share_8:  # NaN: not measured on this device
+    if math.isnan(share_8):  # not measured on this device
         print("\ntime split: measured on the CPU only (on a GPU the launches overlap the kernels).")
     else:
         print(
