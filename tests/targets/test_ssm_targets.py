@@ -278,6 +278,62 @@ def test_a_bf16_target_commits_by_state_update_to_bf16_tolerance(target_kind):
     assert errors[7] > 5 * errors[8], errors
 
 
+@pytest.mark.parametrize("slice_bytes", [1, 1 << 30])
+def test_the_commit_runs_in_layer_slices_on_reused_buffers(slice_bytes, monkeypatch):
+    """The state-update commit batches layers in slices (one layer each at 1 byte, all at 1 GiB) and takes
+    its buffers from a workspace kept across rounds: rounds of other lengths reuse the same storage, and
+    the committed state equals a fresh recompute after every round (a slice given another layer's
+    parameters would not)."""
+    from hf_specssm.ssm import state_replay
+
+    monkeypatch.setattr(state_replay, "COMMIT_SLICE_BYTES", slice_bytes)
+    model = build("bamba", seed=0)
+    target = verification.make_target(model, None)
+    recorder = target.state_recorder
+    assert recorder is not None and len(recorder.mixers) >= 2
+    sequence = _prompt(24, 5)
+    storage = None
+    with torch.no_grad():
+        target.score(sequence[:, :5], sequence[:, :0])
+        target.keep(5)
+        for drafts, kept in [(6, 6), (6, 4), (3, 0), (6, 2)]:  # the longest commit first
+            start = target.consumed  # then the pending token at `start`, and the drafts
+            target.score(sequence[:, : start + 1], sequence[:, start + 1 : start + 1 + drafts])
+            target.keep(start + 1 + kept)
+            recomputed, _ = fresh(model, sequence[:, : start + 1 + kept])
+            assert max_state_diff(target.cache, recomputed) < STATE_ATOL, (drafts, kept)
+            pointers = {name: buffer.data_ptr() for name, buffer in recorder._workspace._buffers.items()}
+            assert pointers == (storage or pointers)  # shorter commits allocate nothing again
+            storage = pointers
+
+
+@pytest.mark.parametrize("threshold", ["shipped", 0.0])
+def test_the_commit_drops_negligible_terms_of_fast_fading_heads(threshold, monkeypatch):
+    """Heads whose memory fades within a round (A = −60, Δ ≈ 1.3: one later position weighs e^−78) give
+    the commit weighted inputs far below float32's normal range: it drops those under `NEGLIGIBLE_TERM`,
+    so no denormal operand reaches its products, and the state still equals a fresh recompute. Negative
+    control: with the threshold at 0 such operands are there (the model does make them)."""
+    from hf_specssm.ssm import state_replay
+
+    if threshold != "shipped":
+        monkeypatch.setattr(state_replay, "NEGLIGIBLE_TERM", threshold)
+    model = build("bamba", seed=0)
+    with torch.no_grad():
+        for mixer in _compat.ssm_mixers(model):
+            mixer.A_log.fill_(torch.log(torch.tensor(60.0)))
+            mixer.dt_bias.fill_(1.0)
+    target = verification.make_target(model, None)
+    sequence = _prompt(12, 3)
+    with torch.no_grad():
+        target.score(sequence[:, :6], sequence[:, 6:11])
+        target.keep(10)
+        recomputed, _ = fresh(model, sequence[:, :10])
+    assert max_state_diff(target.cache, recomputed) < STATE_ATOL
+    weighted = target.state_recorder._workspace._buffers["x"].abs()
+    below = int(((weighted > 0) & (weighted < 2.0**-100)).sum())
+    assert (below == 0) if threshold == "shipped" else (below > 0), below
+
+
 def _one_step(model, cache: ForkableCache, token: torch.Tensor, position: int) -> torch.Tensor:
     """Logits `[V]` of one token fed at `position` through transformers' single-token path."""
     kwargs = {_compat.cache_kwarg_name(model): cache, "use_cache": True}
