@@ -274,8 +274,8 @@ class SpeculativeLoop:
         score_rows = [0, *(position + 1 for position in path)]
         for count, (new_token, score_row) in enumerate(zip(new_tokens, score_rows), start=1):
             row.sequence = torch.cat([row.sequence, row.sequence.new_tensor([[new_token]])], dim=1)
-            if row.scores is not None:
-                row.scores += (scores[score_row : score_row + 1],)
+            if row.scores is not None:  # a copy: without processors `scores` is the raw logits themselves
+                row.scores += (scores[score_row : score_row + 1].clone(),)
             if row.logits is not None:
                 row.logits += (logits[score_row : score_row + 1],)
             if self.streamer is not None:

@@ -34,10 +34,10 @@ def process_tree_scores(
         logits: `[1, 1 + N, V]` raw target logits from `score_tree`.
 
     Returns:
-        `[1 + N, V]`.
+        `[1 + N, V]`; without processors, `logits[0]` itself (no copy: a round's logits are megabytes).
     """
     if not logits_processor:
-        return logits[0].clone()
+        return logits[0]
     rows = [logits_processor(input_ids, logits[:, 0].clone())]
     for node in range(tree.size):
         path_tokens = tree.tokens[tree.path(node)].to(input_ids.device)[None]
@@ -59,10 +59,10 @@ def process_scores(
         logits: `[1, k + 1, V]` raw target logits.
 
     Returns:
-        `[k + 1, V]` processed scores.
+        `[k + 1, V]` processed scores; without processors, `logits[0]` itself (no copy).
     """
     if not logits_processor:
-        return logits[0].clone()
+        return logits[0]
     sequence = torch.cat([input_ids, draft_tokens], dim=1)
     length = input_ids.shape[1]
     rows = [logits_processor(sequence[:, : length + i], logits[:, i].clone()) for i in range(logits.shape[1])]

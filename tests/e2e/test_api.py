@@ -81,6 +81,11 @@ def test_return_dict_matches_plain_scores_and_carries_stats(pair, prompt):
     assert sum(stats.accepted_length_histogram().values()) == stats.rounds
     # the returned cache holds the committed tokens but the last one, as after plain decoding
     assert output.past_key_values.get_seq_length() == output.sequences.shape[1] - 1
+    # without processors a round's scores are its raw logits (no copy), yet the returned ones do not alias
+    logits_before = [row.clone() for row in output.logits]
+    for row in output.scores:
+        row.fill_(0.0)
+    assert all(torch.equal(row, before) for row, before in zip(output.logits, logits_before, strict=True))
 
 
 class RecordingStreamer(BaseStreamer):
