@@ -120,3 +120,28 @@ def test_bench_ssm_lookup_repeats_alternate_and_keep_the_first_pass_apart():
     result = lookup_run(model, byte_prompts(1, 24), max_new_tokens=4, lookup=3, repeats=2)
     assert calls == ["plain", "lookup", "plain", "lookup"]
     assert result["identical"] and result["speedup"] > 0 and result["steady_speedup"] > 0
+
+
+def test_bench_ssm_targets_start_from_trained_style_time_steps():
+    """bench-ssm's random targets get Δ log-uniform in [0.001, 0.1] where transformers leaves `dt_bias = 1`
+    (Bamba's init: Δ ≈ 1.3, denormal states); a `dt_bias` already set (Mamba2's own init) is kept."""
+    import torch.nn.functional as F
+
+    from hf_specssm.tools.bench.ssm_models import _trained_style_time_steps
+
+    from tests.helpers.models import build
+
+    bamba, mamba2 = build("bamba", seed=0), build("mamba2", seed=0)
+    mixers = [m for m in bamba.modules() if isinstance(getattr(m, "dt_bias", None), torch.nn.Parameter)]
+    assert mixers and all(bool((m.dt_bias == 1).all()) for m in mixers)  # what transformers gives
+    kept = [m.dt_bias.detach().clone() for m in mamba2.modules() if hasattr(m, "dt_bias")]
+    _trained_style_time_steps(bamba, seed=0)
+    _trained_style_time_steps(mamba2, seed=0)
+    for mixer in mixers:
+        steps = F.softplus(mixer.dt_bias.detach().double())
+        assert bool((steps >= 1e-3 - 1e-9).all()) and bool((steps <= 1e-1 + 1e-9).all())
+        assert steps.unique().numel() == steps.numel()  # drawn, not one value
+    assert all(
+        torch.equal(a, m.dt_bias)
+        for a, m in zip(kept, [m for m in mamba2.modules() if hasattr(m, "dt_bias")])
+    )

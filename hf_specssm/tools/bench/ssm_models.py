@@ -7,6 +7,7 @@ defaults. `chunk_size` is the published one (256 for the Mamba2 family) unless t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -222,6 +223,29 @@ def build_target(
     torch.manual_seed(seed)
     config = TARGET_CONFIGS[name][1](chunk_size)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    _trained_style_time_steps(model, seed)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     return model
+
+
+def _trained_style_time_steps(model: PreTrainedModel, seed: int) -> None:
+    """Give every mixer whose `dt_bias` transformers leaves at 1 the step sizes its training code starts
+    from: Δ log-uniform in [0.001, 0.1] through the inverse softplus (mamba_ssm's Mamba2 init, which
+    transformers' own Mamba2 and Zamba2 inits follow).
+
+    Why: with `dt_bias = 1` (Bamba, Falcon-H1, GraniteMoeHybrid, Qwen3-Next in transformers) Δ ≈ 1.3, every
+    head forgets within a token or two and the states fill with denormal floats, which x86 multiplies in
+    microcode: the Bamba-style hybrid's own bf16 step took 99.6 ms against 84.9 ms with denormals flushed
+    (2-core AMX VM), a cost no trained checkpoint pays. Weights stay random; only the time scales move.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in model.modules():
+        bias = getattr(module, "dt_bias", None)
+        if not isinstance(bias, torch.nn.Parameter) or not bool((bias == 1).all()):
+            continue
+        low, high = math.log(1e-3), math.log(1e-1)
+        dt = torch.exp(torch.rand(bias.shape, generator=generator, dtype=torch.float64) * (high - low) + low)
+        dt = dt.clamp_min(1e-4)
+        with torch.no_grad():
+            bias.copy_((dt + torch.log(-torch.expm1(-dt))).to(bias.dtype))
