@@ -304,6 +304,48 @@ class DeltaRecord:
         )
         return state
 
+    @torch.no_grad()
+    def advance(self, state: torch.Tensor, length: int) -> None:
+        """Bring `state` `[b, H_v, d_k, d_v]` to after the first `length ≥ 1` recorded positions, in place.
+
+        The final state of transformers' chunked rule over one chunk of `length`, without the outputs it
+        also computes (which read the state once more) and with the decay and the rank-`length` update
+        written into the state instead of into new tensors; a state stored in another dtype than float32
+        goes through `final_state`.
+        """
+        if state.dtype != torch.float32 or not state.is_contiguous():
+            state.copy_(self.final_state(state, length).to(state.dtype))
+            return
+        key, value = self.key[:, :length], self.value[:, :length]
+        value_heads = value.shape[2]
+        if key.shape[2] != value_heads:  # grouped value heads: each key head serves consecutive value heads
+            key = key.repeat_interleave(value_heads // key.shape[2], dim=2)
+        key, value, beta, decay = (
+            x.transpose(1, 2).float().contiguous()
+            for x in (key, value, self.beta[:, :length], self.g[:, :length])
+        )  # [b, H_v, m, …]
+        if self.l2norm:
+            key = key * torch.rsqrt((key * key).sum(dim=-1, keepdim=True) + 1e-6)  # as transformers' l2norm
+        k_beta = key * beta[..., None]
+        cumulative = decay.cumsum(dim=-1)  # [b, H_v, m]
+        pairwise = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(
+            torch.ones(length, length, dtype=torch.bool, device=key.device).triu(1), float("-inf")
+        )
+        system = (k_beta @ key.transpose(-1, -2)) * pairwise.exp()
+        decayed = k_beta * cumulative.exp()[..., None]
+        new_values = torch.linalg.solve_triangular(
+            system, value * beta[..., None], upper=False, unitriangular=True
+        )
+        k_cumdecay = torch.linalg.solve_triangular(system, decayed, upper=False, unitriangular=True)
+        corrections = new_values - k_cumdecay @ state  # [b, H_v, m, d_v]
+        weighted = key * (cumulative[..., -1:] - cumulative).exp()[..., None]  # [b, H_v, m, d_k]
+        flat = state.view(-1, *state.shape[-2:])
+        flat.mul_(cumulative[..., -1].exp().reshape(-1, 1, 1))
+        flat.baddbmm_(
+            weighted.reshape(-1, length, key.shape[-1]).transpose(-1, -2),
+            corrections.reshape(-1, length, value.shape[-1]),
+        )
+
 
 def _leave_delta_slot(module, args, output) -> None:
     """Forward hook of a recording Gated DeltaNet mixer: later rule calls are not its own."""
@@ -734,7 +776,7 @@ class StateRecorder:
             self._commit_conv_window(mixer.layer_idx, length)
             state = _compat.recurrent_state(self.cache.layers[mixer.layer_idx])
             if length > 0:
-                state.copy_(record.final_state(state, length).to(state.dtype))
+                record.advance(state, length)
         for group in self.groups:
             layers = [self.cache.layers[self.mixers[index].layer_idx] for index in group.indices]
             commit_state(

@@ -110,7 +110,33 @@ def test_verification_runs_one_unpadded_chunk_and_the_commit_no_mixer(monkeypatc
         recorder.commit(2)
     finally:
         handle.remove()
-    assert calls == [] and chunk_sizes == [VERIFIED, 2]  # the rule over the 2 kept positions, no forward
+    assert calls == [] and chunk_sizes == [VERIFIED]  # neither the mixer nor the chunked rule runs again
+
+
+@pytest.mark.parametrize("l2norm", [True, False])
+@pytest.mark.parametrize("key_heads", [4, 2])
+@pytest.mark.parametrize("length", [1, 3, 5])
+def test_the_in_place_commit_equals_the_rules_final_state(length, key_heads, l2norm):
+    """`DeltaRecord.advance` (the state decayed and updated in place, no outputs) gives the final state of
+    transformers' chunked rule over the kept positions, with grouped value heads and without; a bf16 state
+    goes through the rule itself."""
+    module = __import__(type(_compat.ssm_mixers(_model())[0]).__module__, fromlist=["_"])
+    rule = getattr(module, GATED_DELTA_RULE)
+    generator = torch.Generator().manual_seed(length * 10 + key_heads)
+    key = torch.randn(1, 5, key_heads, 8, generator=generator)
+    value = torch.randn(1, 5, 4, 6, generator=generator)
+    g = -torch.rand(1, 5, 4, generator=generator)
+    beta = torch.rand(1, 5, 4, generator=generator)
+    record = state_replay.DeltaRecord(rule, key, value, g, beta, l2norm)
+    start = torch.randn(1, 4, 8, 6, generator=generator)
+    expected = record.final_state(start.clone(), length)
+    state = start.clone()
+    record.advance(state, length)
+    assert worst_error([(state, expected)]) < 1e-5
+    assert worst_error([(start, expected)]) > 1e-2  # the positions do move the state
+    half = start.to(torch.bfloat16)
+    record.advance(half, length)
+    assert worst_error([(half.float(), expected)]) < 2e-2
 
 
 def test_outside_callers_of_the_rule_are_untouched_during_a_verification():
