@@ -491,8 +491,9 @@ NEGLIGIBLE_TERM = 2.0**-100
 
 class CommitWorkspace:
     """Buffers a commit reuses from round to round, grown on demand: a round's commit needs the same few
-    buffers as the last one, so they are allocated once instead of every round (glibc serves blocks above
-    its mmap threshold with fresh pages each time)."""
+    buffers as the last one, so they are allocated once instead of every round. Measured (Mamba2-370M and
+    -1.3B, bf16, 2-core AMX VM): no faster than fresh buffers within noise, 0 page faults a commit against
+    80–480 (glibc serves blocks above its mmap threshold with fresh pages)."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
