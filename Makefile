@@ -32,6 +32,7 @@ $(VENV)/.torch:
 # The package (editable) with the extras named after the dash, e.g. .venv/.extras-bench.
 $(VENV)/.extras-%: pyproject.toml | $(VENV)/.torch
 	$(PIP) install -q -e ".[$*]"
+	$(PY) -m hf_specssm.kernels.cpu
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.extras-$(EXTRAS)
@@ -42,6 +43,7 @@ $(OLDEST_VENV)/.installed: pyproject.toml
 	$(OLDEST_VENV)/bin/pip install -q --upgrade pip
 	$(OLDEST_VENV)/bin/pip install -q "$(TORCH_PIN)"
 	$(OLDEST_VENV)/bin/pip install -q -e ".[$(OLDEST_EXTRAS)]" "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_PY) -m hf_specssm.kernels.cpu
 	touch $@
 
 install: $(VENV)/.installed

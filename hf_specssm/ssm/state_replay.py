@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ from hf_specssm._compat.mixers import (
     module_function_override,
 )
 from hf_specssm.cache import ForkableCache
+from hf_specssm.kernels.cpu import cpu_kernels, use_cpu_kernels
 
 __all__ = [
     "DeltaRecord",
@@ -119,6 +121,15 @@ _CONV_FUNCTION = "causal_conv1d_fn"
 _VERIFYING: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_specssm_frozen_scan", default=False)
 
 
+_NO_TENSOR = torch.empty(0)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_mask(length: int) -> torch.Tensor:
+    """`[T, T]` lower-triangular bool mask (CPU), shared by every layer of a verification."""
+    return torch.ones(length, length, dtype=torch.bool).tril()
+
+
 def verification_scan(
     hidden_states: torch.Tensor,
     dt: torch.Tensor,
@@ -168,6 +179,19 @@ def verification_scan(
     # Δ (its multi-token scan does; with Zamba2's `time_step_min` the two differ)
     dt = dt.float()  # [b, T, H]
     x = hidden_states.float()
+    if use_cpu_kernels(x, dt, B, C):
+        # the same sum in one compiled pass (`hf_specssm.kernels.cpu`): no [b, H, T, T] temporaries
+        y = cpu_kernels().masked_chunk_scan(
+            x,
+            dt,
+            A.float(),
+            B.float(),
+            C.float(),
+            _NO_TENSOR if initial_states is None else initial_states.float(),
+            _causal_mask(length),
+            _NO_TENSOR if D is None else D.float(),
+        )
+        return (y, initial_states) if return_final_states else y
     a = torch.cumsum(A.float() * dt, dim=1).transpose(1, 2)  # [b, H, T]: cum_t
     repeat = heads // groups
     C_h = C.float().repeat_interleave(repeat, dim=2).transpose(1, 2)  # [b, H, T, N]
@@ -208,8 +232,22 @@ def verification_conv(
     Returns:
         `[B, C, L]` in `hidden_states.dtype`; sums in float32, rounded to `weight.dtype` once (float32: the
         same values as oneDNN's convolution to rounding; bf16: one rounding instead of a bf16 convolution's).
+        On CPU with the compiled kernels (`hf_specssm.kernels.cpu`) the result is channels last (a
+        transposed `[B, L, C]` buffer, the layout the mixer transposes it back to).
     """
     kernel, length = weight.shape[-1], hidden_states.shape[-1]
+    if use_cpu_kernels(hidden_states, weight):
+        # one compiled pass over channels (`hf_specssm.kernels.cpu`); float32 with SiLU fused
+        fused = weight.dtype == torch.float32 and activation in ("silu", "swish")
+        out = cpu_kernels().causal_conv(
+            hidden_states.float(), weight.float(), _NO_TENSOR if bias is None else bias.float(), fused
+        )
+        if fused:
+            return out
+        out = out.to(weight.dtype)
+        if activation is not None:
+            out = ACT2FN[activation](out)
+        return out.to(hidden_states.dtype)
     padded = F.pad(hidden_states.float(), (kernel - 1, 0))
     taps = weight.float()
     out = padded[..., :length] * taps[:, :1]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from hf_specssm.kernels._triton import use_triton
+from hf_specssm.kernels.cpu import cpu_kernels, use_cpu_kernels
+from hf_specssm.kernels.tree_scan.reference import tree_scan_diagonal_torch, tree_scan_torch
 
-# Mamba v1's level-parallel tree scan has no Triton kernel: every device runs the torch version.
-from hf_specssm.kernels.tree_scan.reference import tree_scan_diagonal, tree_scan_torch
+_EMPTY = torch.empty(0)
 
 
 def tree_scan(
@@ -23,7 +24,8 @@ def tree_scan(
     """Mamba2 (scalar decay per head) outputs at every node of a token tree, from the committed state.
 
     One masked single-chunk SSD computation: the ancestor mask replaces the causal mask (README.md).
-    Triton on CUDA tensors (trees of up to 128 positions), plain torch elsewhere.
+    Triton on CUDA tensors (trees of up to 128 positions), the compiled CPU kernel on CPU tensors
+    (`hf_specssm.kernels.cpu`, where it could be built), plain torch elsewhere.
 
     Args:
         x: `[Bt, T, H, P]` inputs after the conv.
@@ -41,7 +43,57 @@ def tree_scan(
         from hf_specssm.kernels.tree_scan.triton import tree_scan_triton
 
         return tree_scan_triton(x, dt, A, B, C, initial_state, ancestor_mask, D)
+    if use_cpu_kernels(x, dt, B, C, initial_state):
+        return cpu_kernels().masked_chunk_scan(
+            x.float(),
+            dt.float(),
+            A.float(),
+            B.float(),
+            C.float(),
+            initial_state.float(),
+            ancestor_mask,
+            _EMPTY if D is None else D.float(),
+        )
     return tree_scan_torch(x, dt, A, B, C, initial_state, ancestor_mask, D)
+
+
+def tree_scan_diagonal(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor,
+    parents: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mamba v1 (diagonal decay per channel and state) outputs at every node of a tree (or a chain).
+
+    The compiled CPU kernel on CPU tensors (one pass over the nodes per channel, every node's state in a
+    per-channel buffer), the level-parallel torch scan elsewhere (`reference.tree_scan_diagonal_torch`).
+
+    Args:
+        x: `[Bt, T, D]` inputs; dt: `[Bt, T, D]` step sizes Δ (after bias and softplus).
+        A: `[D, N]` negative decay rates; B, C: `[Bt, T, N]`.
+        initial_state: `[Bt, D, N]` the committed state above the root.
+        parents: `[T]` parent position of each position (`-1`: the committed state), `parents[i] < i`.
+        D: `[D]` skip weights or `None`.
+
+    Returns:
+        `[Bt, T, D]` float32.
+    """
+    if use_cpu_kernels(x, dt, B, C, initial_state):
+        return cpu_kernels().tree_scan_diagonal(
+            x.float(),
+            dt.float(),
+            A.float(),
+            B.float(),
+            C.float(),
+            initial_state.float(),
+            parents.cpu(),
+            _EMPTY if D is None else D.float(),
+        )
+    return tree_scan_diagonal_torch(x, dt, A, B, C, initial_state, parents, D)
 
 
 __all__ = ["tree_scan", "tree_scan_diagonal"]

@@ -96,7 +96,7 @@ def tree_scan_torch(
     return out
 
 
-def tree_scan_diagonal(
+def tree_scan_diagonal_torch(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,

@@ -1,0 +1,156 @@
+"""CPU kernels for short SSM verifications, compiled once per machine (see README.md in this folder).
+
+`cpu_kernels()` returns the compiled extension, or `None` where it cannot be had (no C++ compiler, a build
+error, `HF_SPECSSM_CPU_KERNELS=0`); every caller then runs the op's torch reference. The build takes
+~25 s on 2 cores and is cached under `~/.cache/hf_specssm/cpu_kernels/` (or `$HF_SPECSSM_CACHE`), keyed by
+the source, the torch version and this CPU's instruction sets, so a cache moved to another machine is
+rebuilt rather than run with instructions that CPU lacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "build_cpu_kernels",
+    "cpu_kernels",
+    "cpu_kernels_disabled",
+    "cpu_kernels_failure",
+    "use_cpu_kernels",
+]
+
+logger = logging.getLogger(__name__)
+
+#: set to `0` to keep the torch references everywhere
+ENVIRONMENT_SWITCH = "HF_SPECSSM_CPU_KERNELS"
+SOURCE = Path(__file__).with_name("ssm_kernels.cpp")
+_LOCK = threading.Lock()
+_FAILURE: list[str] = []
+
+
+def cpu_kernels_disabled() -> bool:
+    """Whether `HF_SPECSSM_CPU_KERNELS=0` (or `false`, `off`) turned the kernels off."""
+    return os.environ.get(ENVIRONMENT_SWITCH, "1").strip().lower() in ("0", "false", "off", "no")
+
+
+def _cpu_signature() -> str:
+    """The machine and the instruction-set flags of this CPU (`/proc/cpuinfo`), for the cache key."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}"
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("HF_SPECSSM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_specssm")
+    return Path(root) / "cpu_kernels"
+
+
+def _build_name() -> str:
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(torch.__version__.encode())
+    key.update(sys.version.encode())
+    key.update(_cpu_signature().encode())
+    return f"hf_specssm_cpu_{key.hexdigest()[:16]}"
+
+
+def _ninja_on_path() -> dict[str, str]:
+    """`PATH` with this interpreter's scripts folder and the `ninja` package's binary first (torch's
+    extension builder runs `ninja` from `PATH`; a virtual environment that was not activated lacks it)."""
+    folders = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # the PyPI package ships the binary
+
+        folders.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    return {"PATH": os.pathsep.join([*folders, os.environ.get("PATH", "")])}
+
+
+def build_cpu_kernels(verbose: bool = False):
+    """Compile (or load the cached build of) the CPU kernels; raises what the build raised.
+
+    Returns:
+        The extension module (`masked_chunk_scan`, `tree_scan_diagonal`, `causal_conv`).
+    """
+    from torch.utils import cpp_extension
+
+    name = _build_name()
+    directory = _cache_root() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-fopenmp", "-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
+    saved = os.environ.get("PATH")
+    os.environ.update(_ninja_on_path())
+    try:
+        if not any(directory.glob("*.so")):
+            logger.warning("hf_specssm: compiling the CPU kernels once for this machine (~25 s)")
+        return cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
+            build_directory=str(directory),
+            verbose=verbose,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = saved
+
+
+@functools.cache
+def _loaded():
+    with _LOCK:
+        if shutil.which("c++", path=_ninja_on_path()["PATH"]) is None and shutil.which("g++") is None:
+            _FAILURE.append("no C++ compiler on PATH")
+            return None
+        try:
+            return build_cpu_kernels()
+        except Exception as error:
+            _FAILURE.append(
+                f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
+            )
+            logger.warning(
+                "hf_specssm: the CPU kernels could not be built (%s); the torch references run instead",
+                _FAILURE[-1],
+            )
+            return None
+
+
+def cpu_kernels():
+    """The compiled CPU kernels, or `None` (disabled, or the build failed: `cpu_kernels_failure()`)."""
+    if cpu_kernels_disabled():
+        return None
+    return _loaded()
+
+
+def cpu_kernels_failure() -> str | None:
+    """Why the last build attempt failed, or `None`."""
+    return _FAILURE[-1] if _FAILURE else None
+
+
+def use_cpu_kernels(*tensors: torch.Tensor) -> bool:
+    """Whether the CPU kernels serve these tensors: all on the CPU, no autograd needed, kernels available."""
+    if not all(t.device.type == "cpu" for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return cpu_kernels() is not None

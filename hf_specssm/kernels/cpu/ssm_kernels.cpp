@@ -1,0 +1,261 @@
+// CPU kernels for short SSM verifications: one fused loop where the torch references run 10-30 small ops.
+// Built at first use by hf_specssm/kernels/cpu/__init__.py (torch.utils.cpp_extension); every op has a
+// torch reference it is tested against (README.md in this folder). float32 in, float32 out; callers cast.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// exp(x) in float32 to ~2 ulp (Cephes' expf polynomial) written as plain arithmetic, so that the compiler
+// vectorises the loops that call it without -ffast-math (glibc's vector expf needs it). Below -87.3 the
+// result is 0 (float32's normal range ends at exp(-87.34); denormal products are slow on x86).
+inline float exp_approx(float x) {
+  const float clamped = x > 88.3f ? 88.3f : (x < -87.3f ? -87.3f : x);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding then subtracting it rounds to an integer
+  const float k = (clamped * 1.44269504088896341f + shifter) - shifter;
+  float r = clamped - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.3f ? 0.0f : p * scale;
+}
+
+void check_float(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type());
+}
+
+}  // namespace
+
+// Mamba2 (scalar decay per head) outputs of T positions whose ancestry is `mask`, from the state `h0`:
+//   L_i = sum_{j: mask[i, j]} dt_j A,
+//   y_i = exp(L_i) C_i . h0 + sum_{j: mask[i, j]} (C_i . B_j) exp(L_i - L_j) dt_j x_j + D x_i.
+// A causal mask is the single-chunk SSD scan; an ancestor mask is the STree tree scan.
+// x [Bt, T, H, P]; dt [Bt, T, H] (after bias and softplus); A [H]; B, C [Bt, T, G, N];
+// h0 [Bt, H, P, N] or empty (zeros); mask [T, T] or [Bt, T, T] bool; D [H] or empty. Returns [Bt, T, H, P].
+torch::Tensor masked_chunk_scan(torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
+                                torch::Tensor C, torch::Tensor h0, torch::Tensor mask, torch::Tensor D) {
+  for (auto& pair : {std::make_pair(&x, "x"), std::make_pair(&dt, "dt"), std::make_pair(&A, "A"),
+                     std::make_pair(&B, "B"), std::make_pair(&C, "C")}) {
+    check_float(*pair.first, pair.second);
+    *pair.first = pair.first->contiguous();
+  }
+  TORCH_CHECK(x.dim() == 4 && dt.dim() == 3 && B.dim() == 4 && C.dim() == 4, "x, dt, B, C: 4, 3, 4, 4 dims");
+  const int64_t batch = x.size(0), length = x.size(1), heads = x.size(2), head_dim = x.size(3);
+  const int64_t groups = B.size(2), state = B.size(3);
+  TORCH_CHECK(heads % groups == 0, "heads must be a multiple of groups");
+  const bool has_h0 = h0.numel() > 0;
+  if (has_h0) {
+    check_float(h0, "h0");
+    h0 = h0.contiguous();
+  }
+  const bool has_d = D.numel() > 0;
+  if (has_d) {
+    check_float(D, "D");
+    D = D.contiguous();
+  }
+  mask = mask.to(torch::kBool).contiguous();
+  const bool batched_mask = mask.dim() == 3;
+  auto y = torch::empty({batch, length, heads, head_dim}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* dtp = dt.data_ptr<float>();
+  const float* ap = A.data_ptr<float>();
+  const float* bp = B.data_ptr<float>();
+  const float* cp = C.data_ptr<float>();
+  // C_i . h0[p] for every head, position and row of the state: one batched product (MKL) over
+  // [Bt, G, 1, T, N] x [Bt, G, H/G, N, P] -> [Bt, H, T, P]
+  torch::Tensor carried_all;
+  const float* hp = nullptr;
+  if (has_h0) {
+    auto grouped_c = C.permute({0, 2, 1, 3}).unsqueeze(2);
+    auto grouped_h = h0.view({batch, groups, heads / groups, head_dim, state}).transpose(-1, -2);
+    carried_all = at::matmul(grouped_c, grouped_h).reshape({batch, heads, length, head_dim}).contiguous();
+    hp = carried_all.data_ptr<float>();
+  }
+  const float* dp = has_d ? D.data_ptr<float>() : nullptr;
+  const bool* mp = mask.data_ptr<bool>();
+  float* yp = y.data_ptr<float>();
+  const int64_t per_group = heads / groups;
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> cum(length), weights(length * length);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads, g = h / per_group;
+      const bool* m = mp + (batched_mask ? b * length * length : 0);
+      const float a = ap[h];
+      for (int64_t i = 0; i < length; ++i) {
+        float total = 0.0f;
+        for (int64_t j = 0; j <= i; ++j) {
+          if (m[i * length + j]) total += dtp[(b * length + j) * heads + h] * a;
+        }
+        cum[i] = total;
+      }
+      for (int64_t i = 0; i < length; ++i) {
+        const float* ci = cp + ((b * length + i) * groups + g) * state;
+        for (int64_t j = 0; j < length; ++j) {
+          float w = 0.0f;
+          if (j <= i && m[i * length + j]) {
+            const float* bj = bp + ((b * length + j) * groups + g) * state;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t n = 0; n < state; ++n) dot += ci[n] * bj[n];
+            w = dot * exp_approx(cum[i] - cum[j]) * dtp[(b * length + j) * heads + h];
+          }
+          weights[i * length + j] = w;
+        }
+      }
+      for (int64_t i = 0; i < length; ++i) {
+        float* out = yp + ((b * length + i) * heads + h) * head_dim;
+        const float* xi = xp + ((b * length + i) * heads + h) * head_dim;
+        const float decay = has_h0 ? exp_approx(cum[i]) : 0.0f;
+        const float skip = has_d ? dp[h] : 0.0f;
+        const float* carried = has_h0 ? hp + ((b * heads + h) * length + i) * head_dim : xi;
+#pragma omp simd
+        for (int64_t p = 0; p < head_dim; ++p) {
+          out[p] = (has_h0 ? decay * carried[p] : 0.0f) + skip * xi[p];
+        }
+        for (int64_t j = 0; j <= i; ++j) {
+          const float w = weights[i * length + j];
+          if (w == 0.0f) continue;
+          const float* xj = xp + ((b * length + j) * heads + h) * head_dim;
+#pragma omp simd
+          for (int64_t p = 0; p < head_dim; ++p) out[p] += w * xj[p];
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// Mamba v1 (decay per channel and state) outputs at every node of a tree, from the state h0:
+//   h_i = exp(dt_i A) * h_parent(i) + dt_i x_i B_i,  y_i = h_i . C_i + D x_i   (parents[i] < i, -1: h0).
+// x, dt [Bt, T, Dm]; A [Dm, N]; B, C [Bt, T, N]; h0 [Bt, Dm, N]; parents [T] int64; D [Dm] or empty.
+// Returns [Bt, T, Dm]. Every node's state lives in a per-channel buffer of T x N floats.
+torch::Tensor tree_scan_diagonal(torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
+                                 torch::Tensor C, torch::Tensor h0, torch::Tensor parents, torch::Tensor D) {
+  for (auto& pair : {std::make_pair(&x, "x"), std::make_pair(&dt, "dt"), std::make_pair(&A, "A"),
+                     std::make_pair(&B, "B"), std::make_pair(&C, "C"), std::make_pair(&h0, "h0")}) {
+    check_float(*pair.first, pair.second);
+    *pair.first = pair.first->contiguous();
+  }
+  const int64_t batch = x.size(0), length = x.size(1), channels = x.size(2), state = A.size(1);
+  parents = parents.to(torch::kLong).contiguous();
+  const int64_t* pp = parents.data_ptr<int64_t>();
+  for (int64_t i = 0; i < length; ++i) {
+    TORCH_CHECK(pp[i] < i && pp[i] >= -1, "parents[i] must be in [-1, i)");
+  }
+  const bool has_d = D.numel() > 0;
+  if (has_d) {
+    check_float(D, "D");
+    D = D.contiguous();
+  }
+  auto y = torch::empty({batch, length, channels}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* dtp = dt.data_ptr<float>();
+  const float* ap = A.data_ptr<float>();
+  const float* bp = B.data_ptr<float>();
+  const float* cp = C.data_ptr<float>();
+  const float* hp = h0.data_ptr<float>();
+  const float* dp = has_d ? D.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, batch * channels, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> states(length * state);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / channels, d = task % channels;
+      const float* a = ap + d * state;
+      const float* start = hp + task * state;
+      for (int64_t i = 0; i < length; ++i) {
+        const float* previous = pp[i] < 0 ? start : states.data() + pp[i] * state;
+        float* current = states.data() + i * state;
+        const int64_t at = (b * length + i) * channels + d;
+        const float delta = dtp[at], input = delta * xp[at];
+        const float* bi = bp + (b * length + i) * state;
+        const float* ci = cp + (b * length + i) * state;
+        float out = 0.0f;
+#pragma omp simd reduction(+ : out)
+        for (int64_t n = 0; n < state; ++n) {
+          const float value = exp_approx(delta * a[n]) * previous[n] + input * bi[n];
+          current[n] = value;
+          out += value * ci[n];
+        }
+        yp[at] = out + (has_d ? dp[d] * xp[at] : 0.0f);
+      }
+    }
+  });
+  return y;
+}
+
+// Depthwise causal conv over [Bt, Cc, L] inputs with zero history, bias and optional SiLU:
+//   out[c, l] = act(sum_k w[c, k] in[c, l + k - (K - 1)] + bias[c]).   weight [Cc, K]; bias [Cc] or empty.
+// Runs over channels (vectorised) in a channels-last copy of the input; a channels-last input (the
+// transposed projection output a verification passes) is not copied. Returns [Bt, Cc, L], channels last.
+torch::Tensor causal_conv(torch::Tensor input, torch::Tensor weight, torch::Tensor bias, bool silu) {
+  check_float(input, "input");
+  check_float(weight, "weight");
+  const bool has_bias = bias.numel() > 0;
+  if (has_bias) {
+    check_float(bias, "bias");
+    bias = bias.contiguous();
+  }
+  const int64_t batch = input.size(0), channels = input.size(1), length = input.size(2);
+  const int64_t kernel = weight.size(1);
+  auto rows = input.transpose(1, 2).contiguous();  // [Bt, L, Cc]
+  auto taps = weight.t().contiguous();              // [K, Cc]
+  auto out = torch::empty_like(rows);
+  const float* ip = rows.data_ptr<float>();
+  const float* wp = taps.data_ptr<float>();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t block = 512;
+  const int64_t blocks = (channels + block - 1) / block;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, block * length * kernel));
+  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, first = (task % blocks) * block;
+      const int64_t width = std::min(block, channels - first);
+      for (int64_t l = 0; l < length; ++l) {
+        float* o = op + (b * length + l) * channels + first;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) o[c] = 0.0f;
+        for (int64_t k = 0; k < kernel; ++k) {
+          const int64_t source = l + k - (kernel - 1);
+          if (source < 0) continue;
+          const float* in = ip + (b * length + source) * channels + first;
+          const float* w = wp + k * channels + first;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) o[c] += w[c] * in[c];
+        }
+        if (has_bias) {
+          const float* offset = bp + first;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) o[c] += offset[c];
+        }
+        if (silu) {
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) o[c] = o[c] / (1.0f + exp_approx(-o[c]));
+        }
+      }
+    }
+  });
+  return out.transpose(1, 2);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("masked_chunk_scan", &masked_chunk_scan, "Mamba2 single-chunk scan under a causal or ancestor mask");
+  m.def("tree_scan_diagonal", &tree_scan_diagonal, "Mamba v1 scan over a token tree (or chain)");
+  m.def("causal_conv", &causal_conv, "depthwise causal conv with bias and optional SiLU");
+}

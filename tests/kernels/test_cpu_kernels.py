@@ -1,0 +1,203 @@
+"""The compiled CPU kernels (`hf_specssm.kernels.cpu`) against their torch references and loop definitions.
+
+The build needs a C++ compiler (CI has gcc); where it cannot be had the tests skip and every caller runs
+the torch references, which `test_the_references_run_when_the_kernels_are_switched_off` checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_specssm.kernels import cpu as cpu_module
+from hf_specssm.kernels.tree_scan import tree_scan, tree_scan_diagonal
+from hf_specssm.kernels.tree_scan.reference import tree_scan_diagonal_torch, tree_scan_naive, tree_scan_torch
+from hf_specssm.ssm import state_replay
+from hf_specssm.ssm.state_replay import verification_conv, verification_scan
+
+from tests.helpers.kernel_cases import ancestor_mask, random_parents
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if cpu_module.cpu_kernels_disabled():
+        pytest.skip("HF_SPECSSM_CPU_KERNELS=0")
+    module = cpu_module.cpu_kernels()
+    if module is None:
+        pytest.skip(f"the CPU kernels could not be built here: {cpu_module.cpu_kernels_failure()}")
+    return module
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=2e-5, msg=lambda m: f"{what}: {m}")
+
+
+# (Bt, T, H, P, G, N): odd sizes, grouped heads, one position, a long window
+MAMBA2_SHAPES = [(1, 9, 3, 5, 1, 7), (2, 13, 4, 17, 2, 19), (1, 1, 2, 3, 1, 5), (1, 40, 6, 8, 3, 16)]
+
+
+def _mamba2_case(shape, generator):
+    batch, length, heads, head_dim, groups, state = shape
+    x = torch.randn(batch, length, heads, head_dim, generator=generator)
+    dt = torch.nn.functional.softplus(torch.randn(batch, length, heads, generator=generator))
+    A = -torch.rand(heads, generator=generator) * 4
+    B = torch.randn(batch, length, groups, state, generator=generator)
+    C = torch.randn(batch, length, groups, state, generator=generator)
+    h0 = torch.randn(batch, heads, head_dim, state, generator=generator)
+    D = torch.randn(heads, generator=generator)
+    return x, dt, A, B, C, h0, D
+
+
+@pytest.mark.parametrize("shape", MAMBA2_SHAPES, ids=str)
+def test_masked_chunk_scan_matches_the_tree_definition(kernels, shape):
+    generator = torch.Generator().manual_seed(1)
+    x, dt, A, B, C, h0, D = _mamba2_case(shape, generator)
+    length = shape[1]
+    for parents in (torch.arange(length) - 1, random_parents(length, generator)):
+        mask = ancestor_mask(parents)
+        expected = tree_scan_naive(x, dt, A, B, C, h0, parents, D)
+        _close(
+            kernels.masked_chunk_scan(x, dt, A, B, C, h0, mask, D), expected, f"parents {parents.tolist()}"
+        )
+        _close(tree_scan(x, dt, A, B, C, h0, mask, D), expected, "dispatch")
+        # no skip term, zero state
+        _close(
+            kernels.masked_chunk_scan(x, dt, A, B, C, torch.empty(0), mask, torch.empty(0)),
+            tree_scan_torch(x, dt, A, B, C, torch.zeros_like(h0), mask, None),
+            "no D, no state",
+        )
+    # negative control: the state matters
+    moved = kernels.masked_chunk_scan(x, dt, A, B, C, h0 * 2, ancestor_mask(torch.arange(length) - 1), D)
+    assert not torch.allclose(moved, tree_scan_naive(x, dt, A, B, C, h0, torch.arange(length) - 1, D))
+
+
+def test_masked_chunk_scan_takes_one_mask_per_row(kernels):
+    generator = torch.Generator().manual_seed(2)
+    x, dt, A, B, C, h0, D = _mamba2_case((2, 7, 2, 3, 1, 5), generator)
+    parents = [random_parents(7, generator) for _ in range(2)]
+    masks = torch.stack([ancestor_mask(p) for p in parents])
+    out = kernels.masked_chunk_scan(x, dt, A, B, C, h0, masks, D)
+    for row in range(2):
+        _close(
+            out[row : row + 1],
+            tree_scan_naive(
+                *(t[row : row + 1] for t in (x, dt)),
+                A,
+                B[row : row + 1],
+                C[row : row + 1],
+                h0[row : row + 1],
+                parents[row],
+                D,
+            ),
+            f"row {row}",
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verification_scan_uses_the_kernel_and_matches_the_torch_form(kernels, dtype, monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    x, _, A, B, C, h0, D = _mamba2_case((1, 9, 4, 6, 2, 8), generator)
+    raw_dt, dt_bias = torch.randn(1, 9, 4, generator=generator), torch.randn(4, generator=generator)
+    args = (x.to(dtype), raw_dt.to(dtype), A, B.to(dtype), C.to(dtype))
+    kwargs = {"D": D, "dt_bias": dt_bias, "initial_states": h0, "dt_softplus": True}
+    calls = []
+
+    class Counting:
+        def masked_chunk_scan(self, *inputs):
+            calls.append(inputs)
+            return kernels.masked_chunk_scan(*inputs)
+
+    monkeypatch.setattr(state_replay, "cpu_kernels", Counting)
+    out = verification_scan(*args, **kwargs)
+    assert calls, "the compiled kernel did not run"
+    monkeypatch.setenv(cpu_module.ENVIRONMENT_SWITCH, "0")
+    _close(out, verification_scan(*args, **kwargs), "kernel vs torch form")
+
+
+@pytest.mark.parametrize("parents_kind", ["chain", "tree"])
+@pytest.mark.parametrize("shape", [(1, 9, 11, 4), (2, 17, 33, 16), (1, 1, 5, 3)], ids=str)
+def test_tree_scan_diagonal_matches_a_loop_over_each_path(kernels, shape, parents_kind):
+    batch, length, channels, state = shape
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(batch, length, channels, generator=generator)
+    dt = torch.nn.functional.softplus(torch.randn(batch, length, channels, generator=generator))
+    A = -torch.rand(channels, state, generator=generator) * 8
+    B, C = (torch.randn(batch, length, state, generator=generator) for _ in range(2))
+    h0 = torch.randn(batch, channels, state, generator=generator)
+    D = torch.randn(channels, generator=generator)
+    parents = torch.arange(length) - 1 if parents_kind == "chain" else random_parents(length, generator)
+    # the definition: each node's state is its path's recurrence from h0
+    expected = torch.empty(batch, length, channels)
+    states = {}
+    for node, parent in enumerate(parents.tolist()):
+        previous = h0 if parent < 0 else states[parent]
+        states[node] = (
+            torch.exp(dt[:, node, :, None] * A) * previous
+            + (dt[:, node] * x[:, node])[..., None] * B[:, node, None]
+        )
+        expected[:, node] = (states[node] * C[:, node, None]).sum(-1) + D * x[:, node]
+    _close(kernels.tree_scan_diagonal(x, dt, A, B, C, h0, parents, D), expected, "kernel")
+    _close(tree_scan_diagonal(x, dt, A, B, C, h0, parents, D), expected, "dispatch")
+    _close(tree_scan_diagonal_torch(x, dt, A, B, C, h0, parents, D), expected, "torch reference")
+    _close(kernels.tree_scan_diagonal(x, dt, A, B, C, h0, parents, torch.empty(0)), expected - D * x, "no D")
+    # negative control: another state gives other outputs
+    assert not torch.allclose(kernels.tree_scan_diagonal(x, dt, A, B, C, -h0, parents, D), expected)
+
+
+def test_tree_scan_diagonal_refuses_parents_out_of_order(kernels):
+    x = torch.zeros(1, 3, 2)
+    args = (x, x, torch.zeros(2, 4), torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), torch.zeros(1, 2, 4))
+    with pytest.raises(RuntimeError, match="parents"):
+        kernels.tree_scan_diagonal(*args, torch.tensor([-1, 2, 0]), torch.empty(0))
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_causal_conv_matches_the_shifted_products(kernels, activation, dtype, channels_last, monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    channels, length, kernel = 37, 12, 4
+    inputs = torch.randn(2, length, channels, generator=generator).to(dtype)
+    inputs = inputs.transpose(1, 2) if channels_last else inputs.transpose(1, 2).contiguous()
+    weight = torch.randn(channels, kernel, generator=generator).to(dtype)
+    bias = torch.randn(channels, generator=generator).to(dtype)
+    out = verification_conv(inputs, weight, bias, activation)
+    # the definition, in float64
+    padded = torch.nn.functional.pad(inputs.double(), (kernel - 1, 0))
+    expected = sum(padded[..., k : k + length] * weight.double()[:, k : k + 1] for k in range(kernel))
+    expected = (expected + bias.double()[:, None]).to(dtype)
+    if activation is not None:
+        expected = torch.nn.functional.silu(expected)
+    assert out.shape == inputs.shape and out.dtype == dtype
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected.double(), rtol=tolerance, atol=tolerance)
+    monkeypatch.setenv(cpu_module.ENVIRONMENT_SWITCH, "0")
+    torch.testing.assert_close(
+        out, verification_conv(inputs, weight, bias, activation), rtol=tolerance, atol=tolerance
+    )
+
+
+def test_the_kernels_stay_off_for_autograd_and_other_devices(kernels):
+    x = torch.zeros(1, 2, requires_grad=True)
+    with torch.enable_grad():
+        assert not cpu_module.use_cpu_kernels(x)
+    assert cpu_module.use_cpu_kernels(x.detach())
+    assert not cpu_module.use_cpu_kernels(torch.zeros(1, device="meta"))
+
+
+def test_the_references_run_when_the_kernels_are_switched_off(monkeypatch):
+    monkeypatch.setenv(cpu_module.ENVIRONMENT_SWITCH, "0")
+    assert cpu_module.cpu_kernels() is None and not cpu_module.use_cpu_kernels(torch.zeros(1))
+    generator = torch.Generator().manual_seed(6)
+    x, dt, A, B, C, h0, D = _mamba2_case((1, 5, 2, 3, 1, 4), generator)
+    parents = torch.arange(5) - 1
+    _close(
+        tree_scan(x, dt, A, B, C, h0, ancestor_mask(parents), D),
+        tree_scan_naive(x, dt, A, B, C, h0, parents, D),
+        "torch path",
+    )
+
+
+def test_the_build_is_keyed_by_this_cpu(monkeypatch):
+    first = cpu_module._build_name()
+    monkeypatch.setattr(cpu_module, "_cpu_signature", lambda: "x86_64 sse2")
+    assert cpu_module._build_name() != first  # a cache built with other instructions is not loaded
