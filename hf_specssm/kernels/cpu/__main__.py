@@ -16,7 +16,9 @@ def main() -> int:
     start = time.perf_counter()
     module = cpu.cpu_kernels()
     if module is None:
-        print(f"hf_specssm CPU kernels: not available ({cpu.cpu_kernels_failure()}); the torch references run")
+        print(
+            f"hf_specssm CPU kernels: not available ({cpu.cpu_kernels_failure()}); the torch references run"
+        )
     else:
         print(f"hf_specssm CPU kernels: ready in {time.perf_counter() - start:.1f} s ({module.__file__})")
     return 0
