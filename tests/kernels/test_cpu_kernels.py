@@ -13,6 +13,7 @@ from hf_specssm.kernels.tree_scan import tree_scan, tree_scan_diagonal
 from hf_specssm.kernels.tree_scan.reference import tree_scan_diagonal_torch, tree_scan_naive, tree_scan_torch
 from hf_specssm.ssm import state_replay
 from hf_specssm.ssm.state_replay import verification_conv, verification_scan
+from hf_specssm.ssm.tree_scan import _TreePlan
 
 from tests.helpers.kernel_cases import ancestor_mask, random_parents
 
@@ -174,6 +175,28 @@ def test_causal_conv_matches_the_shifted_products(kernels, activation, dtype, ch
     torch.testing.assert_close(
         out, verification_conv(inputs, weight, bias, activation), rtol=tolerance, atol=tolerance
     )
+
+
+@pytest.mark.parametrize("silu", [True, False])
+def test_window_conv_reads_each_positions_own_window(kernels, silu):
+    generator = torch.Generator().manual_seed(7)
+    channels, kernel, length = 41, 4, 9
+    parents = random_parents(length, generator)
+    windows = _TreePlan.build(parents).conv_windows(kernel, torch.device("cpu"))  # [T, K]
+    extended = torch.randn(2, channels, kernel - 1 + length, generator=generator)
+    weight = torch.randn(channels, kernel, generator=generator)
+    bias = torch.randn(channels, generator=generator)
+    expected = torch.einsum("bctk,ck->bct", extended[:, :, windows], weight) + bias[:, None]
+    if silu:
+        expected = torch.nn.functional.silu(expected)
+    out = kernels.window_conv(extended, windows, weight, bias, silu)
+    _close(out, expected, "window conv")
+    # negative control: a window that skips the parent reads other columns
+    shifted = windows.clone()
+    shifted[-1] = windows[0]
+    assert not torch.allclose(kernels.window_conv(extended, shifted, weight, bias, silu), expected)
+    with pytest.raises(RuntimeError, match="windows"):
+        kernels.window_conv(extended, windows + 100, weight, bias, silu)
 
 
 def test_the_kernels_stay_off_for_autograd_and_other_devices(kernels):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -35,6 +37,10 @@ def test_bench_ssm_runs(capsys):
     ):
         assert part in out
     assert "| NO |" not in out
+    # the split is of wall time (the compiled CPU kernels are invisible to the profiler): shares in [0, 1]
+    split = re.search(r"matrix products take (\d+)% of the k=8 verification .* and (\d+)% of a step", out)
+    assert split is not None and all(0 <= int(share) <= 100 for share in split.groups())
+    assert re.search(r"(compiled CPU kernels|CPU kernels (switched off|unavailable))", out)
 
 
 def test_the_oracle_part_compares_decoding_without_the_shared_prefill():

@@ -254,8 +254,73 @@ torch::Tensor causal_conv(torch::Tensor input, torch::Tensor weight, torch::Tens
   return out.transpose(1, 2);
 }
 
+// Depthwise conv where position t reads the columns windows[t, 0..K-1] of `input` (oldest first): a token
+// tree's conv, each position over its own ancestors (and the cached window above the first position).
+//   out[c, t] = act(sum_k w[c, k] input[c, windows[t, k]] + bias[c]).
+// input [Bt, Cc, L]; windows [T, K] int64 in [0, L); weight [Cc, K]; bias [Cc] or empty.
+// Returns [Bt, Cc, T], channels last.
+torch::Tensor window_conv(torch::Tensor input, torch::Tensor windows, torch::Tensor weight, torch::Tensor bias,
+                          bool silu) {
+  check_float(input, "input");
+  check_float(weight, "weight");
+  const bool has_bias = bias.numel() > 0;
+  if (has_bias) {
+    check_float(bias, "bias");
+    bias = bias.contiguous();
+  }
+  const int64_t batch = input.size(0), channels = input.size(1), columns = input.size(2);
+  const int64_t kernel = weight.size(1), length = windows.size(0);
+  TORCH_CHECK(windows.dim() == 2 && windows.size(1) == kernel, "windows must be [T, K]");
+  windows = windows.to(torch::kLong).contiguous();
+  const int64_t* wi = windows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < length * kernel; ++i) {
+    TORCH_CHECK(wi[i] >= 0 && wi[i] < columns, "windows must index columns of input");
+  }
+  auto rows = input.transpose(1, 2).contiguous();  // [Bt, L, Cc]
+  auto taps = weight.t().contiguous();              // [K, Cc]
+  auto out = torch::empty({batch, length, channels}, input.options());
+  const float* ip = rows.data_ptr<float>();
+  const float* wp = taps.data_ptr<float>();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t block = 512;
+  const int64_t blocks = (channels + block - 1) / block;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, block * length * kernel));
+  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, first = (task % blocks) * block;
+      const int64_t width = std::min(block, channels - first);
+      for (int64_t t = 0; t < length; ++t) {
+        float* o = op + (b * length + t) * channels + first;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) o[c] = 0.0f;
+        for (int64_t k = 0; k < kernel; ++k) {
+          const float* in = ip + (b * columns + wi[t * kernel + k]) * channels + first;
+          const float* w = wp + k * channels + first;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) o[c] += w[c] * in[c];
+        }
+        if (has_bias) {
+          const float* offset = bp + first;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) o[c] += offset[c];
+        }
+        if (silu) {
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) o[c] = o[c] / (1.0f + exp_approx(-o[c]));
+        }
+      }
+    }
+  });
+  return out.transpose(1, 2);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("masked_chunk_scan", &masked_chunk_scan, "Mamba2 single-chunk scan under a causal or ancestor mask");
-  m.def("tree_scan_diagonal", &tree_scan_diagonal, "Mamba v1 scan over a token tree (or chain)");
-  m.def("causal_conv", &causal_conv, "depthwise causal conv with bias and optional SiLU");
+  // the GIL is released while a kernel runs (no Python object is touched), as torch's own ops do
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("masked_chunk_scan", &masked_chunk_scan, "Mamba2 single-chunk scan under a causal or ancestor mask",
+        release);
+  m.def("tree_scan_diagonal", &tree_scan_diagonal, "Mamba v1 scan over a token tree (or chain)", release);
+  m.def("causal_conv", &causal_conv, "depthwise causal conv with bias and optional SiLU", release);
+  m.def("window_conv", &window_conv, "depthwise conv over given windows (a token tree's ancestors)", release);
 }
