@@ -154,28 +154,25 @@ def _best(measure, repeats: int) -> float:
 
 
 @torch.no_grad()
-def projection_share(model, num_drafts: int, context: int, path: str = "ours") -> float:
-    """The share of one verification forward's wall time spent in the projections' matrix products
-    (`PROJECTION_OPS` self time under `torch.profiler`, over the wall time of two rounds after a
-    warm-up); the rest is the SSM scans, convolutions, norms, attention and Python. The wall time is the
-    denominator because the compiled CPU kernels (`hf_specssm.kernels.cpu`) are not dispatcher ops: the
-    profiler does not see them, and a share of its own total would leave their time out."""
+def projection_seconds(model, num_drafts: int, context: int, path: str = "ours") -> float:
+    """Seconds per verification forward spent in the projections' matrix products: the `PROJECTION_OPS`
+    self time under `torch.profiler`, mean of two rounds after a warm-up. Callers split a round by this
+    and its unprofiled wall time: the profiler's own total would leave out the compiled CPU kernels
+    (`hf_specssm.kernels.cpu` are not dispatcher ops) and a profiled wall time carries the profiler's
+    per-op overhead, while the products are few, large ops that it times closely."""
     if model.device.type != "cpu":
         return float("nan")  # the split is of CPU time; on a GPU the launches overlap the kernels
     vocab = model.config.get_text_config(decoder=True).vocab_size
     run = _Run(model, path, context, vocab)
     run.chain(num_drafts)
+    rounds = 2
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        elapsed = 0.0
-        for _ in range(2):
-            start = time.perf_counter()
+        for _ in range(rounds):
             run.target.score(run.sequence, run._tokens(num_drafts))
-            elapsed += time.perf_counter() - start
             run.target.keep(run.sequence.shape[1])
             run.sequence = torch.cat([run.sequence, run._tokens(1)], dim=1)
     events = profile.key_averages()
-    products = sum(event.self_cpu_time_total for event in events if event.key in PROJECTION_OPS) / 1e6
-    return min(products / elapsed, 1.0) if elapsed else 0.0
+    return sum(event.self_cpu_time_total for event in events if event.key in PROJECTION_OPS) / 1e6 / rounds
 
 
 @torch.no_grad()
@@ -497,7 +494,7 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
     ours = verification_costs(model, widths, args.context, args.repeats, "ours")
     theirs = verification_costs(model, [8], args.context, args.repeats, "transformers")
     step = ours[0][0]
-    share_step = projection_share(model, 0, args.context)
+    share_step = min(projection_seconds(model, 0, args.context) / step, 1.0)
     print("verification forward of k drafts (k + 1 tokens), relative to one plain step:\n")
     header = " | ".join(f"k={k}" for k in widths)
     print(f"| path | step (ms) | {header} |")
@@ -515,14 +512,15 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
     )
     # the split of the path `generate` takes at k = 8 (the cheaper round)
     tree_at_8 = tree is not None and tree[8][0] + tree[8][1] < ours[8][0] + ours[8][1]
-    share_8 = projection_share(model, 8, args.context, "tree chain" if tree_at_8 else "ours")
     verify_8 = tree[8][0] if tree_at_8 else ours[8][0]
-    other = verify_8 * (1 - share_8) / step
+    products_8 = projection_seconds(model, 8, args.context, "tree chain" if tree_at_8 else "ours")
+    share_8 = min(products_8 / verify_8, 1.0)
+    other = max(verify_8 - products_8, 0.0) / step
     if math.isnan(share_8):  # not measured on this device
         print("\ntime split: measured on the CPU only (on a GPU the launches overlap the kernels).")
     else:
         print(
-            f"\ntime split (torch.profiler self CPU time over wall time): the projections' matrix products take "
+            f"\ntime split (products: torch.profiler self CPU time; rounds: wall time): the projections' matrix products take "
             f"{share_8:.0%} of the k=8 verification ({'chain as a tree' if tree_at_8 else 'multi-token forward'}) and {share_step:.0%} of a step; the rest of the k=8 verification (SSM scan, "
             f"conv, norms, attention, Python) is {other:.0%} of a step, against {1 - share_step:.0%} of a step "
             f"in the step itself."
