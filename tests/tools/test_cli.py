@@ -151,3 +151,17 @@ def test_bench_ssm_targets_start_from_trained_style_time_steps():
         torch.equal(a, m.dt_bias)
         for a, m in zip(kept, [m for m in mamba2.modules() if hasattr(m, "dt_bias")])
     )
+    # Mamba v1 mixers: Jamba's zero `dt_proj` bias moves, Mamba's own (mamba_ssm-style) init stays
+    jamba, mamba = build("jamba", seed=0), build("mamba", seed=0)
+    zeros = [m.dt_proj.bias for m in jamba.modules() if hasattr(m, "A_log")]
+    assert zeros and all(not bool(b.any()) for b in zeros)
+    mamba_bias = [m.dt_proj.bias.detach().clone() for m in mamba.modules() if hasattr(m, "A_log")]
+    _trained_style_time_steps(jamba, seed=0)
+    _trained_style_time_steps(mamba, seed=0)
+    for bias in zeros:
+        steps = F.softplus(bias.detach().double())
+        assert bool((steps >= 1e-3 - 1e-9).all()) and bool((steps <= 1e-1 + 1e-9).all())
+    assert all(
+        torch.equal(a, m.dt_proj.bias)
+        for a, m in zip(mamba_bias, [m for m in mamba.modules() if hasattr(m, "A_log")])
+    )

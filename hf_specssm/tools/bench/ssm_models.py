@@ -16,6 +16,7 @@ from transformers import (
     BambaConfig,
     FalconH1Config,
     GraniteMoeHybridConfig,
+    JambaConfig,
     Lfm2Config,
     Mamba2Config,
     MambaConfig,
@@ -59,6 +60,33 @@ def _mamba_790m(chunk_size: int) -> PretrainedConfig:
         expand=2,
         time_step_rank=96,
         tie_word_embeddings=True,
+        **_NO_SPECIAL_TOKENS,
+    )
+
+
+def _jamba_900m(chunk_size: int) -> PretrainedConfig:
+    # pszemraj/jamba-900M-v0.13-KIx2 (a community Jamba pretrained from scratch): d 1024, 12 layers, attention
+    # every 4th from layer 2, 8 experts (top 2) every 2nd layer from layer 1, Mamba v1 mixers with d_state
+    # 16, dt_rank 256, expand 2 (no chunked scan)
+    return JambaConfig(
+        vocab_size=65024,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=12,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        attn_layer_offset=2,
+        attn_layer_period=4,
+        expert_layer_offset=1,
+        expert_layer_period=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_dt_rank=256,
+        mamba_expand=2,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
         **_NO_SPECIAL_TOKENS,
     )
 
@@ -203,6 +231,7 @@ TARGET_CONFIGS: dict[str, tuple[str, Callable[[int], PretrainedConfig]]] = {
     "mamba2-1.3b": ("state-spaces/mamba2-1.3b", lambda chunk: _mamba2(2048, 48, chunk)),
     "mamba-790m": ("state-spaces/mamba-790m", _mamba_790m),
     "bamba-hybrid": ("Bamba-style hybrid, 24 layers, d 1024, attention every 6th", _bamba_hybrid),
+    "jamba-900m": ("pszemraj/jamba-900M-v0.13-KIx2 (Jamba: Mamba v1, attention, MoE)", _jamba_900m),
     "falcon-h1-0.5b": ("tiiuae/Falcon-H1-0.5B", _falcon_h1_05b),
     "zamba2-1.2b": ("Zyphra/Zamba2-1.2B", _zamba2_12b),
     "granite-4.0-h-1b": ("ibm-granite/granite-4.0-h-1b", _granite_4_h),
@@ -230,9 +259,10 @@ def build_target(
 
 
 def _trained_style_time_steps(model: PreTrainedModel, seed: int) -> None:
-    """Give every mixer whose `dt_bias` transformers leaves at 1 the step sizes its training code starts
-    from: Δ log-uniform in [0.001, 0.1] through the inverse softplus (mamba_ssm's Mamba2 init, which
-    transformers' own Mamba2 and Zamba2 inits follow).
+    """Give every mixer whose `dt_bias` transformers leaves at 1 (or, for Mamba v1 mixers, whose `dt_proj`
+    bias it leaves at 0: Jamba) the step sizes its training code starts from: Δ log-uniform in [0.001, 0.1]
+    through the inverse softplus (mamba_ssm's init, which transformers' own Mamba, Mamba2 and Zamba2 inits
+    follow).
 
     Why: with `dt_bias = 1` (Bamba, Falcon-H1, GraniteMoeHybrid, Qwen3-Next in transformers) Δ ≈ 1.3, every
     head forgets within a token or two and the states fill with denormal floats, which x86 multiplies in
@@ -243,7 +273,11 @@ def _trained_style_time_steps(model: PreTrainedModel, seed: int) -> None:
     for module in model.modules():
         bias = getattr(module, "dt_bias", None)
         if not isinstance(bias, torch.nn.Parameter) or not bool((bias == 1).all()):
-            continue
+            # Mamba v1 mixers carry Δ's bias in `dt_proj`; Jamba's init leaves it at 0 (Δ ≈ 0.69)
+            projection = getattr(module, "dt_proj", None)
+            bias = getattr(projection, "bias", None) if hasattr(module, "A_log") else None
+            if not isinstance(bias, torch.nn.Parameter) or bool(bias.any()):
+                continue
         low, high = math.log(1e-3), math.log(1e-1)
         dt = torch.exp(torch.rand(bias.shape, generator=generator, dtype=torch.float64) * (high - low) + low)
         dt = dt.clamp_min(1e-4)
