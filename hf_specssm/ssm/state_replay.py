@@ -125,6 +125,13 @@ _NO_TENSOR = torch.empty(0)
 
 
 @functools.lru_cache(maxsize=64)
+def _causal_windows(length: int, kernel: int) -> torch.Tensor:
+    """`[T, K]` columns each output of a causal conv reads, oldest first, `-1` before the first (zeros)."""
+    columns = torch.arange(length)[:, None] + torch.arange(kernel)[None, :] - (kernel - 1)
+    return columns.clamp_min(-1)
+
+
+@functools.lru_cache(maxsize=64)
 def _causal_mask(length: int) -> torch.Tensor:
     """`[T, T]` lower-triangular bool mask (CPU), shared by every layer of a verification."""
     return torch.ones(length, length, dtype=torch.bool).tril()
@@ -239,8 +246,12 @@ def verification_conv(
     if use_cpu_kernels(hidden_states, weight):
         # one compiled pass over channels (`hf_specssm.kernels.cpu`); float32 with SiLU fused
         fused = weight.dtype == torch.float32 and activation in ("silu", "swish")
-        out = cpu_kernels().causal_conv(
-            hidden_states.float(), weight.float(), _NO_TENSOR if bias is None else bias.float(), fused
+        out = cpu_kernels().window_conv(
+            hidden_states.float(),
+            _causal_windows(length, kernel),
+            weight.float(),
+            _NO_TENSOR if bias is None else bias.float(),
+            fused,
         )
         if fused:
             return out

@@ -197,6 +197,11 @@ def test_window_conv_reads_each_positions_own_window(kernels, silu):
     assert not torch.allclose(kernels.window_conv(extended, shifted, weight, bias, silu), expected)
     with pytest.raises(RuntimeError, match="windows"):
         kernels.window_conv(extended, windows + 100, weight, bias, silu)
+    # -1 reads zeros (a causal conv's columns before the first)
+    unseen = windows.clone()
+    unseen[:, 0] = -1
+    partial = torch.einsum("bctk,ck->bct", extended[:, :, windows[:, 1:]], weight[:, 1:]) + bias[:, None]
+    _close(kernels.window_conv(extended, unseen, weight, bias, False), partial, "window with a zero column")
 
 
 def test_the_kernels_stay_off_for_autograd_and_other_devices(kernels):

@@ -199,66 +199,13 @@ torch::Tensor tree_scan_diagonal(torch::Tensor x, torch::Tensor dt, torch::Tenso
   return y;
 }
 
-// Depthwise causal conv over [Bt, Cc, L] inputs with zero history, bias and optional SiLU:
-//   out[c, l] = act(sum_k w[c, k] in[c, l + k - (K - 1)] + bias[c]).   weight [Cc, K]; bias [Cc] or empty.
-// Runs over channels (vectorised) in a channels-last copy of the input; a channels-last input (the
-// transposed projection output a verification passes) is not copied. Returns [Bt, Cc, L], channels last.
-torch::Tensor causal_conv(torch::Tensor input, torch::Tensor weight, torch::Tensor bias, bool silu) {
-  check_float(input, "input");
-  check_float(weight, "weight");
-  const bool has_bias = bias.numel() > 0;
-  if (has_bias) {
-    check_float(bias, "bias");
-    bias = bias.contiguous();
-  }
-  const int64_t batch = input.size(0), channels = input.size(1), length = input.size(2);
-  const int64_t kernel = weight.size(1);
-  auto rows = input.transpose(1, 2).contiguous();  // [Bt, L, Cc]
-  auto taps = weight.t().contiguous();              // [K, Cc]
-  auto out = torch::empty_like(rows);
-  const float* ip = rows.data_ptr<float>();
-  const float* wp = taps.data_ptr<float>();
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  const int64_t block = 512;
-  const int64_t blocks = (channels + block - 1) / block;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, block * length * kernel));
-  at::parallel_for(0, batch * blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, first = (task % blocks) * block;
-      const int64_t width = std::min(block, channels - first);
-      for (int64_t l = 0; l < length; ++l) {
-        float* o = op + (b * length + l) * channels + first;
-#pragma omp simd
-        for (int64_t c = 0; c < width; ++c) o[c] = 0.0f;
-        for (int64_t k = 0; k < kernel; ++k) {
-          const int64_t source = l + k - (kernel - 1);
-          if (source < 0) continue;
-          const float* in = ip + (b * length + source) * channels + first;
-          const float* w = wp + k * channels + first;
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) o[c] += w[c] * in[c];
-        }
-        if (has_bias) {
-          const float* offset = bp + first;
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) o[c] += offset[c];
-        }
-        if (silu) {
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) o[c] = o[c] / (1.0f + exp_approx(-o[c]));
-        }
-      }
-    }
-  });
-  return out.transpose(1, 2);
-}
-
-// Depthwise conv where position t reads the columns windows[t, 0..K-1] of `input` (oldest first): a token
-// tree's conv, each position over its own ancestors (and the cached window above the first position).
+// Depthwise conv where position t reads the columns windows[t, 0..K-1] of `input` (oldest first; -1 reads
+// zeros): a causal conv (windows t-K+1..t, zero history) or a token tree's, each position over its own
+// ancestors and the cached window above the first position.
 //   out[c, t] = act(sum_k w[c, k] input[c, windows[t, k]] + bias[c]).
-// input [Bt, Cc, L]; windows [T, K] int64 in [0, L); weight [Cc, K]; bias [Cc] or empty.
-// Returns [Bt, Cc, T], channels last.
+// input [Bt, Cc, L]; windows [T, K] int64 in [-1, L); weight [Cc, K]; bias [Cc] or empty.
+// Runs over channels (vectorised) in a channels-last copy of the input; a channels-last input (the
+// transposed projection output a verification passes) is not copied. Returns [Bt, Cc, T], channels last.
 torch::Tensor window_conv(torch::Tensor input, torch::Tensor windows, torch::Tensor weight, torch::Tensor bias,
                           bool silu) {
   check_float(input, "input");
@@ -274,7 +221,7 @@ torch::Tensor window_conv(torch::Tensor input, torch::Tensor windows, torch::Ten
   windows = windows.to(torch::kLong).contiguous();
   const int64_t* wi = windows.data_ptr<int64_t>();
   for (int64_t i = 0; i < length * kernel; ++i) {
-    TORCH_CHECK(wi[i] >= 0 && wi[i] < columns, "windows must index columns of input");
+    TORCH_CHECK(wi[i] >= -1 && wi[i] < columns, "windows must index columns of input (or be -1)");
   }
   auto rows = input.transpose(1, 2).contiguous();  // [Bt, L, Cc]
   auto taps = weight.t().contiguous();              // [K, Cc]
@@ -295,7 +242,9 @@ torch::Tensor window_conv(torch::Tensor input, torch::Tensor windows, torch::Ten
 #pragma omp simd
         for (int64_t c = 0; c < width; ++c) o[c] = 0.0f;
         for (int64_t k = 0; k < kernel; ++k) {
-          const float* in = ip + (b * columns + wi[t * kernel + k]) * channels + first;
+          const int64_t column = wi[t * kernel + k];
+          if (column < 0) continue;
+          const float* in = ip + (b * columns + column) * channels + first;
           const float* w = wp + k * channels + first;
 #pragma omp simd
           for (int64_t c = 0; c < width; ++c) o[c] += w[c] * in[c];
@@ -321,6 +270,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_chunk_scan", &masked_chunk_scan, "Mamba2 single-chunk scan under a causal or ancestor mask",
         release);
   m.def("tree_scan_diagonal", &tree_scan_diagonal, "Mamba v1 scan over a token tree (or chain)", release);
-  m.def("causal_conv", &causal_conv, "depthwise causal conv with bias and optional SiLU", release);
   m.def("window_conv", &window_conv, "depthwise conv over given windows (a token tree's ancestors)", release);
 }

@@ -11,6 +11,11 @@ from hf_specssm.kernels.tree_scan.reference import tree_scan_diagonal_torch, tre
 _EMPTY = torch.empty(0)
 
 
+def _float32(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    """The compiled kernels' inputs: float32, an empty tensor for `None` (no skip term)."""
+    return [_EMPTY if tensor is None else tensor.float() for tensor in tensors]
+
+
 def tree_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -44,16 +49,8 @@ def tree_scan(
 
         return tree_scan_triton(x, dt, A, B, C, initial_state, ancestor_mask, D)
     if use_cpu_kernels(x, dt, B, C, initial_state):
-        return cpu_kernels().masked_chunk_scan(
-            x.float(),
-            dt.float(),
-            A.float(),
-            B.float(),
-            C.float(),
-            initial_state.float(),
-            ancestor_mask,
-            _EMPTY if D is None else D.float(),
-        )
+        x, dt, A, B, C, initial_state, D = _float32(x, dt, A, B, C, initial_state, D)
+        return cpu_kernels().masked_chunk_scan(x, dt, A, B, C, initial_state, ancestor_mask, D)
     return tree_scan_torch(x, dt, A, B, C, initial_state, ancestor_mask, D)
 
 
@@ -83,16 +80,8 @@ def tree_scan_diagonal(
         `[Bt, T, D]` float32.
     """
     if use_cpu_kernels(x, dt, B, C, initial_state):
-        return cpu_kernels().tree_scan_diagonal(
-            x.float(),
-            dt.float(),
-            A.float(),
-            B.float(),
-            C.float(),
-            initial_state.float(),
-            parents.cpu(),
-            _EMPTY if D is None else D.float(),
-        )
+        x, dt, A, B, C, initial_state, D = _float32(x, dt, A, B, C, initial_state, D)
+        return cpu_kernels().tree_scan_diagonal(x, dt, A, B, C, initial_state, parents.cpu(), D)
     return tree_scan_diagonal_torch(x, dt, A, B, C, initial_state, parents, D)
 
 
