@@ -62,8 +62,16 @@ def _cache_root() -> Path:
     return Path(root) / "cpu_kernels"
 
 
+def _compiler_flags() -> list[str]:
+    """`-fopenmp` for torch's `at::parallel_for` (its OpenMP backend is inline in the headers) and the
+    `omp simd` loops; `-march=native` on x86, where the cache key carries this CPU's flags."""
+    native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
+    return ["-O3", "-fopenmp", *native]
+
+
 def _build_name() -> str:
     key = hashlib.sha256()
+    key.update(" ".join(_compiler_flags()).encode())
     key.update(SOURCE.read_bytes())
     key.update(torch.__version__.encode())
     key.update(sys.version.encode())
@@ -95,7 +103,7 @@ def build_cpu_kernels(verbose: bool = False):
     name = _build_name()
     directory = _cache_root() / name
     directory.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-fopenmp", "-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
+    flags = _compiler_flags()
     saved = os.environ.get("PATH")
     os.environ.update(_ninja_on_path())
     try:
@@ -105,7 +113,7 @@ def build_cpu_kernels(verbose: bool = False):
             name=name,
             sources=[str(SOURCE)],
             extra_cflags=flags,
-            extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             verbose=verbose,
         )
