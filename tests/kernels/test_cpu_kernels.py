@@ -225,7 +225,12 @@ def test_the_references_run_when_the_kernels_are_switched_off(monkeypatch):
     )
 
 
-def test_the_build_is_keyed_by_this_cpu(monkeypatch):
+def test_the_build_is_keyed_by_this_cpu_and_torch_install(monkeypatch):
     first = cpu_module._build_name()
     monkeypatch.setattr(cpu_module, "_cpu_signature", lambda: "x86_64 sse2")
     assert cpu_module._build_name() != first  # a cache built with other instructions is not loaded
+    monkeypatch.undo()
+    assert cpu_module._build_name() == first
+    # another environment's torch builds beside this one instead of over it
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/site-packages/torch/__init__.py")
+    assert cpu_module._build_name() != first

@@ -3,8 +3,9 @@
 `cpu_kernels()` returns the compiled extension, or `None` where it cannot be had (no C++ compiler, a build
 error, `HF_SPECSSM_CPU_KERNELS=0`); every caller then runs the op's torch reference. The build takes
 ~25 s on 2 cores and is cached under `~/.cache/hf_specssm/cpu_kernels/` (or `$HF_SPECSSM_CACHE`), keyed by
-the source, the torch version and this CPU's instruction sets, so a cache moved to another machine is
-rebuilt rather than run with instructions that CPU lacks.
+the source, the compiler flags, the torch version and install, Python and this CPU's instruction sets, so
+a cache moved to another machine is rebuilt rather than run with instructions that CPU lacks, and two
+environments do not rebuild over each other.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def _build_name() -> str:
     key.update(" ".join(_compiler_flags()).encode())
     key.update(SOURCE.read_bytes())
     key.update(torch.__version__.encode())
+    # this torch's install (its headers and libraries): two environments never rebuild over each other
+    key.update(os.path.dirname(torch.__file__).encode())
     key.update(sys.version.encode())
     key.update(_cpu_signature().encode())
     return f"hf_specssm_cpu_{key.hexdigest()[:16]}"
