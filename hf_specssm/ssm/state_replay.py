@@ -60,7 +60,7 @@ from hf_specssm._compat.mixers import (
     module_function_override,
 )
 from hf_specssm.cache import ForkableCache
-from hf_specssm.kernels.cpu import cpu_kernels, use_cpu_kernels
+from hf_specssm.kernels.cpu import cpu_kernels, depthwise_conv, kernel_inputs, use_cpu_kernels
 
 __all__ = [
     "DeltaRecord",
@@ -119,9 +119,6 @@ def offloaded_mixers(model: torch.nn.Module) -> bool:
 #: then keep their own conv)
 _CONV_FUNCTION = "causal_conv1d_fn"
 _VERIFYING: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_specssm_frozen_scan", default=False)
-
-
-_NO_TENSOR = torch.empty(0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -188,16 +185,8 @@ def verification_scan(
     x = hidden_states.float()
     if use_cpu_kernels(x, dt, B, C):
         # the same sum in one compiled pass (`hf_specssm.kernels.cpu`): no [b, H, T, T] temporaries
-        y = cpu_kernels().masked_chunk_scan(
-            x,
-            dt,
-            A.float(),
-            B.float(),
-            C.float(),
-            _NO_TENSOR if initial_states is None else initial_states.float(),
-            _causal_mask(length),
-            _NO_TENSOR if D is None else D.float(),
-        )
+        inputs = kernel_inputs(A, B, C, initial_states)
+        y = cpu_kernels().masked_chunk_scan(x, dt, *inputs, _causal_mask(length), *kernel_inputs(D))
         return (y, initial_states) if return_final_states else y
     a = torch.cumsum(A.float() * dt, dim=1).transpose(1, 2)  # [b, H, T]: cum_t
     repeat = heads // groups
@@ -244,21 +233,9 @@ def verification_conv(
     """
     kernel, length = weight.shape[-1], hidden_states.shape[-1]
     if use_cpu_kernels(hidden_states, weight):
-        # one compiled pass over channels (`hf_specssm.kernels.cpu`); float32 with SiLU fused
-        fused = weight.dtype == torch.float32 and activation in ("silu", "swish")
-        out = cpu_kernels().window_conv(
-            hidden_states.float(),
-            _causal_windows(length, kernel),
-            weight.float(),
-            _NO_TENSOR if bias is None else bias.float(),
-            fused,
-        )
-        if fused:
-            return out
-        out = out.to(weight.dtype)
-        if activation is not None:
-            out = ACT2FN[activation](out)
-        return out.to(hidden_states.dtype)
+        # one compiled pass over channels (`hf_specssm.kernels.cpu`)
+        windows = _causal_windows(length, kernel)
+        return depthwise_conv(hidden_states, windows, weight, bias, activation).to(hidden_states.dtype)
     padded = F.pad(hidden_states.float(), (kernel - 1, 0))
     taps = weight.float()
     out = padded[..., :length] * taps[:, :1]

@@ -35,7 +35,7 @@ from transformers.activations import ACT2FN
 
 from hf_specssm import _compat
 from hf_specssm._compat import admission
-from hf_specssm.kernels.cpu import cpu_kernels, use_cpu_kernels
+from hf_specssm.kernels.cpu import depthwise_conv, use_cpu_kernels
 from hf_specssm.kernels.ssm_state_update import selective_state_update_nstep
 from hf_specssm.kernels.tree_scan import tree_scan, tree_scan_diagonal
 from hf_specssm.ssm.mixers import exact_continuation, ssm_mixers
@@ -43,7 +43,6 @@ from hf_specssm.tree import TokenTree
 
 MAMBA2_FAMILY = "mamba2"
 MAMBA_FAMILY = "mamba"
-_NO_TENSOR = torch.empty(0)
 
 
 def forward_parents(tree: TokenTree, chain_length: int) -> torch.Tensor:
@@ -220,22 +219,10 @@ def _tree_conv(mixer, conv_inputs: torch.Tensor, plan: _TreePlan, cache) -> torc
     extended = torch.cat([cached, conv_inputs], dim=-1)  # [1, C, K − 1 + T]
     weight = mixer.conv1d.weight.squeeze(1)  # [C, K]
     if use_cpu_kernels(extended, weight):
-        # one compiled pass over channels (`hf_specssm.kernels.cpu`); float32 with the SiLU fused
-        fused = weight.dtype == torch.float32 and mixer.activation in ("silu", "swish")
-        bias = mixer.conv1d.bias
-        out = cpu_kernels().window_conv(
-            extended.float(),
-            plan.conv_windows(kernel_size, torch.device("cpu")),
-            weight.float(),
-            _NO_TENSOR if bias is None else bias.float(),
-            fused,
-        )
-        if fused:
-            return out.to(conv_inputs.dtype)
-        out = out.to(weight.dtype)
-        if bias is not None:
-            out = out + bias[:, None]
-        return ACT2FN[mixer.activation](out).to(conv_inputs.dtype)
+        # one compiled pass over channels (`hf_specssm.kernels.cpu`)
+        windows = plan.conv_windows(kernel_size, torch.device("cpu"))
+        out = depthwise_conv(extended, windows, weight, mixer.conv1d.bias, mixer.activation)
+        return out.to(conv_inputs.dtype)
     windows = extended[:, :, plan.conv_windows(kernel_size, conv_inputs.device)]  # [1, C, T, K]
     out = torch.einsum("bctk,ck->bct", windows.to(weight.dtype), weight)
     if mixer.conv1d.bias is not None:

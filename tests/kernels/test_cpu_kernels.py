@@ -24,7 +24,10 @@ def kernels():
         pytest.skip("HF_SPECSSM_CPU_KERNELS=0")
     module = cpu_module.cpu_kernels()
     if module is None:
-        pytest.skip(f"the CPU kernels could not be built here: {cpu_module.cpu_kernels_failure()}")
+        failure = cpu_module.cpu_kernels_failure()
+        if failure == cpu_module.NO_COMPILER:
+            pytest.skip(f"the CPU kernels need a C++ compiler: {failure}")
+        pytest.fail(f"a C++ compiler is here but the CPU kernels failed to build: {failure}")
     return module
 
 
@@ -202,6 +205,29 @@ def test_window_conv_reads_each_positions_own_window(kernels, silu):
     unseen[:, 0] = -1
     partial = torch.einsum("bctk,ck->bct", extended[:, :, windows[:, 1:]], weight[:, 1:]) + bias[:, None]
     _close(kernels.window_conv(extended, unseen, weight, bias, False), partial, "window with a zero column")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu", None])
+def test_depthwise_conv_adds_the_bias_once_in_every_dtype_and_activation(kernels, dtype, activation):
+    generator = torch.Generator().manual_seed(8)
+    channels, kernel, length = 23, 4, 7
+    windows = _TreePlan.build(random_parents(length, generator)).conv_windows(kernel, torch.device("cpu"))
+    extended = torch.randn(1, channels, kernel - 1 + length, generator=generator).to(dtype)
+    weight = torch.randn(channels, kernel, generator=generator).to(dtype)
+    bias = (torch.randn(channels, generator=generator) * 4).to(dtype)
+    out = cpu_module.depthwise_conv(extended, windows, weight, bias, activation)
+    expected = (
+        torch.einsum("bctk,ck->bct", extended.double()[:, :, windows], weight.double())
+        + bias.double()[:, None]
+    )
+    if activation is not None:
+        expected = (
+            torch.nn.functional.silu(expected) if activation == "silu" else torch.nn.functional.gelu(expected)
+        )
+    assert out.dtype == dtype and out.shape == (1, channels, length)
+    tolerance = 2e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_the_kernels_stay_off_for_autograd_and_other_devices(kernels):

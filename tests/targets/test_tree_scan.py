@@ -232,3 +232,25 @@ def test_tree_state_is_left_alone_by_the_tree_forward():
         before = [state.clone() for state in target.cache.state_tensors()]
         target.score_tree(committed[None], tree)
     assert all(torch.equal(a, b) for a, b in zip(before, target.cache.state_tensors()))
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "mamba"])
+def test_bf16_tree_logits_agree_with_and_without_the_cpu_kernels(kind, monkeypatch):
+    """bf16 takes the kernels' unfused conv path (round, then the activation): its logits must match the
+    torch references' to bf16 rounding (a bias added twice moves them by whole units)."""
+    from hf_specssm.kernels import cpu
+
+    if cpu.cpu_kernels() is None:
+        pytest.skip(f"no compiled CPU kernels here: {cpu.cpu_kernels_failure()}")
+    model = build(kind, seed=0).to(torch.bfloat16)
+    with torch.no_grad():  # a conv bias large enough to matter
+        for mixer in tree_scan.ssm_mixers(model):
+            mixer.conv1d.bias.normal_(0.0, 2.0)
+    committed = _tokens(7, 1)
+    tree = TokenTree(tokens=_tokens(PARENTS.shape[0], 2), parents=PARENTS)
+    with torch.no_grad():
+        compiled = RecurrentTarget(model).score_tree(committed[None], tree)[0]
+        monkeypatch.setenv(cpu.ENVIRONMENT_SWITCH, "0")
+        reference = RecurrentTarget(model).score_tree(committed[None], tree)[0]
+    scale = reference.abs().max().item()
+    assert (compiled - reference).abs().max().item() < 0.05 * scale

@@ -21,12 +21,15 @@ import threading
 from pathlib import Path
 
 import torch
+from transformers.activations import ACT2FN
 
 __all__ = [
     "build_cpu_kernels",
     "cpu_kernels",
     "cpu_kernels_disabled",
     "cpu_kernels_failure",
+    "depthwise_conv",
+    "kernel_inputs",
     "use_cpu_kernels",
 ]
 
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 #: set to `0` to keep the torch references everywhere
 ENVIRONMENT_SWITCH = "HF_SPECSSM_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("ssm_kernels.cpp")
+#: `cpu_kernels_failure()` where no compiler was found (the one failure that is not a defect)
+NO_COMPILER = "no C++ compiler on PATH"
 _LOCK = threading.Lock()
 _FAILURE: list[str] = []
 
@@ -131,7 +136,7 @@ def build_cpu_kernels(verbose: bool = False):
 def _loaded():
     with _LOCK:
         if shutil.which("c++", path=_ninja_on_path()["PATH"]) is None and shutil.which("g++") is None:
-            _FAILURE.append("no C++ compiler on PATH")
+            _FAILURE.append(NO_COMPILER)
             return None
         try:
             return build_cpu_kernels()
@@ -165,3 +170,41 @@ def use_cpu_kernels(*tensors: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return cpu_kernels() is not None
+
+
+_NO_TENSOR = torch.empty(0)
+
+
+def kernel_inputs(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    """The compiled kernels' tensor arguments: float32, and an empty tensor for `None` (an absent state,
+    skip term or bias)."""
+    return [_NO_TENSOR if tensor is None else tensor.float() for tensor in tensors]
+
+
+def depthwise_conv(
+    inputs: torch.Tensor,
+    windows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+) -> torch.Tensor:
+    """Depthwise conv of each output over its own window of input columns, through `window_conv`.
+
+    Sums and bias in float32, rounded to `weight.dtype` once, then the activation (fused into the kernel
+    for float32 SiLU). Callers check `use_cpu_kernels` first.
+
+    Args:
+        inputs: `[B, C, L]` conv inputs (channels-last memory is read without a copy).
+        windows: `[T, K]` int64 column indices per output, oldest first; `-1` reads zeros.
+        weight: `[C, K]`; bias: `[C]` or `None`; activation: transformers' `ACT2FN` name or `None`.
+
+    Returns:
+        `[B, C, T]` in `weight.dtype` (channels last in memory).
+    """
+    dtype = weight.dtype
+    fused = dtype == torch.float32 and activation in ("silu", "swish")
+    out = cpu_kernels().window_conv(*kernel_inputs(inputs), windows, *kernel_inputs(weight, bias), fused)
+    if fused:
+        return out
+    out = out.to(dtype)
+    return out if activation is None else ACT2FN[activation](out)

@@ -5,15 +5,8 @@ from __future__ import annotations
 import torch
 
 from hf_specssm.kernels._triton import use_triton
-from hf_specssm.kernels.cpu import cpu_kernels, use_cpu_kernels
+from hf_specssm.kernels.cpu import cpu_kernels, kernel_inputs, use_cpu_kernels
 from hf_specssm.kernels.tree_scan.reference import tree_scan_diagonal_torch, tree_scan_torch
-
-_EMPTY = torch.empty(0)
-
-
-def _float32(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
-    """The compiled kernels' inputs: float32, an empty tensor for `None` (no skip term)."""
-    return [_EMPTY if tensor is None else tensor.float() for tensor in tensors]
 
 
 def tree_scan(
@@ -49,7 +42,7 @@ def tree_scan(
 
         return tree_scan_triton(x, dt, A, B, C, initial_state, ancestor_mask, D)
     if use_cpu_kernels(x, dt, B, C, initial_state):
-        x, dt, A, B, C, initial_state, D = _float32(x, dt, A, B, C, initial_state, D)
+        x, dt, A, B, C, initial_state, D = kernel_inputs(x, dt, A, B, C, initial_state, D)
         return cpu_kernels().masked_chunk_scan(x, dt, A, B, C, initial_state, ancestor_mask, D)
     return tree_scan_torch(x, dt, A, B, C, initial_state, ancestor_mask, D)
 
@@ -80,7 +73,7 @@ def tree_scan_diagonal(
         `[Bt, T, D]` float32.
     """
     if use_cpu_kernels(x, dt, B, C, initial_state):
-        x, dt, A, B, C, initial_state, D = _float32(x, dt, A, B, C, initial_state, D)
+        x, dt, A, B, C, initial_state, D = kernel_inputs(x, dt, A, B, C, initial_state, D)
         return cpu_kernels().tree_scan_diagonal(x, dt, A, B, C, initial_state, parents.cpu(), D)
     return tree_scan_diagonal_torch(x, dt, A, B, C, initial_state, parents, D)
 
