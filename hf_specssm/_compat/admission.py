@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from hf_specssm._compat.mixers import CONTINUATION_MODES, continuation, has_patchable_scan, ssm_mixers
 from hf_specssm._compat.recurrent import linear_state_slots, recurrent_state
 
-CAPABILITIES = ("continuation", "replay", "identity_steps", "tree_scan", "state_replay")
+CAPABILITIES = ("continuation", "replay", "identity_steps", "tree_scan", "state_replay", "fused_verification")
 # what a capability reads as while its own probe runs, and after a failure
 OPTIMISTIC = {
     "continuation": "native",
@@ -38,6 +38,7 @@ OPTIMISTIC = {
     "identity_steps": True,
     "tree_scan": True,
     "state_replay": True,
+    "fused_verification": True,
 }
 FAILED = {
     "continuation": "none",
@@ -45,6 +46,7 @@ FAILED = {
     "identity_steps": False,
     "tree_scan": False,
     "state_replay": False,
+    "fused_verification": False,
 }
 _FALLBACKS = {
     "continuation": "multi-token forwards from a cached state run one token at a time",
@@ -53,6 +55,7 @@ _FALLBACKS = {
     "tree_scan": "trees are not verified in one forward (chains are verified instead)",
     "state_replay": "chains are verified by transformers' padded chunk scan and committed by replaying the "
     "mixer inputs",
+    "fused_verification": "frozen verifications run transformers' mixer forward with the single-chunk scan",
 }
 _IN_PROGRESS = object()
 

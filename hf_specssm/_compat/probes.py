@@ -14,7 +14,9 @@ one-token steps, outputs and the resulting conv and SSM state:
 - **tree_scan**: the tree-aware forward on a two-position chain and on a root with two children, outputs
   and the committed path's state;
 - **state_replay**: a frozen single-chunk verification of four tokens (`ssm.state_replay`) must leave the
-  state untouched and give the stepped outputs, and its commit of two positions the stepped state.
+  state untouched and give the stepped outputs, and its commit of two positions the stepped state;
+- **fused_verification**: the same, with the mixer's verification forward run by the compiled kernel
+  between its projections (`state_replay.fused_route`; float32 on the CPU).
 
 Each runs once per (mixer class, dtype, device); a failure warns once (`MixerProbeWarning`) and callers
 take an exact fallback. The results live in `admission`, where the paths below this module read them;
@@ -74,6 +76,8 @@ class MixerSupport:
         tree_scan: `ssm.tree_scan.tree_verification` reproduces one-token steps on chains and trees.
         state_replay: every mixer is Mamba2-layout or Gated DeltaNet and `ssm.state_replay.StateRecorder`
             (single-chunk verification of frozen state, commit by state update) reproduces one-token steps.
+        fused_verification: every mixer's frozen verification forward can run as one compiled call
+            between its projections (`StateRecorder(fused=True)`) and reproduces one-token steps.
     """
 
     continuation: str = "native"
@@ -81,6 +85,7 @@ class MixerSupport:
     identity_steps: bool = True
     tree_scan: bool = True
     state_replay: bool = True
+    fused_verification: bool = True
 
 
 def mixer_support(model: torch.nn.Module) -> MixerSupport:
@@ -138,6 +143,10 @@ def _capability(capability: str, mixer: torch.nn.Module, model: torch.nn.Module)
         return FAILED[capability], "no tree-aware forward for this mixer layout"
     if capability == "state_replay" and state_replay.state_replay_route(mixer) is None:
         return FAILED[capability], "neither a Mamba2 layout nor a gated delta rule to commit by state update"
+    if capability == "fused_verification":
+        problem = state_replay.fused_verification_problem(mixer)
+        if problem is not None:
+            return FAILED[capability], problem
     return admit(capability, mixer, model, _PROBES[capability])
 
 
@@ -234,6 +243,16 @@ def _probe_tree_scan(mixer: torch.nn.Module, model: torch.nn.Module) -> tuple[bo
 
 
 def _probe_state_replay(mixer: torch.nn.Module, model: torch.nn.Module) -> tuple[bool, str | None]:
+    return _frozen_verification_verdict(mixer, model, fused=False)
+
+
+def _probe_fused_verification(mixer: torch.nn.Module, model: torch.nn.Module) -> tuple[bool, str | None]:
+    return _frozen_verification_verdict(mixer, model, fused=True)
+
+
+def _frozen_verification_verdict(
+    mixer: torch.nn.Module, model: torch.nn.Module, fused: bool
+) -> tuple[bool, str | None]:
     # (no continuation prerequisite: the frozen verification replaces transformers' multi-token scan)
     hidden = probe_inputs(mixer, model, 6)
     new_cache = _new_cache(model)
@@ -241,7 +260,9 @@ def _probe_state_replay(mixer: torch.nn.Module, model: torch.nn.Module) -> tuple
     mixer(hidden[:, :2], cache_params=cache)
     cache.advance(2)
     before = layer_states(cache, mixer)
-    recorder = state_replay.StateRecorder(model, cache, mixers=[mixer])
+    recorder = state_replay.StateRecorder(model, cache, mixers=[mixer], fused=fused)
+    if fused and recorder.fused_mixers != [mixer]:
+        return False, "the fused verification forward does not serve this mixer"
     with recorder.verifying(4):
         output = mixer(hidden[:, 2:6], cache_params=cache)
     untouched = worst_error(list(zip(layer_states(cache, mixer), before, strict=True)))
@@ -264,4 +285,5 @@ _PROBES = {
     "identity_steps": _probe_identity_steps,
     "tree_scan": _probe_tree_scan,
     "state_replay": _probe_state_replay,
+    "fused_verification": _probe_fused_verification,
 }

@@ -106,6 +106,19 @@ def conv_inputs_without_update(
     return torch.cat([layer.conv_states[state_idx], new_inputs], dim=-1)
 
 
+def frozen_states(layer: object, state_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(conv window [B, C, K], SSM state)` of a linear layer whose `update_conv_state` would only
+    concatenate (`conv_inputs_without_update`): what a frozen verification forward reads in place of
+    that call. `None` before the layer's first token, while it records the past, or without an SSM state.
+    Neither tensor may be written (the frozen cache keeps its state)."""
+    if not is_linear_layer(layer) or layer.record_past:
+        return None
+    if not layer.is_conv_states_initialized[state_idx] or not layer.has_previous_state[state_idx]:
+        return None
+    state = recurrent_state(layer, state_idx)
+    return None if state is None else (layer.conv_states[state_idx], state)
+
+
 def conv_window(layer: object, kernel_size: int, like: torch.Tensor, state_idx: int = 0) -> torch.Tensor:
     """The last `K − 1` conv inputs a linear layer has consumed, zeros before its first token.
 

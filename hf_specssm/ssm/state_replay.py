@@ -58,16 +58,20 @@ from hf_specssm._compat.mixers import (
     gated_delta_rule,
     mamba2_layout,
     module_function_override,
+    replaced_forwards,
 )
 from hf_specssm.cache import ForkableCache
 from hf_specssm.kernels.cpu import cpu_kernels, depthwise_conv, kernel_inputs, use_cpu_kernels
 
 __all__ = [
     "DeltaRecord",
+    "FusedRoute",
     "GatedDeltaRoute",
     "LayoutGroup",
     "StateRecorder",
     "commit_state",
+    "fused_route",
+    "fused_verification_problem",
     "group_layouts",
     "offloaded_mixers",
     "state_replay_route",
@@ -277,6 +281,128 @@ def _frozen_scan(original):
         return original(*args, **kwargs)
 
     return scan
+
+
+@dataclass(frozen=True)
+class FusedRoute:
+    """What the fused verification forward of a Mamba2-layout mixer reads besides its `Mamba2Layout`:
+    the gated RMS norm between the scan and `out_proj` (`MambaRMSNormGated` and its copies in Bamba,
+    Zamba2, Nemotron-H and GraniteMoeHybrid: `y · silu(gate)`, normalised over groups of `group_size`
+    channels, times `weight`).
+
+    Attributes:
+        layout: the mixer's `Mamba2Layout`.
+        norm_weight: `[intermediate_size]`.
+        norm_group_size: channels per normalised group.
+        norm_eps: the norm's `variance_epsilon`.
+        D: `[H]` skip weights.
+    """
+
+    layout: Mamba2Layout
+    norm_weight: torch.Tensor
+    norm_group_size: int
+    norm_eps: float
+    D: torch.Tensor
+
+
+def fused_route(mixer: torch.nn.Module) -> FusedRoute | None:
+    """The `FusedRoute` of a mixer whose verification forward the compiled kernel can run in one call
+    (`kernels.cpu` `mamba2_verification_mixer`), else `None`. Structure only: a Mamba2 layout without a
+    projection multiplier (Falcon-H1's `mup_vector`), a SiLU conv, a gated norm with group size and
+    epsilon that gates before normalising, `D` per head, and linear `out_proj`. The `fused_verification`
+    probe decides whether the forward is exact for the mixer's class."""
+    layout = mamba2_layout(mixer)
+    norm = getattr(mixer, "norm", None)
+    if layout is None or layout.projection_scale is not None or layout.activation not in ("silu", "swish"):
+        return None
+    if (
+        norm is None
+        or hasattr(norm, "norm_before_gate")
+        or not isinstance(getattr(norm, "group_size", None), int)
+    ):
+        return None
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    D = getattr(mixer, "D", None)
+    if not isinstance(weight, torch.Tensor) or weight.numel() != layout.intermediate_size or eps is None:
+        return None
+    if not isinstance(D, torch.Tensor) or D.numel() != layout.num_heads:
+        return None
+    if not isinstance(getattr(mixer, "out_proj", None), torch.nn.Linear):
+        return None
+    if mixer.in_proj.out_features < layout.intermediate_size + layout.recorded_width:
+        return None  # no gate columns before `xBC` and `dt`
+    return FusedRoute(layout, weight, int(norm.group_size), float(eps), D)
+
+
+def fused_verification_problem(mixer: torch.nn.Module) -> str | None:
+    """Why the fused verification forward cannot serve `mixer` here, or `None`: it needs a `FusedRoute`,
+    float32 weights on the CPU and the compiled CPU kernels."""
+    if fused_route(mixer) is None:
+        return "no fused verification forward for this mixer layout"
+    weight = mixer.in_proj.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return f"the fused verification forward runs float32 on the CPU, not {weight.dtype} on {weight.device.type}"
+    if cpu_kernels() is None:
+        return "the compiled CPU kernels are unavailable"
+    return None
+
+
+def _fused_forward(
+    mixer: torch.nn.Module, route: FusedRoute, original: Callable, cache, prepared: list
+) -> Callable:
+    """The forward a fused mixer runs while `cache` verifies frozen: `in_proj` (its hooks record the
+    columns the commit needs), the compiled conv, scan and gated norm in one call, then `out_proj`.
+    Calls it does not serve — another context or thread, another cache, one token, padding, autograd,
+    a layer without a consumed token — run `original`. `prepared` is the caller's slot for what the
+    kernel reads besides the weights themselves (`[weight versions, A = -exp(A_log), conv taps [K, C]]`),
+    kept across rounds and rebuilt when the weights change."""
+    layout = route.layout
+
+    def forward(hidden_states, cache_params=None, attention_mask=None, **kwargs):
+        states = None
+        if (
+            _VERIFYING.get()
+            and cache_params is cache
+            and hidden_states.dim() == 3
+            and hidden_states.shape[1] > 1
+            and hidden_states.dtype == torch.float32
+            and (attention_mask is None or bool(attention_mask.all()))
+            and use_cpu_kernels(hidden_states, mixer.in_proj.weight)
+        ):
+            states = _compat.frozen_states(cache.layers[mixer.layer_idx])
+        if states is None:
+            return original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        window, state = states
+        versions = (layout.A_log._version, layout.conv_weight._version)
+        if not prepared or prepared[0] != versions:
+            prepared[:] = [
+                versions,
+                -torch.exp(layout.A_log.detach().float()),
+                layout.conv_weight.detach().float().t().contiguous(),
+                *kernel_inputs(*(None if t is None else t.detach() for t in (layout.conv_bias, route.D))),
+                layout.dt_bias.detach().float(),
+                route.norm_weight.detach().float(),
+            ]
+        _, A, taps, conv_bias, D, dt_bias, norm_weight = prepared
+        projected = mixer.in_proj(hidden_states)
+        mixed = cpu_kernels().mamba2_verification_mixer(
+            projected,
+            window,
+            state,
+            taps,
+            conv_bias,
+            dt_bias,
+            A,
+            D,
+            norm_weight,
+            layout.n_groups,
+            layout.state_size,
+            route.norm_group_size,
+            route.norm_eps,
+        )
+        return mixer.out_proj(mixed)
+
+    return forward
 
 
 # set by a pre-hook while a Gated DeltaNet mixer's frozen verification runs: (the recorder's delta records,
@@ -689,12 +815,16 @@ class StateRecorder:
             DeltaNet).
         cache: the `ForkableCache` the target decodes with.
         mixers: record only these of its mixers (default: all of them).
+        fused: verify the mixers that `fused_verification_problem` passes through the fused forward
+            (one compiled call between the projections; callers pass the `fused_verification` probe's
+            verdict).
         conv_only_layers: indices of recurrent cache layers no SSM mixer serves that keep only a conv
             window (LFM2's short convolutions, `uncovered_recurrent_layers`): their commit keeps the last
             `K` conv inputs, read from the cache's `frozen_conv_inputs`.
 
     Attributes:
         mixers: the Mamba2-layout mixers (committed from their recorded `in_proj` columns).
+        fused_mixers: those of them verified by the fused forward.
         delta_mixers: the Gated DeltaNet mixers (committed through their chunked gated delta rule).
     """
 
@@ -704,6 +834,7 @@ class StateRecorder:
         cache,
         mixers: Sequence[torch.nn.Module] | None = None,
         conv_only_layers: Sequence[int] = (),
+        fused: bool = False,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -724,9 +855,20 @@ class StateRecorder:
                 self.mixers.append(mixer)
                 self.layouts.append(route)
         self.groups = group_layouts(self.layouts)
+        # (mixer, route, prepared kernel inputs) of the mixers verified by the fused forward
+        self._fused = [
+            (mixer, fused_route(mixer), [])
+            for mixer in self.mixers
+            if fused and fused_verification_problem(mixer) is None
+        ]
         self._records: list[torch.Tensor | None] = [None] * len(self.mixers)
         self._workspace = CommitWorkspace()
         self._delta_records: list[DeltaRecord | None] = [None] * len(self.delta_mixers)
+
+    @property
+    def fused_mixers(self) -> list[torch.nn.Module]:
+        """The mixers verified by the fused forward (`fused=True` and `fused_verification_problem` clear)."""
+        return [mixer for mixer, _, _ in self._fused]
 
     @property
     def recorded_bytes(self) -> int:
@@ -765,6 +907,12 @@ class StateRecorder:
                     module_function_override(self.delta_mixers, GATED_DELTA_RULE, _frozen_delta_rule),
                     module_function_override(self.mixers + self.delta_mixers, _CONV_FUNCTION, _frozen_conv),
                     self.cache.frozen(frozen),
+                    replaced_forwards(
+                        {
+                            mixer: _fused_forward(mixer, route, mixer.forward, self.cache, slot)
+                            for mixer, route, slot in self._fused
+                        }
+                    ),
                 ):
                     yield
             finally:

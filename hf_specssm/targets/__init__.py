@@ -125,6 +125,7 @@ def make_target(
         state_replay=state_replay,
         conv_only_layers=uncovered if state_replay else (),
         chain_paths=chain_paths,
+        fused_verification=state_replay and mixer_support(model).fused_verification,
     )
 
 

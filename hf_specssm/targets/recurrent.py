@@ -59,6 +59,9 @@ class RecurrentTarget(SingleRowTarget):
             window (LFM2's short convolutions); their commit keeps the last conv inputs.
         chain_paths: measured costs that choose, per chain round, between the multi-token forward above
             and the tree scan (needs `tree_problem=None`); `None`: always the forward.
+        fused_verification: with `state_replay`, run each Mamba2-layout mixer's verification between its
+            projections as one compiled call (`StateRecorder(fused=True)`, float32 on the CPU); the caller
+            checks the `fused_verification` probe.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class RecurrentTarget(SingleRowTarget):
         state_replay: bool = False,
         conv_only_layers: Sequence[int] = (),
         chain_paths: ChainPathCosts | None = None,
+        fused_verification: bool = False,
     ) -> None:
         if method not in RECURRENT_METHODS:
             raise ValueError(f"RecurrentTarget verifies by one of {RECURRENT_METHODS}, got {method!r}.")
@@ -80,7 +84,9 @@ class RecurrentTarget(SingleRowTarget):
         self.method = method
         self.recorder = MixerInputRecorder(model)
         self.state_recorder = (
-            StateRecorder(model, self.cache, conv_only_layers=conv_only_layers) if state_replay else None
+            StateRecorder(model, self.cache, conv_only_layers=conv_only_layers, fused=fused_verification)
+            if state_replay
+            else None
         )
         self._frozen_round = False
         self._plain_round = False

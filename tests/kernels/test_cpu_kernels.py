@@ -260,3 +260,128 @@ def test_the_build_is_keyed_by_this_cpu_and_torch_install(monkeypatch):
     # another environment's torch builds beside this one instead of over it
     monkeypatch.setattr(torch, "__file__", "/elsewhere/site-packages/torch/__init__.py")
     assert cpu_module._build_name() != first
+
+
+def _mixer_by_steps(
+    projected, window, h0, weight, bias, dt_bias, A, D, norm_weight, groups, state, group, eps
+):
+    """The Mamba2 mixer between its projections, one token at a time (float64): the conv over the last
+    `K - 1` window columns and the new inputs, SiLU, softplus time steps, `h = exp(Δ A) h + Δ x ⊗ B`,
+    `y = C · h + D x`, then `weight · rms_norm(y · silu(gate))` per group."""
+    f64 = [
+        t.double() if t is not None else None for t in (projected, window, h0, weight, bias, dt_bias, A, D)
+    ]
+    projected, window, h, weight, bias, dt_bias, A, D = f64
+    batch, length, width = projected.shape
+    heads, head_dim = h.shape[1:3]
+    inner, channels, kernel = heads * head_dim, weight.shape[0], weight.shape[1]
+    gate = projected[..., width - heads - channels - inner : width - heads - channels]
+    inputs = torch.cat(
+        [
+            window[..., window.shape[-1] - (kernel - 1) :],
+            projected[..., width - heads - channels : width - heads].transpose(1, 2),
+        ],
+        dim=-1,
+    )
+    outputs = []
+    h = h.clone()
+    for t in range(length):
+        column = (inputs[..., t : t + kernel] * weight).sum(-1) + (0 if bias is None else bias)  # [Bt, Cc]
+        column = torch.nn.functional.silu(column)
+        x = column[:, :inner].view(batch, heads, head_dim)
+        B = (
+            column[:, inner : inner + groups * state]
+            .view(batch, groups, 1, state)
+            .repeat_interleave(heads // groups, 1)
+        )
+        C = (
+            column[:, inner + groups * state :]
+            .view(batch, groups, 1, state)
+            .repeat_interleave(heads // groups, 1)
+        )
+        delta = torch.nn.functional.softplus(projected[:, t, width - heads :] + dt_bias)[..., None, None]
+        h = torch.exp(delta * A[:, None, None]) * h + delta * x[..., None] * B
+        y = (h * C).sum(-1) + (0 if D is None else D[:, None] * x)
+        v = y.reshape(batch, inner) * torch.nn.functional.silu(gate[:, t])
+        v = v.view(batch, inner // group, group)
+        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+        outputs.append(norm_weight.double() * v.reshape(batch, inner))
+    return torch.stack(outputs, dim=1).float()
+
+
+# (Bt, T, H, P, G, N, K, window columns, norm groups, extra leading columns, conv bias)
+MIXER_CASES = [
+    (1, 9, 4, 8, 1, 16, 4, 4, 1, 0, True),
+    (2, 5, 6, 4, 2, 8, 4, 3, 2, 3, False),
+    (1, 2, 2, 3, 1, 5, 3, 7, 1, 0, True),
+    (2, 17, 4, 5, 4, 6, 2, 1, 4, 1, True),
+]
+
+
+@pytest.mark.parametrize("case", MIXER_CASES, ids=str)
+def test_mamba2_verification_mixer_matches_the_mixer_step_by_step(kernels, case):
+    batch, length, heads, head_dim, groups, state, kernel, columns, norm_groups, extra, with_bias = case
+    generator = torch.Generator().manual_seed(9)
+    inner = heads * head_dim
+    channels = inner + 2 * groups * state
+    width = extra + inner + channels + heads
+    projected = torch.randn(batch, length, width, generator=generator)
+    window = torch.randn(batch, channels, columns, generator=generator)
+    h0 = torch.randn(batch, heads, head_dim, state, generator=generator)
+    weight = torch.randn(channels, kernel, generator=generator) * 0.5
+    bias = torch.randn(channels, generator=generator) if with_bias else None
+    dt_bias, D = torch.randn(heads, generator=generator), torch.randn(heads, generator=generator)
+    A = -torch.rand(heads, generator=generator) * 4
+    norm_weight = torch.randn(inner, generator=generator)
+    group, eps = inner // norm_groups, 1e-5
+
+    def run(state_in, taps=weight):
+        return kernels.mamba2_verification_mixer(
+            projected,
+            window,
+            state_in,
+            taps.t().contiguous(),
+            bias if bias is not None else torch.empty(0),
+            dt_bias,
+            A,
+            D,
+            norm_weight,
+            groups,
+            state,
+            group,
+            eps,
+        )
+
+    expected = _mixer_by_steps(
+        projected, window, h0, weight, bias, dt_bias, A, D, norm_weight, groups, state, group, eps
+    )
+    out = run(h0)
+    _close(out, expected, f"case {case}")
+    assert torch.equal(window, window.clone()) and out.shape == (batch, length, inner)
+    # negative controls: the carried state and the window's history both matter
+    assert not torch.allclose(run(torch.zeros_like(h0)), expected, atol=1e-3)
+    assert not torch.allclose(
+        run(h0, weight * torch.tensor([0.0] + [1.0] * (kernel - 1))), expected, atol=1e-3
+    )
+
+
+def test_mamba2_verification_mixer_leaves_its_inputs_alone_and_refuses_bad_shapes(kernels):
+    generator = torch.Generator().manual_seed(10)
+    heads, head_dim, state, kernel = 2, 4, 3, 4
+    inner, channels = heads * head_dim, heads * head_dim + 2 * state
+    projected = torch.randn(1, 5, inner + channels + heads, generator=generator)
+    window = torch.randn(1, channels, kernel, generator=generator)
+    h0 = torch.randn(1, heads, head_dim, state, generator=generator)
+    taps = torch.randn(kernel, channels, generator=generator)
+    args = [torch.empty(0), torch.randn(heads), -torch.rand(heads), torch.randn(heads), torch.randn(inner)]
+    saved = [t.clone() for t in (projected, window, h0)]
+    kernels.mamba2_verification_mixer(projected, window, h0, taps, *args, 1, state, inner, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip((projected, window, h0), saved))
+    with pytest.raises(RuntimeError, match="narrower"):
+        kernels.mamba2_verification_mixer(projected[..., 1:], window, h0, taps, *args, 1, state, inner, 1e-6)
+    with pytest.raises(RuntimeError, match="window"):
+        kernels.mamba2_verification_mixer(projected, window[..., :2], h0, taps, *args, 1, state, inner, 1e-6)
+    with pytest.raises(RuntimeError, match="groups"):
+        kernels.mamba2_verification_mixer(projected, window, h0, taps, *args, 1, state, 3, 1e-6)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.mamba2_verification_mixer(projected.double(), window, h0, taps, *args, 1, state, inner, 1e-6)

@@ -595,12 +595,16 @@ def test_the_verification_conv_is_transformers_conv(dtype):
 
 
 def test_frozen_verifications_take_the_lean_conv():
-    """A Mamba2 target's verification forward convolves through `verification_conv` (a spy counts its
-    calls: one per layer), and its logits still equal transformers' one-token steps (the commit test above)."""
+    """Without the fused forward, a Mamba2 target's verification forward convolves through
+    `verification_conv` (a spy counts its calls: one per layer), and its logits still equal transformers'
+    one-token steps (the commit test above)."""
+    from hf_specssm._compat import probes
     from hf_specssm.ssm import state_replay
 
     model = build("mamba2", seed=0)
-    target = verification.make_target(model, None)
+    with probes.forced(fused_verification=False):
+        target = verification.make_target(model, None)
+    assert target.state_recorder.fused_mixers == []
     sequence = _prompt(10, 2)
     calls = []
     original = state_replay.verification_conv
@@ -616,3 +620,90 @@ def test_frozen_verifications_take_the_lean_conv():
     finally:
         state_replay.verification_conv = original
     assert len(calls) == model.config.num_hidden_layers
+
+
+class _KernelSpy:
+    """The compiled CPU kernels with `mamba2_verification_mixer` counted (and, with `drop_state`, given a
+    zero SSM state: the negative control)."""
+
+    def __init__(self, real, drop_state: bool = False) -> None:
+        self.real, self.drop_state, self.calls = real, drop_state, 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def mamba2_verification_mixer(self, projected, window, state, *rest):
+        self.calls += 1
+        if self.drop_state:
+            state = torch.zeros_like(state)
+        return self.real.mamba2_verification_mixer(projected, window, state, *rest)
+
+
+@pytest.mark.parametrize("target_kind", ["mamba2", "bamba", "zamba2"])
+def test_fused_verification_matches_one_token_steps(target_kind, monkeypatch):
+    """Float32 targets whose mixers pass the `fused_verification` probe run each mixer's verification
+    between its projections as one compiled call (counted: one per SSM layer and round); the logits equal
+    transformers' one-token steps and the committed state a fresh recompute, over two rounds."""
+    from hf_specssm.kernels.cpu import cpu_kernels
+    from hf_specssm.ssm import state_replay
+
+    if cpu_kernels() is None:
+        pytest.skip("the fused verification forward runs on the compiled CPU kernels")
+    model = build(target_kind, seed=0)
+    target = verification.make_target(model, None)
+    recorder = target.state_recorder
+    assert recorder.fused_mixers and recorder.fused_mixers == recorder.mixers
+    spy = _KernelSpy(cpu_kernels())
+    monkeypatch.setattr(state_replay, "cpu_kernels", lambda: spy)
+    sequence = _prompt(16, 5)
+    with torch.no_grad():
+        target.score(sequence[:, :6], sequence[:, 6:9])  # 1 pending + 3 drafts
+        target.keep(7)
+        logits = target.score(sequence[:, :8], sequence[:, 8:13])  # 1 pending + 5 drafts
+        target.keep(11)
+        recomputed, _ = fresh(model, sequence[:, :11])
+        stepped, _ = fresh(model, sequence[:, :7])
+        expected = [
+            _one_step(model, stepped, sequence[:, position : position + 1], position)
+            for position in range(7, 13)
+        ]
+    assert spy.calls == 2 * len(recorder.mixers)
+    assert (logits[0] - torch.stack(expected)).abs().max() < 1e-4
+    assert max_state_diff(target.cache, recomputed) < STATE_ATOL
+
+
+def test_a_fused_forward_that_drops_the_state_fails_its_probe(monkeypatch):
+    """Negative control: a fused kernel that starts every verification from a zero state is caught by the
+    `fused_verification` probe, which warns; the target then verifies through transformers' mixer forward
+    (no fused mixers) and greedy output still equals plain decoding."""
+    from hf_specssm._compat import probes
+    from hf_specssm.kernels.cpu import cpu_kernels
+    from hf_specssm.ssm import state_replay
+    from hf_specssm.testing.oracle import OracleDrafter
+
+    if cpu_kernels() is None:
+        pytest.skip("the fused verification forward runs on the compiled CPU kernels")
+    spy = _KernelSpy(cpu_kernels(), drop_state=True)
+    monkeypatch.setattr(state_replay, "cpu_kernels", lambda: spy)
+    model = build("mamba2", seed=0)
+    probes.clear_cache()
+    try:
+        with pytest.warns(probes.MixerProbeWarning, match="off by"):
+            support = probes.mixer_support(model)
+        assert support.state_replay and not support.fused_verification
+        assert spy.calls > 0  # the probe ran the broken kernel
+        assert "off by" in probes.unsupported_reasons(model)["fused_verification"]
+        assert verification.make_target(model, None).state_recorder.fused_mixers == []
+        model = hf_specssm.enable(model)
+        model.generation_config.eos_token_id = None
+        prompt = _prompt(6, 3)
+        reference = model.generate(prompt, max_new_tokens=24, do_sample=False)
+        calls = spy.calls
+        drafter = OracleDrafter(
+            reference, 0.7, VOCAB, config=hf_specssm.DraftConfig(num_draft_tokens=4, schedule="constant")
+        )
+        output = model.generate(prompt, assistant_model=drafter, max_new_tokens=24, do_sample=False)
+        assert torch.equal(output, reference)
+        assert spy.calls == calls  # the refused kernel never ran in decoding
+    finally:
+        probes.clear_cache()

@@ -16,6 +16,7 @@ from hf_specssm._compat import admission, probes
 from hf_specssm._compat import mixers as patches
 from hf_specssm._compat.probes import MixerProbeWarning, MixerSupport, mixer_support
 from hf_specssm.cache import ForkableCache
+from hf_specssm.kernels.cpu import cpu_kernels
 from hf_specssm.ssm import tree_scan
 from hf_specssm.ssm.mixers import (
     MixerInputRecorder,
@@ -86,19 +87,26 @@ def test_every_family_passes_every_probe(kind, continuation):
     # the state-update commit serves the Mamba2 layout (and Gated DeltaNet); Mamba v1 mixers keep mixer-input
     # replay
     mamba2_layout = continuation == "native"
+    # the fused verification forward: Mamba2-layout mixers with the gated group norm, in float32 with the
+    # compiled CPU kernels (Falcon-H1 multiplies its projection and may normalise before the gate)
+    fused = kind in ("mamba2", "bamba", "zamba2") and cpu_kernels() is not None
     assert support == MixerSupport(
         continuation=continuation,
         replay=True,
         identity_steps=True,
         tree_scan=True,
         state_replay=mamba2_layout,
+        fused_verification=fused,
     )
     reasons = probes.unsupported_reasons(model)
-    if mamba2_layout:
-        assert reasons == {}
-    else:
-        assert reasons == {"state_replay": reasons["state_replay"]}
+    expected = set() if mamba2_layout else {"state_replay"}
+    if not fused:
+        expected.add("fused_verification")
+    assert set(reasons) == expected
+    if not mamba2_layout:
         assert "neither a Mamba2 layout nor a gated delta rule" in reasons["state_replay"]
+    if kind in ("mamba", "falcon_mamba", "jamba", "falcon_h1"):
+        assert "no fused verification forward for this mixer layout" in reasons["fused_verification"]
 
 
 def test_models_without_ssm_mixers_support_everything():

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -42,6 +43,75 @@ void check_float(const torch::Tensor& t, const char* name) {
 
 }  // namespace
 
+// The scan of masked_chunk_scan on raw rows: x rows of H * P values `x_stride` apart, B and C rows of
+// G * N values `bc_stride` apart, dt rows of H values; mask [T, T] (per row when `mask_stride` > 0) or
+// causal when null; carried [Bt, H, T, P] = C_i . h0 (`carry`), or null for a zero state; D [H] or null;
+// y [Bt, T, H, P] contiguous.
+void scan_rows(const float* xp, int64_t x_stride, const float* dtp, const float* ap, const float* bp,
+               const float* cp, int64_t bc_stride, const float* hp, const bool* mp, int64_t mask_stride,
+               const float* dp, float* yp, int64_t batch, int64_t length, int64_t heads, int64_t head_dim,
+               int64_t groups, int64_t state) {
+  const int64_t per_group = heads / groups;
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> cum(length), weights(length * length);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads, g = h / per_group;
+      const bool* m = mp == nullptr ? nullptr : mp + b * mask_stride;
+      auto visible = [&](int64_t i, int64_t j) { return m == nullptr ? j <= i : m[i * length + j]; };
+      const float a = ap[h];
+      for (int64_t i = 0; i < length; ++i) {
+        float total = 0.0f;
+        for (int64_t j = 0; j <= i; ++j) {
+          if (visible(i, j)) total += dtp[(b * length + j) * heads + h] * a;
+        }
+        cum[i] = total;
+      }
+      for (int64_t i = 0; i < length; ++i) {
+        const float* ci = cp + (b * length + i) * bc_stride + g * state;
+        for (int64_t j = 0; j < length; ++j) {
+          float w = 0.0f;
+          if (j <= i && visible(i, j)) {
+            const float* bj = bp + (b * length + j) * bc_stride + g * state;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t n = 0; n < state; ++n) dot += ci[n] * bj[n];
+            w = dot * exp_approx(cum[i] - cum[j]) * dtp[(b * length + j) * heads + h];
+          }
+          weights[i * length + j] = w;
+        }
+      }
+      for (int64_t i = 0; i < length; ++i) {
+        float* out = yp + ((b * length + i) * heads + h) * head_dim;
+        const float* xi = xp + (b * length + i) * x_stride + h * head_dim;
+        const float decay = hp != nullptr ? exp_approx(cum[i]) : 0.0f;
+        const float skip = dp != nullptr ? dp[h] : 0.0f;
+        const float* from_state = hp != nullptr ? hp + ((b * heads + h) * length + i) * head_dim : xi;
+#pragma omp simd
+        for (int64_t p = 0; p < head_dim; ++p) {
+          out[p] = (hp != nullptr ? decay * from_state[p] : 0.0f) + skip * xi[p];
+        }
+        for (int64_t j = 0; j <= i; ++j) {
+          const float w = weights[i * length + j];
+          if (w == 0.0f) continue;
+          const float* xj = xp + (b * length + j) * x_stride + h * head_dim;
+#pragma omp simd
+          for (int64_t p = 0; p < head_dim; ++p) out[p] += w * xj[p];
+        }
+      }
+    }
+  });
+}
+
+// C_i . h0[p] for every row, head, position and row p of the state: one batched product (MKL) over
+// [Bt, G, 1, T, N] x [Bt, G, H/G, N, P] -> [Bt, H, T, P]. C [Bt, T, G, N] may be a strided view.
+torch::Tensor carry(const torch::Tensor& C, const torch::Tensor& h0) {
+  const int64_t batch = h0.size(0), heads = h0.size(1), head_dim = h0.size(2), state = h0.size(3);
+  const int64_t groups = C.size(2), length = C.size(1);
+  auto grouped_c = C.permute({0, 2, 1, 3}).unsqueeze(2);
+  auto grouped_h = h0.view({batch, groups, heads / groups, head_dim, state}).transpose(-1, -2);
+  return at::matmul(grouped_c, grouped_h).reshape({batch, heads, length, head_dim}).contiguous();
+}
+
 // Mamba2 (scalar decay per head) outputs of T positions whose ancestry is `mask`, from the state `h0`:
 //   L_i = sum_{j: mask[i, j]} dt_j A,
 //   y_i = exp(L_i) C_i . h0 + sum_{j: mask[i, j]} (C_i . B_j) exp(L_i - L_j) dt_j x_j + D x_i.
@@ -62,6 +132,9 @@ torch::Tensor masked_chunk_scan(torch::Tensor x, torch::Tensor dt, torch::Tensor
   const bool has_h0 = h0.numel() > 0;
   if (has_h0) {
     check_float(h0, "h0");
+    TORCH_CHECK(h0.dim() == 4 && h0.size(0) == batch && h0.size(1) == heads && h0.size(2) == head_dim &&
+                    h0.size(3) == state,
+                "h0 must be [Bt, H, P, N]");
     h0 = h0.contiguous();
   }
   const bool has_d = D.numel() > 0;
@@ -72,72 +145,11 @@ torch::Tensor masked_chunk_scan(torch::Tensor x, torch::Tensor dt, torch::Tensor
   mask = mask.to(torch::kBool).contiguous();
   const bool batched_mask = mask.dim() == 3;
   auto y = torch::empty({batch, length, heads, head_dim}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* dtp = dt.data_ptr<float>();
-  const float* ap = A.data_ptr<float>();
-  const float* bp = B.data_ptr<float>();
-  const float* cp = C.data_ptr<float>();
-  // C_i . h0[p] for every head, position and row of the state: one batched product (MKL) over
-  // [Bt, G, 1, T, N] x [Bt, G, H/G, N, P] -> [Bt, H, T, P]
-  torch::Tensor carried_all;
-  const float* hp = nullptr;
-  if (has_h0) {
-    auto grouped_c = C.permute({0, 2, 1, 3}).unsqueeze(2);
-    auto grouped_h = h0.view({batch, groups, heads / groups, head_dim, state}).transpose(-1, -2);
-    carried_all = at::matmul(grouped_c, grouped_h).reshape({batch, heads, length, head_dim}).contiguous();
-    hp = carried_all.data_ptr<float>();
-  }
-  const float* dp = has_d ? D.data_ptr<float>() : nullptr;
-  const bool* mp = mask.data_ptr<bool>();
-  float* yp = y.data_ptr<float>();
-  const int64_t per_group = heads / groups;
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> cum(length), weights(length * length);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / heads, h = task % heads, g = h / per_group;
-      const bool* m = mp + (batched_mask ? b * length * length : 0);
-      const float a = ap[h];
-      for (int64_t i = 0; i < length; ++i) {
-        float total = 0.0f;
-        for (int64_t j = 0; j <= i; ++j) {
-          if (m[i * length + j]) total += dtp[(b * length + j) * heads + h] * a;
-        }
-        cum[i] = total;
-      }
-      for (int64_t i = 0; i < length; ++i) {
-        const float* ci = cp + ((b * length + i) * groups + g) * state;
-        for (int64_t j = 0; j < length; ++j) {
-          float w = 0.0f;
-          if (j <= i && m[i * length + j]) {
-            const float* bj = bp + ((b * length + j) * groups + g) * state;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t n = 0; n < state; ++n) dot += ci[n] * bj[n];
-            w = dot * exp_approx(cum[i] - cum[j]) * dtp[(b * length + j) * heads + h];
-          }
-          weights[i * length + j] = w;
-        }
-      }
-      for (int64_t i = 0; i < length; ++i) {
-        float* out = yp + ((b * length + i) * heads + h) * head_dim;
-        const float* xi = xp + ((b * length + i) * heads + h) * head_dim;
-        const float decay = has_h0 ? exp_approx(cum[i]) : 0.0f;
-        const float skip = has_d ? dp[h] : 0.0f;
-        const float* carried = has_h0 ? hp + ((b * heads + h) * length + i) * head_dim : xi;
-#pragma omp simd
-        for (int64_t p = 0; p < head_dim; ++p) {
-          out[p] = (has_h0 ? decay * carried[p] : 0.0f) + skip * xi[p];
-        }
-        for (int64_t j = 0; j <= i; ++j) {
-          const float w = weights[i * length + j];
-          if (w == 0.0f) continue;
-          const float* xj = xp + ((b * length + j) * heads + h) * head_dim;
-#pragma omp simd
-          for (int64_t p = 0; p < head_dim; ++p) out[p] += w * xj[p];
-        }
-      }
-    }
-  });
+  const auto carried = has_h0 ? carry(C, h0) : torch::Tensor();
+  scan_rows(x.data_ptr<float>(), heads * head_dim, dt.data_ptr<float>(), A.data_ptr<float>(),
+            B.data_ptr<float>(), C.data_ptr<float>(), groups * state, has_h0 ? carried.data_ptr<float>() : nullptr,
+            mask.data_ptr<bool>(), batched_mask ? length * length : 0, has_d ? D.data_ptr<float>() : nullptr,
+            y.data_ptr<float>(), batch, length, heads, head_dim, groups, state);
   return y;
 }
 
@@ -264,6 +276,134 @@ torch::Tensor window_conv(torch::Tensor input, torch::Tensor windows, torch::Ten
   return out.transpose(1, 2);
 }
 
+// A Mamba2-layout mixer's verification forward between its two projections, in one call: transformers'
+// Mamba2Mixer.forward for T > 1 tokens from a cached state (the non-fused torch path) with the single-chunk
+// scan above, from the projection output to the out_proj input:
+//   [gate | xBC | dt] = the last I + Cc + H columns of `projected` (I = H * P channels of x, Cc = conv_dim),
+//   xBC' = silu(depthwise causal conv over the last K - 1 columns of `window`, then xBC),
+//   x, B, C = xBC' split [I, G * N, G * N];  dt' = softplus(dt + dt_bias)  (no clamp, as one-token steps),
+//   y = the causal scan of masked_chunk_scan(x, dt', A, B, C, h0, D),
+//   out = norm_weight * rms_norm(y * silu(gate)) over groups of `norm_group` channels.
+// projected [Bt, T, W]; window [Bt, Cc, S >= K - 1]; h0 [Bt, H, P, N]; taps [K, Cc] (the conv weight
+// transposed); conv_bias [Cc] or empty; dt_bias, A [H]; D [H] or empty; norm_weight [I].
+// Returns [Bt, T, I]. Nothing is written to `window` or `h0` (the frozen verification keeps its state).
+torch::Tensor mamba2_verification_mixer(torch::Tensor projected, torch::Tensor window, torch::Tensor h0,
+                                        torch::Tensor taps, torch::Tensor conv_bias, torch::Tensor dt_bias,
+                                        torch::Tensor A, torch::Tensor D, torch::Tensor norm_weight,
+                                        int64_t groups, int64_t state, int64_t norm_group, double eps) {
+  for (auto& pair : {std::make_pair(&projected, "projected"), std::make_pair(&window, "window"),
+                     std::make_pair(&h0, "h0"), std::make_pair(&taps, "taps"), std::make_pair(&dt_bias, "dt_bias"),
+                     std::make_pair(&A, "A"), std::make_pair(&norm_weight, "norm_weight")}) {
+    check_float(*pair.first, pair.second);
+    *pair.first = pair.first->contiguous();
+  }
+  TORCH_CHECK(projected.dim() == 3 && window.dim() == 3 && h0.dim() == 4 && taps.dim() == 2,
+              "projected, window, h0, taps: 3, 3, 4, 2 dims");
+  const int64_t batch = projected.size(0), length = projected.size(1), width = projected.size(2);
+  const int64_t heads = h0.size(1), head_dim = h0.size(2), inner = heads * head_dim;
+  const int64_t kernel = taps.size(0), channels = taps.size(1), history = kernel - 1;
+  const int64_t columns = window.size(2);
+  TORCH_CHECK(h0.size(0) == batch && h0.size(3) == state, "h0 must be [Bt, H, P, N]");
+  TORCH_CHECK(groups > 0 && heads % groups == 0, "heads must be a multiple of groups");
+  TORCH_CHECK(channels == inner + 2 * groups * state, "taps must have H * P + 2 * G * N columns");
+  TORCH_CHECK(width >= inner + channels + heads, "projected is narrower than gate, xBC and dt");
+  TORCH_CHECK(window.size(0) == batch && window.size(1) == channels && columns >= history,
+              "window must be [Bt, conv_dim, S >= K - 1]");
+  TORCH_CHECK(norm_weight.numel() == inner && norm_group > 0 && inner % norm_group == 0,
+              "norm_weight must have H * P entries, a whole number of groups");
+  TORCH_CHECK(dt_bias.numel() == heads && A.numel() == heads, "dt_bias and A must have H entries");
+  const bool has_bias = conv_bias.numel() > 0, has_d = D.numel() > 0;
+  if (has_bias) {
+    check_float(conv_bias, "conv_bias");
+    TORCH_CHECK(conv_bias.numel() == channels, "conv_bias must have conv_dim entries");
+    conv_bias = conv_bias.contiguous();
+  }
+  if (has_d) {
+    check_float(D, "D");
+    TORCH_CHECK(D.numel() == heads, "D must have H entries");
+    D = D.contiguous();
+  }
+  const int64_t xbc_at = width - heads - channels, gate_at = xbc_at - inner, dt_at = width - heads;
+  const float* pp = projected.data_ptr<float>();
+  const float* windowp = window.data_ptr<float>();
+  const float* tp = taps.data_ptr<float>();
+  const float* biasp = has_bias ? conv_bias.data_ptr<float>() : nullptr;
+  auto convolved = torch::empty({batch, length, channels}, projected.options());
+  auto dt = torch::empty({batch, length, heads}, projected.options());
+  auto y = torch::empty({batch, length, heads, head_dim}, projected.options());
+  auto out = torch::empty({batch, length, inner}, projected.options());
+  float* cp = convolved.data_ptr<float>();
+  // the conv, channels last: position t reads the window's last K - 1 columns, then the new inputs
+  const int64_t block = 256, blocks = (channels + block - 1) / block;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> column(block);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, first = (task % blocks) * block, span = std::min(block, channels - first);
+      for (int64_t t = 0; t < length; ++t) {
+        float* o = cp + (b * length + t) * channels + first;
+#pragma omp simd
+        for (int64_t c = 0; c < span; ++c) o[c] = has_bias ? biasp[first + c] : 0.0f;
+        for (int64_t k = 0; k < kernel; ++k) {
+          const int64_t source = t + k - history;  // < 0: the window's column columns + source
+          const float* w = tp + k * channels + first;
+          if (source >= 0) {
+            const float* in = pp + (b * length + source) * width + xbc_at + first;
+#pragma omp simd
+            for (int64_t c = 0; c < span; ++c) o[c] += w[c] * in[c];
+          } else {
+            const float* in = windowp + (b * channels + first) * columns + columns + source;
+            for (int64_t c = 0; c < span; ++c) column[c] = in[c * columns];
+#pragma omp simd
+            for (int64_t c = 0; c < span; ++c) o[c] += w[c] * column[c];
+          }
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < span; ++c) o[c] = o[c] / (1.0f + exp_approx(-o[c]));
+      }
+    }
+  });
+  // softplus(dt + dt_bias) as torch computes it (threshold 20)
+  {
+    const float* bias = dt_bias.data_ptr<float>();
+    float* out_dt = dt.data_ptr<float>();
+    for (int64_t row = 0; row < batch * length; ++row) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float v = pp[row * width + dt_at + h] + bias[h];
+        out_dt[row * heads + h] = v > 20.0f ? v : std::log1p(std::exp(v));
+      }
+    }
+  }
+  const auto carried = carry(
+      convolved.narrow(2, inner + groups * state, groups * state).view({batch, length, groups, state}), h0);
+  scan_rows(cp, channels, dt.data_ptr<float>(), A.data_ptr<float>(), cp + inner, cp + inner + groups * state,
+            channels, carried.data_ptr<float>(), nullptr, 0, has_d ? D.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+            batch, length, heads, head_dim, groups, state);
+  // gated RMS norm: weight * (v / sqrt(mean(v^2) + eps)) per group, v = y * silu(gate)
+  const float* yp = y.data_ptr<float>();
+  const float* np = norm_weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t norm_groups = inner / norm_group;
+  at::parallel_for(0, batch * length * norm_groups, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / norm_groups, first = (task % norm_groups) * norm_group;
+      const float* gate = pp + row * width + gate_at + first;
+      const float* in = yp + row * inner + first;
+      float* o = op + row * inner + first;
+      float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t c = 0; c < norm_group; ++c) {
+        const float v = in[c] * (gate[c] / (1.0f + exp_approx(-gate[c])));
+        o[c] = v;
+        squares += v * v;
+      }
+      const float scale = 1.0f / std::sqrt(squares / static_cast<float>(norm_group) + static_cast<float>(eps));
+#pragma omp simd
+      for (int64_t c = 0; c < norm_group; ++c) o[c] = np[first + c] * (o[c] * scale);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is released while a kernel runs (no Python object is touched), as torch's own ops do
   const auto release = py::call_guard<py::gil_scoped_release>();
@@ -271,4 +411,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         release);
   m.def("tree_scan_diagonal", &tree_scan_diagonal, "Mamba v1 scan over a token tree (or chain)", release);
   m.def("window_conv", &window_conv, "depthwise conv over given windows (a token tree's ancestors)", release);
+  m.def("mamba2_verification_mixer", &mamba2_verification_mixer,
+        "a Mamba2-layout mixer's verification forward between its projections", release);
 }
