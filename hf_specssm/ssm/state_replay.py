@@ -334,14 +334,21 @@ def fused_route(mixer: torch.nn.Module) -> FusedRoute | None:
     return FusedRoute(layout, weight, int(norm.group_size), float(eps), D)
 
 
+#: weight dtypes the fused verification forward serves (bf16 models: the kernel rounds where their forward does)
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def fused_verification_problem(mixer: torch.nn.Module) -> str | None:
     """Why the fused verification forward cannot serve `mixer` here, or `None`: it needs a `FusedRoute`,
-    float32 weights on the CPU and the compiled CPU kernels."""
+    float32 or bfloat16 weights on the CPU and the compiled CPU kernels."""
     if fused_route(mixer) is None:
         return "no fused verification forward for this mixer layout"
     weight = mixer.in_proj.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return f"the fused verification forward runs float32 on the CPU, not {weight.dtype} on {weight.device.type}"
+    if weight.device.type != "cpu" or weight.dtype not in FUSED_DTYPES:
+        return (
+            f"the fused verification forward runs float32 or bfloat16 weights on the CPU, not {weight.dtype} "
+            f"on {weight.device.type}"
+        )
     if cpu_kernels() is None:
         return "the compiled CPU kernels are unavailable"
     return None
@@ -351,7 +358,8 @@ def _fused_forward(
     mixer: torch.nn.Module, route: FusedRoute, original: Callable, cache, prepared: list
 ) -> Callable:
     """The forward a fused mixer runs while `cache` verifies frozen: `in_proj` (its hooks record the
-    columns the commit needs), the compiled conv, scan and gated norm in one call, then `out_proj`.
+    columns the commit needs), the compiled conv, scan and gated norm in one call (float32; for bf16 models
+    rounded where their forward rounds), then `out_proj`.
     Calls it does not serve — another context or thread, another cache, one token, padding, autograd,
     a layer without a consumed token — run `original`. `prepared` is the caller's slot for what the
     kernel reads besides the weights themselves (`[weight versions, A = -exp(A_log), conv taps [K, C]]`),
@@ -365,7 +373,8 @@ def _fused_forward(
             and cache_params is cache
             and hidden_states.dim() == 3
             and hidden_states.shape[1] > 1
-            and hidden_states.dtype == torch.float32
+            and hidden_states.dtype == mixer.in_proj.weight.dtype
+            and hidden_states.dtype in FUSED_DTYPES
             and (attention_mask is None or bool(attention_mask.all()))
             and use_cpu_kernels(hidden_states, mixer.in_proj.weight)
         ):
@@ -386,9 +395,7 @@ def _fused_forward(
         _, A, taps, conv_bias, D, dt_bias, norm_weight = prepared
         projected = mixer.in_proj(hidden_states)
         mixed = cpu_kernels().mamba2_verification_mixer(
-            projected,
-            window,
-            state,
+            *kernel_inputs(projected, window, state),
             taps,
             conv_bias,
             dt_bias,
@@ -399,8 +406,9 @@ def _fused_forward(
             layout.state_size,
             route.norm_group_size,
             route.norm_eps,
+            hidden_states.dtype == torch.bfloat16,
         )
-        return mixer.out_proj(mixed)
+        return mixer.out_proj(mixed.to(hidden_states.dtype))
 
     return forward
 

@@ -350,6 +350,7 @@ def test_mamba2_verification_mixer_matches_the_mixer_step_by_step(kernels, case)
             state,
             group,
             eps,
+            False,
         )
 
     expected = _mixer_by_steps(
@@ -375,13 +376,19 @@ def test_mamba2_verification_mixer_leaves_its_inputs_alone_and_refuses_bad_shape
     taps = torch.randn(kernel, channels, generator=generator)
     args = [torch.empty(0), torch.randn(heads), -torch.rand(heads), torch.randn(heads), torch.randn(inner)]
     saved = [t.clone() for t in (projected, window, h0)]
-    kernels.mamba2_verification_mixer(projected, window, h0, taps, *args, 1, state, inner, 1e-6)
+    kernels.mamba2_verification_mixer(projected, window, h0, taps, *args, 1, state, inner, 1e-6, False)
     assert all(torch.equal(a, b) for a, b in zip((projected, window, h0), saved))
     with pytest.raises(RuntimeError, match="narrower"):
-        kernels.mamba2_verification_mixer(projected[..., 1:], window, h0, taps, *args, 1, state, inner, 1e-6)
+        kernels.mamba2_verification_mixer(
+            projected[..., 1:], window, h0, taps, *args, 1, state, inner, 1e-6, False
+        )
     with pytest.raises(RuntimeError, match="window"):
-        kernels.mamba2_verification_mixer(projected, window[..., :2], h0, taps, *args, 1, state, inner, 1e-6)
+        kernels.mamba2_verification_mixer(
+            projected, window[..., :2], h0, taps, *args, 1, state, inner, 1e-6, False
+        )
     with pytest.raises(RuntimeError, match="groups"):
-        kernels.mamba2_verification_mixer(projected, window, h0, taps, *args, 1, state, 3, 1e-6)
+        kernels.mamba2_verification_mixer(projected, window, h0, taps, *args, 1, state, 3, 1e-6, False)
     with pytest.raises(RuntimeError, match="float32"):
-        kernels.mamba2_verification_mixer(projected.double(), window, h0, taps, *args, 1, state, inner, 1e-6)
+        kernels.mamba2_verification_mixer(
+            projected.double(), window, h0, taps, *args, 1, state, inner, 1e-6, False
+        )

@@ -623,11 +623,11 @@ def test_frozen_verifications_take_the_lean_conv():
 
 
 class _KernelSpy:
-    """The compiled CPU kernels with `mamba2_verification_mixer` counted (and, with `drop_state`, given a
-    zero SSM state: the negative control)."""
+    """The compiled CPU kernels with `mamba2_verification_mixer` counted (and, as negative controls, given a
+    zero SSM state with `drop_state`, or told not to round a bf16 model's values with `skip_rounding`)."""
 
-    def __init__(self, real, drop_state: bool = False) -> None:
-        self.real, self.drop_state, self.calls = real, drop_state, 0
+    def __init__(self, real, drop_state: bool = False, skip_rounding: bool = False) -> None:
+        self.real, self.drop_state, self.skip_rounding, self.calls = real, drop_state, skip_rounding, 0
 
     def __getattr__(self, name):
         return getattr(self.real, name)
@@ -636,6 +636,8 @@ class _KernelSpy:
         self.calls += 1
         if self.drop_state:
             state = torch.zeros_like(state)
+        if self.skip_rounding:
+            rest = (*rest[:-1], False)
         return self.real.mamba2_verification_mixer(projected, window, state, *rest)
 
 
@@ -670,6 +672,40 @@ def test_fused_verification_matches_one_token_steps(target_kind, monkeypatch):
     assert spy.calls == 2 * len(recorder.mixers)
     assert (logits[0] - torch.stack(expected)).abs().max() < 1e-4
     assert max_state_diff(target.cache, recomputed) < STATE_ATOL
+
+
+@pytest.mark.parametrize("target_kind", ["mamba2", "bamba", "zamba2"])
+def test_bf16_fused_verification_rounds_where_the_mixer_forward_does(target_kind, monkeypatch):
+    """In bf16 the fused kernel rounds the conv (before and after its SiLU), `dt + dt_bias` and its softplus to
+    bf16 where transformers' forward stores bf16 tensors: its verification logits equal the unfused
+    verification's (all but rare one-ulp ties of two exp implementations); without that rounding (negative
+    control) most logits differ."""
+    from hf_specssm._compat import probes
+    from hf_specssm.kernels.cpu import cpu_kernels
+    from hf_specssm.ssm import state_replay
+
+    if cpu_kernels() is None:
+        pytest.skip("the fused verification forward runs on the compiled CPU kernels")
+    model = build(target_kind, seed=0).to(torch.bfloat16)
+    sequence = _prompt(14, 7)
+
+    def verification_logits(fused: bool) -> torch.Tensor:
+        with probes.forced(fused_verification=fused):
+            target = verification.make_target(model, None)
+        assert bool(target.state_recorder.fused_mixers) == fused
+        with torch.no_grad():
+            return target.score(sequence[:, :6], sequence[:, 6:14]).float()
+
+    expected = verification_logits(False)
+    spy = _KernelSpy(cpu_kernels())
+    monkeypatch.setattr(state_replay, "cpu_kernels", lambda: spy)
+    fused = verification_logits(True)
+    assert spy.calls == len(_compat.ssm_mixers(model))
+    assert (fused == expected).float().mean() >= 0.99
+    assert (fused - expected).abs().max() <= 2e-2 * expected.abs().max()
+    spy.skip_rounding = True
+    unrounded = verification_logits(True)
+    assert (unrounded == expected).float().mean() < 0.9
 
 
 def test_a_fused_forward_that_drops_the_state_fails_its_probe(monkeypatch):

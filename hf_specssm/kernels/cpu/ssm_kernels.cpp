@@ -36,6 +36,9 @@ inline float exp_approx(float x) {
   return x < -87.3f ? 0.0f : p * scale;
 }
 
+// x rounded to bfloat16 (nearest, ties to even) and back, as a bf16 tensor op stores its result
+inline float to_bf16(float x) { return static_cast<float>(c10::BFloat16(x)); }
+
 void check_float(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type());
@@ -286,11 +289,14 @@ torch::Tensor window_conv(torch::Tensor input, torch::Tensor windows, torch::Ten
 //   out = norm_weight * rms_norm(y * silu(gate)) over groups of `norm_group` channels.
 // projected [Bt, T, W]; window [Bt, Cc, S >= K - 1]; h0 [Bt, H, P, N]; taps [K, Cc] (the conv weight
 // transposed); conv_bias [Cc] or empty; dt_bias, A [H]; D [H] or empty; norm_weight [I].
+// With `round_bf16` the values a bf16 model's forward rounds to bf16 are rounded alike (the conv before and
+// after its SiLU, dt + dt_bias and its softplus); everything else is float32 as in that forward.
 // Returns [Bt, T, I]. Nothing is written to `window` or `h0` (the frozen verification keeps its state).
 torch::Tensor mamba2_verification_mixer(torch::Tensor projected, torch::Tensor window, torch::Tensor h0,
                                         torch::Tensor taps, torch::Tensor conv_bias, torch::Tensor dt_bias,
                                         torch::Tensor A, torch::Tensor D, torch::Tensor norm_weight,
-                                        int64_t groups, int64_t state, int64_t norm_group, double eps) {
+                                        int64_t groups, int64_t state, int64_t norm_group, double eps,
+                                        bool round_bf16) {
   for (auto& pair : {std::make_pair(&projected, "projected"), std::make_pair(&window, "window"),
                      std::make_pair(&h0, "h0"), std::make_pair(&taps, "taps"), std::make_pair(&dt_bias, "dt_bias"),
                      std::make_pair(&A, "A"), std::make_pair(&norm_weight, "norm_weight")}) {
@@ -342,7 +348,7 @@ torch::Tensor mamba2_verification_mixer(torch::Tensor projected, torch::Tensor w
       for (int64_t t = 0; t < length; ++t) {
         float* o = cp + (b * length + t) * channels + first;
 #pragma omp simd
-        for (int64_t c = 0; c < span; ++c) o[c] = has_bias ? biasp[first + c] : 0.0f;
+        for (int64_t c = 0; c < span; ++c) o[c] = 0.0f;
         for (int64_t k = 0; k < kernel; ++k) {
           const int64_t source = t + k - history;  // < 0: the window's column columns + source
           const float* w = tp + k * channels + first;
@@ -357,8 +363,18 @@ torch::Tensor mamba2_verification_mixer(torch::Tensor projected, torch::Tensor w
             for (int64_t c = 0; c < span; ++c) o[c] += w[c] * column[c];
           }
         }
+        if (has_bias) {
+#pragma omp simd
+          for (int64_t c = 0; c < span; ++c) o[c] += biasp[first + c];
+        }
+        if (round_bf16) {
+          for (int64_t c = 0; c < span; ++c) o[c] = to_bf16(o[c]);
+        }
 #pragma omp simd
         for (int64_t c = 0; c < span; ++c) o[c] = o[c] / (1.0f + exp_approx(-o[c]));
+        if (round_bf16) {
+          for (int64_t c = 0; c < span; ++c) o[c] = to_bf16(o[c]);
+        }
       }
     }
   });
@@ -368,8 +384,9 @@ torch::Tensor mamba2_verification_mixer(torch::Tensor projected, torch::Tensor w
     float* out_dt = dt.data_ptr<float>();
     for (int64_t row = 0; row < batch * length; ++row) {
       for (int64_t h = 0; h < heads; ++h) {
-        const float v = pp[row * width + dt_at + h] + bias[h];
-        out_dt[row * heads + h] = v > 20.0f ? v : std::log1p(std::exp(v));
+        const float v = round_bf16 ? to_bf16(pp[row * width + dt_at + h] + bias[h]) : pp[row * width + dt_at + h] + bias[h];
+        const float soft = v > 20.0f ? v : std::log1p(std::exp(v));
+        out_dt[row * heads + h] = round_bf16 ? to_bf16(soft) : soft;
       }
     }
   }
