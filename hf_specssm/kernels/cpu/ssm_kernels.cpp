@@ -6,6 +6,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
 #include <algorithm>
 #include <cmath>
@@ -105,14 +109,114 @@ void scan_rows(const float* xp, int64_t x_stride, const float* dtp, const float*
   });
 }
 
-// C_i . h0[p] for every row, head, position and row p of the state: one batched product (MKL) over
-// [Bt, G, 1, T, N] x [Bt, G, H/G, N, P] -> [Bt, H, T, P]. C [Bt, T, G, N] may be a strided view.
+// acc[q][t] = sum_n rows_q[n] * ct[n * 16 + t] for q < rows (<= 8): eight state rows against a 16-position
+// tile of C (transposed), accumulated in registers with one multiply-add per (row, n).
+inline void tile_product(const float* r, int64_t state, int64_t rows, const float* ct, float (&acc)[8][16]) {
+#if defined(__AVX512F__)
+  if (rows == 8) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t n = 0; n < state; ++n) {
+      if (n % 16 == 0) {
+        // the next eight rows (the next block, or the next head's first): read while these compute
+        for (int64_t q = 16; q < 24; ++q) __builtin_prefetch(r + q * state + n);
+      }
+      const __m512 c = _mm512_loadu_ps(ct + n * 16);
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(r[n]), c, a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(r[state + n]), c, a1);
+      a2 = _mm512_fmadd_ps(_mm512_set1_ps(r[2 * state + n]), c, a2);
+      a3 = _mm512_fmadd_ps(_mm512_set1_ps(r[3 * state + n]), c, a3);
+      a4 = _mm512_fmadd_ps(_mm512_set1_ps(r[4 * state + n]), c, a4);
+      a5 = _mm512_fmadd_ps(_mm512_set1_ps(r[5 * state + n]), c, a5);
+      a6 = _mm512_fmadd_ps(_mm512_set1_ps(r[6 * state + n]), c, a6);
+      a7 = _mm512_fmadd_ps(_mm512_set1_ps(r[7 * state + n]), c, a7);
+    }
+    _mm512_storeu_ps(acc[0], a0);
+    _mm512_storeu_ps(acc[1], a1);
+    _mm512_storeu_ps(acc[2], a2);
+    _mm512_storeu_ps(acc[3], a3);
+    _mm512_storeu_ps(acc[4], a4);
+    _mm512_storeu_ps(acc[5], a5);
+    _mm512_storeu_ps(acc[6], a6);
+    _mm512_storeu_ps(acc[7], a7);
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (int64_t q0 = 0; q0 + 4 <= rows; q0 += 4) {  // four rows at a time: 8 accumulators of 8 lanes
+    __m256 a[8];
+    for (auto& v : a) v = _mm256_setzero_ps();
+    const float* rq = r + q0 * state;
+    for (int64_t n = 0; n < state; ++n) {
+      const __m256 lo = _mm256_loadu_ps(ct + n * 16), hi = _mm256_loadu_ps(ct + n * 16 + 8);
+      for (int64_t q = 0; q < 4; ++q) {
+        const __m256 v = _mm256_set1_ps(rq[q * state + n]);
+        a[2 * q] = _mm256_fmadd_ps(v, lo, a[2 * q]);
+        a[2 * q + 1] = _mm256_fmadd_ps(v, hi, a[2 * q + 1]);
+      }
+    }
+    for (int64_t q = 0; q < 4; ++q) {
+      _mm256_storeu_ps(acc[q0 + q], a[2 * q]);
+      _mm256_storeu_ps(acc[q0 + q] + 8, a[2 * q + 1]);
+    }
+  }
+  if (rows % 4 == 0) return;
+  const int64_t done = rows - rows % 4;
+  for (int64_t q = done; q < rows; ++q) {
+    for (int64_t n = 0; n < state; ++n) {
+      const float v = r[q * state + n];
+      for (int64_t t = 0; t < 16; ++t) acc[q][t] += v * ct[n * 16 + t];
+    }
+  }
+  return;
+#endif
+  for (int64_t q = 0; q < rows; ++q) {
+    for (int64_t n = 0; n < state; ++n) {
+      const float v = r[q * state + n];
+#pragma omp simd
+      for (int64_t t = 0; t < 16; ++t) acc[q][t] += v * ct[n * 16 + t];
+    }
+  }
+}
+
+// C_i . h0[p] for every row b, head h, position i and row p of the state: [Bt, H, T, P], from C
+// [Bt, T, G, N] (any strides) and h0 [Bt, H, P, N] (contiguous). The state is the big operand (P x N floats a
+// head, read once); the positions are few, so each output tile holds 16 positions of 8 state rows in
+// registers and runs over N with one broadcast and one 16-wide multiply-add per (row, n) - no horizontal
+// sums (MKL's batched product of the same shapes ran ~4x slower than reading the state).
 torch::Tensor carry(const torch::Tensor& C, const torch::Tensor& h0) {
+  constexpr int64_t kTile = 16, kRows = 8;
   const int64_t batch = h0.size(0), heads = h0.size(1), head_dim = h0.size(2), state = h0.size(3);
-  const int64_t groups = C.size(2), length = C.size(1);
-  auto grouped_c = C.permute({0, 2, 1, 3}).unsqueeze(2);
-  auto grouped_h = h0.view({batch, groups, heads / groups, head_dim, state}).transpose(-1, -2);
-  return at::matmul(grouped_c, grouped_h).reshape({batch, heads, length, head_dim}).contiguous();
+  const int64_t length = C.size(1), groups = C.size(2), per_group = heads / groups;
+  const int64_t tiles = (length + kTile - 1) / kTile;
+  // C transposed per (row, group, tile of positions): [Bt, G, tiles, N, 16], zero past the last position
+  auto transposed = torch::zeros({batch, groups, tiles, state, kTile}, h0.options());
+  auto c_acc = C.accessor<float, 4>();
+  float* tp = transposed.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t i = 0; i < length; ++i)
+        for (int64_t n = 0; n < state; ++n)
+          tp[(((b * groups + g) * tiles + i / kTile) * state + n) * kTile + i % kTile] = c_acc[b][i][g][n];
+  auto carried = torch::empty({batch, heads, length, head_dim}, h0.options());
+  const float* hp = h0.data_ptr<float>();
+  float* out = carried.data_ptr<float>();
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads, g = h / per_group;
+      const float* head_state = hp + task * head_dim * state;
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const float* ct = tp + ((b * groups + g) * tiles + tile) * state * kTile;
+        const int64_t first = tile * kTile, count = std::min(kTile, length - first);
+        for (int64_t p0 = 0; p0 < head_dim; p0 += kRows) {
+          const int64_t rows = std::min(kRows, head_dim - p0);
+          float acc[kRows][kTile] = {};
+          tile_product(head_state + p0 * state, state, rows, ct, acc);
+          for (int64_t q = 0; q < rows; ++q)
+            for (int64_t t = 0; t < count; ++t) out[(task * length + first + t) * head_dim + p0 + q] = acc[q][t];
+        }
+      }
+    }
+  });
+  return carried;
 }
 
 // Mamba2 (scalar decay per head) outputs of T positions whose ancestry is `mask`, from the state `h0`:
