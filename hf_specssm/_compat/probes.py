@@ -16,7 +16,8 @@ one-token steps, outputs and the resulting conv and SSM state:
 - **state_replay**: a frozen single-chunk verification of four tokens (`ssm.state_replay`) must leave the
   state untouched and give the stepped outputs, and its commit of two positions the stepped state;
 - **fused_verification**: the same, with the mixer's verification forward run by the compiled kernel
-  between its projections (`state_replay.fused_route`; float32 on the CPU).
+  between its projections (`state_replay.fused_route`; float32 or bf16 on the CPU), and the tree-scan
+  check's root with two children through that kernel.
 
 Each runs once per (mixer class, dtype, device); a failure warns once (`MixerProbeWarning`) and callers
 take an exact fallback. The results live in `admission`, where the paths below this module read them;
@@ -215,10 +216,11 @@ def _tree_error(
     parents: list[int],
     kept: list[int],
     expected: tuple[torch.Tensor, list[torch.Tensor]],
+    fused_routes: dict | None = None,
 ) -> float:
     cache = ForkableCache(model.config)
     mixer(hidden[:, :2], cache_params=cache)
-    with tree_scan.tree_verification(model, cache, torch.tensor(parents)) as record:
+    with tree_scan.tree_verification(model, cache, torch.tensor(parents), fused_routes) as record:
         output = mixer(hidden[:, 2 : 2 + len(parents)], cache_params=cache)
     record.commit(cache, torch.tensor(kept))
     expected_outputs, expected_states = expected
@@ -247,7 +249,21 @@ def _probe_state_replay(mixer: torch.nn.Module, model: torch.nn.Module) -> tuple
 
 
 def _probe_fused_verification(mixer: torch.nn.Module, model: torch.nn.Module) -> tuple[bool, str | None]:
-    return _frozen_verification_verdict(mixer, model, fused=True)
+    verdict = _frozen_verification_verdict(mixer, model, fused=True)
+    if not verdict[0]:
+        return verdict
+    # the same compiled call verifies token trees (its conv windows and ancestor mask): a root with two
+    # children, the kept path through the second
+    hidden = probe_inputs(mixer, model, 5)
+    new_cache = _new_cache(model)
+    chain_outputs, _ = stepped(mixer, hidden, [2, 3], new_cache)
+    branch_outputs, branch_states = stepped(mixer, hidden, [2, 4], new_cache)
+    expected = (torch.cat([chain_outputs, branch_outputs[:, 1:]], dim=1), branch_states)
+    routes = {mixer: state_replay.fused_route(mixer)}
+    error = _tree_error(mixer, model, hidden, [-1, 0, 0], [0, 2], expected, routes)
+    if error <= tolerance(hidden.dtype):
+        return True, None
+    return False, f"the fused tree forward is off by {error:.1e} (relative) against one-token steps"
 
 
 def _frozen_verification_verdict(

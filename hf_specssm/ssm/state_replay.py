@@ -42,6 +42,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ __all__ = [
     "LayoutGroup",
     "StateRecorder",
     "commit_state",
+    "fused_mixer",
     "fused_route",
     "fused_verification_problem",
     "group_layouts",
@@ -354,17 +356,84 @@ def fused_verification_problem(mixer: torch.nn.Module) -> str | None:
     return None
 
 
-def _fused_forward(
-    mixer: torch.nn.Module, route: FusedRoute, original: Callable, cache, prepared: list
-) -> Callable:
-    """The forward a fused mixer runs while `cache` verifies frozen: `in_proj` (its hooks record the
-    columns the commit needs), the compiled conv, scan and gated norm in one call (float32; for bf16 models
-    rounded where their forward rounds), then `out_proj`.
-    Calls it does not serve — another context or thread, another cache, one token, padding, autograd,
-    a layer without a consumed token — run `original`. `prepared` is the caller's slot for what the
-    kernel reads besides the weights themselves (`[weight versions, A = -exp(A_log), conv taps [K, C]]`),
-    kept across rounds and rebuilt when the weights change."""
+# mixer -> (the weights' versions and storage, their float32 kernel inputs): rebuilt when the weights change
+_KERNEL_WEIGHTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def _kernel_weights(mixer: torch.nn.Module, route: FusedRoute) -> tuple[torch.Tensor, ...]:
+    """`(A = -exp(A_log), conv taps [K, C], conv bias or empty, D, dt_bias, norm weight)` in float32 for
+    `mamba2_verification_mixer`, kept per mixer across rounds and rebuilt when any weight changes (in-place
+    updates bump their version; `.to()` replaces their storage)."""
     layout = route.layout
+    weights = (layout.A_log, layout.conv_weight, layout.conv_bias, route.D, layout.dt_bias, route.norm_weight)
+    key = tuple((w._version, w.data_ptr(), w.dtype) if w is not None else None for w in weights)
+    kept = _KERNEL_WEIGHTS.get(mixer)
+    if kept is None or kept[0] != key:
+        A_log, conv_weight, conv_bias, D, dt_bias, norm_weight = (
+            None if w is None else w.detach().float() for w in weights
+        )
+        inputs = (
+            -torch.exp(A_log),
+            conv_weight.t().contiguous(),
+            *kernel_inputs(conv_bias, D),
+            dt_bias,
+            norm_weight,
+        )
+        kept = _KERNEL_WEIGHTS[mixer] = (key, inputs)
+    return kept[1]
+
+
+def fused_mixer(
+    mixer: torch.nn.Module,
+    route: FusedRoute,
+    projected: torch.Tensor,
+    window: torch.Tensor,
+    state: torch.Tensor,
+    windows: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Mamba2-layout mixer between its projections in one compiled call (`kernels.cpu`
+    `mamba2_verification_mixer`), from its frozen state; callers check `fused_verification_problem` and
+    `use_cpu_kernels` first.
+
+    Args:
+        mixer, route: the mixer and its `fused_route`.
+        projected: `[B, T, W]` the `in_proj` output (float32 or bf16, the model's dtype).
+        window: `[B, C, S ≥ K − 1]` the conv inputs before the first position (its last `K − 1` columns).
+        state: `[B, H, P, N]` the SSM state before the first position.
+        windows: `[T, K]` a token tree's conv columns (indices into `[K − 1 cached, T new]`), or `None`
+            for a chain.
+        mask: `[T, T]` bool, the tree's ancestor mask, or `None` for a chain.
+
+    Returns:
+        `(out [B, T, I] in projected's dtype — the `out_proj` input, x|B|C after the conv [B, T, C] and
+        Δ [B, T, H], float32)`.
+    """
+    layout = route.layout
+    A, taps, conv_bias, D, dt_bias, norm_weight = _kernel_weights(mixer, route)
+    out, convolved, dt = cpu_kernels().mamba2_verification_mixer(
+        *kernel_inputs(projected, window, state),
+        taps,
+        conv_bias,
+        dt_bias,
+        A,
+        D,
+        norm_weight,
+        layout.n_groups,
+        layout.state_size,
+        route.norm_group_size,
+        route.norm_eps,
+        projected.dtype == torch.bfloat16,
+        *kernel_inputs(windows, mask),
+    )
+    return out.to(projected.dtype), convolved, dt
+
+
+def _fused_forward(mixer: torch.nn.Module, route: FusedRoute, original: Callable, cache) -> Callable:
+    """The forward a fused mixer runs while `cache` verifies frozen: `in_proj` (its hooks record the
+    columns the commit needs), `fused_mixer` (float32; for bf16 models rounded where their forward
+    rounds), then `out_proj`. Calls it does not serve — another context or thread, another cache, one
+    token, padding, autograd, a layer without a consumed token — run `original`."""
 
     def forward(hidden_states, cache_params=None, attention_mask=None, **kwargs):
         states = None
@@ -381,34 +450,8 @@ def _fused_forward(
             states = _compat.frozen_states(cache.layers[mixer.layer_idx])
         if states is None:
             return original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-        window, state = states
-        versions = (layout.A_log._version, layout.conv_weight._version)
-        if not prepared or prepared[0] != versions:
-            prepared[:] = [
-                versions,
-                -torch.exp(layout.A_log.detach().float()),
-                layout.conv_weight.detach().float().t().contiguous(),
-                *kernel_inputs(*(None if t is None else t.detach() for t in (layout.conv_bias, route.D))),
-                layout.dt_bias.detach().float(),
-                route.norm_weight.detach().float(),
-            ]
-        _, A, taps, conv_bias, D, dt_bias, norm_weight = prepared
-        projected = mixer.in_proj(hidden_states)
-        mixed = cpu_kernels().mamba2_verification_mixer(
-            *kernel_inputs(projected, window, state),
-            taps,
-            conv_bias,
-            dt_bias,
-            A,
-            D,
-            norm_weight,
-            layout.n_groups,
-            layout.state_size,
-            route.norm_group_size,
-            route.norm_eps,
-            hidden_states.dtype == torch.bfloat16,
-        )
-        return mixer.out_proj(mixed.to(hidden_states.dtype))
+        out, _, _ = fused_mixer(mixer, route, mixer.in_proj(hidden_states), *states)
+        return mixer.out_proj(out)
 
     return forward
 
@@ -863,9 +906,9 @@ class StateRecorder:
                 self.mixers.append(mixer)
                 self.layouts.append(route)
         self.groups = group_layouts(self.layouts)
-        # (mixer, route, prepared kernel inputs) of the mixers verified by the fused forward
+        # (mixer, route) of the mixers verified by the fused forward
         self._fused = [
-            (mixer, fused_route(mixer), [])
+            (mixer, fused_route(mixer))
             for mixer in self.mixers
             if fused and fused_verification_problem(mixer) is None
         ]
@@ -876,7 +919,12 @@ class StateRecorder:
     @property
     def fused_mixers(self) -> list[torch.nn.Module]:
         """The mixers verified by the fused forward (`fused=True` and `fused_verification_problem` clear)."""
-        return [mixer for mixer, _, _ in self._fused]
+        return [mixer for mixer, _ in self._fused]
+
+    @property
+    def fused_routes(self) -> dict[torch.nn.Module, FusedRoute]:
+        """`fused_mixers` with their routes, for tree verifications (`ssm.tree_scan.tree_verification`)."""
+        return dict(self._fused)
 
     @property
     def recorded_bytes(self) -> int:
@@ -917,8 +965,8 @@ class StateRecorder:
                     self.cache.frozen(frozen),
                     replaced_forwards(
                         {
-                            mixer: _fused_forward(mixer, route, mixer.forward, self.cache, slot)
-                            for mixer, route, slot in self._fused
+                            mixer: _fused_forward(mixer, route, mixer.forward, self.cache)
+                            for mixer, route in self._fused
                         }
                     ),
                 ):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +38,7 @@ from hf_specssm._compat import admission
 from hf_specssm.kernels.cpu import depthwise_conv, use_cpu_kernels
 from hf_specssm.kernels.ssm_state_update import selective_state_update_nstep
 from hf_specssm.kernels.tree_scan import tree_scan, tree_scan_diagonal
+from hf_specssm.ssm import state_replay
 from hf_specssm.ssm.mixers import exact_continuation, ssm_mixers
 from hf_specssm.tree import TokenTree
 
@@ -230,14 +231,64 @@ def _tree_conv(mixer, conv_inputs: torch.Tensor, plan: _TreePlan, cache) -> torc
     return ACT2FN[mixer.activation](out).to(conv_inputs.dtype)
 
 
-def _mamba2_tree_forward(mixer, hidden_states: torch.Tensor, plan: _TreePlan, cache, record) -> torch.Tensor:
-    """The Mamba2-family mixer computation, with tree conv and tree SSD. `[1, T, H_model]` → same."""
+def _fused_tree_forward(
+    mixer, route: state_replay.FusedRoute, projected: torch.Tensor, plan: _TreePlan, cache, record
+) -> torch.Tensor:
+    """`_mamba2_tree_forward` after `in_proj` in one compiled call (`state_replay.fused_mixer` with the tree's
+    conv windows and ancestor mask), recording the same replay inputs."""
+    batch, length, _ = projected.shape
+    heads, head_dim, state_size = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size
+    kernel_size, inner = mixer.conv_kernel_size, mixer.intermediate_size
+    conv_inputs = projected[..., -(mixer.conv_dim + heads) : -heads].transpose(1, 2)  # [1, C, T]
+    window = _committed_conv_window(cache, mixer.layer_idx, kernel_size, conv_inputs)  # [1, C, K − 1]
+    state = _committed_recurrent_state(cache, mixer.layer_idx)
+    if state is None:
+        state = torch.zeros(batch, heads, head_dim, state_size, dtype=torch.float32, device=projected.device)
+    out, convolved, dt = state_replay.fused_mixer(
+        mixer,
+        route,
+        projected,
+        window,
+        state,
+        windows=plan.conv_windows(kernel_size, torch.device("cpu")),
+        mask=plan.ancestor_mask,
+    )
+    groups_state = mixer.n_groups * state_size
+    record.layers[mixer.layer_idx] = _LayerInputs(
+        mixer=mixer,
+        conv_inputs=conv_inputs,
+        x=convolved[..., :inner].reshape(batch, length, heads, head_dim),
+        dt=dt[..., None].expand(-1, -1, -1, head_dim),
+        A=-torch.exp(mixer.A_log.float())[:, None, None].expand(heads, head_dim, state_size),
+        B=convolved[..., inner : inner + groups_state].reshape(batch, length, mixer.n_groups, state_size),
+    )
+    return mixer.out_proj(out)
+
+
+def _mamba2_tree_forward(
+    mixer,
+    hidden_states: torch.Tensor,
+    plan: _TreePlan,
+    cache,
+    record,
+    fused: state_replay.FusedRoute | None = None,
+) -> torch.Tensor:
+    """The Mamba2-family mixer computation, with tree conv and tree SSD. `[1, T, H_model]` → same. With
+    the `fused` route of a mixer the `fused_verification` probe admitted, on CPU in float32 or bf16,
+    everything between the projections runs as one compiled call (`_fused_tree_forward`)."""
     batch, length, _ = hidden_states.shape
     dtype = hidden_states.dtype
     # Falcon-H1's µP multipliers around the input projection
     if hasattr(mixer, "ssm_in_multiplier"):
         hidden_states = hidden_states * mixer.ssm_in_multiplier
     projected = mixer.in_proj(hidden_states)
+    if (
+        fused is not None
+        and dtype in state_replay.FUSED_DTYPES
+        and dtype == mixer.in_proj.weight.dtype
+        and use_cpu_kernels(projected)
+    ):
+        return _fused_tree_forward(mixer, fused, projected, plan, cache, record)
     if hasattr(mixer, "mup_vector"):
         projected = projected * mixer.mup_vector
     gate, conv_inputs, dt = projected.split(
@@ -274,8 +325,11 @@ def _mamba2_tree_forward(mixer, hidden_states: torch.Tensor, plan: _TreePlan, ca
     return mixer.out_proj(y.to(dtype))
 
 
-def _mamba_tree_forward(mixer, hidden_states: torch.Tensor, plan: _TreePlan, cache, record) -> torch.Tensor:
-    """The Mamba v1-family mixer computation (Mamba, FalconMamba, Jamba) with tree conv and tree scan."""
+def _mamba_tree_forward(
+    mixer, hidden_states: torch.Tensor, plan: _TreePlan, cache, record, fused: object = None
+) -> torch.Tensor:
+    """The Mamba v1-family mixer computation (Mamba, FalconMamba, Jamba) with tree conv and tree scan
+    (`fused` is ignored: no fused forward serves this family)."""
     dtype = hidden_states.dtype
     projected = mixer.in_proj(hidden_states).transpose(1, 2)
     conv_inputs, gate = projected.chunk(2, dim=1)  # [1, D, T] each
@@ -308,7 +362,12 @@ _TREE_FORWARDS = {MAMBA2_FAMILY: _mamba2_tree_forward, MAMBA_FAMILY: _mamba_tree
 
 
 @contextlib.contextmanager
-def tree_verification(model: PreTrainedModel, cache, parents: torch.Tensor) -> Iterator[TreeScanRecord]:
+def tree_verification(
+    model: PreTrainedModel,
+    cache,
+    parents: torch.Tensor,
+    fused_routes: Mapping[torch.nn.Module, state_replay.FusedRoute] | None = None,
+) -> Iterator[TreeScanRecord]:
     """Inside this context, a forward of `model` over `T` positions treats them as the tree `parents`.
 
     Every SSM mixer's `forward` is replaced (on the instance, restored on exit, `_compat.replaced_forwards`)
@@ -321,8 +380,12 @@ def tree_verification(model: PreTrainedModel, cache, parents: torch.Tensor) -> I
         model: an SSM or hybrid causal LM (`check_tree_scan` passes).
         cache: the cache the forward is given (a `ForkableCache`).
         parents: `[T]` parent position of each forward position (`forward_parents`).
+        fused_routes: the `fused_route` of each Mamba2-layout mixer the `fused_verification` probe
+            admitted (`StateRecorder.fused_routes`): between their projections they run as one compiled
+            call on CPU (`state_replay.fused_mixer`).
     """
     check_tree_scan(model)
+    fused_routes = fused_routes or {}
     plan = _TreePlan.build(parents)
     record = TreeScanRecord()
 
@@ -334,7 +397,7 @@ def tree_verification(model: PreTrainedModel, cache, parents: torch.Tensor) -> I
                 )
             if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
                 raise ValueError("tree verification does not take padded rows.")
-            return tree_forward(mixer, hidden_states, plan, cache, record)
+            return tree_forward(mixer, hidden_states, plan, cache, record, fused_routes.get(mixer))
 
         return forward
 

@@ -250,7 +250,12 @@ class RecurrentTarget(SingleRowTarget):
         tokens = torch.cat([pending, tree.tokens[None].to(pending.device)], dim=1)
         parents = forward_parents(tree, chain_length)
         with (
-            tree_verification(self.model, self.cache, parents) as record,
+            tree_verification(
+                self.model,
+                self.cache,
+                parents,
+                self.state_recorder.fused_routes if self.state_recorder is not None else None,
+            ) as record,
             self._hidden_capture(tree.size + 1),
         ):
             logits = self._forward(tokens, tree.size + 1, **inputs)

@@ -351,7 +351,9 @@ def test_mamba2_verification_mixer_matches_the_mixer_step_by_step(kernels, case)
             group,
             eps,
             False,
-        )
+            torch.empty(0),
+            torch.empty(0),
+        )[0]
 
     expected = _mixer_by_steps(
         projected, window, h0, weight, bias, dt_bias, A, D, norm_weight, groups, state, group, eps
@@ -376,19 +378,43 @@ def test_mamba2_verification_mixer_leaves_its_inputs_alone_and_refuses_bad_shape
     taps = torch.randn(kernel, channels, generator=generator)
     args = [torch.empty(0), torch.randn(heads), -torch.rand(heads), torch.randn(heads), torch.randn(inner)]
     saved = [t.clone() for t in (projected, window, h0)]
-    kernels.mamba2_verification_mixer(projected, window, h0, taps, *args, 1, state, inner, 1e-6, False)
+    empty = (torch.empty(0), torch.empty(0))  # a chain: causal windows and mask
+    kernels.mamba2_verification_mixer(
+        projected, window, h0, taps, *args, 1, state, inner, 1e-6, False, *empty
+    )
     assert all(torch.equal(a, b) for a, b in zip((projected, window, h0), saved))
     with pytest.raises(RuntimeError, match="narrower"):
         kernels.mamba2_verification_mixer(
-            projected[..., 1:], window, h0, taps, *args, 1, state, inner, 1e-6, False
+            projected[..., 1:], window, h0, taps, *args, 1, state, inner, 1e-6, False, *empty
         )
     with pytest.raises(RuntimeError, match="window"):
         kernels.mamba2_verification_mixer(
-            projected, window[..., :2], h0, taps, *args, 1, state, inner, 1e-6, False
+            projected, window[..., :2], h0, taps, *args, 1, state, inner, 1e-6, False, *empty
         )
     with pytest.raises(RuntimeError, match="groups"):
-        kernels.mamba2_verification_mixer(projected, window, h0, taps, *args, 1, state, 3, 1e-6, False)
+        kernels.mamba2_verification_mixer(
+            projected, window, h0, taps, *args, 1, state, 3, 1e-6, False, *empty
+        )
+    with pytest.raises(RuntimeError, match="windows"):  # a tree's windows index past the columns
+        kernels.mamba2_verification_mixer(
+            projected, window, h0, taps, *args, 1, state, inner, 1e-6, False, torch.full((5, 4), 8), empty[1]
+        )
+    with pytest.raises(RuntimeError, match="mask"):
+        kernels.mamba2_verification_mixer(
+            projected,
+            window,
+            h0,
+            taps,
+            *args,
+            1,
+            state,
+            inner,
+            1e-6,
+            False,
+            empty[0],
+            torch.ones(4, 4).bool(),
+        )
     with pytest.raises(RuntimeError, match="float32"):
         kernels.mamba2_verification_mixer(
-            projected.double(), window, h0, taps, *args, 1, state, inner, 1e-6, False
+            projected.double(), window, h0, taps, *args, 1, state, inner, 1e-6, False, *empty
         )

@@ -636,8 +636,8 @@ class _KernelSpy:
         self.calls += 1
         if self.drop_state:
             state = torch.zeros_like(state)
-        if self.skip_rounding:
-            rest = (*rest[:-1], False)
+        if self.skip_rounding:  # (…, round_bf16, windows, mask)
+            rest = (*rest[:-3], False, *rest[-2:])
         return self.real.mamba2_verification_mixer(projected, window, state, *rest)
 
 

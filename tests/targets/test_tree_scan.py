@@ -56,13 +56,15 @@ def _decode_branch(model, committed: torch.Tensor, path_tokens: torch.Tensor, ca
 
 
 @torch.no_grad()
-def _tree_round_errors(kind: str, prefix_length: int = 7, path: tuple[int, ...] = (0, 1, 3, 6)):
+def _tree_round_errors(
+    kind: str, prefix_length: int = 7, path: tuple[int, ...] = (0, 1, 3, 6), make_target=RecurrentTarget
+):
     """One tree round on `kind`: the largest logits difference to per-branch decoding over the root and
     every node, and the committed state's difference to a fresh recompute after keeping `path`."""
     model = build(kind, seed=0)
     committed = _tokens(prefix_length, 1)
     tree = TokenTree(tokens=_tokens(PARENTS.shape[0], 2), parents=PARENTS)
-    target = RecurrentTarget(model)
+    target = make_target(model)
     logits = target.score_tree(committed[None], tree)[0]
     cached = max(prefix_length - 1, 0)
     worst = 0.0
@@ -254,3 +256,38 @@ def test_bf16_tree_logits_agree_with_and_without_the_cpu_kernels(kind, monkeypat
         reference = RecurrentTarget(model).score_tree(committed[None], tree)[0]
     scale = reference.abs().max().item()
     assert (compiled - reference).abs().max().item() < 0.05 * scale
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "bamba", "zamba2"])
+def test_fused_tree_verification_equals_per_branch_decoding(kind, monkeypatch):
+    """Targets whose mixers the `fused_verification` probe admitted verify trees through the same compiled
+    call, with the tree's conv windows and ancestor mask (a spy sees both on every SSM layer): logits equal
+    per-branch decoding and the committed path's state a fresh recompute."""
+    from hf_specssm import targets
+    from hf_specssm.kernels.cpu import cpu_kernels
+    from hf_specssm.ssm import state_replay
+
+    if cpu_kernels() is None:
+        pytest.skip("the fused verification forward runs on the compiled CPU kernels")
+    real, calls = cpu_kernels(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def mamba2_verification_mixer(self, *args):
+            calls.append((args[-2].numel() > 0, args[-1].numel() > 0))
+            return real.mamba2_verification_mixer(*args)
+
+    monkeypatch.setattr(state_replay, "cpu_kernels", lambda: Spy())
+
+    def fused_target(model):
+        target = targets.make_target(model, None)  # (runs the probes on first use, through the spy too)
+        assert target.state_recorder.fused_routes
+        calls.clear()
+        return target
+
+    logits_error, state_error = _tree_round_errors(kind, make_target=fused_target)
+    assert logits_error < LOGITS_ATOL and state_error < STATE_ATOL
+    layers = len(tree_scan.ssm_mixers(build(kind, seed=0)))
+    assert calls.count((True, True)) == layers  # one tree forward: windows and mask on every SSM layer

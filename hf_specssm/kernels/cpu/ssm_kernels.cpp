@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -395,12 +396,15 @@ torch::Tensor window_conv(torch::Tensor input, torch::Tensor windows, torch::Ten
 // transposed); conv_bias [Cc] or empty; dt_bias, A [H]; D [H] or empty; norm_weight [I].
 // With `round_bf16` the values a bf16 model's forward rounds to bf16 are rounded alike (the conv before and
 // after its SiLU, dt + dt_bias and its softplus); everything else is float32 as in that forward.
-// Returns [Bt, T, I]. Nothing is written to `window` or `h0` (the frozen verification keeps its state).
-torch::Tensor mamba2_verification_mixer(torch::Tensor projected, torch::Tensor window, torch::Tensor h0,
-                                        torch::Tensor taps, torch::Tensor conv_bias, torch::Tensor dt_bias,
-                                        torch::Tensor A, torch::Tensor D, torch::Tensor norm_weight,
-                                        int64_t groups, int64_t state, int64_t norm_group, double eps,
-                                        bool round_bf16) {
+// A token tree (STree) passes `windows` [T, K] int64, each position's conv columns oldest first as indices
+// into [the window's last K - 1 columns, the T new ones], and its ancestor `mask` [T, T]; empty tensors mean
+// the causal chain (windows t .. t + K - 1, the lower triangle).
+// Returns (out [Bt, T, I], the convolved x|B|C [Bt, T, Cc], dt' [Bt, T, H]), the last two for a commit that
+// replays them. Nothing is written to `window` or `h0` (the frozen verification keeps its state).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> mamba2_verification_mixer(
+    torch::Tensor projected, torch::Tensor window, torch::Tensor h0, torch::Tensor taps, torch::Tensor conv_bias,
+    torch::Tensor dt_bias, torch::Tensor A, torch::Tensor D, torch::Tensor norm_weight, int64_t groups,
+    int64_t state, int64_t norm_group, double eps, bool round_bf16, torch::Tensor windows, torch::Tensor mask) {
   for (auto& pair : {std::make_pair(&projected, "projected"), std::make_pair(&window, "window"),
                      std::make_pair(&h0, "h0"), std::make_pair(&taps, "taps"), std::make_pair(&dt_bias, "dt_bias"),
                      std::make_pair(&A, "A"), std::make_pair(&norm_weight, "norm_weight")}) {
@@ -433,6 +437,21 @@ torch::Tensor mamba2_verification_mixer(torch::Tensor projected, torch::Tensor w
     TORCH_CHECK(D.numel() == heads, "D must have H entries");
     D = D.contiguous();
   }
+  const bool has_windows = windows.numel() > 0, has_mask = mask.numel() > 0;
+  if (has_windows) {
+    windows = windows.to(torch::kLong).contiguous();
+    TORCH_CHECK(windows.dim() == 2 && windows.size(0) == length && windows.size(1) == kernel,
+                "windows must be [T, K]");
+    const int64_t* wi = windows.data_ptr<int64_t>();
+    for (int64_t i = 0; i < length * kernel; ++i) {
+      TORCH_CHECK(wi[i] >= 0 && wi[i] < history + length, "windows must index [K - 1 cached, T new] columns");
+    }
+  }
+  if (has_mask) {
+    mask = mask.to(torch::kBool).contiguous();
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == length && mask.size(1) == length, "mask must be [T, T]");
+  }
+  const int64_t* window_index = has_windows ? windows.data_ptr<int64_t>() : nullptr;
   const int64_t xbc_at = width - heads - channels, gate_at = xbc_at - inner, dt_at = width - heads;
   const float* pp = projected.data_ptr<float>();
   const float* windowp = window.data_ptr<float>();
@@ -454,7 +473,8 @@ torch::Tensor mamba2_verification_mixer(torch::Tensor projected, torch::Tensor w
 #pragma omp simd
         for (int64_t c = 0; c < span; ++c) o[c] = 0.0f;
         for (int64_t k = 0; k < kernel; ++k) {
-          const int64_t source = t + k - history;  // < 0: the window's column columns + source
+          // a column of [the window's last K - 1, the new inputs]; < 0 below: the window's column columns + source
+          const int64_t source = (window_index != nullptr ? window_index[t * kernel + k] : t + k) - history;
           const float* w = tp + k * channels + first;
           if (source >= 0) {
             const float* in = pp + (b * length + source) * width + xbc_at + first;
@@ -497,7 +517,7 @@ torch::Tensor mamba2_verification_mixer(torch::Tensor projected, torch::Tensor w
   const auto carried = carry(
       convolved.narrow(2, inner + groups * state, groups * state).view({batch, length, groups, state}), h0);
   scan_rows(cp, channels, dt.data_ptr<float>(), A.data_ptr<float>(), cp + inner, cp + inner + groups * state,
-            channels, carried.data_ptr<float>(), nullptr, 0, has_d ? D.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+            channels, carried.data_ptr<float>(), has_mask ? mask.data_ptr<bool>() : nullptr, 0, has_d ? D.data_ptr<float>() : nullptr, y.data_ptr<float>(),
             batch, length, heads, head_dim, groups, state);
   // gated RMS norm: weight * (v / sqrt(mean(v^2) + eps)) per group, v = y * silu(gate)
   const float* yp = y.data_ptr<float>();
@@ -522,7 +542,7 @@ torch::Tensor mamba2_verification_mixer(torch::Tensor projected, torch::Tensor w
       for (int64_t c = 0; c < norm_group; ++c) o[c] = np[first + c] * (o[c] * scale);
     }
   });
-  return out;
+  return std::make_tuple(out, convolved, dt);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
