@@ -250,8 +250,8 @@ def _probe_state_replay(mixer: torch.nn.Module, model: torch.nn.Module) -> tuple
 
 def _probe_fused_verification(mixer: torch.nn.Module, model: torch.nn.Module) -> tuple[bool, str | None]:
     verdict = _frozen_verification_verdict(mixer, model, fused=True)
-    if not verdict[0]:
-        return verdict
+    if not verdict[0] or not _capability("tree_scan", mixer, model)[0]:
+        return verdict  # (trees refused here: chains are all the fused forward serves)
     # the same compiled call verifies token trees (its conv windows and ancestor mask): a root with two
     # children, the kept path through the second
     hidden = probe_inputs(mixer, model, 5)

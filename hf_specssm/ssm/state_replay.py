@@ -25,6 +25,13 @@ projection pass. For the Mamba2 layout (Mamba2, Bamba, Falcon-H1, Zamba2, Nemotr
   — the closed form of `m` recurrent steps, which is what transformers' chunk scan computes as its final
   state. No projection runs; attention layers of hybrids are cropped by the caller.
 
+On CPU, with `fused=True` (the `fused_verification` probe's verdict), Mamba2-layout mixers with a gated
+norm the kernel knows (`fused_route`: Mamba2, Bamba, Zamba2, Nemotron-H, GraniteMoeHybrid, Falcon-H1) run the
+verification between `in_proj` and `out_proj` as one compiled call instead of transformers' forward with
+the overrides above (`fused_mixer`: conv, SiLU, softplus, the single-chunk scan, the gated norm; bf16
+models rounded where their forward rounds); `in_proj`'s hook records the same columns, so the commit is
+unchanged. Token trees take the same call with their conv windows and ancestor mask (`ssm.tree_scan`).
+
 Gated DeltaNet mixers (Qwen3-Next, Qwen3.5, OLMo-hybrid in transformers 5.23) take the same route through
 their module's chunked gated delta rule (`GATED_DELTA_RULE`), which pads every multi-token forward to its
 `chunk_size` (64): while verifying, the rule runs one chunk of exactly `T` tokens from the frozen state and
@@ -76,6 +83,7 @@ __all__ = [
     "fused_verification_problem",
     "group_layouts",
     "offloaded_mixers",
+    "project",
     "state_replay_route",
     "uncovered_recurrent_layers",
 ]
@@ -288,52 +296,83 @@ def _frozen_scan(original):
 @dataclass(frozen=True)
 class FusedRoute:
     """What the fused verification forward of a Mamba2-layout mixer reads besides its `Mamba2Layout`:
-    the gated RMS norm between the scan and `out_proj` (`MambaRMSNormGated` and its copies in Bamba,
-    Zamba2, Nemotron-H and GraniteMoeHybrid: `y · silu(gate)`, normalised over groups of `group_size`
-    channels, times `weight`).
+    the multipliers around `in_proj` and the gated RMS norm between the scan and `out_proj`.
 
     Attributes:
         layout: the mixer's `Mamba2Layout`.
-        norm_weight: `[intermediate_size]`.
+        norm_weight: `[intermediate_size]`, or `None` without a norm.
         norm_group_size: channels per normalised group.
         norm_eps: the norm's `variance_epsilon`.
         D: `[H]` skip weights.
+        norm_mode: `GATE_THEN_NORM` (`MambaRMSNormGated` and its copies in Bamba, Zamba2, Nemotron-H and
+            GraniteMoeHybrid; Falcon-H1 with `mamba_norm_before_gate=False`), `NORM_THEN_GATE` (Falcon-H1's
+            default gated norm) or `GATE_ONLY` (Falcon-H1 without `mamba_rms_norm`: `y · silu(gate)`).
+        input_scale: a multiplier of the mixer input before `in_proj` (Falcon-H1's `ssm_in_multiplier`).
+        projection_scale: the tensor `in_proj`'s output is multiplied by (Falcon-H1's `mup_vector`).
     """
 
     layout: Mamba2Layout
-    norm_weight: torch.Tensor
+    norm_weight: torch.Tensor | None
     norm_group_size: int
     norm_eps: float
     D: torch.Tensor
+    norm_mode: int = 0
+    input_scale: float | None = None
+    projection_scale: torch.Tensor | None = None
+
+
+#: `FusedRoute.norm_mode` values (the kernel's `norm_mode`)
+GATE_THEN_NORM, NORM_THEN_GATE, GATE_ONLY = 0, 1, 2
+
+
+def _norm_route(mixer: torch.nn.Module, width: int) -> tuple[int, torch.Tensor | None, int, float] | None:
+    """`(norm_mode, weight, group size, eps)` of the mixer's gated norm, or `None` for another kind."""
+    norm = getattr(mixer, "norm", None)
+    if getattr(mixer, "mamba_rms_norm", True) is False:  # Falcon-H1 without a norm: the gate alone
+        return GATE_ONLY, None, width, 0.0
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or weight.numel() != width or eps is None:
+        return None
+    if hasattr(norm, "norm_before_gate"):  # Falcon-H1's norm: `n_groups` groups, gate before or after
+        groups = getattr(norm, "n_groups", None)
+        if not isinstance(groups, int) or groups < 1 or width % groups:
+            return None
+        mode = NORM_THEN_GATE if norm.norm_before_gate else GATE_THEN_NORM
+        return mode, weight, width // groups, float(eps)
+    group = getattr(norm, "group_size", width)  # transformers 5.17's MambaRMSNormGated: one group
+    if not isinstance(group, int) or group < 1 or width % group:
+        return None
+    return GATE_THEN_NORM, weight, group, float(eps)
 
 
 def fused_route(mixer: torch.nn.Module) -> FusedRoute | None:
     """The `FusedRoute` of a mixer whose verification forward the compiled kernel can run in one call
-    (`kernels.cpu` `mamba2_verification_mixer`), else `None`. Structure only: a Mamba2 layout without a
-    projection multiplier (Falcon-H1's `mup_vector`), a SiLU conv, a gated norm with group size and
-    epsilon that gates before normalising, `D` per head, and linear `out_proj`. The `fused_verification`
-    probe decides whether the forward is exact for the mixer's class."""
+    (`kernels.cpu` `mamba2_verification_mixer`), else `None`. Structure only: a Mamba2 layout, a SiLU
+    conv, one of the gated norms `FusedRoute.norm_mode` names (or Falcon-H1's none), `D` per head, and
+    linear `out_proj`. The `fused_verification` probe decides whether the forward is exact for the mixer's
+    class."""
     layout = mamba2_layout(mixer)
-    norm = getattr(mixer, "norm", None)
-    if layout is None or layout.projection_scale is not None or layout.activation not in ("silu", "swish"):
+    if layout is None or layout.activation not in ("silu", "swish"):
         return None
-    if (
-        norm is None
-        or hasattr(norm, "norm_before_gate")
-        or not isinstance(getattr(norm, "group_size", None), int)
-    ):
-        return None
-    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    norm = _norm_route(mixer, layout.intermediate_size)
     D = getattr(mixer, "D", None)
-    if not isinstance(weight, torch.Tensor) or weight.numel() != layout.intermediate_size or eps is None:
-        return None
-    if not isinstance(D, torch.Tensor) or D.numel() != layout.num_heads:
+    if norm is None or not isinstance(D, torch.Tensor) or D.numel() != layout.num_heads:
         return None
     if not isinstance(getattr(mixer, "out_proj", None), torch.nn.Linear):
         return None
     if mixer.in_proj.out_features < layout.intermediate_size + layout.recorded_width:
         return None  # no gate columns before `xBC` and `dt`
-    return FusedRoute(layout, weight, int(norm.group_size), float(eps), D)
+    input_scale = getattr(mixer, "ssm_in_multiplier", None)
+    projection_scale = getattr(mixer, "mup_vector", None)
+    if input_scale is not None and not isinstance(input_scale, (int, float)):
+        return None
+    if projection_scale is not None and (
+        not isinstance(projection_scale, torch.Tensor)
+        or projection_scale.shape[-1] != mixer.in_proj.out_features
+    ):
+        return None
+    mode, weight, group, eps = norm
+    return FusedRoute(layout, weight, group, eps, D, mode, input_scale, projection_scale)
 
 
 #: weight dtypes the fused verification forward serves (bf16 models: the kernel rounds where their forward does)
@@ -377,10 +416,20 @@ def _kernel_weights(mixer: torch.nn.Module, route: FusedRoute) -> tuple[torch.Te
             conv_weight.t().contiguous(),
             *kernel_inputs(conv_bias, D),
             dt_bias,
-            norm_weight,
+            *kernel_inputs(norm_weight),
         )
         kept = _KERNEL_WEIGHTS[mixer] = (key, inputs)
     return kept[1]
+
+
+def project(mixer: torch.nn.Module, route: FusedRoute, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`in_proj` as the mixer's forward runs it: times `route.input_scale` before, times
+    `route.projection_scale` after (Falcon-H1's multipliers; `in_proj`'s hooks see the unscaled output,
+    which is what the commit records)."""
+    if route.input_scale is not None:
+        hidden_states = hidden_states * route.input_scale
+    projected = mixer.in_proj(hidden_states)
+    return projected if route.projection_scale is None else projected * route.projection_scale
 
 
 def fused_mixer(
@@ -398,7 +447,8 @@ def fused_mixer(
 
     Args:
         mixer, route: the mixer and its `fused_route`.
-        projected: `[B, T, W]` the `in_proj` output (float32 or bf16, the model's dtype).
+        projected: `[B, T, W]` the `in_proj` output times `route.projection_scale` (float32 or bf16, the
+            model's dtype; `project` computes it).
         window: `[B, C, S ≥ K − 1]` the conv inputs before the first position (its last `K − 1` columns).
         state: `[B, H, P, N]` the SSM state before the first position.
         windows: `[T, K]` a token tree's conv columns (indices into `[K − 1 cached, T new]`), or `None`
@@ -423,6 +473,7 @@ def fused_mixer(
         layout.state_size,
         route.norm_group_size,
         route.norm_eps,
+        route.norm_mode,
         projected.dtype == torch.bfloat16,
         *kernel_inputs(windows, mask),
     )
@@ -450,7 +501,7 @@ def _fused_forward(mixer: torch.nn.Module, route: FusedRoute, original: Callable
             states = _compat.frozen_states(cache.layers[mixer.layer_idx])
         if states is None:
             return original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-        out, _, _ = fused_mixer(mixer, route, mixer.in_proj(hidden_states), *states)
+        out, _, _ = fused_mixer(mixer, route, project(mixer, route, hidden_states), *states)
         return mixer.out_proj(out)
 
     return forward

@@ -282,6 +282,8 @@ def _mamba2_tree_forward(
     if hasattr(mixer, "ssm_in_multiplier"):
         hidden_states = hidden_states * mixer.ssm_in_multiplier
     projected = mixer.in_proj(hidden_states)
+    if hasattr(mixer, "mup_vector"):
+        projected = projected * mixer.mup_vector
     if (
         fused is not None
         and dtype in state_replay.FUSED_DTYPES
@@ -289,8 +291,6 @@ def _mamba2_tree_forward(
         and use_cpu_kernels(projected)
     ):
         return _fused_tree_forward(mixer, fused, projected, plan, cache, record)
-    if hasattr(mixer, "mup_vector"):
-        projected = projected * mixer.mup_vector
     gate, conv_inputs, dt = projected.split(
         [mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1
     )

@@ -263,7 +263,7 @@ def test_the_build_is_keyed_by_this_cpu_and_torch_install(monkeypatch):
 
 
 def _mixer_by_steps(
-    projected, window, h0, weight, bias, dt_bias, A, D, norm_weight, groups, state, group, eps
+    projected, window, h0, weight, bias, dt_bias, A, D, norm_weight, groups, state, group, eps, norm_mode=0
 ):
     """The Mamba2 mixer between its projections, one token at a time (float64): the conv over the last
     `K - 1` window columns and the new inputs, SiLU, softplus time steps, `h = exp(Δ A) h + Δ x ⊗ B`,
@@ -302,10 +302,15 @@ def _mixer_by_steps(
         delta = torch.nn.functional.softplus(projected[:, t, width - heads :] + dt_bias)[..., None, None]
         h = torch.exp(delta * A[:, None, None]) * h + delta * x[..., None] * B
         y = (h * C).sum(-1) + (0 if D is None else D[:, None] * x)
-        v = y.reshape(batch, inner) * torch.nn.functional.silu(gate[:, t])
+        gated = torch.nn.functional.silu(gate[:, t])
+        if norm_mode == 2:  # the gate alone
+            outputs.append(y.reshape(batch, inner) * gated)
+            continue
+        v = y.reshape(batch, inner) * (gated if norm_mode == 0 else 1.0)
         v = v.view(batch, inner // group, group)
         v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
-        outputs.append(norm_weight.double() * v.reshape(batch, inner))
+        v = norm_weight.double() * v.reshape(batch, inner)
+        outputs.append(v * gated if norm_mode == 1 else v)
     return torch.stack(outputs, dim=1).float()
 
 
@@ -318,8 +323,9 @@ MIXER_CASES = [
 ]
 
 
+@pytest.mark.parametrize("norm_mode", [0, 1, 2], ids=["gate-norm", "norm-gate", "gate"])
 @pytest.mark.parametrize("case", MIXER_CASES, ids=str)
-def test_mamba2_verification_mixer_matches_the_mixer_step_by_step(kernels, case):
+def test_mamba2_verification_mixer_matches_the_mixer_step_by_step(kernels, case, norm_mode):
     batch, length, heads, head_dim, groups, state, kernel, columns, norm_groups, extra, with_bias = case
     generator = torch.Generator().manual_seed(9)
     inner = heads * head_dim
@@ -350,13 +356,14 @@ def test_mamba2_verification_mixer_matches_the_mixer_step_by_step(kernels, case)
             state,
             group,
             eps,
+            norm_mode,
             False,
             torch.empty(0),
             torch.empty(0),
         )[0]
 
     expected = _mixer_by_steps(
-        projected, window, h0, weight, bias, dt_bias, A, D, norm_weight, groups, state, group, eps
+        projected, window, h0, weight, bias, dt_bias, A, D, norm_weight, groups, state, group, eps, norm_mode
     )
     out = run(h0)
     _close(out, expected, f"case {case}")
@@ -380,24 +387,36 @@ def test_mamba2_verification_mixer_leaves_its_inputs_alone_and_refuses_bad_shape
     saved = [t.clone() for t in (projected, window, h0)]
     empty = (torch.empty(0), torch.empty(0))  # a chain: causal windows and mask
     kernels.mamba2_verification_mixer(
-        projected, window, h0, taps, *args, 1, state, inner, 1e-6, False, *empty
+        projected, window, h0, taps, *args, 1, state, inner, 1e-6, 0, False, *empty
     )
     assert all(torch.equal(a, b) for a, b in zip((projected, window, h0), saved))
     with pytest.raises(RuntimeError, match="narrower"):
         kernels.mamba2_verification_mixer(
-            projected[..., 1:], window, h0, taps, *args, 1, state, inner, 1e-6, False, *empty
+            projected[..., 1:], window, h0, taps, *args, 1, state, inner, 1e-6, 0, False, *empty
         )
     with pytest.raises(RuntimeError, match="window"):
         kernels.mamba2_verification_mixer(
-            projected, window[..., :2], h0, taps, *args, 1, state, inner, 1e-6, False, *empty
+            projected, window[..., :2], h0, taps, *args, 1, state, inner, 1e-6, 0, False, *empty
         )
     with pytest.raises(RuntimeError, match="groups"):
         kernels.mamba2_verification_mixer(
-            projected, window, h0, taps, *args, 1, state, 3, 1e-6, False, *empty
+            projected, window, h0, taps, *args, 1, state, 3, 1e-6, 0, False, *empty
         )
     with pytest.raises(RuntimeError, match="windows"):  # a tree's windows index past the columns
         kernels.mamba2_verification_mixer(
-            projected, window, h0, taps, *args, 1, state, inner, 1e-6, False, torch.full((5, 4), 8), empty[1]
+            projected,
+            window,
+            h0,
+            taps,
+            *args,
+            1,
+            state,
+            inner,
+            1e-6,
+            0,
+            False,
+            torch.full((5, 4), 8),
+            empty[1],
         )
     with pytest.raises(RuntimeError, match="mask"):
         kernels.mamba2_verification_mixer(
@@ -410,11 +429,16 @@ def test_mamba2_verification_mixer_leaves_its_inputs_alone_and_refuses_bad_shape
             state,
             inner,
             1e-6,
+            0,
             False,
             empty[0],
             torch.ones(4, 4).bool(),
         )
+    with pytest.raises(RuntimeError, match="norm_mode"):
+        kernels.mamba2_verification_mixer(
+            projected, window, h0, taps, *args, 1, state, inner, 1e-6, 3, False, *empty
+        )
     with pytest.raises(RuntimeError, match="float32"):
         kernels.mamba2_verification_mixer(
-            projected.double(), window, h0, taps, *args, 1, state, inner, 1e-6, False, *empty
+            projected.double(), window, h0, taps, *args, 1, state, inner, 1e-6, 0, False, *empty
         )

@@ -641,7 +641,37 @@ class _KernelSpy:
         return self.real.mamba2_verification_mixer(projected, window, state, *rest)
 
 
-@pytest.mark.parametrize("target_kind", ["mamba2", "bamba", "zamba2"])
+def _falcon_h1(rms_norm: bool, norm_before_gate: bool = True, dtype: torch.dtype = torch.float32):
+    """The tiny Falcon-H1 with its gated norm switched on or off, µP multipliers away from 1 and two
+    norm groups, seeded; SSM inputs amplified as `build` does."""
+    from transformers import FalconH1ForCausalLM
+
+    from tests.helpers.models import _amplify_ssm_inputs
+
+    config = build("falcon_h1", seed=0).config
+    config.mamba_rms_norm, config.mamba_norm_before_gate = rms_norm, norm_before_gate
+    config.mamba_n_groups = 2
+    config.ssm_in_multiplier, config.ssm_multipliers = 1.5, [0.9, 1.1, 1.2, 0.8, 1.3]
+    torch.manual_seed(0)
+    model = FalconH1ForCausalLM(config).eval().to(dtype)
+    _amplify_ssm_inputs(model)
+    return model
+
+
+FUSED_KINDS = ["mamba2", "bamba", "zamba2", "falcon_h1", "falcon_h1-norm-gate", "falcon_h1-gate-norm"]
+
+
+def _fused_kind(kind: str, dtype: torch.dtype = torch.float32):
+    if kind == "falcon_h1-norm-gate":
+        return _falcon_h1(True, True, dtype)
+    if kind == "falcon_h1-gate-norm":
+        return _falcon_h1(True, False, dtype)
+    if kind == "falcon_h1":
+        return _falcon_h1(False, dtype=dtype)
+    return build(kind, seed=0).to(dtype)
+
+
+@pytest.mark.parametrize("target_kind", FUSED_KINDS)
 def test_fused_verification_matches_one_token_steps(target_kind, monkeypatch):
     """Float32 targets whose mixers pass the `fused_verification` probe run each mixer's verification
     between its projections as one compiled call (counted: one per SSM layer and round); the logits equal
@@ -651,7 +681,7 @@ def test_fused_verification_matches_one_token_steps(target_kind, monkeypatch):
 
     if cpu_kernels() is None:
         pytest.skip("the fused verification forward runs on the compiled CPU kernels")
-    model = build(target_kind, seed=0)
+    model = _fused_kind(target_kind)
     target = verification.make_target(model, None)
     recorder = target.state_recorder
     assert recorder.fused_mixers and recorder.fused_mixers == recorder.mixers
@@ -674,7 +704,7 @@ def test_fused_verification_matches_one_token_steps(target_kind, monkeypatch):
     assert max_state_diff(target.cache, recomputed) < STATE_ATOL
 
 
-@pytest.mark.parametrize("target_kind", ["mamba2", "bamba", "zamba2"])
+@pytest.mark.parametrize("target_kind", FUSED_KINDS)
 def test_bf16_fused_verification_rounds_where_the_mixer_forward_does(target_kind, monkeypatch):
     """In bf16 the fused kernel rounds the conv (before and after its SiLU), `dt + dt_bias` and its softplus to
     bf16 where transformers' forward stores bf16 tensors: its verification logits equal the unfused
@@ -686,7 +716,7 @@ def test_bf16_fused_verification_rounds_where_the_mixer_forward_does(target_kind
 
     if cpu_kernels() is None:
         pytest.skip("the fused verification forward runs on the compiled CPU kernels")
-    model = build(target_kind, seed=0).to(torch.bfloat16)
+    model = _fused_kind(target_kind, torch.bfloat16)
     sequence = _prompt(14, 7)
 
     def verification_logits(fused: bool) -> torch.Tensor:

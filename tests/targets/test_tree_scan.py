@@ -258,7 +258,7 @@ def test_bf16_tree_logits_agree_with_and_without_the_cpu_kernels(kind, monkeypat
     assert (compiled - reference).abs().max().item() < 0.05 * scale
 
 
-@pytest.mark.parametrize("kind", ["mamba2", "bamba", "zamba2"])
+@pytest.mark.parametrize("kind", ["mamba2", "bamba", "zamba2", "falcon_h1"])
 def test_fused_tree_verification_equals_per_branch_decoding(kind, monkeypatch):
     """Targets whose mixers the `fused_verification` probe admitted verify trees through the same compiled
     call, with the tree's conv windows and ancestor mask (a spy sees both on every SSM layer): logits equal

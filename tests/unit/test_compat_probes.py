@@ -88,8 +88,8 @@ def test_every_family_passes_every_probe(kind, continuation):
     # replay
     mamba2_layout = continuation == "native"
     # the fused verification forward: Mamba2-layout mixers with the gated group norm, in float32 with the
-    # compiled CPU kernels (Falcon-H1 multiplies its projection and may normalise before the gate)
-    fused = kind in ("mamba2", "bamba", "zamba2") and cpu_kernels() is not None
+    # compiled CPU kernels (Mamba v1 families have none)
+    fused = kind in ("mamba2", "bamba", "zamba2", "falcon_h1") and cpu_kernels() is not None
     assert support == MixerSupport(
         continuation=continuation,
         replay=True,
@@ -105,7 +105,7 @@ def test_every_family_passes_every_probe(kind, continuation):
     assert set(reasons) == expected
     if not mamba2_layout:
         assert "neither a Mamba2 layout nor a gated delta rule" in reasons["state_replay"]
-    if kind in ("mamba", "falcon_mamba", "jamba", "falcon_h1"):
+    if kind in ("mamba", "falcon_mamba", "jamba"):
         assert "no fused verification forward for this mixer layout" in reasons["fused_verification"]
 
 

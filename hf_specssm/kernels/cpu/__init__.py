@@ -104,7 +104,8 @@ def build_cpu_kernels(verbose: bool = False):
     """Compile (or load the cached build of) the CPU kernels; raises what the build raised.
 
     Returns:
-        The extension module (`masked_chunk_scan`, `tree_scan_diagonal`, `window_conv`).
+        The extension module (`masked_chunk_scan`, `tree_scan_diagonal`, `window_conv`,
+        `mamba2_verification_mixer`).
     """
     from torch.utils import cpp_extension
 

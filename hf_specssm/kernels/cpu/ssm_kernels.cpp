@@ -391,7 +391,9 @@ torch::Tensor window_conv(torch::Tensor input, torch::Tensor windows, torch::Ten
 //   xBC' = silu(depthwise causal conv over the last K - 1 columns of `window`, then xBC),
 //   x, B, C = xBC' split [I, G * N, G * N];  dt' = softplus(dt + dt_bias)  (no clamp, as one-token steps),
 //   y = the causal scan of masked_chunk_scan(x, dt', A, B, C, h0, D),
-//   out = norm_weight * rms_norm(y * silu(gate)) over groups of `norm_group` channels.
+//   out = norm_weight * rms_norm(y * silu(gate)) over groups of `norm_group` channels (`norm_mode` 0, Mamba2's
+//   gated norm); norm_weight * rms_norm(y) * silu(gate) (1, Falcon-H1's norm before the gate); or
+//   y * silu(gate) without a norm (2, Falcon-H1 without `mamba_rms_norm`; norm_weight empty).
 // projected [Bt, T, W]; window [Bt, Cc, S >= K - 1]; h0 [Bt, H, P, N]; taps [K, Cc] (the conv weight
 // transposed); conv_bias [Cc] or empty; dt_bias, A [H]; D [H] or empty; norm_weight [I].
 // With `round_bf16` the values a bf16 model's forward rounds to bf16 are rounded alike (the conv before and
@@ -404,12 +406,18 @@ torch::Tensor window_conv(torch::Tensor input, torch::Tensor windows, torch::Ten
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> mamba2_verification_mixer(
     torch::Tensor projected, torch::Tensor window, torch::Tensor h0, torch::Tensor taps, torch::Tensor conv_bias,
     torch::Tensor dt_bias, torch::Tensor A, torch::Tensor D, torch::Tensor norm_weight, int64_t groups,
-    int64_t state, int64_t norm_group, double eps, bool round_bf16, torch::Tensor windows, torch::Tensor mask) {
+    int64_t state, int64_t norm_group, double eps, int64_t norm_mode, bool round_bf16, torch::Tensor windows,
+    torch::Tensor mask) {
   for (auto& pair : {std::make_pair(&projected, "projected"), std::make_pair(&window, "window"),
                      std::make_pair(&h0, "h0"), std::make_pair(&taps, "taps"), std::make_pair(&dt_bias, "dt_bias"),
-                     std::make_pair(&A, "A"), std::make_pair(&norm_weight, "norm_weight")}) {
+                     std::make_pair(&A, "A")}) {
     check_float(*pair.first, pair.second);
     *pair.first = pair.first->contiguous();
+  }
+  TORCH_CHECK(norm_mode >= 0 && norm_mode <= 2, "norm_mode must be 0 (gate, norm), 1 (norm, gate) or 2 (gate)");
+  if (norm_mode != 2) {
+    check_float(norm_weight, "norm_weight");
+    norm_weight = norm_weight.contiguous();
   }
   TORCH_CHECK(projected.dim() == 3 && window.dim() == 3 && h0.dim() == 4 && taps.dim() == 2,
               "projected, window, h0, taps: 3, 3, 4, 2 dims");
@@ -423,7 +431,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> mamba2_verification_mixe
   TORCH_CHECK(width >= inner + channels + heads, "projected is narrower than gate, xBC and dt");
   TORCH_CHECK(window.size(0) == batch && window.size(1) == channels && columns >= history,
               "window must be [Bt, conv_dim, S >= K - 1]");
-  TORCH_CHECK(norm_weight.numel() == inner && norm_group > 0 && inner % norm_group == 0,
+  TORCH_CHECK((norm_mode == 2 || norm_weight.numel() == inner) && norm_group > 0 && inner % norm_group == 0,
               "norm_weight must have H * P entries, a whole number of groups");
   TORCH_CHECK(dt_bias.numel() == heads && A.numel() == heads, "dt_bias and A must have H entries");
   const bool has_bias = conv_bias.numel() > 0, has_d = D.numel() > 0;
@@ -521,7 +529,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> mamba2_verification_mixe
             batch, length, heads, head_dim, groups, state);
   // gated RMS norm: weight * (v / sqrt(mean(v^2) + eps)) per group, v = y * silu(gate)
   const float* yp = y.data_ptr<float>();
-  const float* np = norm_weight.data_ptr<float>();
+  const float* np = norm_mode == 2 ? nullptr : norm_weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t norm_groups = inner / norm_group;
   at::parallel_for(0, batch * length * norm_groups, 4, [&](int64_t begin, int64_t end) {
@@ -530,16 +538,27 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> mamba2_verification_mixe
       const float* gate = pp + row * width + gate_at + first;
       const float* in = yp + row * inner + first;
       float* o = op + row * inner + first;
+      if (norm_mode == 2) {  // the gate alone: silu(gate) in the model's dtype, as transformers computes it
+        for (int64_t c = 0; c < norm_group; ++c) {
+          const float gated = gate[c] / (1.0f + exp_approx(-gate[c]));
+          o[c] = in[c] * (round_bf16 ? to_bf16(gated) : gated);
+        }
+        continue;
+      }
       float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
       for (int64_t c = 0; c < norm_group; ++c) {
-        const float v = in[c] * (gate[c] / (1.0f + exp_approx(-gate[c])));
+        const float v = norm_mode == 0 ? in[c] * (gate[c] / (1.0f + exp_approx(-gate[c]))) : in[c];
         o[c] = v;
         squares += v * v;
       }
       const float scale = 1.0f / std::sqrt(squares / static_cast<float>(norm_group) + static_cast<float>(eps));
 #pragma omp simd
       for (int64_t c = 0; c < norm_group; ++c) o[c] = np[first + c] * (o[c] * scale);
+      if (norm_mode == 1) {
+#pragma omp simd
+        for (int64_t c = 0; c < norm_group; ++c) o[c] = o[c] * (gate[c] / (1.0f + exp_approx(-gate[c])));
+      }
     }
   });
   return std::make_tuple(out, convolved, dt);
