@@ -385,60 +385,25 @@ def test_mamba2_verification_mixer_leaves_its_inputs_alone_and_refuses_bad_shape
     taps = torch.randn(kernel, channels, generator=generator)
     args = [torch.empty(0), torch.randn(heads), -torch.rand(heads), torch.randn(heads), torch.randn(inner)]
     saved = [t.clone() for t in (projected, window, h0)]
-    empty = (torch.empty(0), torch.empty(0))  # a chain: causal windows and mask
-    kernels.mamba2_verification_mixer(
-        projected, window, h0, taps, *args, 1, state, inner, 1e-6, 0, False, *empty
-    )
+
+    def call(projected=projected, window=window, group=inner, mode=0, windows=None, mask=None):
+        # empty windows and mask: a chain (causal windows and mask)
+        tree = [torch.empty(0) if t is None else t for t in (windows, mask)]
+        return kernels.mamba2_verification_mixer(
+            projected, window, h0, taps, *args, 1, state, group, 1e-6, mode, False, *tree
+        )
+
+    call()
     assert all(torch.equal(a, b) for a, b in zip((projected, window, h0), saved))
-    with pytest.raises(RuntimeError, match="narrower"):
-        kernels.mamba2_verification_mixer(
-            projected[..., 1:], window, h0, taps, *args, 1, state, inner, 1e-6, 0, False, *empty
-        )
-    with pytest.raises(RuntimeError, match="window"):
-        kernels.mamba2_verification_mixer(
-            projected, window[..., :2], h0, taps, *args, 1, state, inner, 1e-6, 0, False, *empty
-        )
-    with pytest.raises(RuntimeError, match="groups"):
-        kernels.mamba2_verification_mixer(
-            projected, window, h0, taps, *args, 1, state, 3, 1e-6, 0, False, *empty
-        )
-    with pytest.raises(RuntimeError, match="windows"):  # a tree's windows index past the columns
-        kernels.mamba2_verification_mixer(
-            projected,
-            window,
-            h0,
-            taps,
-            *args,
-            1,
-            state,
-            inner,
-            1e-6,
-            0,
-            False,
-            torch.full((5, 4), 8),
-            empty[1],
-        )
-    with pytest.raises(RuntimeError, match="mask"):
-        kernels.mamba2_verification_mixer(
-            projected,
-            window,
-            h0,
-            taps,
-            *args,
-            1,
-            state,
-            inner,
-            1e-6,
-            0,
-            False,
-            empty[0],
-            torch.ones(4, 4).bool(),
-        )
-    with pytest.raises(RuntimeError, match="norm_mode"):
-        kernels.mamba2_verification_mixer(
-            projected, window, h0, taps, *args, 1, state, inner, 1e-6, 3, False, *empty
-        )
-    with pytest.raises(RuntimeError, match="float32"):
-        kernels.mamba2_verification_mixer(
-            projected.double(), window, h0, taps, *args, 1, state, inner, 1e-6, 0, False, *empty
-        )
+    refusals = [
+        ("narrower", {"projected": projected[..., 1:]}),
+        ("window", {"window": window[..., :2]}),
+        ("groups", {"group": 3}),
+        ("windows", {"windows": torch.full((5, 4), 8)}),  # a tree's windows index past the columns
+        ("mask", {"mask": torch.ones(4, 4).bool()}),
+        ("norm_mode", {"mode": 3}),
+        ("float32", {"projected": projected.double()}),
+    ]
+    for message, change in refusals:
+        with pytest.raises(RuntimeError, match=message):
+            call(**change)
