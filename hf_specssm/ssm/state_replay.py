@@ -82,6 +82,7 @@ __all__ = [
     "fused_route",
     "fused_verification_problem",
     "group_layouts",
+    "kernel_weights",
     "offloaded_mixers",
     "project",
     "state_replay_route",
@@ -399,7 +400,7 @@ def fused_verification_problem(mixer: torch.nn.Module) -> str | None:
 _KERNEL_WEIGHTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def _kernel_weights(mixer: torch.nn.Module, route: FusedRoute) -> tuple[torch.Tensor, ...]:
+def kernel_weights(mixer: torch.nn.Module, route: FusedRoute) -> tuple[torch.Tensor, ...]:
     """`(A = -exp(A_log), conv taps [K, C], conv bias or empty, D, dt_bias, norm weight)` in float32 for
     `mamba2_verification_mixer`, kept per mixer across rounds and rebuilt when any weight changes (in-place
     updates bump their version; `.to()` replaces their storage)."""
@@ -460,7 +461,7 @@ def fused_mixer(
         Δ [B, T, H], float32)`.
     """
     layout = route.layout
-    A, taps, conv_bias, D, dt_bias, norm_weight = _kernel_weights(mixer, route)
+    A, taps, conv_bias, D, dt_bias, norm_weight = kernel_weights(mixer, route)
     out, convolved, dt = cpu_kernels().mamba2_verification_mixer(
         *kernel_inputs(projected, window, state),
         taps,

@@ -259,7 +259,7 @@ def _fused_tree_forward(
         conv_inputs=conv_inputs,
         x=convolved[..., :inner].reshape(batch, length, heads, head_dim),
         dt=dt[..., None].expand(-1, -1, -1, head_dim),
-        A=-torch.exp(mixer.A_log.float())[:, None, None].expand(heads, head_dim, state_size),
+        A=state_replay.kernel_weights(mixer, route)[0][:, None, None].expand(heads, head_dim, state_size),
         B=convolved[..., inner : inner + groups_state].reshape(batch, length, mixer.n_groups, state_size),
     )
     return mixer.out_proj(out)

@@ -160,3 +160,22 @@ def check_gather(device: str, dtype: torch.dtype = torch.float32) -> None:
 
 
 CASES = {"tree_scan": check_tree_scan, "nstep": check_nstep, "gather": check_gather}
+
+
+def require_cpu_kernels():
+    """The compiled CPU kernels (`hf_specssm.kernels.cpu`) for a test that needs them. Skips only where they
+    cannot be had by design — switched off (`HF_SPECSSM_CPU_KERNELS=0`) or no C++ compiler; a compiler
+    that is present but fails the build fails the test (CI has gcc, so the kernels' tests always run)."""
+    import pytest
+
+    from hf_specssm.kernels import cpu
+
+    if cpu.cpu_kernels_disabled():
+        pytest.skip(f"{cpu.ENVIRONMENT_SWITCH}=0")
+    module = cpu.cpu_kernels()
+    if module is None:
+        failure = cpu.cpu_kernels_failure()
+        if failure == cpu.NO_COMPILER:
+            pytest.skip(f"the CPU kernels need a C++ compiler: {failure}")
+        pytest.fail(f"a C++ compiler is here but the CPU kernels failed to build: {failure}")
+    return module

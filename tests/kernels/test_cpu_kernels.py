@@ -15,20 +15,12 @@ from hf_specssm.ssm import state_replay
 from hf_specssm.ssm.state_replay import verification_conv, verification_scan
 from hf_specssm.ssm.tree_scan import _TreePlan
 
-from tests.helpers.kernel_cases import ancestor_mask, random_parents
+from tests.helpers.kernel_cases import ancestor_mask, random_parents, require_cpu_kernels
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    if cpu_module.cpu_kernels_disabled():
-        pytest.skip("HF_SPECSSM_CPU_KERNELS=0")
-    module = cpu_module.cpu_kernels()
-    if module is None:
-        failure = cpu_module.cpu_kernels_failure()
-        if failure == cpu_module.NO_COMPILER:
-            pytest.skip(f"the CPU kernels need a C++ compiler: {failure}")
-        pytest.fail(f"a C++ compiler is here but the CPU kernels failed to build: {failure}")
-    return module
+    return require_cpu_kernels()
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:

@@ -17,6 +17,7 @@ from hf_specssm.ssm.mixers import MixerInputRecorder
 from hf_specssm.ssm.state_replay import StateRecorder
 from hf_specssm.targets import joint
 
+from tests.helpers.kernel_cases import require_cpu_kernels
 from tests.helpers.models import VOCAB, align, build
 from tests.helpers.sampling import chi_square_p_value, exact_distribution, no_eos, sample_continuations
 from tests.helpers.scripted import ScriptedDrafter
@@ -679,8 +680,7 @@ def test_fused_verification_matches_one_token_steps(target_kind, monkeypatch):
     from hf_specssm.kernels.cpu import cpu_kernels
     from hf_specssm.ssm import state_replay
 
-    if cpu_kernels() is None:
-        pytest.skip("the fused verification forward runs on the compiled CPU kernels")
+    require_cpu_kernels()  # the fused verification forward runs on them
     model = _fused_kind(target_kind)
     target = verification.make_target(model, None)
     recorder = target.state_recorder
@@ -714,8 +714,7 @@ def test_bf16_fused_verification_rounds_where_the_mixer_forward_does(target_kind
     from hf_specssm.kernels.cpu import cpu_kernels
     from hf_specssm.ssm import state_replay
 
-    if cpu_kernels() is None:
-        pytest.skip("the fused verification forward runs on the compiled CPU kernels")
+    require_cpu_kernels()  # the fused verification forward runs on them
     model = _fused_kind(target_kind, torch.bfloat16)
     sequence = _prompt(14, 7)
 
@@ -747,8 +746,7 @@ def test_a_fused_forward_that_drops_the_state_fails_its_probe(monkeypatch):
     from hf_specssm.ssm import state_replay
     from hf_specssm.testing.oracle import OracleDrafter
 
-    if cpu_kernels() is None:
-        pytest.skip("the fused verification forward runs on the compiled CPU kernels")
+    require_cpu_kernels()  # the fused verification forward runs on them
     spy = _KernelSpy(cpu_kernels(), drop_state=True)
     monkeypatch.setattr(state_replay, "cpu_kernels", lambda: spy)
     model = build("mamba2", seed=0)

@@ -16,6 +16,7 @@ from hf_specssm.ssm.mixers import exact_continuation
 from hf_specssm.targets import RecurrentTarget
 from hf_specssm.tree import TokenTree
 
+from tests.helpers.kernel_cases import require_cpu_kernels
 from tests.helpers.models import VOCAB, align, build
 from tests.helpers.sampling import chi_square_p_value, exact_distribution, no_eos, sample_continuations
 from tests.helpers.states import fresh, max_state_diff
@@ -242,8 +243,7 @@ def test_bf16_tree_logits_agree_with_and_without_the_cpu_kernels(kind, monkeypat
     torch references' to bf16 rounding (a bias added twice moves them by whole units)."""
     from hf_specssm.kernels import cpu
 
-    if cpu.cpu_kernels() is None:
-        pytest.skip(f"no compiled CPU kernels here: {cpu.cpu_kernels_failure()}")
+    require_cpu_kernels()
     model = build(kind, seed=0).to(torch.bfloat16)
     with torch.no_grad():  # a conv bias large enough to matter
         for mixer in tree_scan.ssm_mixers(model):
@@ -267,8 +267,7 @@ def test_fused_tree_verification_equals_per_branch_decoding(kind, monkeypatch):
     from hf_specssm.kernels.cpu import cpu_kernels
     from hf_specssm.ssm import state_replay
 
-    if cpu_kernels() is None:
-        pytest.skip("the fused verification forward runs on the compiled CPU kernels")
+    require_cpu_kernels()  # the fused verification forward runs on them
     real, calls = cpu_kernels(), []
 
     class Spy:
