@@ -70,6 +70,7 @@ from hf_specssm._compat.mixers import (
 )
 from hf_specssm.cache import ForkableCache
 from hf_specssm.kernels.cpu import cpu_kernels, depthwise_conv, kernel_inputs, use_cpu_kernels
+from hf_specssm.ssm.lean_norm import lean_norm_modules, lean_norms
 
 __all__ = [
     "DeltaRecord",
@@ -481,31 +482,67 @@ def fused_mixer(
     return out.to(projected.dtype), convolved, dt
 
 
-def _fused_forward(mixer: torch.nn.Module, route: FusedRoute, original: Callable, cache) -> Callable:
-    """The forward a fused mixer runs while `cache` verifies frozen: `in_proj` (its hooks record the
-    columns the commit needs), `fused_mixer` (float32; for bf16 models rounded where their forward
-    rounds), then `out_proj`. Calls it does not serve — another context or thread, another cache, one
-    token, padding, autograd, a layer without a consumed token — run `original`."""
+def _fused_forward(
+    mixer: torch.nn.Module,
+    route: FusedRoute,
+    original: Callable,
+    cache,
+    record: Callable[[torch.Tensor], None],
+    recording_hook: Callable,
+    unpadded: Callable[[torch.Tensor | None], bool],
+) -> Callable:
+    """The forward a fused mixer runs while `cache` verifies frozen: `in_proj`, `record` of the columns the
+    commit needs (a view of the projection, which nothing writes), `fused_mixer` (float32; for bf16 models
+    rounded where their forward rounds), then `out_proj`. Calls of this verification that it does not serve
+    (padding, autograd, another dtype, a layer without a consumed token) run `original` with
+    `recording_hook` on `in_proj`; calls from another context, thread or cache run `original` alone.
+    `unpadded(attention_mask)` says whether a mask hides nothing (one check per mask and forward)."""
+    weight = mixer.in_proj.weight
 
     def forward(hidden_states, cache_params=None, attention_mask=None, **kwargs):
+        if not (_VERIFYING.get() and cache_params is cache):
+            return original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
         states = None
         if (
-            _VERIFYING.get()
-            and cache_params is cache
-            and hidden_states.dim() == 3
+            hidden_states.dim() == 3
             and hidden_states.shape[1] > 1
-            and hidden_states.dtype == mixer.in_proj.weight.dtype
+            and hidden_states.dtype == weight.dtype
             and hidden_states.dtype in FUSED_DTYPES
-            and (attention_mask is None or bool(attention_mask.all()))
-            and use_cpu_kernels(hidden_states, mixer.in_proj.weight)
+            and hidden_states.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad))
+            and unpadded(attention_mask)
         ):
             states = _compat.frozen_states(cache.layers[mixer.layer_idx])
         if states is None:
-            return original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-        out, _, _ = fused_mixer(mixer, route, project(mixer, route, hidden_states), *states)
+            handle = mixer.in_proj.register_forward_hook(recording_hook)
+            try:
+                return original(
+                    hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs
+                )
+            finally:
+                handle.remove()
+        projected = project(mixer, route, hidden_states)
+        record(projected[..., -route.layout.recorded_width :])
+        out, _, _ = fused_mixer(mixer, route, projected, *states)
         return mixer.out_proj(out)
 
     return forward
+
+
+class _UnpaddedCheck:
+    """`attention_mask is None or attention_mask.all()`, computed once per mask object: every layer of a
+    forward receives the same mask."""
+
+    def __init__(self) -> None:
+        self._mask: torch.Tensor | None = None
+        self._verdict = True
+
+    def __call__(self, attention_mask: torch.Tensor | None) -> bool:
+        if attention_mask is None:
+            return True
+        if attention_mask is not self._mask:
+            self._mask, self._verdict = attention_mask, bool(attention_mask.all())
+        return self._verdict
 
 
 # set by a pre-hook while a Gated DeltaNet mixer's frozen verification runs: (the recorder's delta records,
@@ -964,6 +1001,8 @@ class StateRecorder:
             for mixer in self.mixers
             if fused and fused_verification_problem(mixer) is None
         ]
+        # the model's RMSNorms that run the compiled kernel while fused mixers verify (`ssm.lean_norm`)
+        self.norms: list[torch.nn.Module] = lean_norm_modules(model) if self._fused else []
         self._records: list[torch.Tensor | None] = [None] * len(self.mixers)
         self._workspace = CommitWorkspace()
         self._delta_records: list[DeltaRecord | None] = [None] * len(self.delta_mixers)
@@ -981,7 +1020,8 @@ class StateRecorder:
     @property
     def recorded_bytes(self) -> int:
         """Bytes held by the recorded columns, the delta-rule inputs and the commit's reused buffers."""
-        columns = sum(r.numel() * r.element_size() for r in self._records if r is not None)
+        # fused mixers record views of their projection: count what each record holds
+        columns = sum(r.untyped_storage().nbytes() for r in self._records if r is not None)
         delta = sum(r.nbytes for r in self._delta_records if r is not None)
         return columns + delta + self._workspace.nbytes
 
@@ -996,10 +1036,27 @@ class StateRecorder:
             )
         self._records = [None] * len(self.mixers)
         self._delta_records = [None] * len(self.delta_mixers)
+        # fused mixers record from their own forward (below); the others through a hook on `in_proj`
+        fused = {mixer: route for mixer, route in self._fused} if cpu_kernels() is not None else {}
         handles = [
             mixer.in_proj.register_forward_hook(self._recorder(index, layout))
             for index, (mixer, layout) in enumerate(zip(self.mixers, self.layouts, strict=True))
+            if mixer not in fused
         ]
+        unpadded = _UnpaddedCheck()
+        fused_forwards = {
+            mixer: _fused_forward(
+                mixer,
+                route,
+                mixer.forward,
+                self.cache,
+                functools.partial(self._store, index),
+                self._recorder(index, self.layouts[index]),
+                unpadded,
+            )
+            for index, mixer in enumerate(self.mixers)
+            if (route := fused.get(mixer)) is not None
+        }
         for index, mixer in enumerate(self.delta_mixers):
             handles.append(mixer.register_forward_pre_hook(self._delta_slot(index)))
             handles.append(mixer.register_forward_hook(_leave_delta_slot))
@@ -1015,12 +1072,8 @@ class StateRecorder:
                     module_function_override(self.delta_mixers, GATED_DELTA_RULE, _frozen_delta_rule),
                     module_function_override(self.mixers + self.delta_mixers, _CONV_FUNCTION, _frozen_conv),
                     self.cache.frozen(frozen),
-                    replaced_forwards(
-                        {
-                            mixer: _fused_forward(mixer, route, mixer.forward, self.cache)
-                            for mixer, route in self._fused
-                        }
-                    ),
+                    lean_norms(self.norms),
+                    replaced_forwards(fused_forwards),
                 ):
                     yield
             finally:
@@ -1029,6 +1082,9 @@ class StateRecorder:
             _DELTA_SLOT.reset(slot)
             for handle in handles:
                 handle.remove()
+
+    def _store(self, index: int, columns: torch.Tensor) -> None:
+        self._records[index] = columns
 
     def _delta_slot(self, index: int):
         def enter(module, args):

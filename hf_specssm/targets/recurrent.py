@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from hf_specssm import _compat
 from hf_specssm._compat.attention import keep_attention_positions
 from hf_specssm.cache import ForkableCache
+from hf_specssm.ssm.lean_norm import lean_norms
 from hf_specssm.ssm.mixers import MixerInputRecorder, exact_continuation
 from hf_specssm.ssm.state_replay import StateRecorder
 from hf_specssm.targets.base import SingleRowTarget
@@ -250,6 +251,7 @@ class RecurrentTarget(SingleRowTarget):
         tokens = torch.cat([pending, tree.tokens[None].to(pending.device)], dim=1)
         parents = forward_parents(tree, chain_length)
         with (
+            lean_norms(self.state_recorder.norms if self.state_recorder is not None else ()),
             tree_verification(
                 self.model,
                 self.cache,

@@ -399,3 +399,58 @@ def test_mamba2_verification_mixer_leaves_its_inputs_alone_and_refuses_bad_shape
     for message, change in refusals:
         with pytest.raises(RuntimeError, match=message):
             call(**change)
+
+
+def _llama_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's forward: float32 statistics, the cast back before the product with the weight."""
+    normalized = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normalized.to(x.dtype)
+
+
+# (input shape, contiguous): odd widths, one value, rows past the one-thread grain, a strided view
+RMS_NORM_CASES = [
+    ((1, 9, 1024), True),
+    ((3, 5, 7), True),
+    ((2, 1), True),
+    ((70, 1000), True),
+    ((4, 6, 33), False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", RMS_NORM_CASES, ids=str)
+def test_rms_norm_equals_llama_rms_norm(kernels, case, dtype):
+    """`rms_norm` is LlamaRMSNorm's arithmetic: float32 to rounding; in bf16 rounded where the module
+    rounds (nearly every value identical, none more than one bf16 place apart). Negative control: the
+    form with `(1 + weight)` is far from it."""
+    shape, contiguous = case
+    generator = torch.Generator().manual_seed(sum(shape))
+    scales = torch.rand(*shape[:-1], 1, generator=generator) * 50 + 0.01
+    x = (torch.randn(*shape, generator=generator) * scales).to(dtype)
+    if not contiguous:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not x.is_contiguous()
+    weight = torch.randn(shape[-1], generator=generator).to(dtype)
+    ours = kernels.rms_norm(x, weight, 1e-5)
+    expected = _llama_rms_norm(x, weight, 1e-5)
+    assert ours.shape == x.shape and ours.dtype == dtype
+    if dtype == torch.float32:
+        _close(ours, expected, "rms_norm")
+    else:
+        difference = (ours.float() - expected.float()).abs()
+        assert bool((difference <= expected.float().abs() * 2.0**-7).all())
+        assert float((difference == 0).float().mean()) >= 0.99
+    shifted = _llama_rms_norm(x, 1 + weight, 1e-5)
+    assert (ours.float() - shifted.float()).abs().max() > 0.5
+
+
+def test_rms_norm_refuses_mismatched_inputs(kernels):
+    x, weight = torch.randn(2, 8), torch.randn(8)
+    refusals = [
+        ("one dtype", (x, weight.bfloat16())),
+        ("weight must be", (x, torch.randn(7))),
+        ("float32 or bfloat16", (x.double(), weight.double())),
+    ]
+    for message, inputs in refusals:
+        with pytest.raises(RuntimeError, match=message):
+            kernels.rms_norm(*inputs, 1e-6)

@@ -704,6 +704,35 @@ def test_fused_verification_matches_one_token_steps(target_kind, monkeypatch):
     assert max_state_diff(target.cache, recomputed) < STATE_ATOL
 
 
+def test_fused_mixers_record_through_in_proj_when_their_forward_falls_back(monkeypatch):
+    """A verification the fused forward does not serve (here one that autograd follows) runs each mixer's
+    own forward with the recording hook on `in_proj` instead: no kernel call, logits equal to one-token
+    steps, and a commit from those records equal to a fresh recompute."""
+    from hf_specssm.kernels.cpu import cpu_kernels
+    from hf_specssm.ssm import state_replay
+
+    require_cpu_kernels()  # the fused verification forward runs on them
+    model = build("mamba2", seed=0)
+    target = verification.make_target(model, None)
+    assert target.state_recorder.fused_mixers
+    spy = _KernelSpy(cpu_kernels())
+    monkeypatch.setattr(state_replay, "cpu_kernels", lambda: spy)
+    sequence = _prompt(12, 6)
+    with torch.enable_grad():
+        logits = target.score(sequence[:, :6], sequence[:, 6:10])
+    assert logits.requires_grad and spy.calls == 0
+    with torch.no_grad():
+        target.keep(8)
+        recomputed, _ = fresh(model, sequence[:, :8])
+        stepped, _ = fresh(model, sequence[:, :5])
+        expected = [
+            _one_step(model, stepped, sequence[:, position : position + 1], position)
+            for position in range(5, 10)
+        ]
+    assert (logits[0].detach() - torch.stack(expected)).abs().max() < 1e-4
+    assert max_state_diff(target.cache, recomputed) < STATE_ATOL
+
+
 @pytest.mark.parametrize("target_kind", FUSED_KINDS)
 def test_bf16_fused_verification_rounds_where_the_mixer_forward_does(target_kind, monkeypatch):
     """In bf16 the fused kernel rounds the conv (before and after its SiLU), `dt + dt_bias` and its softplus to

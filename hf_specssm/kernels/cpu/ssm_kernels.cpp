@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -564,6 +565,63 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> mamba2_verification_mixe
   return std::make_tuple(out, convolved, dt);
 }
 
+// A transformers RMSNorm (LlamaRMSNorm's form) over the last dim: for each row x of D values,
+//   out = weight * round(x / sqrt(mean(x^2) + eps)),
+// in float32, `round` being the cast back to the input dtype that the module does before the product with
+// its weight (and the product rounded again for bf16). x [..., D] float32 or bfloat16, weight [D] of the same
+// dtype; returns the input's shape and dtype. Rows are few in a verification (T <= ~64): one thread below
+// 64K values, and every row and the weight are prefetched first, since the projections before this call
+// have evicted them (each row is a 4 KiB page the hardware prefetcher does not cross into).
+template <typename T>
+void rms_norm_rows(const T* xp, const T* wp, T* op, int64_t rows, int64_t d, float eps) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    constexpr int64_t line = 64 / sizeof(T);
+    for (int64_t i = begin * d; i < end * d; i += line) __builtin_prefetch(xp + i);
+    for (int64_t i = 0; i < d; i += line) __builtin_prefetch(wp + i);
+    std::vector<float> row(d), weight(d);
+    for (int64_t c = 0; c < d; ++c) weight[c] = static_cast<float>(wp[c]);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = xp + r * d;
+      float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t c = 0; c < d; ++c) {
+        row[c] = static_cast<float>(x[c]);
+        squares += row[c] * row[c];
+      }
+      const float scale = 1.0f / std::sqrt(squares / static_cast<float>(d) + eps);
+      T* o = op + r * d;
+      if constexpr (std::is_same_v<T, float>) {
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] = weight[c] * (row[c] * scale);
+      } else {
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(weight[c] * to_bf16(row[c] * scale));
+      }
+    }
+  });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "x and weight must be CPU tensors");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must have one dtype, got ", x.scalar_type(),
+              " and ", weight.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1) && x.size(-1) > 0,
+              "weight must be [D] for x [..., D]");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  auto out = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+  if (x.scalar_type() == torch::kFloat32) {
+    rms_norm_rows<float>(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), rows, d,
+                         static_cast<float>(eps));
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "x must be float32 or bfloat16, got ", x.scalar_type());
+    rms_norm_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(),
+                                 out.data_ptr<c10::BFloat16>(), rows, d, static_cast<float>(eps));
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is released while a kernel runs (no Python object is touched), as torch's own ops do
   const auto release = py::call_guard<py::gil_scoped_release>();
@@ -573,4 +631,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_conv", &window_conv, "depthwise conv over given windows (a token tree's ancestors)", release);
   m.def("mamba2_verification_mixer", &mamba2_verification_mixer,
         "a Mamba2-layout mixer's verification forward between its projections", release);
+  m.def("rms_norm", &rms_norm, "a transformers RMSNorm (weight * x / rms(x)) over the last dim", release);
 }
