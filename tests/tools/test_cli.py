@@ -40,6 +40,8 @@ def test_bench_ssm_runs(capsys):
     # the split is of wall time (the compiled CPU kernels are invisible to the profiler): shares in [0, 1]
     split = re.search(r"matrix products take (\d+)% of the k=8 verification .* and (\d+)% of a step", out)
     assert split is not None and all(0 <= int(share) <= 100 for share in split.groups())
+    inside = re.search(r"SSM mixers' forwards apart from their linears take (\d+)% of a step", out)
+    assert inside is not None and 0 < int(inside.group(1)) <= 100
     assert re.search(r"(compiled CPU kernels|CPU kernels (switched off|unavailable))", out)
 
 

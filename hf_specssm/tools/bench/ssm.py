@@ -7,7 +7,8 @@ not depend on the weights. Parts (each a Markdown table):
   (`k + 1` tokens: the pending token and the drafts) for k = 1, 2, 4, 8, 16, relative to the step — by the
   path `make_target` picks (for the Mamba2 family: one chunk of exactly `k + 1` tokens with the state frozen,
   `ssm.state_replay`) and by transformers' own multi-token forward (padded to `chunk_size`) for reference;
-  and the part of the k = 8 forward that is not the projections' matrix products, relative to a step.
+  and the part of the k = 8 forward that is not the projections' matrix products, relative to a step, with
+  the share of it inside the SSM mixers' forwards (apart from their linears).
 - `commit`: a round that verifies 8 drafts and commits 4, per way of bringing the state to the accepted
   prefix: state-update commit (Activation Replay as the paper has it), mixer-input replay, Joint Attainment
   and Advancement, re-feed — the commit's time relative to a step, and the extra memory each holds.
@@ -48,6 +49,7 @@ import torch
 import hf_specssm
 from hf_specssm.config import DraftConfig
 from hf_specssm.kernels.cpu import cpu_kernels, cpu_kernels_disabled, cpu_kernels_failure
+from hf_specssm.ssm.mixers import ssm_mixers
 from hf_specssm.targets import JointTarget, RecurrentTarget, make_target, tree_problem_for
 from hf_specssm.targets.chain_paths import ChainPathCosts
 from hf_specssm.testing.oracle import OracleDrafter
@@ -173,6 +175,43 @@ def projection_seconds(model, num_drafts: int, context: int, path: str = "ours")
             run.sequence = torch.cat([run.sequence, run._tokens(1)], dim=1)
     events = profile.key_averages()
     return sum(event.self_cpu_time_total for event in events if event.key in PROJECTION_OPS) / 1e6 / rounds
+
+
+@torch.no_grad()
+def mixer_seconds(model, num_drafts: int, context: int, path: str = "ours") -> float:
+    """Seconds per verification forward spent inside the SSM mixers' forwards apart from their linears
+    (projections): the SSM-specific part in the strict sense, which leaves out the decoder layers' norms
+    and residual adds, attention and MLPs. Timed by module hooks (a few µs each), mean of two rounds after
+    a warm-up; 0 on a target without SSM mixers."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    run = _Run(model, path, context, vocab)
+    run.chain(num_drafts)
+    total = [0.0]
+
+    def clock(sign: float):
+        def hook(*_):
+            total[0] += sign * _now(run.device)
+
+        return hook
+
+    handles = []
+    for mixer in ssm_mixers(model):
+        handles += [mixer.register_forward_pre_hook(clock(-1.0)), mixer.register_forward_hook(clock(1.0))]
+        for linear in (m for m in mixer.modules() if isinstance(m, torch.nn.Linear)):
+            handles += [
+                linear.register_forward_pre_hook(clock(1.0)),
+                linear.register_forward_hook(clock(-1.0)),
+            ]
+    rounds = 2
+    try:
+        for _ in range(rounds):
+            run.target.score(run.sequence, run._tokens(num_drafts))
+            run.target.keep(run.sequence.shape[1])
+            run.sequence = torch.cat([run.sequence, run._tokens(1)], dim=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total[0] / rounds
 
 
 @torch.no_grad()
@@ -519,11 +558,13 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
     if math.isnan(share_8):  # not measured on this device
         print("\ntime split: measured on the CPU only (on a GPU the launches overlap the kernels).")
     else:
+        inside = mixer_seconds(model, 8, args.context, "tree chain" if tree_at_8 else "ours") / step
         print(
             f"\ntime split (products: torch.profiler self CPU time; rounds: wall time): the projections' matrix products take "
             f"{share_8:.0%} of the k=8 verification ({'chain as a tree' if tree_at_8 else 'multi-token forward'}) and {share_step:.0%} of a step; the rest of the k=8 verification (SSM scan, "
             f"conv, norms, attention, Python) is {other:.0%} of a step, against {1 - share_step:.0%} of a step "
-            f"in the step itself."
+            f"in the step itself; of that rest, the SSM mixers' forwards apart from their linears take "
+            f"{inside:.0%} of a step (module hooks)."
         )
     # `generate` takes the cheaper path per round (measured, `targets.chain_paths`)
     seconds = {
