@@ -29,8 +29,10 @@ On CPU, with `fused=True` (the `fused_verification` probe's verdict), Mamba2-lay
 norm the kernel knows (`fused_route`: Mamba2, Bamba, Zamba2, Nemotron-H, GraniteMoeHybrid, Falcon-H1) run the
 verification between `in_proj` and `out_proj` as one compiled call instead of transformers' forward with
 the overrides above (`fused_mixer`: conv, SiLU, softplus, the single-chunk scan, the gated norm; bf16
-models rounded where their forward rounds); `in_proj`'s hook records the same columns, so the commit is
-unchanged. Token trees take the same call with their conv windows and ancestor mask (`ssm.tree_scan`).
+models rounded where their forward rounds) and record the same columns from their own forward (a view of
+the projection, no hook), so the commit is unchanged; the model's LlamaRMSNorm-form norms run one compiled
+call each meanwhile (`ssm.lean_norm`). Token trees take the same call with their conv windows and ancestor
+mask (`ssm.tree_scan`).
 
 Gated DeltaNet mixers (Qwen3-Next, Qwen3.5, OLMo-hybrid in transformers 5.23) take the same route through
 their module's chunked gated delta rule (`GATED_DELTA_RULE`), which pads every multi-token forward to its

@@ -171,12 +171,54 @@ def test_auto_measures_a_real_layer():
 
 
 @pytest.mark.parametrize(
+    ("layouts", "chosen"),
+    [
+        pytest.param(((1, (1.00, 3, 5)), (16, (1.01, 2, 3))), 16, id="many-rows-layout-as-fast-for-one"),
+        pytest.param(((1, (1.00, 3, 5)), (16, (1.05, 2, 3))), 1, id="one-row-would-slow-down"),
+        pytest.param(((1, (1.00, 2, 3)), (16, (1.00, 2, 3))), 1, id="tie-keeps-fewer-rows"),
+        pytest.param(((1, (1.10, 3, 5)), (16, (1.00, 3, 6))), 16, id="faster-for-one-row-only"),
+    ],
+)
+def test_choose_layout(layouts, chosen):
+    """The layout with the least total time, among those that run the fewest rows (a decoding step) within
+    `ONE_ROW_SLACK` of the fastest layout."""
+    assert packed_linear.choose_layout(layouts) == chosen
+
+
+def test_the_measured_layout_is_packed_and_kept_when_repacking(monkeypatch):
+    """`pack_linears` packs in the layout its measurement chose, and a weight changed in place is repacked
+    in the same layout; `measure_packing` times every layout and reports the chosen one's times."""
+    measurement = measure_packing(_linear(), rows=(1, 4), repeats=2, layout_rows=(1, 16))
+    assert [layout for layout, _ in measurement.layouts] == [1, 16]
+    assert dict(measurement.layouts)[measurement.layout_rows] == measurement.packed_s
+    layouts = []
+    original = packed_linear.packing._reorder
+    monkeypatch.setattr(
+        packed_linear.packing,
+        "_reorder",
+        lambda weight, rows=1: layouts.append(rows) or original(weight, rows),
+    )
+    forced = PackingMeasurement((53, 37), torch.float32, (1, 9), (1.0, 1.0), (0.5, 0.5), 16, ())
+    monkeypatch.setattr(packed_linear.packing, "measure_packing", lambda *args: forced)
+    module = _linear()
+    input = torch.randn(9, 37)
+    with torch.no_grad():
+        handle = pack_linears(module)
+        assert "layout for 16 rows" in handle.reason and getattr(module, _ATTRIBUTE).layout_rows == 16
+        module.weight.mul_(2)
+        repacked = module(input)
+    assert layouts[-2:] == [16, 16]
+    assert _relative_error(repacked, F.linear(input, module.weight, module.bias)) < 1e-5
+
+
+@pytest.mark.parametrize(
     ("call", "message"),
     [
         pytest.param(lambda: pack_linears(_linear(), mode="fast"), "mode must be one of", id="mode"),
         pytest.param(lambda: measure_packing(nn.Conv1d(2, 2, 1)), "needs an nn.Linear", id="not-linear"),
         pytest.param(lambda: measure_packing(_linear(), rows=(4, 1)), "increasing positive", id="rows"),
         pytest.param(lambda: measure_packing(_linear().half()), "needs a CPU weight", id="dtype"),
+        pytest.param(lambda: measure_packing(_linear(), layout_rows=(0,)), "layout_rows", id="layout"),
     ],
 )
 def test_bad_arguments_are_refused(call, message):

@@ -105,7 +105,7 @@ def build_cpu_kernels(verbose: bool = False):
 
     Returns:
         The extension module (`masked_chunk_scan`, `tree_scan_diagonal`, `window_conv`,
-        `mamba2_verification_mixer`).
+        `mamba2_verification_mixer`, `rms_norm`).
     """
     from torch.utils import cpp_extension
 

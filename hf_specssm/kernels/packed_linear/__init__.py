@@ -9,16 +9,20 @@ the target compare against the packed target alone as well as the stock one.
 """
 
 from hf_specssm.kernels.packed_linear.packing import (
+    LAYOUT_ROWS,
     PackedLinears,
     PackingMeasurement,
+    choose_layout,
     measure_packing,
     pack_linears,
     packed_linear_available,
 )
 
 __all__ = [
+    "LAYOUT_ROWS",
     "PackedLinears",
     "PackingMeasurement",
+    "choose_layout",
     "measure_packing",
     "pack_linears",
     "packed_linear_available",

@@ -15,8 +15,10 @@ from torch import nn
 from hf_specssm import _compat
 
 __all__ = [
+    "LAYOUT_ROWS",
     "PackedLinears",
     "PackingMeasurement",
+    "choose_layout",
     "measure_packing",
     "pack_linears",
     "packed_linear_available",
@@ -28,6 +30,12 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 PACK_MODES = ("auto", "always")
 #: row counts `"auto"` times: a decoding step, short and long verifications
 DEFAULT_ROWS = (1, 2, 3, 5, 9, 17)
+#: the row counts oneDNN's blocked layout can be chosen for (its batch-size hint): one row (a step), or
+#: several (a verification); `"auto"` times both
+LAYOUT_ROWS = (1, 16)
+#: a layout for several rows is taken only where one row runs at most this much slower than with the
+#: one-row layout (plain decoding must not pay for faster verifications beyond timing noise)
+ONE_ROW_SLACK = 1.02
 # the attribute a packed module carries its packed weight in
 _ATTRIBUTE = "_hf_specssm_packed"
 # outputs of packed and stock products must agree to this relative error (probe): fp32 rounding, bf16's
@@ -36,17 +44,21 @@ _PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 @dataclass
 class _Packed:
-    """A module's packed weight, the weight version it was packed from, and the fewest input rows that
-    take the packed product (fewer run `F.linear`, where the measurement found it faster)."""
+    """A module's packed weight, the weight version it was packed from, the fewest input rows that take the
+    packed product (fewer run `F.linear`, where the measurement found it faster), and the row count its
+    layout was chosen for (kept to repack with)."""
 
     weight: torch.Tensor
     version: int
     data_ptr: int
     min_rows: int = 1
+    layout_rows: int = 1
 
 
 def _reorder(weight: torch.Tensor, rows: int = 1) -> torch.Tensor:
-    """`weight [out, in]` in oneDNN's blocked layout (an opaque tensor), tuned for `rows` input rows."""
+    """`weight [out, in]` in oneDNN's blocked layout (an opaque tensor), tuned for `rows` input rows. On an
+    AMX Xeon the one-row layout ran fp32 products of 2–17 rows 1.3–1.6× slower than a layout for 16 rows,
+    which runs one row as fast (docs/benchmarks.md)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
@@ -91,14 +103,14 @@ def _packed_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, weight, self.bias)
     if packed.version != weight._version or packed.data_ptr != weight.data_ptr():
         # changed in place (training, `load_state_dict`) or replaced since packing: pack the weight again
-        packed = _pack(weight, packed.min_rows)
+        packed = _pack(weight, packed.min_rows, packed.layout_rows)
         setattr(self, _ATTRIBUTE, packed)
     bias = None if self.bias is None else self.bias.detach()
     return _packed_product(input, packed.weight, bias)
 
 
-def _pack(weight: torch.Tensor, min_rows: int = 1) -> _Packed:
-    return _Packed(_reorder(weight), weight._version, weight.data_ptr(), min_rows)
+def _pack(weight: torch.Tensor, min_rows: int = 1, layout_rows: int = 1) -> _Packed:
+    return _Packed(_reorder(weight, layout_rows), weight._version, weight.data_ptr(), min_rows, layout_rows)
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,9 @@ class PackingMeasurement:
         dtype: its dtype.
         rows: the input row counts timed.
         stock_s: per row count, the minimum seconds of `F.linear`.
-        packed_s: per row count, the minimum seconds of the packed product.
+        packed_s: per row count, the minimum seconds of the packed product in the chosen layout.
+        layout_rows: the row count the chosen layout is for (`choose_layout`).
+        layouts: `(layout rows, seconds per row count)` of every layout timed.
     """
 
     shape: tuple[int, int]
@@ -118,6 +132,8 @@ class PackingMeasurement:
     rows: tuple[int, ...]
     stock_s: tuple[float, ...]
     packed_s: tuple[float, ...]
+    layout_rows: int = 1
+    layouts: tuple[tuple[int, tuple[float, ...]], ...] = ()
 
     @property
     def packed_from_rows(self) -> int | None:
@@ -131,29 +147,39 @@ class PackingMeasurement:
         return start
 
     def describe(self) -> str:
-        """One line: the shape and, per row count, stock → packed milliseconds."""
+        """One line: the shape and, per row count, stock → packed milliseconds (and the layout, when it is
+        not the one-row layout)."""
         cells = ", ".join(
             f"{rows} row(s) {s * 1e3:.2f} → {p * 1e3:.2f} ms"
             for rows, s, p in zip(self.rows, self.stock_s, self.packed_s, strict=True)
         )
-        return f"{self.shape[0]}×{self.shape[1]} {str(self.dtype).removeprefix('torch.')}: {cells}"
+        layout = f"; layout for {self.layout_rows} rows" if self.layout_rows != 1 else ""
+        return f"{self.shape[0]}×{self.shape[1]} {str(self.dtype).removeprefix('torch.')}: {cells}{layout}"
 
 
-def _best_seconds(call, repeats: int) -> float:
-    call()  # first calls allocate
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
+def choose_layout(layouts: Sequence[tuple[int, Sequence[float]]]) -> int:
+    """The layout (its row count) whose products take the least time summed over the measured row counts,
+    among those that run the fewest rows measured (a decoding step) at most `ONE_ROW_SLACK` times slower
+    than the fastest layout does.
+
+    Args:
+        layouts: `(layout rows, seconds per measured row count, fewest rows first)` per layout.
+    """
+    fastest_step = min(seconds[0] for _, seconds in layouts)
+    allowed = [(rows, seconds) for rows, seconds in layouts if seconds[0] <= ONE_ROW_SLACK * fastest_step]
+    return min(allowed, key=lambda layout: (sum(layout[1]), layout[0]))[0]
 
 
 @torch.no_grad()
 def measure_packing(
-    module: nn.Linear, rows: Sequence[int] = DEFAULT_ROWS, repeats: int = 5
+    module: nn.Linear,
+    rows: Sequence[int] = DEFAULT_ROWS,
+    repeats: int = 5,
+    layout_rows: Sequence[int] = LAYOUT_ROWS,
 ) -> PackingMeasurement:
-    """Time `module`'s product stock and packed for each row count in `rows` (minimum over `repeats`).
+    """Time `module`'s product stock, and packed in the layout for each of `layout_rows`, for each row count
+    in `rows` (minimum over `repeats`; the calls of one row count alternate between the variants, so a slow
+    spell of the machine reaches all of them); the packed times are the `choose_layout` layout's.
 
     Raises:
         ValueError: `module` is not an `nn.Linear` with a packable CPU weight, or `rows` / `repeats` are
@@ -171,15 +197,40 @@ def measure_packing(
         raise ValueError(
             f"rows must be increasing positive row counts and repeats ≥ 1, got rows={rows}, repeats={repeats}."
         )
+    if not layout_rows or min(layout_rows) < 1 or len(set(layout_rows)) != len(layout_rows):
+        raise ValueError(f"layout_rows must be distinct positive row counts, got {layout_rows}.")
     bias = None if module.bias is None else module.bias.detach()
-    packed = _reorder(weight)
+    packed = {layout: _reorder(weight, layout) for layout in layout_rows}
     generator = torch.Generator().manual_seed(0)
-    stock_s, packed_s = [], []
+    stock_s: list[float] = []
+    packed_s: dict[int, list[float]] = {layout: [] for layout in layout_rows}
     for count in rows:
         input = torch.randn(count, weight.shape[1], generator=generator).to(weight.dtype)
-        stock_s.append(_best_seconds(lambda input=input: F.linear(input, weight, bias), repeats))
-        packed_s.append(_best_seconds(lambda input=input: _packed_product(input, packed, bias), repeats))
-    return PackingMeasurement(tuple(weight.shape), weight.dtype, tuple(rows), tuple(stock_s), tuple(packed_s))
+        calls = {"stock": lambda input=input: F.linear(input, weight, bias)}
+        for layout, packed_weight in packed.items():
+            calls[layout] = lambda input=input, w=packed_weight: _packed_product(input, w, bias)
+        best = {name: float("inf") for name in calls}
+        for call in calls.values():
+            call()  # first calls allocate
+        for _ in range(repeats):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                best[name] = min(best[name], time.perf_counter() - start)
+        stock_s.append(best["stock"])
+        for layout in layout_rows:
+            packed_s[layout].append(best[layout])
+    layouts = tuple((layout, tuple(packed_s[layout])) for layout in layout_rows)
+    chosen = choose_layout(layouts)
+    return PackingMeasurement(
+        tuple(weight.shape),
+        weight.dtype,
+        tuple(rows),
+        tuple(stock_s),
+        tuple(packed_s[chosen]),
+        chosen,
+        layouts,
+    )
 
 
 class PackedLinears:
@@ -259,10 +310,11 @@ def pack_linears(
 
     Args:
         model: a CPU model in fp32 or bf16.
-        mode: `"auto"` times one layer of the shape that holds the most weight bytes, stock and packed,
-            at each of `rows`, and packs when packed wins from some row count on; inputs with fewer rows
-            keep `F.linear` (the decision and its numbers are in `PackedLinears.reason`). `"always"`
-            packs every row count without measuring.
+        mode: `"auto"` times one layer of the shape that holds the most weight bytes, stock and packed
+            (in oneDNN's layouts for one row and for several, `LAYOUT_ROWS`), at each of `rows`, and packs
+            when packed wins from some row count on, in the layout `choose_layout` picks; inputs with fewer
+            rows keep `F.linear` (the decision and its numbers are in `PackedLinears.reason`). `"always"`
+            packs every row count in the one-row layout without measuring.
         rows: the input row counts `"auto"` measures.
         repeats: timings per row count (their minimum counts).
 
@@ -282,16 +334,16 @@ def pack_linears(
     if unavailable:
         return PackedLinears([], f"this torch build cannot pack {unavailable[0]} linears (oneDNN)", None)
     measurement = None
-    min_rows = 1
-    reason = "packed without measuring (mode='always')"
+    min_rows, layout_rows = 1, 1
+    reason = "packed without measuring (mode='always', the one-row layout)"
     if mode == "auto":
         measurement = measure_packing(_representative(candidates), rows, repeats)
         if measurement.packed_from_rows is None:
             return PackedLinears([], f"stock is faster here ({measurement.describe()})", measurement)
-        min_rows = measurement.packed_from_rows
+        min_rows, layout_rows = measurement.packed_from_rows, measurement.layout_rows
         reason = f"packed from {min_rows} row(s) on ({measurement.describe()})"
     for module in candidates:
-        setattr(module, _ATTRIBUTE, _pack(module.weight, min_rows))
+        setattr(module, _ATTRIBUTE, _pack(module.weight, min_rows, layout_rows))
         _compat.install_forward(module, types.MethodType(_packed_forward, module))
     return PackedLinears(candidates, reason, measurement)
 
