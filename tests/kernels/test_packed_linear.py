@@ -171,18 +171,22 @@ def test_auto_measures_a_real_layer():
 
 
 @pytest.mark.parametrize(
-    ("layouts", "chosen"),
+    ("stock", "layouts", "chosen"),
     [
-        pytest.param(((1, (1.00, 3, 5)), (16, (1.01, 2, 3))), 16, id="many-rows-layout-as-fast-for-one"),
-        pytest.param(((1, (1.00, 3, 5)), (16, (1.05, 2, 3))), 1, id="one-row-would-slow-down"),
-        pytest.param(((1, (1.00, 2, 3)), (16, (1.00, 2, 3))), 1, id="tie-keeps-fewer-rows"),
-        pytest.param(((1, (1.10, 3, 5)), (16, (1.00, 3, 6))), 16, id="faster-for-one-row-only"),
+        pytest.param(
+            (2, 4, 9), ((1, (1.00, 3, 5)), (16, (1.01, 2, 3))), 16, id="many-rows-layout-as-fast-for-one"
+        ),
+        pytest.param((2, 4, 9), ((1, (1.00, 3, 5)), (16, (1.05, 2, 3))), 1, id="one-row-would-slow-down"),
+        pytest.param((0.9, 4, 9), ((1, (1.00, 3, 5)), (16, (1.05, 2, 3))), 16, id="stock-takes-one-row"),
+        pytest.param((2, 4, 9), ((1, (1.00, 2, 3)), (16, (1.00, 2, 3))), 1, id="tie-keeps-fewer-rows"),
+        pytest.param((2, 4, 9), ((1, (1.10, 3, 5)), (16, (1.00, 3, 6))), 16, id="faster-for-one-row-only"),
     ],
 )
-def test_choose_layout(layouts, chosen):
-    """The layout with the least total time, among those that run the fewest rows (a decoding step) within
-    `ONE_ROW_SLACK` of the fastest layout."""
-    assert packed_linear.choose_layout(layouts) == chosen
+def test_choose_layout(stock, layouts, chosen):
+    """The layout whose module (packed where it beats stock from some row count on, stock below) takes the
+    least total time, among those that run the fewest rows (a decoding step) within `ONE_ROW_SLACK` of the
+    best: a layout slower for one row still wins where stock serves one row anyway."""
+    assert packed_linear.choose_layout((1, 2, 9), stock, layouts) == chosen
 
 
 def test_the_measured_layout_is_packed_and_kept_when_repacking(monkeypatch):

@@ -139,12 +139,7 @@ class PackingMeasurement:
     def packed_from_rows(self) -> int | None:
         """The fewest measured rows from which packed is as fast as stock at every larger measured count
         (`None`: stock wins at the most rows measured)."""
-        start = None
-        for rows, stock, packed in reversed(list(zip(self.rows, self.stock_s, self.packed_s, strict=True))):
-            if packed > stock:
-                break
-            start = rows
-        return start
+        return _packed_from(self.stock_s, self.packed_s, self.rows)
 
     def describe(self) -> str:
         """One line: the shape and, per row count, stock → packed milliseconds (and the layout, when it is
@@ -157,16 +152,45 @@ class PackingMeasurement:
         return f"{self.shape[0]}×{self.shape[1]} {str(self.dtype).removeprefix('torch.')}: {cells}{layout}"
 
 
-def choose_layout(layouts: Sequence[tuple[int, Sequence[float]]]) -> int:
-    """The layout (its row count) whose products take the least time summed over the measured row counts,
-    among those that run the fewest rows measured (a decoding step) at most `ONE_ROW_SLACK` times slower
-    than the fastest layout does.
+def _packed_from(stock_s: Sequence[float], packed_s: Sequence[float], rows: Sequence[int]) -> int | None:
+    """The fewest of `rows` from which packed is as fast as stock at every larger count, or `None`."""
+    start = None
+    for count, stock, packed in reversed(list(zip(rows, stock_s, packed_s, strict=True))):
+        if packed > stock:
+            break
+        start = count
+    return start
+
+
+def _effective_seconds(
+    stock_s: Sequence[float], packed_s: Sequence[float], rows: Sequence[int]
+) -> list[float]:
+    """Per row count, the product a packed module would run: packed from `_packed_from` rows on, stock
+    below (and everywhere where stock always wins)."""
+    start = _packed_from(stock_s, packed_s, rows)
+    return [
+        packed if start is not None and count >= start else stock
+        for count, stock, packed in zip(rows, stock_s, packed_s, strict=True)
+    ]
+
+
+def choose_layout(
+    rows: Sequence[int], stock_s: Sequence[float], layouts: Sequence[tuple[int, Sequence[float]]]
+) -> int:
+    """The layout (its row count) whose module — packed products from the row count on where they beat
+    stock, `F.linear` below — takes the least time summed over `rows`, among those that run the fewest
+    rows (a decoding step) at most `ONE_ROW_SLACK` times slower than the best of them.
 
     Args:
-        layouts: `(layout rows, seconds per measured row count, fewest rows first)` per layout.
+        rows: the measured row counts, fewest first.
+        stock_s: per row count, seconds of `F.linear`.
+        layouts: `(layout rows, seconds of its packed product per row count)` per layout.
     """
-    fastest_step = min(seconds[0] for _, seconds in layouts)
-    allowed = [(rows, seconds) for rows, seconds in layouts if seconds[0] <= ONE_ROW_SLACK * fastest_step]
+    effective = [(layout, _effective_seconds(stock_s, seconds, rows)) for layout, seconds in layouts]
+    fastest_step = min(seconds[0] for _, seconds in effective)
+    allowed = [
+        (layout, seconds) for layout, seconds in effective if seconds[0] <= ONE_ROW_SLACK * fastest_step
+    ]
     return min(allowed, key=lambda layout: (sum(layout[1]), layout[0]))[0]
 
 
@@ -221,7 +245,7 @@ def measure_packing(
         for layout in layout_rows:
             packed_s[layout].append(best[layout])
     layouts = tuple((layout, tuple(packed_s[layout])) for layout in layout_rows)
-    chosen = choose_layout(layouts)
+    chosen = choose_layout(rows, stock_s, layouts)
     return PackingMeasurement(
         tuple(weight.shape),
         weight.dtype,
