@@ -672,6 +672,18 @@ def _fused_kind(kind: str, dtype: torch.dtype = torch.float32):
     return build(kind, seed=0).to(dtype)
 
 
+def _stepped_logits(model, sequence: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """`[end − start, V]` logits of transformers' one-token steps at positions `start … end − 1`, from a
+    fresh cache holding `sequence[:, :start]`."""
+    stepped, _ = fresh(model, sequence[:, :start])
+    return torch.stack(
+        [
+            _one_step(model, stepped, sequence[:, position : position + 1], position)
+            for position in range(start, end)
+        ]
+    )
+
+
 @pytest.mark.parametrize("target_kind", FUSED_KINDS)
 def test_fused_verification_matches_one_token_steps(target_kind, monkeypatch):
     """Float32 targets whose mixers pass the `fused_verification` probe run each mixer's verification
@@ -694,13 +706,9 @@ def test_fused_verification_matches_one_token_steps(target_kind, monkeypatch):
         logits = target.score(sequence[:, :8], sequence[:, 8:13])  # 1 pending + 5 drafts
         target.keep(11)
         recomputed, _ = fresh(model, sequence[:, :11])
-        stepped, _ = fresh(model, sequence[:, :7])
-        expected = [
-            _one_step(model, stepped, sequence[:, position : position + 1], position)
-            for position in range(7, 13)
-        ]
+        expected = _stepped_logits(model, sequence, 7, 13)
     assert spy.calls == 2 * len(recorder.mixers)
-    assert (logits[0] - torch.stack(expected)).abs().max() < 1e-4
+    assert (logits[0] - expected).abs().max() < 1e-4
     assert max_state_diff(target.cache, recomputed) < STATE_ATOL
 
 
@@ -724,12 +732,8 @@ def test_fused_mixers_record_through_in_proj_when_their_forward_falls_back(monke
     with torch.no_grad():
         target.keep(8)
         recomputed, _ = fresh(model, sequence[:, :8])
-        stepped, _ = fresh(model, sequence[:, :5])
-        expected = [
-            _one_step(model, stepped, sequence[:, position : position + 1], position)
-            for position in range(5, 10)
-        ]
-    assert (logits[0].detach() - torch.stack(expected)).abs().max() < 1e-4
+        expected = _stepped_logits(model, sequence, 5, 10)
+    assert (logits[0].detach() - expected).abs().max() < 1e-4
     assert max_state_diff(target.cache, recomputed) < STATE_ATOL
 
 
