@@ -428,8 +428,8 @@ def kernel_weights(mixer: torch.nn.Module, route: FusedRoute) -> tuple[torch.Ten
 
 def project(mixer: torch.nn.Module, route: FusedRoute, hidden_states: torch.Tensor) -> torch.Tensor:
     """`in_proj` as the mixer's forward runs it: times `route.input_scale` before, times
-    `route.projection_scale` after (Falcon-H1's multipliers; `in_proj`'s hooks see the unscaled output,
-    which is what the commit records)."""
+    `route.projection_scale` after (Falcon-H1's multipliers). The commit records these scaled columns,
+    as the recording hook does when it multiplies `in_proj`'s unscaled output by the same scale."""
     if route.input_scale is not None:
         hidden_states = hidden_states * route.input_scale
     projected = mixer.in_proj(hidden_states)
