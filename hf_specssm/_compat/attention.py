@@ -4,6 +4,11 @@ Hybrid layers (`LinearAttentionAndFullAttentionLayer`) are both a linear layer a
 `crop` also trims the conv window, so the attention part alone is reached through `DynamicLayer`'s
 methods here.
 
+Grouped-query attention without copies (`grouped_query_attention`): transformers' SDPA path repeats every
+key and value head (`repeat_kv`, a copy of the whole cache per layer and call) for a multi-token query with
+a mask, which is every verification; inside the context it passes `enable_gqa=True` instead, which on CPU
+tensors gives bit-identical outputs without the copy.
+
 Static layers (`StaticCache`, `cache_implementation="static"`) preallocate `[B, H, max_cache_len, D]` and
 write at their private token counter `cumulative_length` (a tensor); they have no `crop`, so they are
 rolled back here by zeroing the rejected slots and moving that counter back.
@@ -11,8 +16,13 @@ rolled back here by zeroing the rejected slots and moving that counter back.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
 import torch
 import transformers.cache_utils
+import transformers.integrations.sdpa_attention as sdpa_attention
 from transformers.cache_utils import (
     Cache,
     CacheLayerMixin,
@@ -23,10 +33,65 @@ from transformers.cache_utils import (
     StaticLayer,
 )
 
+from hf_specssm._compat.overrides import function_override
 from hf_specssm._compat.recurrent import is_linear_layer
 
 # 5.23 puts every quantized layer (quanto, HQQ, fp8) under `BaseQuantizedLayer`; 5.17 has `QuantizedLayer` only
 _QUANTIZED_LAYER = getattr(transformers.cache_utils, "BaseQuantizedLayer", QuantizedLayer)
+
+
+# set while this thread runs a forward of ours that may skip `repeat_kv` (see `grouped_query_attention`)
+_GROUPED_QUERY: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "hf_specssm_grouped_query", default=False
+)
+_GQA_DECISION = "use_gqa_in_sdpa"
+# 5.23 attends one query token per key/value head without copies (`pack_gqa`); 5.17 repeats there too
+_PACKS_ONE_QUERY = callable(getattr(sdpa_attention, "pack_gqa", None))
+
+
+def _skips_repeat(attention_mask: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether a call of transformers' SDPA attention that would repeat the key/value heads may pass
+    `enable_gqa=True` instead: CPU tensors (on CUDA a mask with `enable_gqa` leaves the fused kernels),
+    a 4D mask (without one transformers already uses `enable_gqa`), matching head dims, not under
+    `torch.compile`, and more than one query row where transformers packs one query itself."""
+    return (
+        attention_mask is not None
+        and attention_mask.dim() == 4
+        and key.device.type == "cpu"
+        and key.shape[-1] == value.shape[-1]
+        and (attention_mask.shape[-2] > 1 or not _PACKS_ONE_QUERY)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _gqa_decision(original: Callable) -> Callable:
+    def use_gqa_in_sdpa(attention_mask, key, value, *args, **kwargs):
+        if _GROUPED_QUERY.get() and _skips_repeat(attention_mask, key, value):
+            return True
+        return original(attention_mask, key, value, *args, **kwargs)
+
+    return use_gqa_in_sdpa
+
+
+@contextlib.contextmanager
+def grouped_query_attention() -> Iterator[None]:
+    """Inside this context, this thread's calls of transformers' SDPA attention over CPU tensors with a 4D
+    mask pass `enable_gqa=True` to `scaled_dot_product_attention` rather than repeating each key/value
+    head `num_key_value_groups` times (`repeat_kv`).
+
+    Why: transformers repeats the heads whenever a mask is given and the query has more than one token
+    (every verification; 5.17 also every one-token step), copying the layer's whole KV cache per call:
+    about 18% of a step on Falcon-H1-0.5B at 528 tokens of context. torch's CPU kernels attend a query
+    head to its key/value head directly, and their outputs equal the repeated path's bit for bit
+    (`tests/unit/test_grouped_query_attention.py` checks dtypes, masks, head counts and lengths).
+    Other threads, other attention implementations and GPU tensors keep transformers' path.
+    """
+    token = _GROUPED_QUERY.set(True)
+    try:
+        with function_override([sdpa_attention], _GQA_DECISION, _gqa_decision):
+            yield
+    finally:
+        _GROUPED_QUERY.reset(token)
 
 
 def is_sliding_attention_layer(layer: object) -> bool:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from hf_specssm._compat.overrides import function_override, original_function
 from hf_specssm._compat.recurrent import recurrent_state
 
 # transformers modules whose mixers use the zero-initialised Mamba v1 scan
@@ -543,12 +544,10 @@ def gated_delta_rule(mixer: torch.nn.Module) -> Callable | None:
     flash-linear-attention resolved in its place). Structure only: the `state_replay` probe decides whether
     a frozen verification and a commit through it are exact."""
     module = _mixer_module(mixer)
-    rule = getattr(module, GATED_DELTA_RULE, None)
+    # inside a verification the global is our wrapper: report transformers'
+    rule = original_function(module, GATED_DELTA_RULE) if module is not None else None
     if not callable(rule) or not hasattr(mixer, "conv1d") or _resolved_to_outside_kernel(rule):
         return None
-    entry = _function_overrides.get((module, GATED_DELTA_RULE))
-    if entry is not None and rule is entry[1]:
-        rule = entry[0]  # inside a verification the global is our wrapper: report transformers'
     return rule
 
 
@@ -573,9 +572,6 @@ def chunk_size_override(mixers: Sequence[torch.nn.Module], size: int) -> Iterato
 
 
 _SCAN_FUNCTION = "mamba2_chunk_scan"
-_function_override_lock = threading.Lock()
-# (module, function name) -> [original function, installed wrapper, wrapper factory, number of open contexts]
-_function_overrides: dict[tuple[object, str], list] = {}
 
 
 @contextlib.contextmanager
@@ -584,43 +580,16 @@ def module_function_override(
 ) -> Iterator[None]:
     """Inside this context the `mixers`' modules call `wrapper(original)` instead of their module-level
     function `name` (`mamba2_chunk_scan`, `mamba2_selective_state_update`, `causal_conv1d_update`: the
-    same names in 5.17 and 5.23).
-
-    The module global is replaced while at least one context needs it (a counter makes nested and
-    concurrent contexts safe), so the wrapper must fall back to `original` for calls that are not its own
-    (other threads decode other models of the family meanwhile). Modules without the function are left
-    alone.
+    same names in 5.17 and 5.23), through `overrides.function_override`: the wrapper must fall back to
+    `original` for calls that are not its own (other threads decode other models of the family
+    meanwhile). Modules without the function are left alone.
 
     Raises:
         RuntimeError: another wrapper already replaces `name` in one of the modules.
     """
-    modules = {
-        module
-        for mixer in mixers
-        if (module := _mixer_module(mixer)) is not None and callable(getattr(module, name, None))
-    }
-    with _function_override_lock:
-        for module in modules:
-            entry = _function_overrides.get((module, name))
-            if entry is not None and entry[2] is not wrapper:
-                raise RuntimeError(f"{module.__name__}.{name} is already replaced by another wrapper.")
-        for module in modules:
-            entry = _function_overrides.get((module, name))
-            if entry is None:
-                original = getattr(module, name)
-                entry = _function_overrides[(module, name)] = [original, wrapper(original), wrapper, 0]
-                setattr(module, name, entry[1])
-            entry[3] += 1
-    try:
+    modules = {module for mixer in mixers if (module := _mixer_module(mixer)) is not None}
+    with function_override(modules, name, wrapper):
         yield
-    finally:
-        with _function_override_lock:
-            for module in modules:
-                entry = _function_overrides[(module, name)]
-                entry[3] -= 1
-                if entry[3] == 0:
-                    setattr(module, name, entry[0])
-                    del _function_overrides[(module, name)]
 
 
 def chunk_scan_override(

@@ -91,7 +91,7 @@ class ModelDrafter(TreeDrafter):
             kwargs["position_ids"] = positions[None].expand(rows, -1)
         if self._pass_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        with lean_steps(self.model, self._lean_mixers):
+        with lean_steps(self.model, self._lean_mixers), _compat.grouped_query_attention():
             logits = self.model(input_ids=tokens, **kwargs).logits[:, -1].float()
         self.cache.advance(tokens.shape[1])
         return logits

@@ -120,7 +120,8 @@ class Target(ABC):
         if self._pass_logits_to_keep:
             kwargs["logits_to_keep"] = num_logits
         kwargs.update(inputs)
-        logits = self.model(input_ids=tokens, **kwargs).logits[:, -num_logits:].float()
+        with _compat.grouped_query_attention():
+            logits = self.model(input_ids=tokens, **kwargs).logits[:, -num_logits:].float()
         self.consumed = start + tokens.shape[1]
         if self._counts_tokens:
             self.cache.advance(tokens.shape[1])

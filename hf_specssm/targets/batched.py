@@ -68,7 +68,7 @@ class BatchTarget(Target):
             slots = torch.arange(mask_width, device=tokens.device)[None]
             history = (slots >= mask_width - cached[:, None]).long()
             kwargs["attention_mask"] = torch.cat([history, tokens.new_ones((batch, width))], dim=1)
-        with exact_continuation(self.model):
+        with exact_continuation(self.model), _compat.grouped_query_attention():
             return self.model(input_ids=tokens, **kwargs).logits.float()
 
     def prefill(self, sequences: Sequence[torch.Tensor]) -> None:
