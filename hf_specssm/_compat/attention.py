@@ -65,10 +65,12 @@ def _skips_repeat(attention_mask: torch.Tensor | None, key: torch.Tensor, value:
 
 
 def _gqa_decision(original: Callable) -> Callable:
-    def use_gqa_in_sdpa(attention_mask, key, value, *args, **kwargs):
+    # 5.17-5.23 pass (attention_mask, key, value); older releases passed no value: take what comes
+    def use_gqa_in_sdpa(attention_mask, key, *args, **kwargs):
+        value = args[0] if args else kwargs.get("value", key)
         if _GROUPED_QUERY.get() and _skips_repeat(attention_mask, key, value):
             return True
-        return original(attention_mask, key, value, *args, **kwargs)
+        return original(attention_mask, key, *args, **kwargs)
 
     return use_gqa_in_sdpa
 

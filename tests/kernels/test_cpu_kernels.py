@@ -454,3 +454,23 @@ def test_rms_norm_refuses_mismatched_inputs(kernels):
     for message, inputs in refusals:
         with pytest.raises(RuntimeError, match=message):
             kernels.rms_norm(*inputs, 1e-6)
+
+
+def test_timed_kernels_times_this_threads_calls_and_changes_no_result(kernels):
+    import threading
+
+    x, weight = torch.randn(3, 40), torch.rand(40) + 0.5
+    expected = kernels.rms_norm(x, weight, 1e-6)
+    assert cpu_module.cpu_kernels() is kernels  # outside the context: the extension itself
+    elsewhere: list = []
+    with cpu_module.timed_kernels() as timings:
+        timed = cpu_module.cpu_kernels()
+        assert timed is not kernels
+        assert torch.equal(timed.rms_norm(x, weight, 1e-6), expected)
+        timed.rms_norm(x, weight, 1e-6)
+        worker = threading.Thread(target=lambda: elsewhere.append(cpu_module.cpu_kernels()))
+        worker.start()
+        worker.join()
+    assert set(timings) == {"rms_norm"} and timings["rms_norm"] > 0
+    assert elsewhere == [kernels]  # another thread is not timed
+    assert cpu_module.cpu_kernels() is kernels

@@ -43,6 +43,10 @@ def test_bench_ssm_runs(capsys):
     inside = re.search(r"SSM mixers' forwards apart from their linears take (\d+)% of a step", out)
     assert inside is not None and 0 < int(inside.group(1)) <= 100
     assert re.search(r"(compiled CPU kernels|CPU kernels (switched off|unavailable))", out)
+    floor = re.search(r"compute floor of that rest .*?: (\d+)% of a step \(([^)]*)\)", out)
+    assert floor is not None and 0 <= int(floor.group(1)) <= 100
+    if "; compiled CPU kernels" in out:  # mamba2-8M verifies through the fused mixer kernel
+        assert "mamba2_verification_mixer" in floor.group(2)
 
 
 def test_the_oracle_part_compares_decoding_without_the_shared_prefill():

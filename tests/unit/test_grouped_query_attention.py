@@ -178,3 +178,20 @@ def test_attention_target_scores_inside_the_context(repeats):
         target.keep(12)
         target.score(sequence[:, :12], sequence[:, 12:])
     assert repeats.calls == []
+
+
+def test_decision_wraps_an_original_without_value():
+    """Releases before 5.17 called `use_gqa_in_sdpa(attention_mask, key)`: the wrapper takes either form."""
+    calls = []
+
+    def two_argument_original(attention_mask, key):
+        calls.append(attention_mask)
+        return False
+
+    decide = attention._gqa_decision(two_argument_original)
+    mask, key = torch.ones(1, 1, 5, 12, dtype=torch.bool), torch.zeros(1, 2, 12, 16)
+    assert decide(mask, key) is False  # outside the context: the original decides
+    with _compat.grouped_query_attention():
+        assert decide(mask, key) is True
+        assert decide(None, key) is False
+    assert len(calls) == 2

@@ -10,6 +10,8 @@ environments do not rebuild over each other.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import logging
@@ -18,6 +20,8 @@ import platform
 import shutil
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ __all__ = [
     "cpu_kernels_failure",
     "depthwise_conv",
     "kernel_inputs",
+    "timed_kernels",
     "use_cpu_kernels",
 ]
 
@@ -152,11 +157,55 @@ def _loaded():
             return None
 
 
+# the seconds per kernel name that `timed_kernels` collects for this thread, or None outside it
+_TIMINGS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "hf_specssm_kernel_timings", default=None
+)
+
+
+class _TimedKernels:
+    """The extension seen through a stopwatch: each call adds its wall seconds to `timings[name]`."""
+
+    def __init__(self, kernels, timings: dict[str, float]) -> None:
+        self._kernels, self._timings = kernels, timings
+
+    def __getattr__(self, name: str):
+        function = getattr(self._kernels, name)
+        if not callable(function):
+            return function
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._timings[name] = self._timings.get(name, 0.0) + time.perf_counter() - start
+
+        return timed
+
+
+@contextlib.contextmanager
+def timed_kernels() -> Iterator[dict[str, float]]:
+    """Inside this context this thread's `cpu_kernels()` hands out the kernels behind a stopwatch: the
+    yielded dict maps each kernel's name to the seconds spent in its calls (wall clock; the kernels run
+    synchronously). For benchmarks: the profiler does not see these calls (they are not dispatcher ops).
+    Kernels fetched before the context began are not timed."""
+    timings: dict[str, float] = {}
+    token = _TIMINGS.set(timings)
+    try:
+        yield timings
+    finally:
+        _TIMINGS.reset(token)
+
+
 def cpu_kernels():
-    """The compiled CPU kernels, or `None` (disabled, or the build failed: `cpu_kernels_failure()`)."""
+    """The compiled CPU kernels, or `None` (disabled, or the build failed: `cpu_kernels_failure()`); inside
+    `timed_kernels()`, the same kernels timed."""
     if cpu_kernels_disabled():
         return None
-    return _loaded()
+    kernels = _loaded()
+    timings = _TIMINGS.get()
+    return kernels if timings is None or kernels is None else _TimedKernels(kernels, timings)
 
 
 def cpu_kernels_failure() -> str | None:

@@ -8,7 +8,8 @@ not depend on the weights. Parts (each a Markdown table):
   path `make_target` picks (for the Mamba2 family: one chunk of exactly `k + 1` tokens with the state frozen,
   `ssm.state_replay`) and by transformers' own multi-token forward (padded to `chunk_size`) for reference;
   and the part of the k = 8 forward that is not the projections' matrix products, relative to a step, with
-  the share of it inside the SSM mixers' forwards (apart from their linears).
+  the share of it inside the SSM mixers' forwards (apart from their linears) and its compute floor (the
+  attention kernels and the compiled CPU kernels alone).
 - `commit`: a round that verifies 8 drafts and commits 4, per way of bringing the state to the accepted
   prefix: state-update commit (Activation Replay as the paper has it), mixer-input replay, Joint Attainment
   and Advancement, re-feed — the commit's time relative to a step, and the extra memory each holds.
@@ -48,7 +49,7 @@ import torch
 
 import hf_specssm
 from hf_specssm.config import DraftConfig
-from hf_specssm.kernels.cpu import cpu_kernels, cpu_kernels_disabled, cpu_kernels_failure
+from hf_specssm.kernels.cpu import cpu_kernels, cpu_kernels_disabled, cpu_kernels_failure, timed_kernels
 from hf_specssm.ssm.mixers import ssm_mixers
 from hf_specssm.targets import JointTarget, RecurrentTarget, make_target, tree_problem_for
 from hf_specssm.targets.chain_paths import ChainPathCosts
@@ -60,6 +61,11 @@ PARTS = ("verify", "commit", "tree", "oracle", "lookup")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: profiler keys of the projections' matrix products (stock `nn.Linear`, and packed for oneDNN)
 PROJECTION_OPS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
+#: profiler keys of the attention kernels SDPA dispatches to on the CPU
+ATTENTION_OPS = (
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_attention_math",
+)
 #: ways of bringing the state to the accepted prefix, as the `commit` part names them
 COMMIT_PATHS = ("state update", "mixer-input replay", "joint", "refeed")
 
@@ -175,6 +181,36 @@ def projection_seconds(model, num_drafts: int, context: int, path: str = "ours")
             run.sequence = torch.cat([run.sequence, run._tokens(1)], dim=1)
     events = profile.key_averages()
     return sum(event.self_cpu_time_total for event in events if event.key in PROJECTION_OPS) / 1e6 / rounds
+
+
+@torch.no_grad()
+def floor_seconds(model, num_drafts: int, context: int, path: str = "ours") -> dict[str, float]:
+    """Seconds per verification forward spent in its compute kernels outside the projections: `"attention"`
+    (SDPA's CPU kernels, profiler self time) and each compiled CPU kernel by name (`kernels.cpu`, timed by
+    `timed_kernels`: the profiler does not see them), mean of two rounds after a warm-up. Their sum is the
+    floor under the rest of the verification: what it would cost with no Python and no small torch ops."""
+    if model.device.type != "cpu":
+        return {}
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    run = _Run(model, path, context, vocab)
+    run.chain(num_drafts)
+    rounds = 2
+    attention, kernels = 0.0, {}
+    for _ in range(rounds):
+        # the verification alone: a commit may run forwards of its own (re-feed)
+        with (
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
+            timed_kernels() as timings,
+        ):
+            run.target.score(run.sequence, run._tokens(num_drafts))
+        attention += sum(
+            event.self_cpu_time_total for event in profile.key_averages() if event.key in ATTENTION_OPS
+        )
+        for name, seconds in timings.items():
+            kernels[name] = kernels.get(name, 0.0) + seconds
+        run.target.keep(run.sequence.shape[1])
+        run.sequence = torch.cat([run.sequence, run._tokens(1)], dim=1)
+    return {"attention": attention / 1e6 / rounds, **{name: t / rounds for name, t in kernels.items()}}
 
 
 @torch.no_grad()
@@ -565,6 +601,12 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
             f"conv, norms, attention, Python) is {other:.0%} of a step, against {1 - share_step:.0%} of a step "
             f"in the step itself; of that rest, the SSM mixers' forwards apart from their linears take "
             f"{inside:.0%} of a step (module hooks)."
+        )
+        floor = floor_seconds(model, 8, args.context, "tree chain" if tree_at_8 else "ours")
+        parts = ", ".join(f"{name} {seconds / step:.1%}" for name, seconds in floor.items() if seconds > 0)
+        print(
+            f"compute floor of that rest (attention kernels and the compiled CPU kernels; no Python, no small "
+            f"torch ops): {sum(floor.values()) / step:.0%} of a step ({parts or 'none'})."
         )
     # `generate` takes the cheaper path per round (measured, `targets.chain_paths`)
     seconds = {
