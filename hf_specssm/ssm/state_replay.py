@@ -481,7 +481,7 @@ def fused_mixer(
         projected.dtype == torch.bfloat16,
         *kernel_inputs(windows, mask),
     )
-    return out.to(projected.dtype), convolved, dt
+    return (out if out.dtype == projected.dtype else out.to(projected.dtype)), convolved, dt
 
 
 def _fused_forward(

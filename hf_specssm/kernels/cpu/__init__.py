@@ -228,7 +228,11 @@ _NO_TENSOR = torch.empty(0)
 def kernel_inputs(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
     """The compiled kernels' tensor arguments: float32, and an empty tensor for `None` (an absent state,
     skip term or bias)."""
-    return [_NO_TENSOR if tensor is None else tensor.float() for tensor in tensors]
+    # a float32 tensor passes as it is (`.float()` would still cost a dispatcher call per tensor and layer)
+    return [
+        _NO_TENSOR if tensor is None else tensor if tensor.dtype == torch.float32 else tensor.float()
+        for tensor in tensors
+    ]
 
 
 def depthwise_conv(
