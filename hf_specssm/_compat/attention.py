@@ -86,10 +86,10 @@ def grouped_query_attention() -> Iterator[None]:
     layer's whole KV cache per call. torch's CPU kernels attend a query head to its key/value head
     directly, and their outputs equal the repeated path's bit for bit (measured on torch 2.13;
     `tests/unit/test_grouped_query_attention.py` checks dtypes, masks, head counts and lengths on the torch
-    it runs with); a k = 8
-    verification of Falcon-H1-0.5B (8 query heads over 2) at 512 tokens of context ran 4–6% faster, one
-    of 6 drafts on Qwen2.5-Coder-1.5B 4% at 600 tokens and 7% at 1,500 (docs/benchmarks.md).
-    Other threads, other attention implementations and GPU tensors keep transformers' path.
+    it runs with). A k = 8 verification of Falcon-H1-0.5B (8 query heads over 2) at 512 tokens of context
+    ran 4–6% faster, one of 6 drafts on Qwen2.5-Coder-1.5B 4% at 600 tokens and 7% at 1,500
+    (docs/benchmarks.md). Other threads, other attention implementations and GPU tensors keep
+    transformers' path.
     """
     token = _GROUPED_QUERY.set(True)
     try:
