@@ -36,6 +36,7 @@ Timings are the minimum over `--repeats`. Run on a quiet machine (see docs/bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -131,6 +132,15 @@ class _Run:
         self.sequence = torch.cat([self.sequence, drafts[:, :kept], self._tokens(1)], dim=1)
         return middle - start, end - middle
 
+    def verifications(self, num_drafts: int, rounds: int, around=contextlib.nullcontext) -> None:
+        """`rounds` rounds of `num_drafts` drafts keeping none, each verification (not its commit, which may
+        run forwards of its own) inside a fresh `around()` context: a profiler, a stopwatch."""
+        for _ in range(rounds):
+            with around():
+                self.target.score(self.sequence, self._tokens(num_drafts))
+            self.target.keep(self.sequence.shape[1])
+            self.sequence = torch.cat([self.sequence, self._tokens(1)], dim=1)
+
     def tree(self, num_nodes: int) -> float:
         """Seconds of one tree verification of `num_nodes` nodes (a binary tree); keeps two nodes."""
         parents = torch.tensor([-1 if i < 2 else (i - 2) // 2 for i in range(num_nodes)])
@@ -162,55 +172,38 @@ def _best(measure, repeats: int) -> float:
 
 
 @torch.no_grad()
-def projection_seconds(model, num_drafts: int, context: int, path: str = "ours") -> float:
-    """Seconds per verification forward spent in the projections' matrix products: the `PROJECTION_OPS`
-    self time under `torch.profiler`, mean of two rounds after a warm-up. Callers split a round by this
-    and its unprofiled wall time: the profiler's own total would leave out the compiled CPU kernels
-    (`hf_specssm.kernels.cpu` are not dispatcher ops) and a profiled wall time carries the profiler's
-    per-op overhead, while the products are few, large ops that it times closely."""
-    if model.device.type != "cpu":
-        return float("nan")  # the split is of CPU time; on a GPU the launches overlap the kernels
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    run = _Run(model, path, context, vocab)
-    run.chain(num_drafts)
-    rounds = 2
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        for _ in range(rounds):
-            run.target.score(run.sequence, run._tokens(num_drafts))
-            run.target.keep(run.sequence.shape[1])
-            run.sequence = torch.cat([run.sequence, run._tokens(1)], dim=1)
-    events = profile.key_averages()
-    return sum(event.self_cpu_time_total for event in events if event.key in PROJECTION_OPS) / 1e6 / rounds
-
-
-@torch.no_grad()
-def floor_seconds(model, num_drafts: int, context: int, path: str = "ours") -> dict[str, float]:
-    """Seconds per verification forward spent in its compute kernels outside the projections: `"attention"`
-    (SDPA's CPU kernels, profiler self time) and each compiled CPU kernel by name (`kernels.cpu`, timed by
-    `timed_kernels`: the profiler does not see them), mean of two rounds after a warm-up. Their sum is the
-    floor under the rest of the verification: what it would cost with no Python and no small torch ops."""
+def split_seconds(model, num_drafts: int, context: int, path: str = "ours") -> dict[str, float]:
+    """Seconds per verification forward spent in its compute kernels, mean of two rounds after a warm-up:
+    `"products"`, the projections' matrix products (`PROJECTION_OPS` self time under `torch.profiler`);
+    `"attention"`, SDPA's CPU kernels (`ATTENTION_OPS`, likewise); and each compiled CPU kernel by name
+    (`kernels.cpu`, timed by `timed_kernels`: they are not dispatcher ops, so the profiler does not see
+    them). Callers split a round by these and its unprofiled wall time (a profiled wall time carries the
+    profiler's per-op overhead, while these are few, large calls that it times closely); everything but the
+    products is the floor under the rest of the verification: what it would cost with no Python and no
+    small torch ops. Empty on a GPU (the split is of CPU time; there the launches overlap the kernels)."""
     if model.device.type != "cpu":
         return {}
     vocab = model.config.get_text_config(decoder=True).vocab_size
     run = _Run(model, path, context, vocab)
     run.chain(num_drafts)
-    rounds = 2
-    attention, kernels = 0.0, {}
-    for _ in range(rounds):
-        # the verification alone: a commit may run forwards of its own (re-feed)
+    rounds, seconds = 2, {"products": 0.0, "attention": 0.0}
+
+    @contextlib.contextmanager
+    def measured():
         with (
             torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
             timed_kernels() as timings,
         ):
-            run.target.score(run.sequence, run._tokens(num_drafts))
-        attention += sum(
-            event.self_cpu_time_total for event in profile.key_averages() if event.key in ATTENTION_OPS
-        )
-        for name, seconds in timings.items():
-            kernels[name] = kernels.get(name, 0.0) + seconds
-        run.target.keep(run.sequence.shape[1])
-        run.sequence = torch.cat([run.sequence, run._tokens(1)], dim=1)
-    return {"attention": attention / 1e6 / rounds, **{name: t / rounds for name, t in kernels.items()}}
+            yield
+        for event in profile.key_averages():
+            for key, ops in (("products", PROJECTION_OPS), ("attention", ATTENTION_OPS)):
+                if event.key in ops:
+                    seconds[key] += event.self_cpu_time_total / 1e6
+        for name, elapsed in timings.items():
+            seconds[name] = seconds.get(name, 0.0) + elapsed
+
+    run.verifications(num_drafts, rounds, measured)
+    return {name: total / rounds for name, total in seconds.items()}
 
 
 @torch.no_grad()
@@ -240,10 +233,7 @@ def mixer_seconds(model, num_drafts: int, context: int, path: str = "ours") -> f
             ]
     rounds = 2
     try:
-        for _ in range(rounds):
-            run.target.score(run.sequence, run._tokens(num_drafts))
-            run.target.keep(run.sequence.shape[1])
-            run.sequence = torch.cat([run.sequence, run._tokens(1)], dim=1)
+        run.verifications(num_drafts, rounds)
     finally:
         for handle in handles:
             handle.remove()
@@ -569,7 +559,7 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
     ours = verification_costs(model, widths, args.context, args.repeats, "ours")
     theirs = verification_costs(model, [8], args.context, args.repeats, "transformers")
     step = ours[0][0]
-    share_step = min(projection_seconds(model, 0, args.context) / step, 1.0)
+    share_step = min(split_seconds(model, 0, args.context).get("products", float("nan")) / step, 1.0)
     print("verification forward of k drafts (k + 1 tokens), relative to one plain step:\n")
     header = " | ".join(f"k={k}" for k in widths)
     print(f"| path | step (ms) | {header} |")
@@ -588,7 +578,8 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
     # the split of the path `generate` takes at k = 8 (the cheaper round)
     tree_at_8 = tree is not None and tree[8][0] + tree[8][1] < ours[8][0] + ours[8][1]
     verify_8 = tree[8][0] if tree_at_8 else ours[8][0]
-    products_8 = projection_seconds(model, 8, args.context, "tree chain" if tree_at_8 else "ours")
+    split_8 = split_seconds(model, 8, args.context, "tree chain" if tree_at_8 else "ours")
+    products_8 = split_8.get("products", float("nan"))
     share_8 = min(products_8 / verify_8, 1.0)
     other = max(verify_8 - products_8, 0.0) / step
     if math.isnan(share_8):  # not measured on this device
@@ -602,7 +593,7 @@ def _part_verify(model, widths: list[int], args: argparse.Namespace) -> None:
             f"in the step itself; of that rest, the SSM mixers' forwards apart from their linears take "
             f"{inside:.0%} of a step (module hooks)."
         )
-        floor = floor_seconds(model, 8, args.context, "tree chain" if tree_at_8 else "ours")
+        floor = {name: seconds for name, seconds in split_8.items() if name != "products"}
         parts = ", ".join(f"{name} {seconds / step:.1%}" for name, seconds in floor.items() if seconds > 0)
         print(
             f"compute floor of that rest (attention kernels and the compiled CPU kernels; no Python, no small "
