@@ -9,6 +9,8 @@
     unpack    a pack's chats → the store (without extras), so a later session continues after them
     label     the soft labels and hidden states of chats that have none (unpacked ones): one
               teacher-forced pass of the target (`label.py`); stops at --hours, a rerun continues
+    teach     add teacher-forced chats (`teacher.py`): documented functions and documentation prose of
+              this machine as answers the target reads, labelled by `label` at ~3x generation's rate
 
 The store records its recipe (target, answer length, top-k, seed, corpus) and refuses another one.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-ACTIONS = ("generate", "status", "pack", "unpack", "label")
+ACTIONS = ("generate", "status", "pack", "unpack", "label", "teach")
 DEFAULT_STORE = "artifacts/distill/qwen2.5-coder-1.5b-instruct"
 # batches per pass of `generate` (a pass rebuilds the task list, picking up new follow-ups)
 PASS_BATCHES = 8
@@ -59,7 +61,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}.")
-    for flag, value in (("--sample-share", args.sample_share), ("--followup-share", args.followup_share)):
+    shares = (
+        ("--sample-share", args.sample_share),
+        ("--followup-share", args.followup_share),
+        ("--code-share", args.code_share),
+    )
+    for flag, value in shares:
         if not 0 <= value <= 1:
             raise ValueError(f"{flag} must lie in [0, 1], got {value}.")
     if args.hours is not None and args.hours <= 0:
@@ -281,6 +288,50 @@ def run_unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_teach(args: argparse.Namespace) -> int:
+    """Action `teach`: add the first --count teacher-forced chats the store lacks (unlabelled; `label` next).
+
+    An existing store keeps its recipe (answer and prompt lengths) and must name --target; a new one is
+    created with this command's recipe.
+    """
+    from transformers import AutoTokenizer
+
+    from hf_specssm.training.distillation.store import MANIFEST, DistillStore
+    from hf_specssm.training.distillation.teacher import add_teacher_chats, end_of_turn_ids, teacher_chats
+    from hf_specssm.training.mamba_drafter.command import _resolve_model_path, _target_fingerprint
+    from hf_specssm.training.mamba_drafter.corpus import doc_paragraphs, python_functions
+
+    check_arguments(args)
+    exists = (Path(args.store) / MANIFEST).is_file()
+    store = DistillStore(args.store, recipe=None if exists else _recipe(args))
+    recorded = store.recipe.get("--target")
+    if recorded != _target_fingerprint(args.target):
+        raise ValueError(
+            f"--target {args.target} is not the target the store {store.root} was made with ({recorded})."
+        )
+    say = (lambda *a: None) if args.quiet else print
+    say("reading documented functions and documentation prose (a few minutes on a large site-packages)")
+    functions = list(python_functions(args.corpus_root)) if args.code_share > 0 else []
+    paragraphs = list(doc_paragraphs(args.corpus_root)) if args.code_share < 1 else []
+    chats = teacher_chats(args.count, functions, paragraphs, code_share=args.code_share, seed=args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(_resolve_model_path(args.target))
+    records, tokens = add_teacher_chats(
+        store,
+        tokenizer,
+        chats,
+        max_answer_tokens=int(store.recipe.get("--max-new-tokens", args.max_new_tokens)),
+        max_prompt_tokens=int(store.recipe.get("--max-prompt-tokens", args.max_prompt_tokens)),
+        end_ids=end_of_turn_ids(tokenizer),
+    )
+    store.seal()
+    say(
+        f"{records} teacher-forced chats ({tokens} answer tokens) added to {store.root} from "
+        f"{len(functions)} functions and {len(paragraphs)} paragraphs; "
+        f"give them labels with `hf-specssm distill label --store {store.root}`"
+    )
+    return 0
+
+
 def run_label(args: argparse.Namespace) -> int:
     """Action `label`: the extras of the store's chats that have none, until done or past --hours."""
     from tqdm.auto import tqdm
@@ -393,6 +444,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=8, help="soft-label entries kept per answer token")
     parser.add_argument("--no-hidden", action="store_true", help="do not keep the target's hidden states")
     parser.add_argument(
+        "--code-share", type=float, default=0.6, help="teach: share of chats answered by a function's source"
+    )
+    parser.add_argument(
         "--batch-tokens", type=int, default=4096, help="label: padded tokens per teacher-forced forward"
     )
     parser.add_argument("--limit", type=int, default=None, help="label: at most this many chats")
@@ -427,5 +481,6 @@ def run(args: argparse.Namespace) -> int:
         "pack": run_pack,
         "unpack": run_unpack,
         "label": run_label,
+        "teach": run_teach,
     }
     return actions[args.action](args)

@@ -28,6 +28,8 @@ from hf_specssm.training.mamba_drafter.prompts import Instruction
 SAMPLED = "t0.7"
 GREEDY = "greedy"
 MODES = {GREEDY: None, SAMPLED: 0.7}
+#: Teacher-forced chats (`teacher.py`): text the target read as its answer, never generated.
+TEACHER = "teacher"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from hf_specssm.training.checkpoints import replace_folder
-from hf_specssm.training.distillation.store import DistillStore
+from hf_specssm.training.distillation.generate import TEACHER
+from hf_specssm.training.distillation.store import DistillStore, summarize
 
 LICENSE_NOTES = """\
 ## Licences
@@ -40,14 +41,18 @@ LICENSE_NOTES = """\
 
 
 def pack_store(store: DistillStore, folder: str | Path, max_bytes: int = 25 * 2**20) -> Path:
-    """Write the store's chats to `folder` as a pack (replacing it crash-safe).
+    """Write the store's chats the target wrote to `folder` as a pack (replacing it crash-safe).
+
+    Teacher-forced chats (`teacher.py`) are left out: their answers quote whole functions and passages of
+    this machine's files, and `hf-specssm distill teach` rebuilds them from any machine's files.
 
     Raises:
-        ValueError: the store is empty, or the pack would exceed `max_bytes` (nothing is replaced).
+        ValueError: the store holds no chat the target wrote, or the pack would exceed `max_bytes`
+            (nothing is replaced).
     """
-    records = list(store.records())
+    records = [record for record in store.records() if record["mode"] != TEACHER]
     if not records:
-        raise ValueError(f"the store {store.root} holds no records to pack.")
+        raise ValueError(f"the store {store.root} holds no answers of the target to pack.")
     lengths = np.array([len(record["input_ids"]) for record in records], dtype=np.int64)
     arrays = {
         "tokens": np.concatenate([np.asarray(record["input_ids"], dtype=np.uint32) for record in records]),
@@ -55,7 +60,7 @@ def pack_store(store: DistillStore, folder: str | Path, max_bytes: int = 25 * 2*
         "prompt_lengths": np.array([record["prompt_length"] for record in records], dtype=np.int32),
         "finished": np.array([bool(record.get("finished")) for record in records]),
     }
-    summary = store.summary()
+    summary = summarize(records)
 
     def write(staging: Path) -> None:
         staging.mkdir(parents=True)

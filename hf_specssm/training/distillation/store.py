@@ -234,13 +234,18 @@ class DistillStore:
         self._write_manifest()
 
     def summary(self) -> dict[str, Any]:
-        """Counts by domain and mode, and answer tokens, over every record."""
-        by_domain: dict[str, int] = {}
-        by_mode: dict[str, int] = {}
-        tokens = records = 0
-        for record in self.records():
-            records += 1
-            tokens += _answer_tokens(record)
-            by_domain[record["domain"]] = by_domain.get(record["domain"], 0) + 1
-            by_mode[record["mode"]] = by_mode.get(record["mode"], 0) + 1
-        return {"records": records, "answer_tokens": tokens, "domains": by_domain, "modes": by_mode}
+        """Counts by domain and mode, and answer tokens, over every record (`summarize`)."""
+        return summarize(self.records())
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """`{"records", "answer_tokens", "domains": {domain: count}, "modes": {mode: count}}` of `records`."""
+    by_domain: dict[str, int] = {}
+    by_mode: dict[str, int] = {}
+    tokens = count = 0
+    for record in records:
+        count += 1
+        tokens += _answer_tokens(record)
+        by_domain[record["domain"]] = by_domain.get(record["domain"], 0) + 1
+        by_mode[record["mode"]] = by_mode.get(record["mode"], 0) + 1
+    return {"records": count, "answer_tokens": tokens, "domains": by_domain, "modes": by_mode}

@@ -38,7 +38,7 @@ from hf_specssm.training.checkpoints import (
     load_trainer_state,
     save_checkpoint,
 )
-from hf_specssm.training.distillation.generate import GREEDY, load_extras
+from hf_specssm.training.distillation.generate import GREEDY, TEACHER, load_extras
 from hf_specssm.training.distillation.store import DistillStore
 from hf_specssm.training.mamba_drafter.data import is_heldout
 from hf_specssm.training.mamba_drafter.training import learning_rate_factor, resume_drafter
@@ -51,7 +51,7 @@ class Example:
     Attributes:
         ids: `[L]` target ids, prompt then answer.
         prompt_length: `P`; the answer is `ids[P:]` (`A` tokens).
-        mode: `greedy` or `t0.7`.
+        mode: `greedy` or `t0.7` (written by the target), or `teacher` (text it read).
         topk_ids: `[A, k]` target ids of the target's top-k at each answer token.
         topk_logp: `[A, k]` their log-probabilities (temperature 1).
         hidden: `[A, F]` the target's last hidden state that chose each answer token, or None.
@@ -65,6 +65,14 @@ class Example:
     topk_logp: torch.Tensor
     hidden: torch.Tensor | None
     domain: str = ""
+
+    def answer_labels(self) -> torch.Tensor:
+        """`[A]` the tokens a drafter learns to predict: the answer itself where the target wrote it
+        (`greedy`, `t0.7`), the target's top-1 where it only read the text (`teacher`, see
+        `hf_specssm.training.distillation.teacher`)."""
+        if self.mode == TEACHER:
+            return self.topk_ids[:, 0]
+        return self.ids[self.prompt_length :]
 
 
 def load_examples(
@@ -91,6 +99,9 @@ def load_examples(
             continue
         extras = load_extras(store, record, cache)
         if len(record["input_ids"]) - record["prompt_length"] < 2 or (need_hidden and "hidden" not in extras):
+            continue
+        if record["mode"] == TEACHER and "topk_ids" not in extras:
+            # text the target only read teaches nothing until `distill label` gives its predictions
             continue
         ids = torch.tensor(record["input_ids"], dtype=torch.long)
         if "topk_ids" in extras:
@@ -219,7 +230,7 @@ def make_batch(
         steps = t + 1 - prompt
         rows.append(torch.full_like(t, row))
         positions.append(t)
-        labels.append(ids[t + 1])
+        labels.append(example.answer_labels()[steps])
         soft_ids.append(example.topk_ids[steps])
         soft_logp.append(example.topk_logp[steps])
         if use_features:

@@ -208,6 +208,17 @@ def store_fingerprint(args: argparse.Namespace) -> dict[str, object]:
     return record
 
 
+def _store_kinds(summary: dict[str, object]) -> str:
+    """What a store's chats are, for the head's card: the target's own answers, teacher-forced text or both."""
+    modes = dict(summary.get("modes", {}))  # type: ignore[call-overload]
+    teacher = modes.pop("teacher", 0)
+    written = sum(modes.values())
+    parts = [f"{written} of the target's own answers"] if written else []
+    if teacher:
+        parts.append(f"{teacher} teacher-forced chats of documentation and source the target read")
+    return " and ".join(parts) or "no chats"
+
+
 def run_store(args: argparse.Namespace) -> int:
     """`--store`: train (or resume) a head on a distillation store's hidden states and soft labels; save it
     with its model card to `--out`.
@@ -218,6 +229,7 @@ def run_store(args: argparse.Namespace) -> int:
     """
     import json
 
+    from hf_specssm.training.distillation.generate import GREEDY
     from hf_specssm.training.distillation.store import DistillStore
     from hf_specssm.training.mamba_drafter.command import _resolve_model_path
     from hf_specssm.training.mamba_drafter.finetune import load_examples
@@ -252,7 +264,9 @@ def run_store(args: argparse.Namespace) -> int:
     target = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
     train = load_examples(store, "train", need_hidden=True)
     try:
-        heldout = load_examples(store, "heldout", need_hidden=True)[: args.eval_records]
+        # chains are simulated on what the target wrote greedily (teacher-forced text is not its choice)
+        heldout = [e for e in load_examples(store, "heldout", need_hidden=True) if e.mode == GREEDY]
+        heldout = heldout[: args.eval_records]
     except ValueError:
         # a small store may hold no held-out chat (one in 40 by a hash of its id): nothing to simulate
         heldout = []
@@ -269,8 +283,9 @@ def run_store(args: argparse.Namespace) -> int:
         beam_length=args.beam_length,
         target_name=args.target,
         target_model_type=target.config.model_type,
-        training_data=f"{len(train)} chats of the distillation store {_shown(store.root)} (the target's own "
-        f"answers, {summary['answer_tokens']:,} answer tokens in all) with its hidden states and top-k soft labels"
+        training_data=f"{len(train)} chats of the distillation store {_shown(store.root)} ("
+        + _store_kinds(summary)
+        + f", {summary['answer_tokens']:,} answer tokens in all) with its hidden states and top-k soft labels"
         + ("; output layer started from the target's output embedding rows" if args.init_from_target else ""),
     )
     torch.manual_seed(args.seed)

@@ -11,7 +11,10 @@ on for `C` tokens. Row `j` holds `h_j` and `a_j … a_{j+C}`; the loss of each o
 
     (1 - λ) · CE(head, a_{j+s}) + λ · CE(head, the target's top-k at a_{j+s}, renormalised)
 
-summed over the steps (ReDrafter's sum of per-step losses), averaged over the rows.
+summed over the steps (ReDrafter's sum of per-step losses), averaged over the rows. In a teacher-forced
+chat (`hf_specssm.training.distillation.teacher`: text the target read, not wrote) the head still reads the
+text's tokens, but each step learns the target's top-1 there (`Example.answer_labels`), so both terms say
+what the target would have drafted after that prefix.
 
 `evaluate_head` simulates greedy chains on held-out greedy answers exactly as
 `hf_specssm.training.mamba_drafter.finetune.evaluate_drafter` does for Mamba drafters (the same
@@ -50,13 +53,16 @@ class HeadRows:
 
     Attributes:
         hidden: `[N, H]` the target's hidden state that chose each row's `g_0` (fp16 as stored).
-        tokens: `[N, C + 1]` target ids `g_0 … g_C` (`-100` past the end of the answer).
+        tokens: `[N, C + 1]` target ids `g_0 … g_C` the head reads (`-100` past the end of the answer).
+        labels: `[N, C]` what each step learns to draft (`-100` past the end): `g_1 … g_C` where the target
+            wrote the answer, its top-1 there where it only read the text (`Example.answer_labels`).
         soft_ids: `[N, C, k]` the target's top-k ids at each predicted token `g_1 … g_C`.
         soft_logp: `[N, C, k]` their log-probabilities (temperature 1).
     """
 
     hidden: torch.Tensor
     tokens: torch.Tensor
+    labels: torch.Tensor
     soft_ids: torch.Tensor
     soft_logp: torch.Tensor
 
@@ -74,7 +80,7 @@ def head_rows(examples: Sequence[Example], steps: int) -> HeadRows:
     Raises:
         ValueError: an example without hidden states, or no answer of two tokens or more.
     """
-    hidden, tokens, soft_ids, soft_logp = [], [], [], []
+    hidden, tokens, labels, soft_ids, soft_logp = [], [], [], [], []
     for example in examples:
         if example.hidden is None:
             raise ValueError(
@@ -89,6 +95,8 @@ def head_rows(examples: Sequence[Example], steps: int) -> HeadRows:
         inside = offsets < length
         clamped = offsets.clamp(max=length - 1)
         tokens.append(torch.where(inside, answer[clamped], torch.full_like(clamped, IGNORE)))
+        wanted = example.answer_labels()[clamped[:, 1:]]
+        labels.append(torch.where(inside[:, 1:], wanted, torch.full_like(wanted, IGNORE)))
         hidden.append(example.hidden[starts])
         soft_ids.append(example.topk_ids[clamped[:, 1:]])
         soft_logp.append(example.topk_logp[clamped[:, 1:]])
@@ -97,6 +105,7 @@ def head_rows(examples: Sequence[Example], steps: int) -> HeadRows:
     return HeadRows(
         hidden=torch.cat(hidden),
         tokens=torch.cat(tokens),
+        labels=torch.cat(labels),
         soft_ids=torch.cat(soft_ids),
         soft_logp=torch.cat(soft_logp),
     )
@@ -106,14 +115,14 @@ def store_vocabulary(
     examples: Iterable[Example], vocab_size: int, size: int, always: Iterable[int] = ()
 ) -> torch.Tensor:
     """The `size` target ids a reduced head drafts over: `always` (end-of-sequence ids) first, then the
-    answer tokens of `examples` by descending count (ties, and ids never seen, by id).
+    tokens the answers of `examples` teach (`Example.answer_labels`) by descending count (ties, and ids never seen, by id).
 
     Returns:
         `[size]` distinct target ids.
     """
     counts = np.zeros(vocab_size, dtype=np.int64)
     for example in examples:
-        np.add.at(counts, example.ids[example.prompt_length :].numpy(), 1)
+        np.add.at(counts, example.answer_labels().numpy(), 1)
     return select_vocabulary(counts, size, always)
 
 
@@ -190,7 +199,7 @@ def rows_loss(head: ReDrafterHead, rows: HeadRows, index: torch.Tensor, soft_wei
     """The loss of the rows `index` `[R]` (module docstring): summed over the `C` steps, mean over rows."""
     device = head.device
     tokens = rows.tokens[index].to(device)  # [R, C + 1]
-    labels = head.to_draft_ids(tokens)  # -100 stays -100
+    labels = head.to_draft_ids(rows.labels[index].to(device))  # [R, C]; -100 stays -100
     soft_ids = head.to_draft_ids(rows.soft_ids[index].to(device))  # [R, C, k]
     soft_probs = torch.softmax(rows.soft_logp[index].to(device), dim=-1)
     hidden = rows.hidden[index].to(device=device, dtype=head.dtype)
@@ -198,12 +207,12 @@ def rows_loss(head: ReDrafterHead, rows: HeadRows, index: torch.Tensor, soft_wei
     total = None
     for step in range(1, tokens.shape[1]):
         state = head.next_state(state, tokens[:, step - 1].clamp(min=0))
-        kept = labels[:, step] != IGNORE
+        kept = labels[:, step - 1] != IGNORE
         if not bool(kept.any()):
             break
         logits = head.output_logits(hidden[kept], state[kept])
         term = mixed_loss(
-            logits, labels[kept, step], soft_ids[kept, step - 1], soft_probs[kept, step - 1], soft_weight
+            logits, labels[kept, step - 1], soft_ids[kept, step - 1], soft_probs[kept, step - 1], soft_weight
         )
         total = term if total is None else total + term
     assert total is not None  # every row has a label at step 1 (answers of two tokens or more)
