@@ -85,7 +85,9 @@ def test_adding_appends_only_new_chats_and_skips_long_prompts(tmp_path, corpus):
     added, tokens = add_teacher_chats(
         store, tokenizer, chats[:-2], max_answer_tokens=50, max_prompt_tokens=10_000
     )
-    assert added == len(chats) - 2 and tokens == sum(len(r["input_ids"]) - r["prompt_length"] for r in store.records())
+    assert added == len(chats) - 2 and tokens == sum(
+        len(r["input_ids"]) - r["prompt_length"] for r in store.records()
+    )
     assert add_teacher_chats(store, tokenizer, chats, max_answer_tokens=50, max_prompt_tokens=10_000)[0] == 2
     assert add_teacher_chats(store, tokenizer, chats, max_answer_tokens=50, max_prompt_tokens=10_000)[0] == 0
     other = DistillStore(tmp_path / "other", recipe={"--top-k": 4})
@@ -182,3 +184,23 @@ def test_the_teach_command_adds_once_refuses_another_target_and_feeds_label(tmp_
              "--dtype", "fp32"]  # fmt: skip
     assert main(label) == 0
     assert len(load_examples(DistillStore(store), "all", need_hidden=True)) == 4
+
+
+@pytest.mark.parametrize(
+    ("modes", "expected"),
+    [
+        pytest.param({GREEDY: 3, "t0.7": 1}, "4 of the target's own answers", id="written"),
+        pytest.param(
+            {TEACHER: 2}, "2 teacher-forced chats of documentation and source the target read", id="teacher"
+        ),
+        pytest.param(
+            {GREEDY: 1, TEACHER: 2},
+            "1 of the target's own answers and 2 teacher-forced chats of documentation and source the target read",
+            id="both",
+        ),
+    ],
+)
+def test_a_heads_card_says_what_its_store_held(modes, expected):
+    from hf_specssm.training.redrafter.command import _store_kinds
+
+    assert _store_kinds({"modes": modes}) == expected

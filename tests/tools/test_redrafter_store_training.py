@@ -295,3 +295,30 @@ def test_the_command_trains_a_head_on_a_store_and_resumes(tmp_path, capsys):
     assert main(["train-redrafter", "--target", "toy-llama", "--out", str(tmp_path / "corpus"),
                  "--init-from-target", "--steps", "1", "--quiet"]) == 2  # fmt: skip
     assert "--init-from-target" in capsys.readouterr().err
+
+
+def test_bf16_autocast_keeps_fp32_weights_tracks_fp32_and_resumes_exactly(tmp_path):
+    rows = head_rows(_examples(8, seed=1), 3)
+    config = HeadFinetuneConfig(steps=6, batch_size=32, checkpoint_every=3, progress=False, bf16=True)
+    whole = _head()
+    losses = finetune_head(whole, rows, tmp_path / "whole", config)
+    assert all(parameter.dtype == torch.float32 for parameter in whole.parameters())
+    halted = _head()
+    finetune_head(halted, rows, tmp_path / "halted", HeadFinetuneConfig(**{**config.__dict__, "steps": 3}))
+    resumed = _head()
+    assert finetune_head(resumed, rows, tmp_path / "halted", config) == losses
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    # the same steps in fp32: bf16 rounding moves the losses a little, not the training
+    exact = finetune_head(
+        _head(), rows, tmp_path / "fp32", HeadFinetuneConfig(**{**config.__dict__, "bf16": False})
+    )
+    assert losses != exact
+    assert losses == pytest.approx(exact, rel=0.02)
+
+
+def test_bf16_is_refused_without_a_store(capsys):
+    from hf_specssm.tools.cli import main
+
+    assert main(["train-redrafter", "--target", "toy-llama", "--out", "unused", "--bf16"]) == 2
+    assert "--bf16 trains a --store head" in capsys.readouterr().err

@@ -205,6 +205,8 @@ def store_fingerprint(args: argparse.Namespace) -> dict[str, object]:
     # recorded only when set, so runs from before the flag existed still resume
     if getattr(args, "init_from_target", False):
         record["--init-from-target"] = True
+    if getattr(args, "bf16", False):
+        record["--bf16"] = True
     return record
 
 
@@ -320,6 +322,7 @@ def run_store(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         progress=not args.quiet,
+        bf16=args.bf16,
     )
     finetune_head(head, rows, out, training, on_checkpoint=on_checkpoint)
     estimate = evaluate_head(head, heldout, k=args.beam_length) if heldout else None
@@ -351,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
     args.batch_size = args.batch_size or 16
     if args.init_from_target:
         raise ValueError("--init-from-target starts a --store head; pass --store or leave it out.")
+    if args.bf16:
+        raise ValueError("--bf16 trains a --store head in bf16 autocast; pass --store or leave it out.")
     if args.data is not None and not Path(args.data).is_file():
         raise ValueError(f"--data {args.data}: no such file.")
     if args.target not in TOY_TARGETS and not Path(args.target).is_dir() and _looks_like_a_path(args.target):
@@ -503,6 +508,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--store: start the output layer from the target's output embedding rows of the draft "
         "vocabulary (projected to the head's width) instead of at random",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="--store: forward in bf16 autocast (fp32 weights and optimizer): faster where the CPU has bf16 "
+        "matrix units (AMX, AVX512-BF16), much slower where it emulates bf16 (AVX2 only)",
     )
     parser.add_argument(
         "--soft-weight", type=float, default=0.5, help="--store: weight of the soft-label term"
