@@ -182,8 +182,14 @@ def test_the_teach_command_adds_once_refuses_another_target_and_feeds_label(tmp_
     assert "not the target the store" in capsys.readouterr().err
     label = ["distill", "label", "--store", str(store), "--target", str(tmp_path / "model"), "--quiet",
              "--dtype", "fp32"]  # fmt: skip
+    status = ["distill", "status", "--store", str(store)]
+    assert main(status) == 0
+    assert json.loads(capsys.readouterr().out)["unlabelled"] == 4
     assert main(label) == 0
     assert len(load_examples(DistillStore(store), "all", need_hidden=True)) == 4
+    assert main(status) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["unlabelled"] == 0 and shown["label_runs"][0]["chats"] == 4
 
 
 @pytest.mark.parametrize(

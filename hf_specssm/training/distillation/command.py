@@ -255,15 +255,19 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     """Action `status`: print what the store holds."""
+    from hf_specssm.training.distillation.label import unlabelled
     from hf_specssm.training.distillation.store import DistillStore
 
     store = DistillStore(args.store)
-    print(
-        json.dumps(
-            {**store.summary(), "shards": len(store.manifest["shards"]), "runs": store.manifest["runs"]},
-            indent=1,
-        )
-    )
+    status = {
+        **store.summary(),
+        # chats without soft labels and hidden states (unpacked or teacher-forced): `label` gives them
+        "unlabelled": len(unlabelled(store)),
+        "shards": len(store.manifest["shards"]),
+        "runs": store.manifest["runs"],
+        "label_runs": store.manifest.get("label_runs", []),
+    }
+    print(json.dumps(status, indent=1))
     return 0
 
 
