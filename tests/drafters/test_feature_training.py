@@ -232,3 +232,29 @@ def test_the_chain_simulation_never_drafts_the_other_slot():
     assert evaluate_drafter(OtherFirst(example.ids), [example], k=3) == oracle
     outside = evaluate_drafter(AllOutside(example.ids), [example], k=3)
     assert (outside.tau, outside.top1, outside.rounds) == (1.0, 0.0, 9)
+
+
+def test_bf16_autocast_keeps_fp32_weights_tracks_fp32_and_resumes_exactly(tmp_path):
+    train = _examples(16, seed=3)
+    whole = feature_model_from(_token_only(), FEATURE)
+    losses = finetune_drafter(
+        whole, train, tmp_path / "whole", _config(steps=6, checkpoint_every=3, bf16=True)
+    )
+    assert all(parameter.dtype == torch.float32 for parameter in whole.parameters())
+    halted = feature_model_from(_token_only(), FEATURE)
+    finetune_drafter(halted, train, tmp_path / "halted", _config(steps=3, checkpoint_every=3, bf16=True))
+    resumed = feature_model_from(_token_only(), FEATURE)
+    assert (
+        finetune_drafter(resumed, train, tmp_path / "halted", _config(steps=6, checkpoint_every=3, bf16=True))
+        == losses
+    )
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    exact = finetune_drafter(
+        feature_model_from(_token_only(), FEATURE),
+        train,
+        tmp_path / "fp32",
+        _config(steps=6, checkpoint_every=3),
+    )
+    assert losses != exact
+    assert losses == pytest.approx(exact, rel=0.03)

@@ -210,3 +210,26 @@ def test_a_heads_card_says_what_its_store_held(modes, expected):
     from hf_specssm.training.redrafter.command import _store_kinds
 
     assert _store_kinds({"modes": modes}) == expected
+
+
+def test_bf16_enters_a_runs_fingerprint_only_when_set():
+    """Runs started before `--bf16` existed resume (no new key); a bf16 run is not resumed in fp32."""
+    import argparse
+
+    from hf_specssm.training.mamba_drafter.finetune_command import _fingerprint, add_arguments
+    from hf_specssm.training.redrafter.command import add_arguments as redrafter_arguments
+    from hf_specssm.training.redrafter.command import store_fingerprint
+
+    finetune = add_arguments(argparse.ArgumentParser())
+    plain = _fingerprint(finetune.parse_args(["train", "--init", "toy"]))
+    assert "--bf16" not in plain
+    assert _fingerprint(finetune.parse_args(["train", "--init", "toy", "--bf16"])) == {
+        **plain,
+        "--bf16": True,
+    }
+    head = argparse.ArgumentParser()
+    redrafter_arguments(head)
+    base = ["--target", "toy-llama", "--store", "s", "--out", "o"]
+    plain = store_fingerprint(head.parse_args(base))
+    assert "--bf16" not in plain
+    assert store_fingerprint(head.parse_args([*base, "--bf16"])) == {**plain, "--bf16": True}

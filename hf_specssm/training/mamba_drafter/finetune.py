@@ -151,6 +151,8 @@ class FinetuneConfig:
         keep_checkpoints: how many checkpoints to keep.
         seed: the batches and draws of step `s` are a function of `(seed, s)`, so resuming is exact.
         progress: show a tqdm bar.
+        bf16: run the forward in bf16 autocast (fp32 weights, gradients and optimizer state): faster on
+            CPUs with bf16 matrix units (AMX, AVX512-BF16).
     """
 
     steps: int = 600
@@ -168,6 +170,7 @@ class FinetuneConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     progress: bool = True
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         check_counts(
@@ -359,7 +362,8 @@ def finetune_drafter(
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             chosen = torch.randint(len(examples), (config.batch_size,), generator=generator).tolist()
             batch = make_batch([examples[i] for i in chosen], config, generator, config.use_features)
-            loss = batch_loss(model, batch, config.soft_weight)
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                loss = batch_loss(model, batch, config.soft_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

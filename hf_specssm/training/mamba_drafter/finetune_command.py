@@ -45,6 +45,7 @@ def _config(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         progress=not args.quiet,
+        bf16=args.bf16,
     )
 
 
@@ -61,7 +62,8 @@ def _fingerprint(args: argparse.Namespace) -> dict[str, object]:
         **{
             f"--{key.replace('_', '-')}": value
             for key, value in vars(_config(args)).items()
-            if key not in ("progress",)
+            # bf16 only when set, like --feature-mlp-size
+            if key != "progress" and not (key == "bf16" and not value)
         },
     }
 
@@ -376,6 +378,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--feature-learning-rate", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--soft-weight", type=float, default=0.5)
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="train: forward in bf16 autocast (fp32 weights and optimizer): faster where the CPU has bf16 "
+        "matrix units (AMX, AVX512-BF16), much slower where it emulates bf16 (AVX2 only)",
+    )
     parser.add_argument("--feature-dropout", type=float, default=0.15)
     parser.add_argument("--max-depth", type=int, default=6)
     parser.add_argument("--checkpoint-every", type=int, default=100)
