@@ -190,6 +190,18 @@ def test_the_teach_command_adds_once_refuses_another_target_and_feeds_label(tmp_
     assert main(status) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["unlabelled"] == 0 and shown["label_runs"][0]["chats"] == 4
+    # a Mamba drafter trains on them; with no greedy chat held out there is nothing to simulate, and no
+    # τ of 1.00 over zero rounds is logged as if measured
+    from hf_specssm.training.mamba_drafter.training import drafter_config, new_drafter
+
+    init = new_drafter(drafter_config("tiny", 200, len(byte_tokenizer())), torch.arange(1, 200), seed=0)
+    init.save_pretrained(tmp_path / "init")
+    train = ["finetune-drafter", "train", "--store", str(store), "--init", str(tmp_path / "init"), "--features",
+             "--out", str(tmp_path / "run"), "--steps", "2", "--checkpoint-every", "2", "--batch-size", "2",
+             "--bf16"]  # fmt: skip
+    assert main(train) == 0
+    assert "no held-out greedy chat to simulate" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "eval.jsonl").exists()
 
 
 @pytest.mark.parametrize(

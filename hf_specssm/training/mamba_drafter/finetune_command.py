@@ -120,6 +120,7 @@ class _Evaluator:
 def run_train(args: argparse.Namespace) -> int:
     """Action `train`."""
     from hf_specssm.training.checkpoints import checkpoints, claim_output_dir, latest_checkpoint
+    from hf_specssm.training.distillation.generate import GREEDY
     from hf_specssm.training.distillation.store import DistillStore
     from hf_specssm.training.mamba_drafter.finetune import (
         evaluate_drafter,
@@ -157,11 +158,19 @@ def run_train(args: argparse.Namespace) -> int:
     if latest_checkpoint(out) is None:
         model.config.training_note = f"fine-tuned from {_shown(args.init)} on {_shown(store.root)}"
     train = load_examples(store, "train", need_hidden=args.features)
-    heldout = load_examples(store, "heldout", need_hidden=args.features)[: args.eval_records]
+    try:
+        # chains are simulated on what the target wrote greedily (teacher-forced text is not its choice)
+        heldout = [e for e in load_examples(store, "heldout", need_hidden=args.features) if e.mode == GREEDY]
+    except ValueError:
+        heldout = []
+    heldout = heldout[: args.eval_records]
     say = (lambda *a: None) if args.quiet else print
     say(f"{len(train)} training chats, {len(heldout)} held-out; features: {args.features}")
 
     def on_checkpoint(step: int, loss: float) -> None:
+        if not heldout:
+            say(f"step {step}: loss {loss:.3f} (no held-out greedy chat to simulate)")
+            return
         estimate = evaluate_drafter(model, heldout, k=args.k)
         with open(out / EVAL_LOG, "a") as sink:
             sink.write(json.dumps({"step": step, "loss": loss, **vars(estimate)}) + "\n")
