@@ -245,3 +245,38 @@ def test_bf16_enters_a_runs_fingerprint_only_when_set():
     plain = store_fingerprint(head.parse_args(base))
     assert "--bf16" not in plain
     assert store_fingerprint(head.parse_args([*base, "--bf16"])) == {**plain, "--bf16": True}
+
+
+def test_a_trained_head_continues_on_a_store_with_its_weights_and_vocabulary(tmp_path, capsys):
+    from hf_specssm.drafters.redrafter import ReDrafterHead
+    from hf_specssm.tools.cli import main
+
+    save_chat_target(tmp_path / "model")
+    root = write_corpus(tmp_path / "corpus")
+    store, model = str(tmp_path / "store"), str(tmp_path / "model")
+    assert main(["distill", "teach", "--store", store, "--corpus-root", str(root), "--count", "4",
+                 "--code-share", "0.5", "--max-new-tokens", "40", "--target", model, "--quiet"]) == 0  # fmt: skip
+    assert main(["distill", "label", "--store", store, "--target", model, "--quiet", "--dtype", "fp32"]) == 0
+    base = ["train-redrafter", "--store", store, "--target", model, "--draft-vocab-size", "24", "--exit-dim",
+            "48", "--batch-size", "32", "--beam-length", "3", "--checkpoint-every", "1", "--threads", "1",
+            "--quiet", "--steps", "1"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "first")]) == 0
+    first = ReDrafterHead.from_pretrained(tmp_path / "first", dtype=torch.float32)
+    # a learning rate of ~0 keeps --init's weights: the run started from them, not from a new head
+    still = [*base, "--init", str(tmp_path / "first"), "--learning-rate", "1e-12"]
+    assert main([*still, "--out", str(tmp_path / "continued")]) == 0
+    continued = ReDrafterHead.from_pretrained(tmp_path / "continued", dtype=torch.float32)
+    fresh = [*base, "--learning-rate", "1e-12", "--out", str(tmp_path / "fresh"), "--seed", "1"]
+    assert main(fresh) == 0
+    again = ReDrafterHead.from_pretrained(tmp_path / "fresh", dtype=torch.float32)
+    assert torch.equal(continued.draft_to_target, first.draft_to_target)
+    assert torch.allclose(continued.lm_head.weight, first.lm_head.weight, atol=1e-2)
+    assert not torch.allclose(again.lm_head.weight, first.lm_head.weight, atol=1e-2)
+    assert continued.config.training_data.startswith("continued from ")
+    # its architecture is the init's: another value is refused by name, and so is a second way to start
+    assert main([*still, "--out", str(tmp_path / "x"), "--exit-dim", "64"]) == 2
+    assert "--exit-dim is 64, but --init" in capsys.readouterr().err
+    assert main([*still, "--out", str(tmp_path / "y"), "--init-from-target"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+    assert main([*still[:1], *still[3:], "--out", str(tmp_path / "z")]) == 2
+    assert "--init continues a head on a --store" in capsys.readouterr().err

@@ -207,7 +207,49 @@ def store_fingerprint(args: argparse.Namespace) -> dict[str, object]:
         record["--init-from-target"] = True
     if getattr(args, "bf16", False):
         record["--bf16"] = True
+    if getattr(args, "init", None):
+        from hf_specssm.training.checkpoints import model_fingerprint
+
+        record["--init"] = model_fingerprint(str(args.init))
     return record
+
+
+def initial_head(args: argparse.Namespace, config: ReDrafterConfig) -> ReDrafterHead:
+    """The trained head of `--init`, in fp32, checked against the settings of this run: it keeps its
+    weights and draft vocabulary, so the architecture flags must name its own values.
+
+    Raises:
+        ValueError: `--init` is not a ReDrafter head, was trained for another hidden size or vocabulary,
+            or differs from a flag (named, with its value) — or `--init-from-target` is set too.
+    """
+    if args.init_from_target:
+        raise ValueError(
+            "--init continues a trained head; --init-from-target starts a new one: pass one of them."
+        )
+    try:
+        head = ReDrafterHead.from_pretrained(args.init, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--init {args.init}: not a ReDrafter head folder ({error}).") from error
+    own = head.config
+    if (own.hidden_size, own.vocab_size) != (config.hidden_size, config.vocab_size):
+        raise ValueError(
+            f"--init {args.init} reads hidden size {own.hidden_size} and drafts over {own.vocab_size} tokens; "
+            f"--target {args.target} has {config.hidden_size} and {config.vocab_size}."
+        )
+    flags = {
+        "--draft-vocab-size": (config.draft_vocab_size, own.draft_vocab_size),
+        "--exit-dim": (config.exit_dim, own.exit_dim),
+        "--num-draft-layers": (config.num_draft_layers, own.num_draft_layers),
+        "--no-rnn": (not config.rnn, not own.rnn),
+    }
+    for flag, (given, kept) in flags.items():
+        if given != kept:
+            raise ValueError(f"{flag} is {given}, but --init {args.init} has {kept}: pass its value.")
+    head.config.beam_width, head.config.beam_length = config.beam_width, config.beam_length
+    from hf_specssm.training.mamba_drafter.finetune_command import _shown
+
+    head.config.training_data = f"continued from {_shown(args.init)} on " + config.training_data
+    return head
 
 
 def _store_kinds(summary: dict[str, object]) -> str:
@@ -291,8 +333,9 @@ def run_store(args: argparse.Namespace) -> int:
         + ("; output layer started from the target's output embedding rows" if args.init_from_target else ""),
     )
     torch.manual_seed(args.seed)
-    head = ReDrafterHead(config).to(args.device)
-    if config.draft_vocab_size is not None:
+    # --init's weights and draft vocabulary stay; a checkpoint of this run, when there is one, loads over them
+    head = (initial_head(args, config) if args.init else ReDrafterHead(config)).to(args.device)
+    if config.draft_vocab_size is not None and not args.init:
         head.set_draft_vocabulary(
             store_vocabulary(train, config.vocab_size, config.draft_vocab_size - 1, always=_eos_ids(target))
         )
@@ -356,6 +399,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--init-from-target starts a --store head; pass --store or leave it out.")
     if args.bf16:
         raise ValueError("--bf16 trains a --store head in bf16 autocast; pass --store or leave it out.")
+    if args.init:
+        raise ValueError("--init continues a head on a --store; pass --store or leave it out.")
     if args.data is not None and not Path(args.data).is_file():
         raise ValueError(f"--data {args.data}: no such file.")
     if args.target not in TOY_TARGETS and not Path(args.target).is_dir() and _looks_like_a_path(args.target):
@@ -508,6 +553,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--store: start the output layer from the target's output embedding rows of the draft "
         "vocabulary (projected to the head's width) instead of at random",
+    )
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="--store: continue this trained head (its weights and draft vocabulary; the architecture flags "
+        "must name its values) instead of starting a new one",
     )
     parser.add_argument(
         "--bf16",
