@@ -195,9 +195,10 @@ def test_stored_features_that_name_the_next_token_are_learned(tmp_path):
     assert after.tau > baseline.tau + 0.5
 
 
-def test_resuming_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("bf16", [pytest.param(False, id="fp32"), pytest.param(True, id="bf16-autocast")])
+def test_resuming_gives_the_same_weights(tmp_path, bf16):
     rows = head_rows(_examples(8, seed=1), 3)
-    config = HeadFinetuneConfig(steps=6, batch_size=32, checkpoint_every=3, progress=False)
+    config = HeadFinetuneConfig(steps=6, batch_size=32, checkpoint_every=3, progress=False, bf16=bf16)
     whole = _head()
     losses = finetune_head(whole, rows, tmp_path / "whole", config)
     halted = _head()
@@ -297,18 +298,12 @@ def test_the_command_trains_a_head_on_a_store_and_resumes(tmp_path, capsys):
     assert "--init-from-target" in capsys.readouterr().err
 
 
-def test_bf16_autocast_keeps_fp32_weights_tracks_fp32_and_resumes_exactly(tmp_path):
+def test_bf16_autocast_keeps_fp32_weights_and_tracks_fp32(tmp_path):
     rows = head_rows(_examples(8, seed=1), 3)
     config = HeadFinetuneConfig(steps=6, batch_size=32, checkpoint_every=3, progress=False, bf16=True)
     whole = _head()
     losses = finetune_head(whole, rows, tmp_path / "whole", config)
     assert all(parameter.dtype == torch.float32 for parameter in whole.parameters())
-    halted = _head()
-    finetune_head(halted, rows, tmp_path / "halted", HeadFinetuneConfig(**{**config.__dict__, "steps": 3}))
-    resumed = _head()
-    assert finetune_head(resumed, rows, tmp_path / "halted", config) == losses
-    for name, value in whole.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[name]), name
     # the same steps in fp32: bf16 rounding moves the losses a little, not the training
     exact = finetune_head(
         _head(), rows, tmp_path / "fp32", HeadFinetuneConfig(**{**config.__dict__, "bf16": False})
