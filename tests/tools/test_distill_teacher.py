@@ -5,6 +5,7 @@ the text's own token), kept out of packs and of the chains simulated for evaluat
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -46,6 +47,24 @@ def test_chats_cover_both_kinds_are_deterministic_and_grow_without_changing(corp
             assert any(paragraph in chat.answer for paragraph in paragraphs)
     bigger = {chat.instruction.id: chat for chat in teacher_chats(12, functions, paragraphs, code_share=0.5)}
     assert all(bigger[chat.instruction.id] == chat for chat in chats)
+
+
+def test_each_code_prompt_asks_for_the_function_that_answers_it():
+    """Functions whose docstring gives no task sentence get no one-line task; the prompts after them must
+    not shift onto other functions' sources."""
+    from hf_specssm.training.mamba_drafter.corpus import DocumentedFunction
+
+    functions = []
+    for n in range(40):
+        name = f"f_marker{n}x"
+        doc = "." if n % 2 else f"Compute marker{n}x values for the caller. More detail follows here."
+        functions.append(DocumentedFunction(name, f"def {name}(a):", doc, f"def {name}(a):\n    return a"))
+    chats = teacher_chats(40, functions, [], code_share=1.0)
+    # some docstrings gave no task (the one-line form was drawn for them): those functions were skipped
+    assert 20 < len(chats) < 40
+    for chat in chats:
+        marker = re.search(r"marker\d+x", chat.answer).group()
+        assert marker in chat.instruction.messages[0]["content"], chat
 
 
 @pytest.mark.parametrize(
@@ -202,6 +221,16 @@ def test_the_teach_command_adds_once_refuses_another_target_and_feeds_label(tmp_
     assert main(train) == 0
     assert "no held-out greedy chat to simulate" in capsys.readouterr().out
     assert not (tmp_path / "run" / "eval.jsonl").exists()
+    # evaluating or exporting against such a store is refused rather than reporting τ over zero rounds
+    assert (
+        main(["finetune-drafter", "evaluate", "--store", str(store), "--init", str(tmp_path / "init")]) == 2
+    )
+    assert "no held-out greedy answer" in capsys.readouterr().err
+    export = ["finetune-drafter", "export", "--store", str(store), "--init", str(tmp_path / "init"), "--out",
+              str(tmp_path / "run"), "--export", str(tmp_path / "export")]  # fmt: skip
+    assert main(export) == 2
+    assert "no held-out greedy answer" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.parametrize(

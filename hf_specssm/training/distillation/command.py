@@ -10,7 +10,7 @@
     label     the soft labels and hidden states of chats that have none (unpacked ones): one
               teacher-forced pass of the target (`label.py`); stops at --hours, a rerun continues
     teach     add teacher-forced chats (`teacher.py`): documented functions and documentation prose of
-              this machine as answers the target reads, labelled by `label` at ~3x generation's rate
+              this machine as answers the target reads, labelled by `label` at ~6x generation's token rate
 
 The store records its recipe (target, answer length, top-k, seed, corpus) and refuses another one.
 """

@@ -1,7 +1,7 @@
 """Teacher-forced chats: text the target did not write, read by the target as if it were its answer.
 
 Generation is the slow half of self-distillation on a CPU (~95k answer tokens an hour for the 1.5B target
-here), while one teacher-forced forward labels ~300k answer tokens an hour (`label.py`). A drafter
+here), while the teacher-forced pass of `label.py` labels ~577k answer tokens an hour (bf16, AMX). A drafter
 learns what the target predicts next, so the target's top-k distribution at every position of *any*
 answer-like text is a correct soft label for that prefix: a draft head conditioned on the target's
 hidden state and on the tokens so far is trained on exactly the function it computes during decoding
@@ -77,7 +77,8 @@ def teacher_chats(
     the earlier chats (ids and texts) and adds more: a store grows by asking for more.
 
     Args:
-        count: how many chats (about `code_share` of them code).
+        count: how many chats (about `code_share` of them code; fewer where a pool runs out, or a
+            function's docstring gives no task sentence).
         functions: documented functions (`corpus.python_functions`).
         paragraphs: documentation paragraphs (`corpus.doc_paragraphs`).
         code_share: the share of `teach-code` chats, in [0, 1].
@@ -98,10 +99,16 @@ def teacher_chats(
     rng = random.Random(f"{seed}:teach-code")
     pool = list(functions)
     rng.shuffle(pool)
-    prompts = code_instructions(pool[:code_count], rng)
-    for index, (function, prompt) in enumerate(zip(pool[:code_count], prompts, strict=False)):
+    index = 0
+    for function in pool[:code_count]:
+        # one function at a time: `code_instructions` yields nothing for a docstring without a task
+        # sentence, and a prompt must stay with the function it asks for
+        prompt = next(code_instructions([function], rng), None)
+        if prompt is None:
+            continue
         answer = f"```python\n{function.source}\n```"
         chats.append(_chat(f"teach-code-{index}", "teach-code", prompt, answer))
+        index += 1
     rng = random.Random(f"{seed}:teach-prose")
     order = list(range(len(paragraphs)))
     rng.shuffle(order)

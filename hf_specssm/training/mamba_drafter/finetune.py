@@ -75,6 +75,18 @@ class Example:
         return self.ids[self.prompt_length :]
 
 
+def heldout_greedy(store: DistillStore, need_hidden: bool = False, limit: int | None = None) -> list[Example]:
+    """The held-out chats the target answered greedily (at most `limit`): what chains are simulated on,
+    since sampled answers and teacher-forced text are not the target's greedy choices. Empty when the
+    store holds none."""
+    try:
+        heldout = [e for e in load_examples(store, "heldout", need_hidden=need_hidden) if e.mode == GREEDY]
+    except ValueError:
+        # a small store may hold no held-out chat (one in 40 by a hash of its id)
+        return []
+    return heldout[:limit]
+
+
 def load_examples(
     store: DistillStore,
     split: str = "train",

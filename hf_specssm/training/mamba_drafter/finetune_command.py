@@ -120,12 +120,12 @@ class _Evaluator:
 def run_train(args: argparse.Namespace) -> int:
     """Action `train`."""
     from hf_specssm.training.checkpoints import checkpoints, claim_output_dir, latest_checkpoint
-    from hf_specssm.training.distillation.generate import GREEDY
     from hf_specssm.training.distillation.store import DistillStore
     from hf_specssm.training.mamba_drafter.finetune import (
         evaluate_drafter,
         feature_model_from,
         finetune_drafter,
+        heldout_greedy,
         load_examples,
     )
 
@@ -158,12 +158,7 @@ def run_train(args: argparse.Namespace) -> int:
     if latest_checkpoint(out) is None:
         model.config.training_note = f"fine-tuned from {_shown(args.init)} on {_shown(store.root)}"
     train = load_examples(store, "train", need_hidden=args.features)
-    try:
-        # chains are simulated on what the target wrote greedily (teacher-forced text is not its choice)
-        heldout = [e for e in load_examples(store, "heldout", need_hidden=args.features) if e.mode == GREEDY]
-    except ValueError:
-        heldout = []
-    heldout = heldout[: args.eval_records]
+    heldout = heldout_greedy(store, need_hidden=args.features, limit=args.eval_records)
     say = (lambda *a: None) if args.quiet else print
     say(f"{len(train)} training chats, {len(heldout)} held-out; features: {args.features}")
 
@@ -247,6 +242,23 @@ def benchmark_answers(args: argparse.Namespace):
     return store
 
 
+def _measured_on(store, need_hidden: bool, limit: int):
+    """The held-out greedy chats `evaluate` and `export` simulate chains on.
+
+    Raises:
+        ValueError: the store holds none (all teacher-forced or sampled, or too small to hold one out).
+    """
+    from hf_specssm.training.mamba_drafter.finetune import heldout_greedy
+
+    heldout = heldout_greedy(store, need_hidden=need_hidden, limit=limit)
+    if not heldout:
+        raise ValueError(
+            f"the store {store.root} holds no held-out greedy answer of the target to simulate chains on "
+            "(teacher-forced and sampled chats are not its greedy choices): pass --store with one that does."
+        )
+    return heldout
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """Action `evaluate`: one JSON line per drafter (and per benchmark set with --bench-sets)."""
     from hf_specssm.training.distillation.store import DistillStore
@@ -265,7 +277,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                   "features": evaluator.reads_target_hidden(model), **vars(estimate)}))  # fmt: skip
         return 0
     store = DistillStore(args.store)
-    heldout = load_examples(store, "heldout", need_hidden=False)[: args.eval_records]
+    heldout = _measured_on(store, need_hidden=False, limit=args.eval_records)
     for folder in [args.init, *(args.drafter or [])]:
         model = evaluator.load(folder)
         features = evaluator.reads_target_hidden(model)
@@ -273,7 +285,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         estimate = evaluator.estimate(model, usable, args.k)
         domains = {
             domain: round(evaluator.estimate(model, [e for e in usable if e.domain == domain], args.k).tau, 3)
-            for domain in sorted({e.domain for e in usable if e.mode == "greedy"})
+            for domain in sorted({e.domain for e in usable})
         }
         print(
             json.dumps(
@@ -294,7 +306,7 @@ def run_export(args: argparse.Namespace) -> int:
     from hf_specssm.training.distillation.store import DistillStore
     from hf_specssm.training.mamba_drafter.card import DrafterCardFacts, model_card
     from hf_specssm.training.mamba_drafter.command import _machine
-    from hf_specssm.training.mamba_drafter.finetune import evaluate_drafter, load_examples
+    from hf_specssm.training.mamba_drafter.finetune import evaluate_drafter
     from hf_specssm.training.mamba_drafter.training import parameter_count
 
     checkpoint = latest_checkpoint(args.out)
@@ -303,7 +315,7 @@ def run_export(args: argparse.Namespace) -> int:
     state = load_trainer_state(checkpoint)
     model = _load(checkpoint, "cpu")
     store = DistillStore(args.store)
-    heldout = load_examples(store, "heldout", need_hidden=model.reads_target_hidden)[: args.eval_records]
+    heldout = _measured_on(store, need_hidden=model.reads_target_hidden, limit=args.eval_records)
     estimate = evaluate_drafter(model, heldout, k=args.k)
     summary = store.summary()
     # a feature-conditioned drafter trains only on the chats that kept hidden states

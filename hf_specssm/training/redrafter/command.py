@@ -254,8 +254,10 @@ def initial_head(args: argparse.Namespace, config: ReDrafterConfig) -> ReDrafter
 
 def _store_kinds(summary: dict[str, object]) -> str:
     """What a store's chats are, for the head's card: the target's own answers, teacher-forced text or both."""
+    from hf_specssm.training.distillation.generate import TEACHER
+
     modes = dict(summary.get("modes", {}))  # type: ignore[call-overload]
-    teacher = modes.pop("teacher", 0)
+    teacher = modes.pop(TEACHER, 0)
     written = sum(modes.values())
     parts = [f"{written} of the target's own answers"] if written else []
     if teacher:
@@ -273,10 +275,9 @@ def run_store(args: argparse.Namespace) -> int:
     """
     import json
 
-    from hf_specssm.training.distillation.generate import GREEDY
     from hf_specssm.training.distillation.store import DistillStore
     from hf_specssm.training.mamba_drafter.command import _resolve_model_path
-    from hf_specssm.training.mamba_drafter.finetune import load_examples
+    from hf_specssm.training.mamba_drafter.finetune import heldout_greedy, load_examples
     from hf_specssm.training.mamba_drafter.finetune_command import _shown
     from hf_specssm.training.redrafter.store_training import (
         HeadFinetuneConfig,
@@ -307,13 +308,7 @@ def run_store(args: argparse.Namespace) -> int:
     # only the embedding is read (by the head's recurrence), in the head's fp32
     target = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
     train = load_examples(store, "train", need_hidden=True)
-    try:
-        # chains are simulated on what the target wrote greedily (teacher-forced text is not its choice)
-        heldout = [e for e in load_examples(store, "heldout", need_hidden=True) if e.mode == GREEDY]
-        heldout = heldout[: args.eval_records]
-    except ValueError:
-        # a small store may hold no held-out chat (one in 40 by a hash of its id): nothing to simulate
-        heldout = []
+    heldout = heldout_greedy(store, need_hidden=True, limit=args.eval_records)
     text_config = target.config.get_text_config(decoder=True)
     summary = store.summary()
     config = ReDrafterConfig(
