@@ -20,7 +20,13 @@ from hf_specssm.training.distillation.teacher import (
     teacher_record,
 )
 from hf_specssm.training.mamba_drafter.corpus import doc_paragraphs, python_functions
-from hf_specssm.training.mamba_drafter.finetune import Example, FinetuneConfig, load_examples, make_batch
+from hf_specssm.training.mamba_drafter.finetune import (
+    Example,
+    FinetuneConfig,
+    draw_indices,
+    load_examples,
+    make_batch,
+)
 from hf_specssm.training.redrafter.store_training import head_rows, store_vocabulary
 
 from tests.helpers.chat_models import byte_tokenizer, save_chat_target, write_corpus
@@ -253,27 +259,67 @@ def test_a_heads_card_says_what_its_store_held(modes, expected):
     assert _store_kinds({"modes": modes}) == expected
 
 
-def test_bf16_enters_a_runs_fingerprint_only_when_set():
-    """Runs started before `--bf16` existed resume (no new key); a bf16 run is not resumed in fp32."""
+@pytest.mark.parametrize("flag, value", [("--bf16", True), ("--teacher-share", 0.4)])
+def test_a_new_option_enters_a_runs_fingerprint_only_when_set(flag, value):
+    """Runs started before the option existed resume (no new key); a run with it is not resumed without."""
     import argparse
 
     from hf_specssm.training.mamba_drafter.finetune_command import _fingerprint, add_arguments
     from hf_specssm.training.redrafter.command import add_arguments as redrafter_arguments
     from hf_specssm.training.redrafter.command import store_fingerprint
 
+    given = [flag] if value is True else [flag, str(value)]
     finetune = add_arguments(argparse.ArgumentParser())
     plain = _fingerprint(finetune.parse_args(["train", "--init", "toy"]))
-    assert "--bf16" not in plain
-    assert _fingerprint(finetune.parse_args(["train", "--init", "toy", "--bf16"])) == {
-        **plain,
-        "--bf16": True,
-    }
+    assert flag not in plain
+    assert _fingerprint(finetune.parse_args(["train", "--init", "toy", *given])) == {**plain, flag: value}
     head = argparse.ArgumentParser()
     redrafter_arguments(head)
     base = ["--target", "toy-llama", "--store", "s", "--out", "o"]
     plain = store_fingerprint(head.parse_args(base))
-    assert "--bf16" not in plain
-    assert store_fingerprint(head.parse_args([*base, "--bf16"])) == {**plain, "--bf16": True}
+    assert flag not in plain
+    assert store_fingerprint(head.parse_args([*base, *given])) == {**plain, flag: value}
+
+
+def test_a_teacher_share_fixes_each_batchs_mix_and_leaves_the_default_draw_alone():
+    teacher = torch.tensor([True] * 90 + [False] * 10)
+    # no share: the draw runs made before the option drew, so they resume exactly
+    default = draw_indices(teacher, 64, torch.Generator().manual_seed(3))
+    assert torch.equal(default, torch.randint(100, (64,), generator=torch.Generator().manual_seed(3)))
+    for share in (0.0, 0.25, 0.5, 1.0):
+        index = draw_indices(teacher, 64, torch.Generator().manual_seed(3), share)
+        assert index.shape == (64,)
+        assert int(teacher[index].sum()) == round(share * 64)  # whatever the pool's own 90%
+        assert torch.equal(index, draw_indices(teacher, 64, torch.Generator().manual_seed(3), share))
+    # the written 10% are all reached, not one repeated
+    assert teacher[draw_indices(teacher, 400, torch.Generator().manual_seed(0), 0.0)].sum() == 0
+    assert draw_indices(teacher, 400, torch.Generator().manual_seed(0), 0.0).unique().numel() == 10
+    with pytest.raises(ValueError, match="--teacher-share must lie in"):
+        FinetuneConfig(teacher_share=1.5)
+    with pytest.raises(ValueError, match="holds no labelled one"):
+        draw_indices(torch.zeros(5, dtype=torch.bool), 4, torch.Generator(), 0.5)
+    with pytest.raises(ValueError, match="only teacher-forced"):
+        draw_indices(torch.ones(5, dtype=torch.bool), 4, torch.Generator(), 0.5)
+    # a share of 0 on a store without teacher chats, or of 1 on one with only those, is fine
+    assert draw_indices(torch.zeros(5, dtype=torch.bool), 4, torch.Generator(), 0.0).shape == (4,)
+    assert draw_indices(torch.ones(5, dtype=torch.bool), 4, torch.Generator(), 1.0).shape == (4,)
+
+
+def test_head_rows_mark_teacher_chats_and_training_refuses_a_share_they_cannot_give(tmp_path):
+    from hf_specssm.training.mamba_drafter.finetune import finetune_drafter
+    from hf_specssm.training.redrafter.store_training import HeadFinetuneConfig, finetune_head
+
+    teacher = _teacher_example(8)
+    written = Example(**{**_teacher_example(5).__dict__, "mode": GREEDY})
+    rows = head_rows([teacher, written], steps=3)
+    assert rows.teacher.tolist() == [True] * 7 + [False] * 4
+    with pytest.raises(ValueError, match="only teacher-forced"):
+        finetune_head(None, head_rows([teacher], steps=3), tmp_path / "h",
+                      HeadFinetuneConfig(steps=1, progress=False, teacher_share=0.5))  # fmt: skip
+    with pytest.raises(ValueError, match="holds no labelled one"):
+        finetune_drafter(None, [written], tmp_path / "d",
+                         FinetuneConfig(steps=1, use_features=False, progress=False, teacher_share=0.5))  # fmt: skip
+    assert not (tmp_path / "h").exists() and not (tmp_path / "d").exists()
 
 
 def test_a_trained_head_continues_on_a_store_with_its_weights_and_vocabulary(tmp_path, capsys):
@@ -309,3 +355,5 @@ def test_a_trained_head_continues_on_a_store_with_its_weights_and_vocabulary(tmp
     assert "pass one of them" in capsys.readouterr().err
     assert main([*still[:1], *still[3:], "--out", str(tmp_path / "z")]) == 2
     assert "--init continues a head on a --store" in capsys.readouterr().err
+    assert main([*still[:1], *still[3:7], "--out", str(tmp_path / "w"), "--teacher-share", "0.5"]) == 2
+    assert "--teacher-share mixes a --store's chats" in capsys.readouterr().err

@@ -75,6 +75,57 @@ class Example:
         return self.ids[self.prompt_length :]
 
 
+def draw_indices(
+    teacher: torch.Tensor, count: int, generator: torch.Generator, teacher_share: float | None = None
+) -> torch.Tensor:
+    """`[count]` indices into a pool of training items (chats or head rows), drawn with replacement.
+
+    Args:
+        teacher: `[N]` bool, which items come from teacher-forced chats (text the target only read).
+        count: how many to draw.
+        generator: the step's generator (the draw is a function of its seed, so resuming is exact).
+        teacher_share: None draws uniformly over the pool (the draw of runs made before the option);
+            otherwise `round(teacher_share * count)` items come uniformly from the teacher-forced ones and
+            the rest from the chats the target wrote, whatever the pool's own mix.
+
+    Raises:
+        ValueError: a share outside [0, 1], or one that needs items of a kind the pool lacks.
+    """
+    if teacher_share is None:
+        return torch.randint(teacher.numel(), (count,), generator=generator)
+    check_teacher_share(teacher_share, teacher)
+    taught = teacher.nonzero().flatten()
+    written = (~teacher).nonzero().flatten()
+    from_teacher = round(teacher_share * count)
+    parts = [
+        pool[torch.randint(pool.numel(), (size,), generator=generator)]
+        for pool, size in ((taught, from_teacher), (written, count - from_teacher))
+        if size > 0
+    ]
+    return torch.cat(parts)
+
+
+def check_teacher_share(teacher_share: float | None, teacher: torch.Tensor | None = None) -> None:
+    """Raise a `ValueError` naming `--teacher-share` when the share is outside [0, 1] or (given the
+    pool's `[N]` teacher mask) asks for items of a kind the pool lacks."""
+    if teacher_share is None:
+        return
+    if not 0 <= teacher_share <= 1:
+        raise ValueError(f"--teacher-share must lie in [0, 1], got {teacher_share}.")
+    if teacher is None:
+        return
+    if teacher_share > 0 and not bool(teacher.any()):
+        raise ValueError(
+            f"--teacher-share {teacher_share} draws teacher-forced chats, but the store holds no labelled one: "
+            "add them with `hf-specssm distill teach` and `distill label`, or leave --teacher-share out."
+        )
+    if teacher_share < 1 and bool(teacher.all()):
+        raise ValueError(
+            f"--teacher-share {teacher_share} draws chats the target wrote, but the store holds only "
+            "teacher-forced ones: pass --teacher-share 1 or leave it out."
+        )
+
+
 def heldout_greedy(store: DistillStore, need_hidden: bool = False, limit: int | None = None) -> list[Example]:
     """The held-out chats the target answered greedily (at most `limit`): what chains are simulated on,
     since sampled answers and teacher-forced text are not the target's greedy choices. Empty when the
@@ -165,6 +216,8 @@ class FinetuneConfig:
         progress: show a tqdm bar.
         bf16: run the forward in bf16 autocast (fp32 weights, gradients and optimizer state): faster on
             CPUs with bf16 matrix units (AMX, AVX512-BF16).
+        teacher_share: the share of each batch's chats drawn from teacher-forced ones (`draw_indices`);
+            None draws uniformly over all chats.
     """
 
     steps: int = 600
@@ -183,8 +236,10 @@ class FinetuneConfig:
     seed: int = 0
     progress: bool = True
     bf16: bool = False
+    teacher_share: float | None = None
 
     def __post_init__(self) -> None:
+        check_teacher_share(self.teacher_share)
         check_counts(
             self,
             (
@@ -344,7 +399,7 @@ def finetune_drafter(
 
     Raises:
         ValueError: `use_features` with a token-only model or examples without hidden states, or hidden
-            states whose size is not the model's `feature_size`.
+            states whose size is not the model's `feature_size`; a `teacher_share` the examples cannot give.
     """
     if config.use_features:
         if not model.reads_target_hidden:
@@ -360,6 +415,8 @@ def finetune_drafter(
             raise ValueError(
                 f"the stored hidden states have size {size}, the drafter reads {model.config.feature_size}."
             )
+    taught = torch.tensor([example.mode == TEACHER for example in examples], dtype=torch.bool)
+    check_teacher_share(config.teacher_share, taught)
     optimizer = _optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
     step, losses, seconds = resume_drafter(model, optimizer, schedule, output_dir)
@@ -372,7 +429,7 @@ def finetune_drafter(
         while step < config.steps:
             started = time.perf_counter()
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            chosen = torch.randint(len(examples), (config.batch_size,), generator=generator).tolist()
+            chosen = draw_indices(taught, config.batch_size, generator, config.teacher_share).tolist()
             batch = make_batch([examples[i] for i in chosen], config, generator, config.use_features)
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 loss = batch_loss(model, batch, config.soft_weight)

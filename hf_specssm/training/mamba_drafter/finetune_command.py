@@ -46,6 +46,7 @@ def _config(args: argparse.Namespace):
         seed=args.seed,
         progress=not args.quiet,
         bf16=args.bf16,
+        teacher_share=args.teacher_share,
     )
 
 
@@ -62,8 +63,8 @@ def _fingerprint(args: argparse.Namespace) -> dict[str, object]:
         **{
             f"--{key.replace('_', '-')}": value
             for key, value in vars(_config(args)).items()
-            # bf16 only when set, like --feature-mlp-size
-            if key != "progress" and not (key == "bf16" and not value)
+            # bf16 and teacher_share only when set, like --feature-mlp-size
+            if key != "progress" and not (key in ("bf16", "teacher_share") and value in (False, None))
         },
     }
 
@@ -404,6 +405,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="train: forward in bf16 autocast (fp32 weights and optimizer): faster where the CPU has bf16 "
         "matrix units (AMX, AVX512-BF16), much slower where it emulates bf16 (AVX2 only)",
+    )
+    parser.add_argument(
+        "--teacher-share",
+        type=float,
+        default=None,
+        help="train: share of each batch drawn from teacher-forced chats (`distill teach`), the rest from "
+        "chats the target wrote (default: uniform over all chats)",
     )
     parser.add_argument("--feature-dropout", type=float, default=0.15)
     parser.add_argument("--max-depth", type=int, default=6)

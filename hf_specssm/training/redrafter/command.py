@@ -207,6 +207,8 @@ def store_fingerprint(args: argparse.Namespace) -> dict[str, object]:
         record["--init-from-target"] = True
     if getattr(args, "bf16", False):
         record["--bf16"] = True
+    if getattr(args, "teacher_share", None) is not None:
+        record["--teacher-share"] = args.teacher_share
     if getattr(args, "init", None):
         from hf_specssm.training.checkpoints import model_fingerprint
 
@@ -361,6 +363,7 @@ def run_store(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         bf16=args.bf16,
+        teacher_share=args.teacher_share,
     )
     finetune_head(head, rows, out, training, on_checkpoint=on_checkpoint)
     estimate = evaluate_head(head, heldout, k=args.beam_length) if heldout else None
@@ -396,6 +399,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--bf16 trains a --store head in bf16 autocast; pass --store or leave it out.")
     if args.init:
         raise ValueError("--init continues a head on a --store; pass --store or leave it out.")
+    if args.teacher_share is not None:
+        raise ValueError("--teacher-share mixes a --store's chats; pass --store or leave it out.")
     if args.data is not None and not Path(args.data).is_file():
         raise ValueError(f"--data {args.data}: no such file.")
     if args.target not in TOY_TARGETS and not Path(args.target).is_dir() and _looks_like_a_path(args.target):
@@ -554,6 +559,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="--store: continue this trained head (its weights and draft vocabulary; the architecture flags "
         "must name its values) instead of starting a new one",
+    )
+    parser.add_argument(
+        "--teacher-share",
+        type=float,
+        default=None,
+        help="--store: share of each batch's rows drawn from teacher-forced chats (`distill teach`), the rest "
+        "from chats the target wrote (default: uniform over all rows)",
     )
     parser.add_argument(
         "--bf16",

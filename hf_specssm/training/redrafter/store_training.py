@@ -39,9 +39,16 @@ from hf_specssm.training.checkpoints import (
     load_trainer_state,
     save_checkpoint,
 )
-from hf_specssm.training.distillation.generate import GREEDY
+from hf_specssm.training.distillation.generate import GREEDY, TEACHER
 from hf_specssm.training.mamba_drafter.data import select_vocabulary
-from hf_specssm.training.mamba_drafter.finetune import ChainEstimate, ChainTally, Example, mixed_loss
+from hf_specssm.training.mamba_drafter.finetune import (
+    ChainEstimate,
+    ChainTally,
+    Example,
+    check_teacher_share,
+    draw_indices,
+    mixed_loss,
+)
 from hf_specssm.training.mamba_drafter.training import learning_rate_factor, principal_rows, resume_drafter
 
 IGNORE = -100
@@ -58,6 +65,7 @@ class HeadRows:
             wrote the answer, its top-1 there where it only read the text (`Example.answer_labels`).
         soft_ids: `[N, C, k]` the target's top-k ids at each predicted token `g_1 … g_C`.
         soft_logp: `[N, C, k]` their log-probabilities (temperature 1).
+        teacher: `[N]` bool, rows of teacher-forced chats (what `--teacher-share` draws from).
     """
 
     hidden: torch.Tensor
@@ -65,6 +73,7 @@ class HeadRows:
     labels: torch.Tensor
     soft_ids: torch.Tensor
     soft_logp: torch.Tensor
+    teacher: torch.Tensor
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -80,7 +89,7 @@ def head_rows(examples: Sequence[Example], steps: int) -> HeadRows:
     Raises:
         ValueError: an example without hidden states, or no answer of two tokens or more.
     """
-    hidden, tokens, labels, soft_ids, soft_logp = [], [], [], [], []
+    hidden, tokens, labels, soft_ids, soft_logp, teacher = [], [], [], [], [], []
     for example in examples:
         if example.hidden is None:
             raise ValueError(
@@ -100,6 +109,7 @@ def head_rows(examples: Sequence[Example], steps: int) -> HeadRows:
         hidden.append(example.hidden[starts])
         soft_ids.append(example.topk_ids[clamped[:, 1:]])
         soft_logp.append(example.topk_logp[clamped[:, 1:]])
+        teacher.append(torch.full((length - 1,), example.mode == TEACHER, dtype=torch.bool))
     if not tokens:
         raise ValueError("no answer of two tokens or more to train on.")
     return HeadRows(
@@ -108,6 +118,7 @@ def head_rows(examples: Sequence[Example], steps: int) -> HeadRows:
         labels=torch.cat(labels),
         soft_ids=torch.cat(soft_ids),
         soft_logp=torch.cat(soft_logp),
+        teacher=torch.cat(teacher),
     )
 
 
@@ -174,6 +185,8 @@ class HeadFinetuneConfig:
         progress: show a tqdm bar.
         bf16: run the forward in bf16 autocast (fp32 weights, gradients and optimizer state): the head's
             products run on the CPU's bf16 matrix units where it has them (AMX, AVX512-BF16).
+        teacher_share: the share of each batch's rows drawn from teacher-forced chats
+            (`finetune.draw_indices`); None draws uniformly over all rows.
     """
 
     steps: int = 400
@@ -187,8 +200,10 @@ class HeadFinetuneConfig:
     seed: int = 0
     progress: bool = True
     bf16: bool = False
+    teacher_share: float | None = None
 
     def __post_init__(self) -> None:
+        check_teacher_share(self.teacher_share)
         check_counts(self, ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"))
         if not (self.learning_rate > 0 and self.max_grad_norm > 0):
             raise ValueError("learning_rate and max_grad_norm must be > 0.")
@@ -237,8 +252,9 @@ def finetune_head(
 
     Raises:
         ValueError: the head is not attached, the rows' hidden size or draft length is not the head's, or a
-            checkpoint does not fit the head.
+            checkpoint does not fit the head; a `teacher_share` the rows cannot give.
     """
+    check_teacher_share(config.teacher_share, rows.teacher)
     if not head.is_attached:
         raise ValueError("attach the target first (head.attach(target)): the recurrence reads its embedding.")
     if rows.hidden.shape[-1] != head.config.hidden_size:
@@ -262,7 +278,7 @@ def finetune_head(
         while step < config.steps:
             started = time.perf_counter()
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            index = torch.randint(len(rows), (config.batch_size,), generator=generator)
+            index = draw_indices(rows.teacher, config.batch_size, generator, config.teacher_share)
             with torch.autocast(head.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 loss = rows_loss(head, rows, index, config.soft_weight)
             optimizer.zero_grad(set_to_none=True)
