@@ -340,7 +340,11 @@ def run_store(args: argparse.Namespace) -> int:
         init_output_from_target(head, target.get_output_embeddings().weight.detach())
     head.attach(target)
     rows = head_rows(train, args.beam_length)
-    say(f"{len(train)} training chats ({len(rows):,} round starts), {len(heldout)} held-out"
+    chats = len(train)
+    # the rows hold copies of the chats' hidden states, and the head keeps only the target's embedding
+    # module: drop the chats (2 bytes × hidden size a token) and the rest of the target (~5 GB for 1.5B)
+    del train, target
+    say(f"{chats} training chats ({len(rows):,} round starts), {len(heldout)} held-out"
         + (f"; resuming from {checkpoint}" if checkpoint else ""))  # fmt: skip
 
     def on_checkpoint(step: int, loss: float) -> None:
