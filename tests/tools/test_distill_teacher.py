@@ -254,9 +254,9 @@ def test_the_teach_command_adds_once_refuses_another_target_and_feeds_label(tmp_
     ],
 )
 def test_a_heads_card_says_what_its_store_held(modes, expected):
-    from hf_specssm.training.redrafter.command import _store_kinds
+    from hf_specssm.training.distillation.store import chat_kinds
 
-    assert _store_kinds({"modes": modes}) == expected
+    assert chat_kinds({"modes": modes}) == expected
 
 
 @pytest.mark.parametrize("flag, value", [("--bf16", True), ("--teacher-share", 0.4)])

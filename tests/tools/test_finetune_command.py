@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -40,7 +41,9 @@ def test_distill_finetune_evaluate_export_and_draft(tmp_path, capsys):
         main(["finetune-drafter", "export", *common, "--out", str(out), "--export", str(export), "--k", "3"])
         == 0
     )
-    assert "feature-conditioned" in (export / "README.md").read_text()
+    card = (export / "README.md").read_text()
+    assert "feature-conditioned" in card
+    assert re.search(r"on a store of (\d+) chats \(\1 of the target's own answers\)", card)
     capsys.readouterr()
     assert main(["finetune-drafter", "evaluate", *common, "--drafter", str(export), "--k", "3"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

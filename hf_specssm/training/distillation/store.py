@@ -249,3 +249,17 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         by_domain[record["domain"]] = by_domain.get(record["domain"], 0) + 1
         by_mode[record["mode"]] = by_mode.get(record["mode"], 0) + 1
     return {"records": count, "answer_tokens": tokens, "domains": by_domain, "modes": by_mode}
+
+
+def chat_kinds(summary: dict[str, Any]) -> str:
+    """What a store's chats are (from `summarize`), for model cards: the target's own answers, teacher-forced
+    text or both."""
+    from hf_specssm.training.distillation.generate import TEACHER
+
+    modes = dict(summary.get("modes", {}))
+    teacher = modes.pop(TEACHER, 0)
+    written = sum(modes.values())
+    parts = [f"{written} of the target's own answers"] if written else []
+    if teacher:
+        parts.append(f"{teacher} teacher-forced chats of documentation and source the target read")
+    return " and ".join(parts) or "no chats"

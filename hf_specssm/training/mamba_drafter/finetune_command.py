@@ -304,7 +304,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Action `export`: the newest checkpoint of --out → --export (bf16) with a model card."""
     from hf_specssm.training.checkpoints import latest_checkpoint, load_trainer_state, replace_folder
-    from hf_specssm.training.distillation.store import DistillStore
+    from hf_specssm.training.distillation.store import DistillStore, chat_kinds
     from hf_specssm.training.mamba_drafter.card import DrafterCardFacts, model_card
     from hf_specssm.training.mamba_drafter.command import _machine
     from hf_specssm.training.mamba_drafter.finetune import evaluate_drafter
@@ -345,8 +345,8 @@ def run_export(args: argparse.Namespace) -> int:
             parameters=parameter_count(model),
             size_bytes=(staging / "model.safetensors").stat().st_size,
             draft_vocab=(config.vocab_size, config.target_vocab_size),
-            data=f"fine-tuned from `{_shown(args.init)}` on a store of {summary['records']} chats of the target's "
-            f"own answers{used} ({summary['answer_tokens']:,} answer tokens; domains {summary['domains']}; modes "
+            data=f"fine-tuned from `{_shown(args.init)}` on a store of {summary['records']} chats "
+            f"({chat_kinds(summary)}){used} ({summary['answer_tokens']:,} answer tokens; domains {summary['domains']}; modes "
             f"{summary['modes']}) with its top-k soft labels"
             + (" and hidden states" if model.reads_target_hidden else "")
             + "; no benchmark prompts",

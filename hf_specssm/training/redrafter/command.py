@@ -254,19 +254,6 @@ def initial_head(args: argparse.Namespace, config: ReDrafterConfig) -> ReDrafter
     return head
 
 
-def _store_kinds(summary: dict[str, object]) -> str:
-    """What a store's chats are, for the head's card: the target's own answers, teacher-forced text or both."""
-    from hf_specssm.training.distillation.generate import TEACHER
-
-    modes = dict(summary.get("modes", {}))  # type: ignore[call-overload]
-    teacher = modes.pop(TEACHER, 0)
-    written = sum(modes.values())
-    parts = [f"{written} of the target's own answers"] if written else []
-    if teacher:
-        parts.append(f"{teacher} teacher-forced chats of documentation and source the target read")
-    return " and ".join(parts) or "no chats"
-
-
 def run_store(args: argparse.Namespace) -> int:
     """`--store`: train (or resume) a head on a distillation store's hidden states and soft labels; save it
     with its model card to `--out`.
@@ -277,7 +264,7 @@ def run_store(args: argparse.Namespace) -> int:
     """
     import json
 
-    from hf_specssm.training.distillation.store import DistillStore
+    from hf_specssm.training.distillation.store import DistillStore, chat_kinds
     from hf_specssm.training.mamba_drafter.command import _resolve_model_path
     from hf_specssm.training.mamba_drafter.finetune import heldout_greedy, load_examples
     from hf_specssm.training.mamba_drafter.finetune_command import _shown
@@ -325,7 +312,7 @@ def run_store(args: argparse.Namespace) -> int:
         target_name=args.target,
         target_model_type=target.config.model_type,
         training_data=f"{len(train)} chats of the distillation store {_shown(store.root)} ("
-        + _store_kinds(summary)
+        + chat_kinds(summary)
         + f", {summary['answer_tokens']:,} answer tokens in all) with its hidden states and top-k soft labels"
         + ("; output layer started from the target's output embedding rows" if args.init_from_target else ""),
     )
