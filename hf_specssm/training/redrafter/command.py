@@ -248,9 +248,6 @@ def initial_head(args: argparse.Namespace, config: ReDrafterConfig) -> ReDrafter
         if given != kept:
             raise ValueError(f"{flag} is {given}, but --init {args.init} has {kept}: pass its value.")
     head.config.beam_width, head.config.beam_length = config.beam_width, config.beam_length
-    from hf_specssm.training.mamba_drafter.finetune_command import _shown
-
-    head.config.training_data = f"continued from {_shown(args.init)} on " + config.training_data
     return head
 
 
@@ -296,10 +293,7 @@ def run_store(args: argparse.Namespace) -> int:
     path = _resolve_model_path(args.target)
     # only the embedding is read (by the head's recurrence), in the head's fp32
     target = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
-    train = load_examples(store, "train", need_hidden=True)
-    heldout = heldout_greedy(store, need_hidden=True, limit=args.eval_records)
     text_config = target.config.get_text_config(decoder=True)
-    summary = store.summary()
     config = ReDrafterConfig(
         hidden_size=text_config.hidden_size,
         vocab_size=text_config.vocab_size,
@@ -311,26 +305,38 @@ def run_store(args: argparse.Namespace) -> int:
         beam_length=args.beam_length,
         target_name=args.target,
         target_model_type=target.config.model_type,
-        training_data=f"{len(train)} chats of the distillation store {_shown(store.root)} ("
-        + chat_kinds(summary)
-        + f", {summary['answer_tokens']:,} answer tokens in all) with its hidden states and top-k soft labels"
-        + ("; output layer started from the target's output embedding rows" if args.init_from_target else ""),
     )
     torch.manual_seed(args.seed)
     # --init's weights and draft vocabulary stay; a checkpoint of this run, when there is one, loads over them
     head = (initial_head(args, config) if args.init else ReDrafterHead(config)).to(args.device)
+    head.attach(target)
+    eos = _eos_ids(target)
+    output = (
+        target.get_output_embeddings().weight.detach() if args.init_from_target and not checkpoint else None
+    )
+    # the head keeps only the target's embedding module: the rest (~5 GB for 1.5B in fp32) goes before the
+    # chats load, and the chats (2 bytes × hidden size a token) once the rows copy their hidden states
+    del target
+    train = load_examples(store, "train", need_hidden=True)
+    heldout = heldout_greedy(store, need_hidden=True, limit=args.eval_records)
+    summary = store.summary()
+    head.config.training_data = (
+        (f"continued from {_shown(args.init)} on " if args.init else "")
+        + f"{len(train)} chats of the distillation store {_shown(store.root)} ("
+        + chat_kinds(summary)
+        + f", {summary['answer_tokens']:,} answer tokens in all) with its hidden states and top-k soft labels"
+        + ("; output layer started from the target's output embedding rows" if args.init_from_target else "")
+    )
     if config.draft_vocab_size is not None and not args.init:
         head.set_draft_vocabulary(
-            store_vocabulary(train, config.vocab_size, config.draft_vocab_size - 1, always=_eos_ids(target))
+            store_vocabulary(train, config.vocab_size, config.draft_vocab_size - 1, always=eos)
         )
-    if args.init_from_target and checkpoint is None:
-        init_output_from_target(head, target.get_output_embeddings().weight.detach())
-    head.attach(target)
+    if output is not None:
+        init_output_from_target(head, output)
+        del output
     rows = head_rows(train, args.beam_length)
     chats = len(train)
-    # the rows hold copies of the chats' hidden states, and the head keeps only the target's embedding
-    # module: drop the chats (2 bytes × hidden size a token) and the rest of the target (~5 GB for 1.5B)
-    del train, target
+    del train
     say(f"{chats} training chats ({len(rows):,} round starts), {len(heldout)} held-out"
         + (f"; resuming from {checkpoint}" if checkpoint else ""))  # fmt: skip
 
