@@ -7,6 +7,8 @@ the default drafting measured fastest on CPUs (one beam: chains of `beam_length`
 
 Run from the repository root:
 `.venv/bin/python docs/bench/scripts/ship_head.py artifacts/finetune/redrafter-store-1500`
+(a head continued from the shipped one with `train-redrafter --init`: pass `--training-data` and
+`--training-steps` to describe all of its training, not only the last run's)
 """
 
 import argparse
@@ -27,13 +29,18 @@ def main() -> None:
     parser.add_argument("head", help="the trained head's folder (`hf-specssm train-redrafter --store`)")
     parser.add_argument("--out", default=f"checkpoints/{REDRAFTER_HEAD}")
     parser.add_argument("--beam-width", type=int, default=1, help="the head's default beams when drafting")
+    parser.add_argument(
+        "--training-data", help="the card's training data (default: the first shipped head's)"
+    )
+    parser.add_argument("--training-steps", type=int, help="steps in all (default: the run's own)")
     args = parser.parse_args()
     head = ReDrafterHead.from_pretrained(args.head, dtype=torch.bfloat16).eval()
     config = head.config
     tokens = json.loads((Path(args.head) / "run.json").read_text()).get("fingerprint", {})
     config.target_name = TARGET
     config.beam_width = args.beam_width
-    config.training_data = (
+    config.training_steps = args.training_steps or config.training_steps
+    config.training_data = args.training_data or (
         "the target's own answers (greedy and T = 0.7 samples; 269,765 answer tokens in 1,719 chats) to "
         "instructions built offline (code, math word problems, open chat, brainstorming, articles, summaries, "
         "news digests, translation, questions answered from a given passage, multi-turn follow-ups, "
