@@ -106,7 +106,7 @@ def head_rows(examples: Sequence[Example], steps: int) -> HeadRows:
         tokens.append(torch.where(inside, answer[clamped], torch.full_like(clamped, IGNORE)))
         wanted = example.answer_labels()[clamped[:, 1:]]
         labels.append(torch.where(inside[:, 1:], wanted, torch.full_like(wanted, IGNORE)))
-        hidden.append(example.hidden[starts])
+        hidden.append(example.hidden[: length - 1])  # a view: torch.cat makes the only copy
         soft_ids.append(example.topk_ids[clamped[:, 1:]])
         soft_logp.append(example.topk_logp[clamped[:, 1:]])
         teacher.append(torch.full((length - 1,), example.mode == TEACHER, dtype=torch.bool))
