@@ -357,3 +357,6 @@ def test_a_trained_head_continues_on_a_store_with_its_weights_and_vocabulary(tmp
     assert "--init continues a head on a --store" in capsys.readouterr().err
     assert main([*still[:1], *still[3:7], "--out", str(tmp_path / "w"), "--teacher-share", "0.5"]) == 2
     assert "--teacher-share mixes a --store's chats" in capsys.readouterr().err
+    assert main([*still[:-2], "--out", str(tmp_path / "v"), "--teacher-share", "1.5"]) == 2
+    assert "--teacher-share must lie in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()  # refused before --out is claimed

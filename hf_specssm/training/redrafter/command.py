@@ -263,7 +263,7 @@ def run_store(args: argparse.Namespace) -> int:
 
     from hf_specssm.training.distillation.store import DistillStore, chat_kinds
     from hf_specssm.training.mamba_drafter.command import _resolve_model_path
-    from hf_specssm.training.mamba_drafter.finetune import heldout_greedy, load_examples
+    from hf_specssm.training.mamba_drafter.finetune import check_teacher_share, heldout_greedy, load_examples
     from hf_specssm.training.mamba_drafter.finetune_command import _shown
     from hf_specssm.training.redrafter.store_training import (
         HeadFinetuneConfig,
@@ -281,6 +281,7 @@ def run_store(args: argparse.Namespace) -> int:
         )
     if args.data is not None or args.distill:
         raise ValueError("--store trains on the store's answers: leave out --data and --distill.")
+    check_teacher_share(args.teacher_share)  # before --out is claimed and the target loads
     torch.set_num_threads(args.threads)
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
