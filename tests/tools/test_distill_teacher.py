@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from hf_specssm.training.distillation.generate import GREEDY, TEACHER, render
-from hf_specssm.training.distillation.store import DistillStore
+from hf_specssm.training.distillation.generate import render
+from hf_specssm.training.distillation.store import GREEDY, TEACHER, DistillStore
 from hf_specssm.training.distillation.teacher import (
     TEACH_DOMAINS,
     add_teacher_chats,

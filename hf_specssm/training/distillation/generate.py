@@ -21,15 +21,10 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from hf_specssm.training.distillation.store import DistillStore
+from hf_specssm.training.distillation.store import GREEDY, SAMPLED, DistillStore
 from hf_specssm.training.mamba_drafter.prompts import Instruction
 
-#: The sampled mode: temperature 0.7, no top-k or top-p truncation.
-SAMPLED = "t0.7"
-GREEDY = "greedy"
 MODES = {GREEDY: None, SAMPLED: 0.7}
-#: Teacher-forced chats (`teacher.py`): text the target read as its answer, never generated.
-TEACHER = "teacher"
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from hf_specssm.training.checkpoints import replace_folder
-from hf_specssm.training.distillation.generate import TEACHER
-from hf_specssm.training.distillation.store import DistillStore, summarize
+from hf_specssm.training.distillation.store import TEACHER, DistillStore, summarize
 
 LICENSE_NOTES = """\
 ## Licences

@@ -40,6 +40,13 @@ from typing import Any
 
 from hf_specssm.training.checkpoints import atomic_write, atomic_write_text, fingerprint_changes
 
+#: A record's `mode`: the target's greedy answer.
+GREEDY = "greedy"
+#: The sampled mode: temperature 0.7, no top-k or top-p truncation.
+SAMPLED = "t0.7"
+#: Teacher-forced chats (`teacher.py`): text the target read as its answer, never generated.
+TEACHER = "teacher"
+
 MANIFEST = "manifest.json"
 OPEN_SHARD = "open.jsonl"
 LABELS = "labels.jsonl"
@@ -254,8 +261,6 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def chat_kinds(summary: dict[str, Any]) -> str:
     """What a store's chats are (from `summarize`), for model cards: the target's own answers, teacher-forced
     text or both."""
-    from hf_specssm.training.distillation.generate import TEACHER
-
     modes = dict(summary.get("modes", {}))
     teacher = modes.pop(TEACHER, 0)
     written = sum(modes.values())

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hf_specssm.training.distillation.generate import TEACHER, render
-from hf_specssm.training.distillation.store import DistillStore
+from hf_specssm.training.distillation.generate import render
+from hf_specssm.training.distillation.store import TEACHER, DistillStore
 from hf_specssm.training.mamba_drafter.corpus import DocumentedFunction
 from hf_specssm.training.mamba_drafter.prompts import Instruction, code_instructions
 

@@ -38,8 +38,8 @@ from hf_specssm.training.checkpoints import (
     load_trainer_state,
     save_checkpoint,
 )
-from hf_specssm.training.distillation.generate import GREEDY, TEACHER, load_extras
-from hf_specssm.training.distillation.store import DistillStore
+from hf_specssm.training.distillation.generate import load_extras
+from hf_specssm.training.distillation.store import GREEDY, TEACHER, DistillStore
 from hf_specssm.training.mamba_drafter.data import is_heldout
 from hf_specssm.training.mamba_drafter.training import learning_rate_factor, resume_drafter
 

@@ -39,7 +39,7 @@ from hf_specssm.training.checkpoints import (
     load_trainer_state,
     save_checkpoint,
 )
-from hf_specssm.training.distillation.generate import GREEDY, TEACHER
+from hf_specssm.training.distillation.store import GREEDY, TEACHER
 from hf_specssm.training.mamba_drafter.data import select_vocabulary
 from hf_specssm.training.mamba_drafter.finetune import (
     ChainEstimate,
