@@ -8,11 +8,17 @@ the span at once. `ContextCopyDrafter` combines the two:
 - **trees**: the prompt-lookup continuation is grafted onto the model's tree as one more branch
   (merged where it agrees with the model's own nodes), so the target verifies both in the same forward;
 - **chains**: a round drafts the lookup continuation when the context has a match of at least
-  `min_copy` tokens, and the model's chain otherwise. Copy rounds are judged on their own: the lookup
-  drafter's `DraftGate` compares the tokens per second of rounds that copied with those of rounds that
-  did not, and stops copying (probing now and then) while copies lose, as on text whose short n-gram
-  matches do not continue the way the target does; the model drafter's own gate and length policy
-  learn from the model's rounds only.
+  `min_copy` tokens, and the model's chain otherwise (`chain_rounds="either"`). Copy rounds are judged
+  on their own: the lookup drafter's `DraftGate` compares the tokens per second of rounds that copied
+  with those of rounds that did not, and stops copying (probing now and then) while copies lose, as on
+  text whose short n-gram matches do not continue the way the target does; the model drafter's own gate
+  and length policy learn from the model's rounds only.
+- **both branches** (`chain_rounds="both"`, where the target verifies trees): a round with a match
+  drafts the model's chain *and* the copy and verifies them as the two branches of one tree (merged
+  where they agree), so a copy that does not continue costs a few more verified tokens instead of the
+  model's round, and a model that drafts well no longer competes with copies for the round. Rounds
+  without a match stay chains. The gate then judges rounds with the copy branch against rounds
+  without one.
 
 Lossless either way: copied tokens are deterministic drafts (one-hot proposals when sampling), and the
 model's drafter state is rolled back to the part of the accepted path it drafted itself; the rest is
@@ -31,6 +37,9 @@ from hf_specssm.drafters.base import Draft, Drafter, DraftSampler, RoundOutcome,
 from hf_specssm.drafters.ngram import PromptLookupDrafter
 from hf_specssm.tree import TokenTree
 
+#: How `ContextCopyDrafter` drafts chain rounds with a match: the copy or the model's chain, or both as a tree.
+CHAIN_ROUNDS = ("either", "both")
+
 
 class ContextCopyDrafter(TreeDrafter):
     """A model drafter plus prompt lookup: trees get the lookup continuation as an extra branch, chains
@@ -44,14 +53,23 @@ class ContextCopyDrafter(TreeDrafter):
             tokens, 12 tokens copied); its length policy sets a chain round's copy length and its gate
             decides whether chain rounds copy at all.
         min_copy: a chain round copies only a continuation of at least this many tokens.
+        chain_rounds: `"either"`: a chain round drafts the copy or the model's chain; `"both"`: a round
+            whose context has a match verifies the model's chain and the copy as one two-branch tree
+            (chains where the target cannot verify trees, and where the model samples its chain, since a
+            deterministic copy cannot join a sampled draft's distributions).
 
     Attributes:
-        last_round_copied: whether the last chain round drafted the lookup continuation.
+        last_round_copied: whether the last chain round drafted the lookup continuation (two-branch
+            rounds: whether the copy added nodes to the model's chain).
         copied_rounds: rounds whose draft contained a copied continuation (chains and trees).
     """
 
     def __init__(
-        self, drafter: TreeDrafter, lookup: PromptLookupDrafter | None = None, min_copy: int = 2
+        self,
+        drafter: TreeDrafter,
+        lookup: PromptLookupDrafter | None = None,
+        min_copy: int = 2,
+        chain_rounds: str = "either",
     ) -> None:
         if not isinstance(drafter, TreeDrafter) or isinstance(
             drafter, (PromptLookupDrafter, ContextCopyDrafter)
@@ -62,6 +80,8 @@ class ContextCopyDrafter(TreeDrafter):
             )
         if not isinstance(min_copy, int) or min_copy < 1:
             raise ValueError(f"min_copy must be an integer >= 1, got {min_copy!r}.")
+        if chain_rounds not in CHAIN_ROUNDS:
+            raise ValueError(f"chain_rounds must be one of {CHAIN_ROUNDS}, got {chain_rounds!r}.")
         self.inner = drafter
         self.lookup = (
             lookup
@@ -69,6 +89,7 @@ class ContextCopyDrafter(TreeDrafter):
             else PromptLookupDrafter(max_ngram_size=3, min_ngram_size=2, num_draft_tokens=12)
         )
         self.min_copy = min_copy
+        self.chain_rounds = chain_rounds
         self.config: DraftConfig = drafter.config
         # the model drafter's policies decide the rounds; copy rounds do not train them (`observe_round`)
         self.length_policy = drafter.length_policy
@@ -78,6 +99,16 @@ class ContextCopyDrafter(TreeDrafter):
         # this round's plans of the model drafter and of the copy (`None` before the first plan)
         self._model_plan: RoundPlan | None = None
         self._copy_plan: RoundPlan | None = None
+        # the committed sequence the next round starts from (`begin`, then each commit), `[1, L]`
+        self._sequence: torch.Tensor | None = None
+        # a two-branch round (`chain_rounds="both"`): the copy planned for it, then how many of the tree's
+        # first nodes are the model's chain (`None` otherwise)
+        self._branch_copy: list[int] | None = None
+        self._branch_model_nodes: int | None = None
+        # the model's chain nodes the target kept in the last two-branch round
+        self._branch_accepted = 0
+        # set in a call whose model chains are sampled: its rounds draft the copy or the chain again
+        self._sampled_chains = False
 
     @property
     def vocab_size(self) -> int | None:
@@ -113,8 +144,10 @@ class ContextCopyDrafter(TreeDrafter):
 
     def plan_round(self, room: int, tree_problem: str | None) -> RoundPlan:
         """The model drafter's plan; for chain rounds also the copy's (the lookup's length, or 0 while its
-        gate is closed), and a round long enough for either."""
+        gate is closed), and a round long enough for either — or, with `chain_rounds="both"` and a match of
+        `min_copy` tokens or more in the committed sequence, a tree round holding both."""
         self.last_round_copied = False
+        self._branch_copy = self._branch_model_nodes = None
         plan = self.inner.plan_round(room, tree_problem)
         if plan.tree:
             # trees graft the copy onto the model's tree and are judged as one proposal
@@ -126,13 +159,48 @@ class ContextCopyDrafter(TreeDrafter):
             # the gate's probes ask for one token; a copy needs `min_copy` to count as one
             copy_tokens = max(copy_tokens, min(self.min_copy, room - 1))
         self._model_plan, self._copy_plan = plan, RoundPlan(num_tokens=copy_tokens)
+        if (
+            self.chain_rounds == "both"
+            and tree_problem is None
+            and plan.num_tokens > 0
+            and copy_tokens > 0
+            and self._sequence is not None
+            and not self._sampled_chains
+        ):
+            copied = self._copy(self._sequence, None, min(copy_tokens, room - 1))
+            if len(copied) >= self.min_copy:
+                self._branch_copy = copied
+                return RoundPlan(tree=True)
         return RoundPlan(num_tokens=max(plan.num_tokens, copy_tokens))
 
     def observe_round(self, plan: RoundPlan, outcome: RoundOutcome) -> None:
-        if plan.tree or self._copy_plan is None:
+        model_plan, copy_plan = self._model_plan, self._copy_plan
+        if self._branch_model_nodes == 0:
+            # a two-branch round without a model branch verified the copy alone: a copy round
+            self.lookup.observe_round(copy_plan, outcome)
+            return
+        if self._branch_model_nodes is not None:
+            # a two-branch round: the gate sees a round with the copy branch (or without, where the copy
+            # added no node), the model's policies what its own chain did (its accepted prefix, and the
+            # tokens that chain alone would have committed)
+            if self.last_round_copied:
+                self.lookup.observe_round(copy_plan, outcome)
+            else:
+                self.lookup.observe_round(RoundPlan(), dataclasses.replace(outcome, drafted=0, accepted=0))
+            kept = self._branch_accepted
+            self.inner.observe_round(
+                model_plan,
+                dataclasses.replace(
+                    outcome,
+                    drafted=self._branch_model_nodes,
+                    accepted=kept,
+                    committed=min(outcome.committed, kept + 1),
+                ),
+            )
+            return
+        if plan.tree or copy_plan is None:
             self.inner.observe_round(plan, outcome)
             return
-        model_plan, copy_plan = self._model_plan, self._copy_plan
         if self.last_round_copied:
             # a copy round says nothing about the model's drafts: only the copy's policies learn from it
             self.lookup.observe_round(copy_plan, outcome)
@@ -150,13 +218,17 @@ class ContextCopyDrafter(TreeDrafter):
         self.inner.begin(input_ids)
         self.lookup.begin(input_ids)
         self.last_round_copied = False
+        self._sequence = input_ids
+        self._branch_copy = self._branch_model_nodes = None
+        self._sampled_chains = False
 
     def end(self) -> None:
         self.inner.end()
         self.lookup.end()
+        self._sequence = None
 
     def _copy(
-        self, input_ids: torch.Tensor, sampler: DraftSampler, num_tokens: int | None = None
+        self, input_ids: torch.Tensor, sampler: DraftSampler | None, num_tokens: int | None = None
     ) -> list[int]:
         """The lookup continuation of `input_ids` (empty without a match), at most `num_tokens` long
         (default: the lookup's `num_draft_tokens`)."""
@@ -187,6 +259,7 @@ class ContextCopyDrafter(TreeDrafter):
         # after a copy round the model drafter has drafted nothing: it reads the new tokens next round
         if not self.last_round_copied:
             self.inner.commit(input_ids, num_accepted)
+        self._sequence = input_ids
 
     @torch.no_grad()
     def draft_tree(
@@ -197,10 +270,42 @@ class ContextCopyDrafter(TreeDrafter):
         Trees whose children were sampled (`tree_children="sample"`) carry the distributions they were
         drawn from; a deterministic copy cannot join them, so they are returned as they are.
         """
+        if self._branch_copy is not None:
+            # the match found when the round was planned, looked up again in the sequence at hand
+            return self._two_branches(
+                input_ids, sampler, self._copy(input_ids, sampler, len(self._branch_copy))
+            )
         tree = self.inner.draft_tree(input_ids, sampler, shape)
         copied = self._copy(input_ids, sampler)
         if not copied or tree.draft_probs is not None:
             return tree
+        grafted = self._graft(tree, copied)
+        if grafted is not tree:
+            self.copied_rounds += 1
+        return grafted
+
+    def _two_branches(self, input_ids: torch.Tensor, sampler: DraftSampler, copied: list[int]) -> TokenTree:
+        """A `chain_rounds="both"` round: the model's chain (nodes `0 … n - 1`) with `copied` grafted on.
+
+        A sampled chain (drafted with its distributions, `Draft.probs`) cannot share a tree with a
+        deterministic copy: the round then verifies the copy alone (the model drafter is rolled back at
+        the commit), and the rest of the call drafts the copy or the chain (`chain_rounds="either"`).
+        """
+        chain = self.inner.draft(input_ids, self._model_plan.num_tokens, sampler)
+        if chain.probs is not None:
+            self._sampled_chains = True
+            chain = Draft(tokens=chain.tokens[:, :0])
+        self._branch_model_nodes = chain.length
+        tree = TokenTree.chain(chain.tokens[0].cpu())
+        grafted = self._graft(tree, copied)
+        self.last_round_copied = grafted is not tree
+        self.copied_rounds += self.last_round_copied
+        return grafted
+
+    @staticmethod
+    def _graft(tree: TokenTree, copied: list[int]) -> TokenTree:
+        """`tree` with the path `copied` added from the root, sharing the nodes it agrees with (new nodes
+        numbered after the tree's); `tree` itself when every copied token is already a node."""
         tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
         children: dict[int, dict[int, int]] = {}
         for node, (token, parent) in enumerate(zip(tokens, parents)):
@@ -215,11 +320,20 @@ class ContextCopyDrafter(TreeDrafter):
                 children.setdefault(node, {})[token] = child
                 grafted = True
             node = child
-        if grafted:
-            self.copied_rounds += 1
+        if not grafted:
+            return tree
         return TokenTree(tokens=torch.tensor(tokens), parents=torch.tensor(parents))
 
     def commit_tree(self, input_ids: torch.Tensor, path: list[int]) -> None:
         """Keep `path`; the model drafter keeps the leading part it fed itself (grafted nodes are not in
         its records), and reads the rest of the committed tokens next round."""
-        self.inner.commit_tree(input_ids, path)
+        self._sequence = input_ids
+        if self._branch_model_nodes is None:
+            self.inner.commit_tree(input_ids, path)
+            return
+        # a two-branch round: the model's chain holds the tree's first nodes
+        kept = 0
+        while kept < len(path) and path[kept] < self._branch_model_nodes:
+            kept += 1
+        self._branch_accepted = kept
+        self.inner.commit(input_ids, kept)

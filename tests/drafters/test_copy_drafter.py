@@ -183,8 +183,8 @@ def test_greedy_output_equals_the_target_alone(target_kind, options):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
-def test_drafter_state_after_copy_rounds_matches_recompute(tree):
+@pytest.mark.parametrize("rounds", ["chain", "tree", "both"])
+def test_drafter_state_after_copy_rounds_matches_recompute(rounds):
     target, drafter_model = _pair("llama", "mamba2")
 
     class Recording(hf_specssm.ModelDrafter):
@@ -192,11 +192,12 @@ def test_drafter_state_after_copy_rounds_matches_recompute(tree):
             self.final_cache = self.cache
             super().end()
 
-    options = {"tree_shape": (2, 1)} if tree else {}
+    options = {"tree_shape": (2, 1)} if rounds == "tree" else {}
     inner = Recording(drafter_model, num_draft_tokens=3, schedule="constant", **options)
-    drafter = hf_specssm.ContextCopyDrafter(inner)
+    drafter = hf_specssm.ContextCopyDrafter(inner, chain_rounds="both" if rounds == "both" else "either")
     output = target.generate(REPEATING, assistant_model=drafter, max_new_tokens=40, do_sample=False)
     assert drafter.copied_rounds > 0
+    assert any(target.last_speculation_stats.tree_rounds) is (rounds != "chain")
     consumed = inner.final_cache.seen_tokens
     reference, _ = fresh(drafter_model, output[:, :consumed])
     assert max_state_diff(inner.final_cache, reference) < ATOL
@@ -251,3 +252,106 @@ def test_sampling_keeps_the_target_distribution(tree):
     drafter_probs = exact_distribution(drafter_model, prompt)
     wrong = np.random.default_rng(0).multinomial(int(counts.sum()), drafter_probs / drafter_probs.sum())
     assert chi_square_p_value(wrong.astype(float), probs) < ALPHA
+
+
+# ---------------------------------------------------------------- two-branch rounds (chain_rounds="both")
+
+
+class RecordingCommits(hf_specssm.ModelDrafter):
+    """A model drafter that records what `commit` was told."""
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        self.commits: list[int] = []
+
+    def commit(self, input_ids, num_accepted):
+        self.commits.append(num_accepted)
+        super().commit(input_ids, num_accepted)
+
+
+def test_both_rounds_verify_the_model_chain_and_the_copy_as_one_tree():
+    inner = RecordingCommits(build("mamba", seed=1), num_draft_tokens=3, schedule="constant")
+    drafter = hf_specssm.ContextCopyDrafter(
+        inner, hf_specssm.PromptLookupDrafter(num_draft_tokens=4), chain_rounds="both"
+    )
+    sampler = DraftSampler(None, False)
+    # the context ends with "1 2" and earlier had "1 2 5 7 9 4": the copy is 5 7 9 4
+    ids = torch.tensor([[1, 2, 5, 7, 9, 4, 3, 1, 2]])
+    drafter.begin(ids)
+    plan = drafter.plan_round(room=100, tree_problem=None)
+    assert plan.tree and plan.shape is None
+    tree = drafter.draft_tree(ids, sampler, plan.shape)
+    chain = tree.tokens[:3].tolist()
+    # the model's chain holds the first three nodes; the copy follows it while they agree, then branches
+    assert tree.parents[:3].tolist() == [-1, 0, 1]
+    shared = next((i for i, (a, b) in enumerate(zip(chain, [5, 7, 9])) if a != b), 3)
+    assert tree.size == 3 + 4 - shared and drafter.last_round_copied
+    paths = {tuple(tree.tokens[tree.path(node)].tolist()) for node in range(tree.size)}
+    assert (5, 7, 9, 4) in paths and tuple(chain) in paths
+    # the target keeps the copy's first two tokens: the model keeps the part of its chain they agree with
+    copy_nodes = [
+        node for node in range(tree.size) if tuple(tree.tokens[tree.path(node)].tolist()) in {(5,), (5, 7)}
+    ]
+    after = torch.cat([ids, torch.tensor([[5, 7, 8]])], dim=1)
+    drafter.commit_tree(after, sorted(copy_nodes))
+    assert inner.commits == [min(shared, 2)]
+    drafter.observe_round(plan, RoundOutcome(tree.size, 2, 3, 0.01, 0.1, 0.12))
+    # no match: a chain round
+    drafter.begin(torch.tensor([[1, 2, 3, 4]]))
+    assert not drafter.plan_round(room=100, tree_problem=None).tree
+
+
+def test_both_rounds_need_a_target_that_verifies_trees_and_either_keeps_chains():
+    ids = torch.tensor([[1, 2, 5, 7, 9, 4, 3, 1, 2]])
+    for chain_rounds, problem, tree in [
+        ("both", None, True),
+        ("both", "no trees here", False),
+        ("either", None, False),
+    ]:
+        inner = hf_specssm.ModelDrafter(build("mamba", seed=1), num_draft_tokens=3, schedule="constant")
+        drafter = hf_specssm.ContextCopyDrafter(inner, chain_rounds=chain_rounds)
+        drafter.begin(ids)
+        plan = drafter.plan_round(room=100, tree_problem=problem)
+        assert plan.tree is tree, (chain_rounds, problem)
+    with pytest.raises(ValueError, match="chain_rounds"):
+        hf_specssm.ContextCopyDrafter(inner, chain_rounds="tree")
+
+
+def test_a_sampled_chain_makes_the_round_a_copy_and_the_call_go_back_to_either():
+    inner = RecordingCommits(build("mamba", seed=1), num_draft_tokens=3, schedule="constant")
+    drafter = hf_specssm.ContextCopyDrafter(
+        inner, hf_specssm.PromptLookupDrafter(num_draft_tokens=4), chain_rounds="both"
+    )
+    torch.manual_seed(0)
+    sampler = DraftSampler(None, True)
+    ids = torch.tensor([[1, 2, 5, 7, 9, 4, 3, 1, 2]])
+    drafter.begin(ids)
+    plan = drafter.plan_round(room=100, tree_problem=None)
+    tree = drafter.draft_tree(ids, sampler, plan.shape)
+    # the copy alone, deterministic; the model's chain is rolled back to the round's start
+    assert tree.tokens.tolist() == [5, 7, 9, 4] and tree.draft_probs is None
+    after = torch.cat([ids, torch.tensor([[5, 6]])], dim=1)
+    drafter.commit_tree(after, [0])
+    assert inner.commits == [0]
+    drafter.observe_round(plan, RoundOutcome(4, 1, 2, 0.01, 0.1, 0.12))
+    assert not drafter.plan_round(room=100, tree_problem=None).tree
+    # a new call tries both branches again
+    drafter.begin(ids)
+    assert drafter.plan_round(room=100, tree_problem=None).tree
+
+
+@pytest.mark.parametrize("target_kind", ["llama", "mamba2", "jamba"])
+def test_both_rounds_keep_greedy_output_the_targets(target_kind):
+    target, drafter_model = _pair(target_kind)
+    plain = target.generate(REPEATING, max_new_tokens=30, do_sample=False)
+    counts = {}
+    for chain_rounds in ("both", "either"):
+        drafter = hf_specssm.ContextCopyDrafter(
+            hf_specssm.ModelDrafter(drafter_model, num_draft_tokens=3, schedule="constant"),
+            chain_rounds=chain_rounds,
+        )
+        spec = target.generate(REPEATING, assistant_model=drafter, max_new_tokens=30, do_sample=False)
+        assert torch.equal(plain, spec), chain_rounds
+        counts[chain_rounds] = sum(target.last_speculation_stats.tree_rounds)
+    # two-branch rounds are tree rounds; either-or rounds are chains (the control)
+    assert counts["both"] > 0 and counts["either"] == 0, counts

@@ -108,25 +108,32 @@ def test_greedy_output_is_the_targets(kind, verification, rounds, longest):
 @pytest.mark.parametrize("kind", ["llama", pytest.param("mamba2", marks=pytest.mark.slow)])
 def test_one_beam_drafts_chains_and_copies_from_the_context(kind):
     """A one-beam head drafts chains of `C` on any target (no tree rounds), and `ContextCopyDrafter` around it
-    copies prompt-lookup matches instead in some rounds; greedy output stays the target's."""
+    copies prompt-lookup matches instead in some rounds, or (`chain_rounds="both"`) verifies its chain and
+    the copy as one tree; greedy output stays the target's."""
     target, head = target_and_head(kind, 150)
     chain = ReDrafterDrafter(head, target, beam_width=1)
     assert not chain.shapes_own_trees
     copying = hf_specssm.ContextCopyDrafter(ReDrafterDrafter(head, target, beam_width=1))
+    both = hf_specssm.ContextCopyDrafter(ReDrafterDrafter(head, target, beam_width=1), chain_rounds="both")
     # a prompt that repeats itself: the target's greedy continuation of random models falls into loops
     repeating = torch.tensor([[5, 9, 3, 7, 5, 9, 3, 7, 5, 9]]) % VOCAB
+    two_branch_rounds = 0
     for prompt in [*prompts(2), repeating]:
         reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
-        for drafter in (chain, copying):
+        for drafter in (chain, copying, both):
             output = target.generate(prompt, assistant_model=drafter, max_new_tokens=30, do_sample=False)
             assert torch.equal(output, reference)
             stats = target.last_speculation_stats
+            if drafter is both:
+                two_branch_rounds += sum(stats.tree_rounds)
+                continue
             assert not any(stats.tree_rounds)
             if drafter is chain:
                 # chains of C, shorter only where the room runs out
                 assert set(stats.draft_lengths[1:]) <= set(range(0, BEAM_LENGTH + 1))
                 assert BEAM_LENGTH in stats.draft_lengths
     assert copying.copied_rounds > 0
+    assert both.copied_rounds > 0 and two_branch_rounds > 0
 
 
 def test_tree_rounds_keep_beams_and_logits_processors_exact():
@@ -176,21 +183,30 @@ def test_batches_are_refused():
 
 
 @pytest.mark.slow
-def test_sampling_keeps_the_targets_distribution():
+@pytest.mark.parametrize("drafter_kind", ["beams", "one-beam-and-copy"])
+def test_sampling_keeps_the_targets_distribution(drafter_kind):
     """(With 3 new tokens and C = 2 most rounds here are chains: room for a tree runs out.) The best beam is
     drafted as a chain with a one-hot `q`: accepting it with probability
-    `p(token)` keeps the target's distribution. Chi-square over every 3-token continuation (p < 1e-3)."""
+    `p(token)` keeps the target's distribution. With `ContextCopyDrafter(chain_rounds="both")` rounds with a
+    one-token match verify the beam and the copy as two deterministic branches of one tree. Chi-square over
+    every 3-token continuation (p < 1e-3)."""
     vocab = 5
     target = hf_specssm.enable(no_eos(build("llama", seed=0, vocab=vocab)))
     target.generation_config.pad_token_id = 0
     torch.manual_seed(5)
     head = ReDrafterHead(ReDrafterConfig(hidden_size=HIDDEN, vocab_size=vocab, beam_width=3, beam_length=2))
     drafter = ReDrafterDrafter(head, target)
+    if drafter_kind == "one-beam-and-copy":
+        lookup = hf_specssm.PromptLookupDrafter(max_ngram_size=1, min_ngram_size=1, num_draft_tokens=2)
+        drafter = hf_specssm.ContextCopyDrafter(
+            ReDrafterDrafter(head, target, beam_width=1), lookup, min_copy=1, chain_rounds="both"
+        )
     prompt = torch.tensor([[1, 3, 4]])
     probs = exact_distribution(target, prompt)
     index = {outcome: i for i, outcome in enumerate(itertools.product(range(vocab), repeat=NEW_TOKENS))}
     counts = np.zeros(len(index))
     accepted = []
+    two_branch_rounds = 0
     torch.manual_seed(1234)
     for _ in range(2500):
         output = target.generate(
@@ -204,9 +220,12 @@ def test_sampling_keeps_the_targets_distribution():
         )
         counts[index[tuple(output[0, prompt.shape[1] :].tolist())]] += 1
         accepted += target.last_speculation_stats.accepted_lengths[1:]
+        two_branch_rounds += sum(target.last_speculation_stats.tree_rounds)
     assert chi_square_p_value(counts, probs) > ALPHA
     # drafts were both accepted and rejected
     assert 0 in accepted and max(accepted) >= 1
+    if drafter_kind == "one-beam-and-copy":
+        assert drafter.copied_rounds > 0 and two_branch_rounds > 0
     # power: with as many samples, the same test rejects a distribution 5 points off the target's on one
     # continuation (the most frequent one)
     skewed = probs.copy()

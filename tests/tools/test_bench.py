@@ -132,7 +132,8 @@ def test_run_benchmark_writes_rows_resumes_and_summarizes(tmp_path, tiny_models)
     names = [m.name for m in methods]
     assert names == [
         "target", "hf-assisted-0.5b", "hf-prompt-lookup", "ours-0.5b", "ours-mamba", "ours-mamba-tree",
-        "ours-mamba-copy", "ours-mamba-copy-tree", "ours-mamba-copy-bandit", "ours-prompt-lookup",
+        "ours-mamba-copy", "ours-mamba-copy-both", "ours-mamba-copy-tree", "ours-mamba-copy-bandit",
+        "ours-prompt-lookup",
     ]  # fmt: skip
     prompts = load_prompt_set("gsm8k", limit=2) + load_prompt_set("humaneval", limit=1)
     settings = [GenerationSettings(10), GenerationSettings(10, do_sample=True)]
@@ -302,7 +303,7 @@ def test_a_redrafter_head_adds_its_methods_and_they_keep_the_targets_output(tmp_
     methods = standard_methods(target, redrafter_head=head)
     assert [m.name for m in methods] == [
         "target", "hf-prompt-lookup", "ours-redrafter", "ours-redrafter-chain", "ours-redrafter-copy",
-        "ours-prompt-lookup",
+        "ours-redrafter-copy-both", "ours-prompt-lookup",
     ]  # fmt: skip
     # a head whose default is one beam still gets beam trees in ours-redrafter (4 beams)
     one_beam = ReDrafterHead(ReDrafterConfig(hidden_size=text.hidden_size, vocab_size=VOCAB, beam_width=1,

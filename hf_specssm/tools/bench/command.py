@@ -46,11 +46,13 @@ METHOD_ORDER = (
     "ours-mamba",
     "ours-mamba-tree",
     "ours-mamba-copy",
+    "ours-mamba-copy-both",
     "ours-mamba-copy-tree",
     "ours-mamba-copy-bandit",
     "ours-redrafter",
     "ours-redrafter-chain",
     "ours-redrafter-copy",
+    "ours-redrafter-copy-both",
     "ours-prompt-lookup",
 )
 #: the order of the report's rows
@@ -525,7 +527,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--redrafter-head",
         default=None,
         help="a ReDrafter head folder for the target (`hf-specssm train-redrafter`): adds ours-redrafter "
-        "(beam trees), ours-redrafter-chain (one beam) and ours-redrafter-copy (one beam plus prompt-lookup copies)",
+        "(beam trees), ours-redrafter-chain (one beam), ours-redrafter-copy (one beam plus prompt-lookup copies) and ours-redrafter-copy-both (the beam and the copy as one tree)",
     )
     parser.add_argument(
         "--sets",

@@ -24,10 +24,16 @@ FASTEST_TARGET = "target-fastest"
 # methods that draft with the small Transformer drafter, and with the Mamba drafter
 SMALL_DRAFTER_METHODS = ("hf-assisted-0.5b", "ours-0.5b")
 MAMBA_DRAFTER_METHODS = (
-    "ours-mamba", "ours-mamba-tree", "ours-mamba-copy", "ours-mamba-copy-tree", "ours-mamba-copy-bandit",
+    "ours-mamba", "ours-mamba-tree", "ours-mamba-copy", "ours-mamba-copy-both", "ours-mamba-copy-tree",
+    "ours-mamba-copy-bandit",
 )  # fmt: skip
 # methods that draft with a ReDrafter head (`--redrafter-head`)
-REDRAFTER_METHODS = ("ours-redrafter", "ours-redrafter-chain", "ours-redrafter-copy")
+REDRAFTER_METHODS = (
+    "ours-redrafter",
+    "ours-redrafter-chain",
+    "ours-redrafter-copy",
+    "ours-redrafter-copy-both",
+)
 #: beams of `ours-redrafter` for a head whose default is one beam
 REDRAFTER_TREE_BEAMS = 4
 # methods whose drafter builds trees (`--tree-shape` applies to them)
@@ -265,6 +271,14 @@ def standard_methods(
             ),
             ours(
                 target,
+                "ours-mamba-copy-both",
+                "hf_specssm, Mamba drafter chain; with a prompt-lookup match of 2+ tokens, the chain and the copy "
+                "verified as one two-branch tree (ContextCopyDrafter, chain_rounds='both')",
+                hf_specssm.ContextCopyDrafter(_mamba(mamba_drafter), chain_rounds="both"),
+                mamba_drafter,
+            ),
+            ours(
+                target,
                 "ours-mamba-copy-tree",
                 f"hf_specssm, Mamba drafter, tree {tree_shape} plus a prompt-lookup branch (ContextCopyDrafter)",
                 hf_specssm.ContextCopyDrafter(_mamba(mamba_drafter, tree_shape=tree_shape)),
@@ -306,6 +320,16 @@ def standard_methods(
                 f"hf_specssm, ReDrafter head chain of {config.beam_length}; copies a prompt-lookup match of 2+ "
                 "tokens instead (ContextCopyDrafter)",
                 hf_specssm.ContextCopyDrafter(ReDrafterDrafter(redrafter_head, target, beam_width=1)),
+                redrafter_head,
+            ),
+            ours(
+                target,
+                "ours-redrafter-copy-both",
+                f"hf_specssm, ReDrafter head chain of {config.beam_length}; with a prompt-lookup match of 2+ "
+                "tokens, the chain and the copy verified as one two-branch tree (chain_rounds='both')",
+                hf_specssm.ContextCopyDrafter(
+                    ReDrafterDrafter(redrafter_head, target, beam_width=1), chain_rounds="both"
+                ),
                 redrafter_head,
             ),
         ]
