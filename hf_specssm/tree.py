@@ -88,6 +88,12 @@ class TokenTree:
         """Number of nodes."""
         return self.tokens.shape[0]
 
+    @property
+    def is_chain(self) -> bool:
+        """Whether the tree is one path `d_1 → d_2 → …` in node order (node `i` at depth `i + 1`), which
+        targets verify as a chain."""
+        return bool((self.parents == torch.arange(self.size) - 1).all())
+
     def depths(self) -> torch.Tensor:
         """`[N]` depth of each node (children of the root have depth 1)."""
         depth = torch.zeros(self.size, dtype=torch.long)

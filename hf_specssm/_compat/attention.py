@@ -224,8 +224,13 @@ def keep_attention_positions(cache: Cache, positions: torch.Tensor) -> None:
         total = layer.get_seq_length() if isinstance(layer, DynamicSlidingWindowLayer) else stored
         index = positions.to(layer.keys.device) - (total - stored)
         index = index[index >= 0]
-        layer.keys = layer.keys.index_select(2, index)
-        layer.values = layer.values.index_select(2, index)
+        if index.numel() == 0 or (int(index[0]) == 0 and int(index[-1]) == index.numel() - 1):
+            # a leading run of the stored positions (a tree's first path, or nothing kept): crop, no copy
+            layer.keys = layer.keys[:, :, : index.numel()]
+            layer.values = layer.values[:, :, : index.numel()]
+        else:
+            layer.keys = layer.keys.index_select(2, index)
+            layer.values = layer.values.index_select(2, index)
         if isinstance(layer, DynamicSlidingWindowLayer):
             # the layer counts every token it has seen (it sizes the mask from that count)
             layer.cumulative_length = int(positions.numel())

@@ -105,8 +105,10 @@ class ContextCopyDrafter(TreeDrafter):
         # first nodes are the model's chain (`None` otherwise)
         self._branch_copy: list[int] | None = None
         self._branch_model_nodes: int | None = None
-        # the model's chain nodes the target kept in the last two-branch round
-        self._branch_accepted = 0
+        # the last two-branch round: the node of each copied token, and how many of the model's chain
+        # nodes and of the copy's nodes the target kept
+        self._branch_copy_nodes: list[int] = []
+        self._branch_accepted = self._branch_copy_accepted = 0
         # set in a call whose model chains are sampled: its rounds draft the copy or the chain again
         self._sampled_chains = False
 
@@ -180,11 +182,15 @@ class ContextCopyDrafter(TreeDrafter):
             self.lookup.observe_round(copy_plan, outcome)
             return
         if self._branch_model_nodes is not None:
-            # a two-branch round: the gate sees a round with the copy branch (or without, where the copy
-            # added no node), the model's policies what its own chain did (its accepted prefix, and the
-            # tokens that chain alone would have committed)
+            # a two-branch round: the copy's policies see a round with the copy branch (what the copy drafted
+            # and kept; its gate, the round's tokens per second), or without one where the copy added no
+            # node; the model's policies what its own chain did (its accepted prefix, and the tokens that
+            # chain alone would have committed)
             if self.last_round_copied:
-                self.lookup.observe_round(copy_plan, outcome)
+                copy_outcome = dataclasses.replace(
+                    outcome, drafted=len(self._branch_copy_nodes), accepted=self._branch_copy_accepted
+                )
+                self.lookup.observe_round(copy_plan, copy_outcome)
             else:
                 self.lookup.observe_round(RoundPlan(), dataclasses.replace(outcome, drafted=0, accepted=0))
             kept = self._branch_accepted
@@ -279,7 +285,7 @@ class ContextCopyDrafter(TreeDrafter):
         copied = self._copy(input_ids, sampler)
         if not copied or tree.draft_probs is not None:
             return tree
-        grafted = self._graft(tree, copied)
+        grafted, _ = self._graft(tree, copied)
         if grafted is not tree:
             self.copied_rounds += 1
         return grafted
@@ -297,20 +303,21 @@ class ContextCopyDrafter(TreeDrafter):
             chain = Draft(tokens=chain.tokens[:, :0])
         self._branch_model_nodes = chain.length
         tree = TokenTree.chain(chain.tokens[0].cpu())
-        grafted = self._graft(tree, copied)
+        grafted, self._branch_copy_nodes = self._graft(tree, copied)
         self.last_round_copied = grafted is not tree
         self.copied_rounds += self.last_round_copied
         return grafted
 
     @staticmethod
-    def _graft(tree: TokenTree, copied: list[int]) -> TokenTree:
+    def _graft(tree: TokenTree, copied: list[int]) -> tuple[TokenTree, list[int]]:
         """`tree` with the path `copied` added from the root, sharing the nodes it agrees with (new nodes
-        numbered after the tree's); `tree` itself when every copied token is already a node."""
+        numbered after the tree's; `tree` itself when every copied token is already a node), and the node
+        of each copied token."""
         tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
         children: dict[int, dict[int, int]] = {}
         for node, (token, parent) in enumerate(zip(tokens, parents)):
             children.setdefault(parent, {})[token] = node
-        node, grafted = -1, False
+        node, grafted, nodes = -1, False, []
         for token in copied:
             child = children.get(node, {}).get(token)
             if child is None:
@@ -320,9 +327,10 @@ class ContextCopyDrafter(TreeDrafter):
                 children.setdefault(node, {})[token] = child
                 grafted = True
             node = child
+            nodes.append(node)
         if not grafted:
-            return tree
-        return TokenTree(tokens=torch.tensor(tokens), parents=torch.tensor(parents))
+            return tree, nodes
+        return TokenTree(tokens=torch.tensor(tokens), parents=torch.tensor(parents)), nodes
 
     def commit_tree(self, input_ids: torch.Tensor, path: list[int]) -> None:
         """Keep `path`; the model drafter keeps the leading part it fed itself (grafted nodes are not in
@@ -332,8 +340,15 @@ class ContextCopyDrafter(TreeDrafter):
             self.inner.commit_tree(input_ids, path)
             return
         # a two-branch round: the model's chain holds the tree's first nodes
-        kept = 0
-        while kept < len(path) and path[kept] < self._branch_model_nodes:
-            kept += 1
-        self._branch_accepted = kept
-        self.inner.commit(input_ids, kept)
+        model_nodes = list(range(self._branch_model_nodes))
+        self._branch_accepted = _common_prefix(path, model_nodes)
+        self._branch_copy_accepted = _common_prefix(path, self._branch_copy_nodes)
+        self.inner.commit(input_ids, self._branch_accepted)
+
+
+def _common_prefix(path: list[int], nodes: list[int]) -> int:
+    """How many leading entries `path` and `nodes` share."""
+    count = 0
+    while count < min(len(path), len(nodes)) and path[count] == nodes[count]:
+        count += 1
+    return count

@@ -177,11 +177,13 @@ class SingleRowTarget(Target):
 
     def verify(self, sequences: Sequence[torch.Tensor], proposals: Sequence[Proposal]) -> list[torch.Tensor]:
         (sequence,), (proposal,) = sequences, proposals
-        is_tree = isinstance(proposal, TokenTree)
+        # a tree that is one path in node order is verified as the chain it is (no tree mask or tree scan)
+        is_tree = isinstance(proposal, TokenTree) and not proposal.is_chain
         self._round = (is_tree, sequence.shape[1])
         if is_tree:
             return [self.score_tree(sequence, proposal)]
-        return [self.score(sequence, proposal.tokens)]
+        tokens = proposal.tokens[None] if isinstance(proposal, TokenTree) else proposal.tokens
+        return [self.score(sequence, tokens.to(sequence.device))]
 
     def commit(self, kept: Sequence[list[int]]) -> None:
         (path,) = kept

@@ -121,3 +121,86 @@ def test_tree_from_paths_merges_shared_prefixes():
     assert tree.tokens.tolist() == [5, 6, 7, 8, 9, 4]
     assert tree.parents.tolist() == [-1, 0, 1, 1, 0, -1]
     assert TokenTree.from_paths([]).size == 0
+
+
+def test_one_path_trees_are_chains():
+    assert TokenTree.chain(torch.tensor([5, 6, 7])).is_chain
+    assert TokenTree.chain(torch.tensor([], dtype=torch.long)).is_chain
+    assert not TREE.is_chain
+    # one path, but not in node order (node 0 hangs below node 1): verified as a tree
+    assert not TokenTree(tokens=torch.tensor([5, 6]), parents=torch.tensor([-1, -1])).is_chain
+
+
+class _CountingTarget:
+    """Wraps an `AttentionTarget`'s `score` / `score_tree` to record which one verified."""
+
+    def __init__(self, target):
+        self.calls = []
+        for name in ("score", "score_tree"):
+            original = getattr(target, name)
+
+            def wrapper(*args, _name=name, _original=original):
+                self.calls.append(_name)
+                return _original(*args)
+
+            setattr(target, name, wrapper)
+
+
+@torch.no_grad()
+def test_a_one_path_tree_is_verified_and_committed_as_a_chain():
+    from hf_specssm.drafters.base import Draft
+    from hf_specssm.targets.attention import AttentionTarget
+
+    model = build("llama", seed=0)
+    generator = torch.Generator().manual_seed(3)
+    sequence = torch.randint(3, VOCAB, (1, 9), generator=generator)
+    drafts = torch.randint(3, VOCAB, (4,), generator=generator)
+    results = {}
+    for proposal in (Draft(tokens=drafts[None]), TokenTree.chain(drafts)):
+        target = AttentionTarget(model, DynamicCache(config=model.config))
+        counting = _CountingTarget(target)
+        target.prefill([sequence])
+        (logits,) = target.verify([sequence], [proposal])
+        target.commit([[0, 1]])
+        keys = target.cache.layers[0].keys.clone()
+        results[type(proposal).__name__] = (logits, keys, target.consumed, counting.calls)
+    (chain_logits, chain_keys, chain_consumed, chain_calls) = results["Draft"]
+    (tree_logits, tree_keys, tree_consumed, tree_calls) = results["TokenTree"]
+    assert chain_calls == tree_calls == ["score"]
+    assert torch.equal(tree_logits, chain_logits) and torch.equal(tree_keys, chain_keys)
+    assert tree_consumed == chain_consumed == sequence.shape[1] + 2
+    # a tree that branches still takes the tree forward (the control)
+    target = AttentionTarget(model, DynamicCache(config=model.config))
+    counting = _CountingTarget(target)
+    target.prefill([sequence])
+    target.verify([sequence], [TokenTree(tokens=drafts, parents=torch.tensor([-1, 0, -1, 2]))])
+    assert counting.calls == ["score_tree"]
+
+
+@pytest.mark.parametrize("kept", [[0, 1, 2], [3, 4], []], ids=["first-path", "second-branch", "none"])
+@torch.no_grad()
+def test_keeping_a_tree_path_equals_the_gather(kept):
+    """A path that is the tree's first nodes is cropped instead of gathered: same keys and values, and
+    the next forward from either cache gives the same logits."""
+    from hf_specssm._compat.attention import keep_attention_positions
+
+    model = build("llama", seed=0)
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(3, VOCAB, (1, 12), generator=generator)
+    caches = []
+    for gather in (True, False):
+        cache = DynamicCache(config=model.config)
+        model(tokens, past_key_values=cache, use_cache=True)
+        positions = torch.tensor([*range(7), *(7 + node for node in kept)], dtype=torch.long)
+        if gather:  # the reference: every layer's keys and values gathered
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(2, positions)
+                layer.values = layer.values.index_select(2, positions)
+        else:
+            keep_attention_positions(cache, positions)
+        caches.append(cache)
+    for reference, layer in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(reference.keys, layer.keys) and torch.equal(reference.values, layer.values)
+    following = torch.randint(3, VOCAB, (1, 2), generator=generator)
+    logits = [model(following, past_key_values=cache, use_cache=True).logits for cache in caches]
+    assert torch.equal(logits[0], logits[1])
