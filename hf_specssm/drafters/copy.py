@@ -18,7 +18,10 @@ the span at once. `ContextCopyDrafter` combines the two:
   where they agree), so a copy that does not continue costs a few more verified tokens instead of the
   model's round, and a model that drafts well no longer competes with copies for the round. Rounds
   without a match stay chains. The gate then judges rounds with the copy branch against rounds
-  without one.
+  without one. Where every verified token costs (a 2-core CPU: ~1% of a forward each), the extra
+  branch costs more than it adds: it measured 3–9% slower than `"either"` on the real pair
+  (docs/benchmarks.md, "Two branches per round"); it is meant for targets whose verification is flat in
+  the tokens it scores.
 
 Lossless either way: copied tokens are deterministic drafts (one-hot proposals when sampling), and the
 model's drafter state is rolled back to the part of the accepted path it drafted itself; the rest is
