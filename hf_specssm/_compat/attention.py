@@ -217,18 +217,22 @@ def keep_attention_positions(cache: Cache, positions: torch.Tensor) -> None:
     """
     if positions.numel() > 1 and bool((positions[1:] <= positions[:-1]).any()):
         raise ValueError(f"positions must be strictly ascending, got {positions.tolist()}.")
+    count = positions.numel()
+    # strictly ascending and ending at count - 1: the leading run 0 … count - 1 (a tree's first path, or
+    # nothing kept), which every layer keeps by a crop instead of a gather
+    leading = count == 0 or int(positions[-1]) == count - 1
     for layer in cache.layers:
         if not attention_holds_tokens(layer):
             continue
         stored = layer.keys.shape[2]
         total = layer.get_seq_length() if isinstance(layer, DynamicSlidingWindowLayer) else stored
-        index = positions.to(layer.keys.device) - (total - stored)
-        index = index[index >= 0]
-        if index.numel() == 0 or (int(index[0]) == 0 and int(index[-1]) == index.numel() - 1):
-            # a leading run of the stored positions (a tree's first path, or nothing kept): crop, no copy
-            layer.keys = layer.keys[:, :, : index.numel()]
-            layer.values = layer.values[:, :, : index.numel()]
+        if leading:
+            kept = max(0, count - (total - stored))
+            layer.keys = layer.keys[:, :, :kept]
+            layer.values = layer.values[:, :, :kept]
         else:
+            index = positions.to(layer.keys.device) - (total - stored)
+            index = index[index >= 0]
             layer.keys = layer.keys.index_select(2, index)
             layer.values = layer.values.index_select(2, index)
         if isinstance(layer, DynamicSlidingWindowLayer):

@@ -280,10 +280,8 @@ class ContextCopyDrafter(TreeDrafter):
         drawn from; a deterministic copy cannot join them, so they are returned as they are.
         """
         if self._branch_copy is not None:
-            # the match found when the round was planned, looked up again in the sequence at hand
-            return self._two_branches(
-                input_ids, sampler, self._copy(input_ids, sampler, len(self._branch_copy))
-            )
+            # the match found when the round was planned, in the sequence the round drafts from
+            return self._two_branches(input_ids, sampler, self._branch_copy)
         tree = self.inner.draft_tree(input_ids, sampler, shape)
         copied = self._copy(input_ids, sampler)
         if not copied or tree.draft_probs is not None:

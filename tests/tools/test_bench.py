@@ -132,8 +132,7 @@ def test_run_benchmark_writes_rows_resumes_and_summarizes(tmp_path, tiny_models)
     names = [m.name for m in methods]
     assert names == [
         "target", "hf-assisted-0.5b", "hf-prompt-lookup", "ours-0.5b", "ours-mamba", "ours-mamba-tree",
-        "ours-mamba-copy", "ours-mamba-copy-both", "ours-mamba-copy-tree", "ours-mamba-copy-bandit",
-        "ours-prompt-lookup",
+        "ours-mamba-copy", "ours-mamba-copy-tree", "ours-mamba-copy-bandit", "ours-prompt-lookup",
     ]  # fmt: skip
     prompts = load_prompt_set("gsm8k", limit=2) + load_prompt_set("humaneval", limit=1)
     settings = [GenerationSettings(10), GenerationSettings(10, do_sample=True)]

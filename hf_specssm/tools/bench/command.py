@@ -46,7 +46,6 @@ METHOD_ORDER = (
     "ours-mamba",
     "ours-mamba-tree",
     "ours-mamba-copy",
-    "ours-mamba-copy-both",
     "ours-mamba-copy-tree",
     "ours-mamba-copy-bandit",
     "ours-redrafter",

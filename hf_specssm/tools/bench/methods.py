@@ -24,8 +24,7 @@ FASTEST_TARGET = "target-fastest"
 # methods that draft with the small Transformer drafter, and with the Mamba drafter
 SMALL_DRAFTER_METHODS = ("hf-assisted-0.5b", "ours-0.5b")
 MAMBA_DRAFTER_METHODS = (
-    "ours-mamba", "ours-mamba-tree", "ours-mamba-copy", "ours-mamba-copy-both", "ours-mamba-copy-tree",
-    "ours-mamba-copy-bandit",
+    "ours-mamba", "ours-mamba-tree", "ours-mamba-copy", "ours-mamba-copy-tree", "ours-mamba-copy-bandit",
 )  # fmt: skip
 # methods that draft with a ReDrafter head (`--redrafter-head`)
 REDRAFTER_METHODS = (
@@ -267,14 +266,6 @@ def standard_methods(
                 "ours-mamba-copy",
                 "hf_specssm, Mamba drafter chain; copies a prompt-lookup match of 2+ tokens instead (ContextCopyDrafter)",
                 hf_specssm.ContextCopyDrafter(_mamba(mamba_drafter)),
-                mamba_drafter,
-            ),
-            ours(
-                target,
-                "ours-mamba-copy-both",
-                "hf_specssm, Mamba drafter chain; with a prompt-lookup match of 2+ tokens, the chain and the copy "
-                "verified as one two-branch tree (ContextCopyDrafter, chain_rounds='both')",
-                hf_specssm.ContextCopyDrafter(_mamba(mamba_drafter), chain_rounds="both"),
                 mamba_drafter,
             ),
             ours(

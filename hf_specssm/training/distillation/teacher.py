@@ -17,7 +17,7 @@ The chats are built from material on this machine, as the instructions are (neve
 - **teach-prose**: one to three consecutive documentation paragraphs, asked for as an explanation,
   a documentation section or an answer about a word they use.
 
-Records carry mode `teacher` (`generate.TEACHER`); evaluation, follow-ups and digests use greedy answers only,
+Records carry mode `teacher` (`store.TEACHER`); evaluation, follow-ups and digests use greedy answers only,
 so these never stand in for what the target wrote. Their extras come from `hf-specssm distill label`.
 """
 
