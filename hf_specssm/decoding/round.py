@@ -171,7 +171,7 @@ class SpeculativeLoop:
         with fixed_mixers(self.target.model):
             try:
                 for row in rows:
-                    row.drafter.begin(row.sequence)
+                    row.drafter.begin_sequence(row.sequence)
                     started.append(row)
                 self.target.prefill([row.sequence for row in rows])
                 for row in rows:

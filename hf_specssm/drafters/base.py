@@ -266,8 +266,14 @@ class Drafter(ABC):
         self.config = config if config is not None else DraftConfig()
         self.length_policy: DraftLengthPolicy = make_policy(self.config)
         self.draft_gate: DraftGate | None = (
-            DraftGate(self.config) if self.config.schedule == "adaptive" or self.gates_drafting else None
+            DraftGate(self.config, catches_up=self.catches_up)
+            if self.config.schedule == "adaptive" or self.gates_drafting
+            else None
         )
+
+    #: Whether the next draft after rounds that drafted nothing first reads every token committed in them
+    #: (a model drafter's forward over them), so that draft's round costs more than drafting does.
+    catches_up: bool = False
 
     #: Whether drafting is switched off while it does not pay (`policies.draft_length.DraftGate`) under
     #: every schedule, not only `"adaptive"`: drafters whose length is an upper bound anyway (prompt lookup).
@@ -323,6 +329,13 @@ class Drafter(ABC):
         """The target kept the first `num_accepted` tokens of the last draft; `input_ids` `[1, L']` is the
         new committed sequence (it may end with a token the drafter did not propose)."""
 
+    def begin_sequence(self, input_ids: torch.Tensor) -> None:
+        """What the loop calls for each row of a call: `begin`, and tell the draft gate a new sequence starts
+        (its first drafted round reads the prompt, `DraftGate.begin_sequence`)."""
+        if self.draft_gate is not None:
+            self.draft_gate.begin_sequence()
+        self.begin(input_ids)
+
     def end(self) -> None:
         """Release per-sequence state."""
 
@@ -347,12 +360,15 @@ class Drafter(ABC):
 
     def observe_round(self, plan: RoundPlan, outcome: RoundOutcome) -> None:
         """Learn from a finished round (the draft-length policy, for chain rounds)."""
+        timed = True
         if self.draft_gate is not None:
             self.draft_gate.update(outcome.drafted, outcome.committed, outcome.round_time_s)
+            timed = self.draft_gate.last_round_timed
         if plan.num_tokens == 0 and not plan.tree:
             return  # a round planned without drafts (gated, or no room) says nothing about draft lengths
+        # a round whose drafter also read a prompt or a closed stretch teaches acceptance, not cost
         self.length_policy.update(
-            outcome.drafted, outcome.accepted, outcome.draft_time_s, outcome.verify_time_s
+            outcome.drafted, outcome.accepted, outcome.draft_time_s, outcome.verify_time_s, timed=timed
         )
 
     def spawn(self) -> Drafter:
@@ -404,7 +420,10 @@ class TreeDrafter(Drafter):
     def observe_round(self, plan: RoundPlan, outcome: RoundOutcome) -> None:
         if not plan.tree:
             super().observe_round(plan, outcome)
-        elif self.tree_policy is not None:
+            return
+        # the sequence's first drafted round also read the prompt: no sample of what a shape costs
+        timed = self.draft_gate.tree_round() if self.draft_gate is not None else True
+        if self.tree_policy is not None and timed:
             self.tree_policy.update(outcome.committed, outcome.round_time_s)
 
     @abstractmethod

@@ -97,6 +97,7 @@ class ContextCopyDrafter(TreeDrafter):
         # the model drafter's policies decide the rounds; copy rounds do not train them (`observe_round`)
         self.length_policy = drafter.length_policy
         self.tree_policy = drafter.tree_policy
+        self.draft_gate = None  # the two drafters' own gates judge their rounds (`begin` starts both)
         self.last_round_copied = False
         self.copied_rounds = 0
         # this round's plans of the model drafter and of the copy (`None` before the first plan)
@@ -224,8 +225,8 @@ class ContextCopyDrafter(TreeDrafter):
         return clone
 
     def begin(self, input_ids: torch.Tensor) -> None:
-        self.inner.begin(input_ids)
-        self.lookup.begin(input_ids)
+        self.inner.begin_sequence(input_ids)  # and their gates: each reads this prompt in its first draft
+        self.lookup.begin_sequence(input_ids)
         self.last_round_copied = False
         self._sequence = input_ids
         self._branch_copy = self._branch_model_nodes = None

@@ -37,6 +37,8 @@ class ModelDrafter(TreeDrafter):
             schedule="constant")`.
     """
 
+    catches_up = True  # its next draft reads every token committed since its last one, in one forward
+
     def __init__(
         self,
         model: PreTrainedModel,

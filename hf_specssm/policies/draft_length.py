@@ -15,8 +15,11 @@ class DraftLengthPolicy(ABC):
     def next_length(self) -> int:
         """Draft length for the next round (>= 1)."""
 
-    def update(self, drafted: int, accepted: int, draft_time_s: float, verify_time_s: float) -> None:
-        """Learn from a finished round: `accepted` of `drafted` tokens passed verification."""
+    def update(
+        self, drafted: int, accepted: int, draft_time_s: float, verify_time_s: float, timed: bool = True
+    ) -> None:
+        """Learn from a finished round: `accepted` of `drafted` tokens passed verification. `timed=False`: its
+        times are not a sample of a round's cost (the drafter also read a prompt or a closed stretch)."""
 
 
 class ConstantLength(DraftLengthPolicy):
@@ -39,7 +42,9 @@ class HeuristicLength(DraftLengthPolicy):
     def next_length(self) -> int:
         return self.length
 
-    def update(self, drafted: int, accepted: int, draft_time_s: float, verify_time_s: float) -> None:
+    def update(
+        self, drafted: int, accepted: int, draft_time_s: float, verify_time_s: float, timed: bool = True
+    ) -> None:
         if drafted == 0:
             return
         step = 2 if accepted == drafted else -1
@@ -110,7 +115,9 @@ class AdaptiveLength(DraftLengthPolicy):
             total += survive
         return total
 
-    def update(self, drafted: int, accepted: int, draft_time_s: float, verify_time_s: float) -> None:
+    def update(
+        self, drafted: int, accepted: int, draft_time_s: float, verify_time_s: float, timed: bool = True
+    ) -> None:
         decay = self.config.acceptance_memory
         self.rounds += 1
         if drafted > 0:
@@ -120,12 +127,13 @@ class AdaptiveLength(DraftLengthPolicy):
                 self._pass[position] += 1.0
             if accepted < drafted:
                 self._fail[accepted + 1] += 1.0
-        round_time = draft_time_s + verify_time_s
-        self._sw = self._sw * decay + 1.0
-        self._sk = self._sk * decay + drafted
-        self._skk = self._skk * decay + drafted * drafted
-        self._st = self._st * decay + round_time
-        self._skt = self._skt * decay + drafted * round_time
+        if timed:
+            round_time = draft_time_s + verify_time_s
+            self._sw = self._sw * decay + 1.0
+            self._sk = self._sk * decay + drafted
+            self._skk = self._skk * decay + drafted * drafted
+            self._st = self._st * decay + round_time
+            self._skt = self._skt * decay + drafted * round_time
         self._best = self._best_length()
         explore = self.config.draft_cost_ratio is None and self.rounds % self._EXPLORE_EVERY == 0
         self.length = min(self._best + 1, self.config.max_draft_tokens) if explore else self._best
@@ -179,30 +187,46 @@ class DraftGate:
     know the domain) makes every round pay for drafting and for a wider verification, for one token. The
     gate compares, from measured round times, the tokens per second of rounds that drafted with those of
     rounds that did not (a plain step through the loop): while drafting is slower, the next rounds draft
-    nothing. Every `interval` closed rounds one round drafts a single token (a probe, `probing`: the cheapest
-    verification that still measures acceptance); a probe that loses doubles the interval (8 → 64 rounds),
-    one whose draft was accepted and whose rate beats the undrafted rounds just before it reopens the gate
-    (closing again within 8 rounds of that also doubles the interval). While drafting pays, the gate forces
-    one undrafted round to measure the alternative only when none has been measured.
+    nothing. Every `interval` closed rounds a probe drafts a single token (`probing`: the cheapest
+    verification that still measures acceptance); for a drafter that `catches_up`, in two rounds: the first
+    brings it up to date — a model drafter reads every token committed while the gate was closed, which
+    costs what many rounds' reading does — and is not judged; the second is. A probe that loses doubles
+    the interval (8 → 64 rounds), one whose draft was accepted and whose rate beats the undrafted rounds
+    just before it reopens the gate (closing again within 8 rounds of that also doubles the interval).
+    While drafting pays, the gate forces one undrafted round to measure the alternative only when none has
+    been measured.
+
+    Likewise the first drafted round of each sequence (`begin_sequence`; a drafter reads the prompt then) is
+    a sample of neither rate: a drafter kept across `generate` calls, as users keep one, would otherwise pay
+    each new prompt's read into its drafted rounds and close the gate, or keep it closed, on a slow machine.
 
     With `draft_cost_ratio = r`, nothing is timed: a round of `k` drafts costs `1 + (r + 0.15) · k`
     target forwards and an undrafted round 1 (see `AdaptiveLength`).
 
     Args:
         config: the drafter's `DraftConfig` (`draft_cost_ratio`, `acceptance_memory`).
+        catches_up: whether the drafter reads, in its next draft, every token committed while it drafted
+            nothing (a model drafter's forward over them): then a probe takes two rounds, as above. Drafters
+            that look tokens up (prompt lookup) probe in one round.
     """
 
     _FIRST_INTERVAL = 8
     _MAX_INTERVAL = 64
     _MIN_EVIDENCE = 2.0  # decayed drafted rounds before the gate may close
 
-    def __init__(self, config: DraftConfig) -> None:
+    def __init__(self, config: DraftConfig, catches_up: bool = False) -> None:
         self.config = config
+        self.catches_up = catches_up
         self.open = True
         self.rounds = 0
         self.interval = self._FIRST_INTERVAL
         self._closed_for = 0
         self._probing = False
+        # the next drafted round also reads tokens the drafter has not seen (a prompt, a closed stretch)
+        self._catching_up = True
+        self._confirming = False  # the closed gate's probe is in its judged (second) round
+        #: whether the last round's time was a sample of what its drafting costs (not a catching-up round)
+        self.last_round_timed = True
         self._reopened_at: int | None = None  # the round a winning probe reopened the gate
         # decayed (weight, committed tokens, seconds) of drafted and of undrafted rounds
         self._drafted = [0.0, 0.0, 0.0]
@@ -219,9 +243,23 @@ class DraftGate:
             # measure one undrafted round before deciding, when drafting looks poor and none was measured
             unmeasured = self._drafted[0] >= self._MIN_EVIDENCE and self._plain[0] == 0.0
             return not (unmeasured and self._losing_guess())
+        if self._confirming:
+            return True
         self._closed_for += 1
         self._probing = self._closed_for >= self.interval
         return self._probing
+
+    def begin_sequence(self) -> None:
+        """A new sequence starts (the loop calls this for each `generate` call's rows): its first drafted
+        round reads the prompt, so its time is not a sample of what drafting costs."""
+        self._catching_up = True
+
+    def tree_round(self) -> bool:
+        """A tree round ran (the gate judges chain rounds only): whether its time was a sample of what its
+        drafting costs — not so for the first drafted round of a sequence, which also read the prompt."""
+        self.last_round_timed = not self._catching_up
+        self._catching_up = False
+        return self.last_round_timed
 
     def _losing_guess(self) -> bool:
         weight, committed, _ = self._drafted
@@ -236,10 +274,15 @@ class DraftGate:
     def update(self, drafted: int, committed: int, round_time_s: float) -> None:
         """Learn from a finished chain round: `drafted` tokens proposed, `committed` tokens appended."""
         self.rounds += 1
-        if self.rounds == 1:
-            return  # the first round also reads the prompt
         seconds = self._round_time(drafted, round_time_s)
+        self.last_round_timed = not (drafted > 0 and self._catching_up)
+        if drafted > 0 and self._catching_up:
+            # this round's drafter also read what it had not seen: a probe goes on to its judged round
+            self._catching_up = False
+            self._confirming = not self.open and self._probing
+            return
         if not self.open and self._probing and drafted > 0:
+            self._confirming = False
             self._judge_probe(committed, seconds)
             return
         decay = self.config.acceptance_memory
@@ -249,7 +292,7 @@ class DraftGate:
             return
         drafting_pays = self._drafted[1] / self._drafted[2] >= self._plain[1] / self._plain[2]
         if self.open and not drafting_pays:
-            self.open, self._closed_for = False, 0
+            self.open, self._closed_for, self._catching_up = False, 0, self.catches_up
             # closing soon after a probe reopened it: that probe was lucky, so probe less often
             recently_reopened = (
                 self._reopened_at is not None and self.rounds - self._reopened_at <= self._FIRST_INTERVAL
@@ -270,3 +313,4 @@ class DraftGate:
             self._drafted = [1.0, float(committed), seconds]
         else:
             self.interval = min(2 * self.interval, self._MAX_INTERVAL)
+            self._catching_up = self.catches_up  # the next probe reads this closed stretch first

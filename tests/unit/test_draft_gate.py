@@ -107,3 +107,68 @@ def test_probes_that_commit_one_token_never_reopen_even_on_a_fast_clock():
         drafted.append(count)
     assert not gate.open
     assert sum(1 for d in drafted[50:] if d) <= 8
+
+
+def _model_drafter_call(
+    gate: DraftGate,
+    rounds: int,
+    unknown: range = range(0),
+    prompt_read: float = 8.0,
+    every: int = 1,
+    length: int = 4,
+) -> list[int]:
+    """One `generate` call of a model drafter whose chains of `length` keep up to 3 drafts in every
+    `every`-th round and none in the others or during `unknown` (text it does not know); a caught-up round
+    of `k` drafts costs
+    1 + 0.1·k steps; its first draft of the call reads the prompt (`prompt_read` steps) and a draft after
+    undrafted rounds reads their tokens (0.3 steps each), as `ModelDrafter` does. Returns the drafted
+    count per round."""
+    gate.begin_sequence()
+    fresh, unread, record = True, 0, []
+    for index in range(rounds):
+        drafted = length if gate.allows_drafting() else 0
+        if gate.probing:
+            drafted = 1
+        if drafted:
+            seconds = 1.0 + 0.1 * drafted + (prompt_read if fresh else 0.3 * unread)
+            known = index not in unknown and index % every == every - 1
+            committed, fresh, unread = 1 + (min(3, drafted) if known else 0), False, 0
+        else:
+            seconds, committed, unread = 1.0, 1, unread + 1
+        gate.update(drafted, committed, seconds)
+        record.append(drafted)
+    return record
+
+
+@pytest.mark.parametrize("catches_up", [True, False])
+def test_a_probe_of_a_drafter_that_catches_up_is_judged_after_it_caught_up(catches_up):
+    """A model drafter that pays (4 tokens for 1.4 steps) is closed out by text it does not know; each
+    probe's draft first reads the tokens of the closed stretch (2.4 steps after 8 rounds, more later). Judged
+    on that round, every probe loses and the gate never reopens (the control: `catches_up=False`, how the
+    gate judged every drafter before); judged on the round after it, the first probe reopens it."""
+    gate = DraftGate(DraftConfig(), catches_up=catches_up)
+    record = _model_drafter_call(gate, 200, unknown=range(3, 20))
+    assert 0 in record[3:20], "the unknown stretch closed the gate"
+    if catches_up:
+        assert gate.open and record[-20:] == [4] * 20
+        closed = record.index(0, 12)  # (the first undrafted round only measured the alternative)
+        reopened = next(i for i in range(closed, 200) if record[i] == 4)
+        assert record[reopened - 2 : reopened] == [1, 1], "a probe of two rounds reopened it"
+    else:
+        assert not gate.open and sum(record[30:]) <= 8
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_kept_drafter_does_not_count_each_prompt_read_as_a_drafted_round(marked):
+    """A drafter kept across calls (as users keep one) reads each new prompt in its first draft of the call;
+    that round is a sample of neither rate, so a drafter that pays (one draft, kept in every third round:
+    1.33 tokens for 1.1 steps) stays open over many short calls. The control counts those reads (the loop not
+    calling `begin_sequence`): the gate closes and the drafter drafts nothing on later calls."""
+    gate = DraftGate(DraftConfig(), catches_up=True)
+    if not marked:
+        gate.begin_sequence = lambda: None
+    records = [_model_drafter_call(gate, 8, prompt_read=20.0, every=3, length=1) for _ in range(12)]
+    if marked:
+        assert gate.open and all(record.count(1) >= 7 for record in records)
+    else:
+        assert not gate.open and sum(map(sum, records[-6:])) <= 2

@@ -92,20 +92,50 @@ def test_adaptive_adapts_when_acceptance_drops():
     assert long_length >= 8 and policy.next_length() == 1
 
 
+def timed_rounds(policy, rounds: int, draft_time) -> None:
+    """`rounds` rounds at acceptance 0.85 per draft; `draft_time(index, k)` gives a round's draft seconds
+    (verification takes 1) and whether the round is timed."""
+    rng = random.Random(0)
+    for index in range(rounds):
+        k = policy.next_length()
+        accepted = 0
+        while accepted < k and rng.random() < 0.85:
+            accepted += 1
+        seconds, timed = draft_time(index, k)
+        policy.update(k, accepted, seconds, 1.0, timed=timed)
+
+
 def test_adaptive_fits_measured_round_times():
     """Expensive per-token cost (slow drafter) shortens drafts at the same acceptance."""
     config = DraftConfig(schedule="adaptive", max_draft_tokens=16)
     lengths, slopes = {}, {}
     for per_token in (0.02, 1.0):
         policy = AdaptiveLength(config)
-        rng = random.Random(0)
-        for _ in range(300):
-            k = policy.next_length()
-            accepted = 0
-            while accepted < k and rng.random() < 0.85:
-                accepted += 1
-            policy.update(k, accepted, per_token * k, 1.0)
+        timed_rounds(policy, 300, lambda index, k, cost=per_token: (cost * k, True))
         lengths[per_token] = policy.next_length()
         slopes[per_token] = policy.cost_line()[1]
     assert slopes[1.0] > 5 * slopes[0.02]
     assert lengths[1.0] < lengths[0.02]
+
+
+@pytest.mark.parametrize("counted", [False, True])
+def test_untimed_rounds_teach_acceptance_but_not_cost(counted):
+    """A round whose drafter also read a prompt (the gate's `last_round_timed` is false) counts its accepted
+    drafts but not its time: with a 30-step read every 10th round, the fitted round time stays the drafting
+    cost (1 + 0.05·k steps, at the lengths drafted); the control counts the reads and fits a fixed cost
+    several times too high."""
+    config = DraftConfig(schedule="adaptive", max_draft_tokens=8)
+    policy = AdaptiveLength(config)
+
+    def round_time(index: int, k: int) -> tuple[float, bool]:
+        reads = index % 10 == 0
+        return 0.05 * k + (30.0 if reads else 0.0), counted or not reads
+
+    timed_rounds(policy, 200, round_time)
+    assert policy.acceptance > 0.75
+    intercept, slope = policy.cost_line()
+    if counted:
+        assert intercept > 2.0
+    else:
+        # the chains stay at 8 drafts, where the fitted line must give their time, 1.4 steps
+        assert policy.next_length() == 8 and abs(intercept + 8 * slope - 1.4) < 0.05 and intercept < 1.4
