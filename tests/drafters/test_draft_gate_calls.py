@@ -54,7 +54,8 @@ def test_a_kept_drafters_first_draft_of_each_call_is_not_timed(gate_rounds, copy
     small = _no_eos(build("mamba", seed=1))
     align(target, small, head_noise=0.3)
     hf_specssm.enable(target)
-    model_drafter = hf_specssm.ModelDrafter(small, num_draft_tokens=3)
+    # a fixed cost ratio: the gate's decisions do not depend on this machine's timings
+    model_drafter = hf_specssm.ModelDrafter(small, num_draft_tokens=3, draft_cost_ratio=0.05)
     assert model_drafter.catches_up and model_drafter.draft_gate.catches_up
     drafter = model_drafter
     if copy:
@@ -71,8 +72,7 @@ def test_a_kept_drafters_first_draft_of_each_call_is_not_timed(gate_rounds, copy
         drafted = [i for i in range(first, end) if rounds[i][0] > 0]
         assert drafted, "the drafter drafted in every call"
         assert not rounds[drafted[0]][1], "the round that read the prompt is not timed"
-        if model_drafter.draft_gate.open:
-            assert all(rounds[i][1] for i in drafted[1:])
+        assert all(rounds[i][1] for i in drafted[1:]), "every later drafted round of the call is timed"
 
 
 def test_the_bandit_is_not_rewarded_for_a_round_that_read_the_prompt():

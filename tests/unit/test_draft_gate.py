@@ -119,10 +119,9 @@ def _model_drafter_call(
 ) -> list[int]:
     """One `generate` call of a model drafter whose chains of `length` keep up to 3 drafts in every
     `every`-th round and none in the others or during `unknown` (text it does not know); a caught-up round
-    of `k` drafts costs
-    1 + 0.1·k steps; its first draft of the call reads the prompt (`prompt_read` steps) and a draft after
-    undrafted rounds reads their tokens (0.3 steps each), as `ModelDrafter` does. Returns the drafted
-    count per round."""
+    of `k` drafts costs 1 + 0.1·k steps; its first draft of the call reads the prompt (`prompt_read` steps)
+    and a draft after undrafted rounds reads their tokens (0.3 steps each), as `ModelDrafter` does.
+    Returns the drafted count per round."""
     gate.begin_sequence()
     fresh, unread, record = True, 0, []
     for index in range(rounds):
