@@ -191,6 +191,39 @@ def _kept_lookup_drafter(model: PreTrainedModel, drafter: Drafter) -> Drafter:
     return kept.setdefault(key, drafter)
 
 
+# assistant model -> {target: {(drafter kind, draft config): (length policy, draft gate)}}: what a drafter made
+# for `assistant_model=` learned carries over to the next call with the same pair and settings
+_LEARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _with_kept_learning(
+    model: PreTrainedModel, assistant: object, drafter: Drafter, transient: bool = False
+) -> Drafter:
+    """`drafter`, made for `assistant_model=assistant` in this call, with the draft-length policy and draft
+    gate that this target's earlier calls with the same assistant and settings trained (`transient`: the
+    call asked for `num_assistant_tokens_schedule="heuristic_transient"`, which restarts every call, so
+    nothing is kept).
+
+    Each call wraps the assistant model in a new drafter; without this, every call would start its acceptance
+    estimates from the prior and measure again whether drafting pays (transformers likewise carries its
+    heuristic draft length over calls, on the assistant's generation config). Only the learned estimates are
+    kept, not the drafter (its model and per-sequence state), so nothing keeps the assistant alive and
+    concurrent calls do not share a cache.
+    """
+    if isinstance(assistant, Drafter) or transient:
+        return drafter
+    try:
+        per_target = _LEARNED.setdefault(assistant, weakref.WeakKeyDictionary())
+    except TypeError:  # not weak-referenceable: nothing to key the estimates by
+        return drafter
+    learned = per_target.setdefault(model, {})
+    policy, gate = learned.setdefault(
+        (type(drafter), drafter.config), (drafter.length_policy, drafter.draft_gate)
+    )
+    drafter.length_policy, drafter.draft_gate = policy, gate
+    return drafter
+
+
 def _warn_if_overridden(drafter: Drafter, settings: dict[str, Any]) -> None:
     """Warn when assisted-decoding settings would change a `Drafter` object's own `DraftConfig`."""
     if not settings:
@@ -289,10 +322,15 @@ def speculative_generate(
         `[B, L + n]` sequences, or `SpeculativeDecoderOnlyOutput` with `return_dict_in_generate=True`.
     """
     check_generation_settings(generation_config)
-    made_here = drafter is None
+    assistant = drafter
     drafter = resolve_drafter(drafter, generation_config, prompt_lookup_num_tokens)
-    if made_here:
+    if assistant is None:
         drafter = _kept_lookup_drafter(model, drafter)
+    else:
+        schedule = assisted_settings(generation_config, getattr(assistant, "generation_config", None)).get(
+            "num_assistant_tokens_schedule"
+        )
+        drafter = _with_kept_learning(model, assistant, drafter, transient=schedule == "heuristic_transient")
     if stop_strings is None:
         stop_strings = generation_config.stop_strings
     stopping_criteria = _with_stop_strings(stopping_criteria, stop_strings, spec_tokenizer)

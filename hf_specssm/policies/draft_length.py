@@ -193,8 +193,11 @@ class DraftGate:
     costs what many rounds' reading does — and is not judged; the second is. A probe that loses doubles
     the interval (8 → 64 rounds), one whose draft was accepted and whose rate beats the undrafted rounds
     just before it reopens the gate (closing again within 8 rounds of that also doubles the interval).
-    While drafting pays, the gate forces one undrafted round to measure the alternative only when none has
-    been measured.
+    Before it has measured an undrafted round, the gate forces one as soon as drafted rounds have given
+    enough evidence, unless they commit `_SURE_WIN` tokens or more on average: a round that verifies drafts
+    costs 1–1.3 plain steps where the matrix units are bf16-capable or on GPUs, but 2–2.5 in fp32 on CPUs,
+    so a drafter committing 1.5–2.5 tokens a round may win or lose, and only the measured alternative
+    tells.
 
     Likewise the first drafted round of each sequence (`begin_sequence`; a drafter reads the prompt then) is
     a sample of neither rate: a drafter kept across `generate` calls, as users keep one, would otherwise pay
@@ -213,6 +216,9 @@ class DraftGate:
     _FIRST_INTERVAL = 8
     _MAX_INTERVAL = 64
     _MIN_EVIDENCE = 2.0  # decayed drafted rounds before the gate may close
+    # mean committed tokens of drafted rounds above which no undrafted round is forced: a drafted round
+    # costs at most ~2.5 plain steps (fp32 on CPUs), so such a drafter wins wherever it was measured
+    _SURE_WIN = 3.0
 
     def __init__(self, config: DraftConfig, catches_up: bool = False) -> None:
         self.config = config
@@ -240,9 +246,9 @@ class DraftGate:
     def allows_drafting(self) -> bool:
         """Whether the next round drafts (the loop still caps the length by the room left)."""
         if self.open:
-            # measure one undrafted round before deciding, when drafting looks poor and none was measured
+            # measure one undrafted round before deciding, unless drafting surely pays
             unmeasured = self._drafted[0] >= self._MIN_EVIDENCE and self._plain[0] == 0.0
-            return not (unmeasured and self._losing_guess())
+            return not (unmeasured and self._may_lose())
         if self._confirming:
             return True
         self._closed_for += 1
@@ -261,9 +267,10 @@ class DraftGate:
         self._catching_up = False
         return self.last_round_timed
 
-    def _losing_guess(self) -> bool:
+    def _may_lose(self) -> bool:
+        """Whether the drafted rounds commit too few tokens to win however much a round costs."""
         weight, committed, _ = self._drafted
-        return committed / weight < 1.5
+        return committed / weight < self._SURE_WIN
 
     def _round_time(self, drafted: int, seconds: float) -> float:
         ratio = self.config.draft_cost_ratio

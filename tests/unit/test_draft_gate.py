@@ -171,3 +171,43 @@ def test_a_kept_drafter_does_not_count_each_prompt_read_as_a_drafted_round(marke
         assert gate.open and all(record.count(1) >= 7 for record in records)
     else:
         assert not gate.open and sum(map(sum, records[-6:])) <= 2
+
+
+def _fixed_rounds(gate: DraftGate, rounds: int, committed: int, round_cost: float) -> list[int]:
+    """Chain rounds of 4 drafts that commit `committed` tokens for `round_cost` plain steps each (an undrafted
+    round: 1 token, 1 step); returns the drafted count per round."""
+    record = []
+    for _ in range(rounds):
+        drafted = 4 if gate.allows_drafting() else 0
+        if gate.probing:
+            drafted = 1
+        gate.update(drafted, committed if drafted else 1, round_cost if drafted else 1.0)
+        record.append(drafted)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("committed", "round_cost", "pays"), [(2, 2.4, False), (2, 1.3, True), (2, 1.8, True)]
+)
+def test_a_drafter_committing_two_tokens_a_round_is_judged_against_a_measured_plain_step(
+    committed, round_cost, pays
+):
+    """Two tokens a round lose where a round costs 2.4 steps (fp32 verification on a CPU) and win at 1.3 (bf16
+    matrix units): the gate measures one undrafted round and decides from it — closed in the first case
+    (the gate used to presume that 1.5 tokens or more always pay and kept drafting at 0.83 tokens a step),
+    open at 1.3 and 1.8 steps, after exactly one undrafted round."""
+    gate = DraftGate(DraftConfig())
+    record = _fixed_rounds(gate, 120, committed, round_cost)
+    assert gate.open is pays
+    if pays:
+        assert record.count(0) == 1
+    else:
+        assert sum(1 for drafted in record[20:] if drafted) <= 4  # probes only
+
+
+def test_a_drafter_that_surely_pays_is_never_held_back_to_measure():
+    """Four tokens a round win on any machine measured (a round costs at most ~2.5 steps): no undrafted
+    round is forced."""
+    gate = DraftGate(DraftConfig())
+    assert _fixed_rounds(gate, 60, committed=4, round_cost=1.2).count(0) == 0
+    assert gate.open
