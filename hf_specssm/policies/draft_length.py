@@ -199,9 +199,17 @@ class DraftGate:
     so a drafter committing 1.5–2.5 tokens a round may win or lose, and only the measured alternative
     tells.
 
-    Likewise the first drafted round of each sequence (`begin_sequence`; a drafter reads the prompt then) is
-    a sample of neither rate: a drafter kept across `generate` calls, as users keep one, would otherwise pay
-    each new prompt's read into its drafted rounds and close the gate, or keep it closed, on a slow machine.
+    A drafter whose drafts are accepted at all closes the gate only when its rounds run 10% below the
+    undrafted ones: on text where it barely pays, noise over a few rounds would otherwise close it (seen in
+    bf16 on the real pair, where a head at 1.2× plain was switched off).
+
+    Likewise the first round of each sequence (`begin_sequence`; the target reads the prompt in it) and its
+    first drafted round (a model drafter reads the prompt then) are samples of neither rate: a drafter kept
+    across `generate` calls, as users keep one, would otherwise pay each new prompt's read into its drafted
+    rounds and close the gate, or keep it closed, on a slow machine; and a drafter that cannot draft before
+    the first round (a draft head waits for the target's first hidden state) would count the target's
+    prefill as a plain step, which made plain steps look several times slower than they are and kept a
+    losing head drafting.
 
     With `draft_cost_ratio = r`, nothing is timed: a round of `k` drafts costs `1 + (r + 0.15) · k`
     target forwards and an undrafted round 1 (see `AdaptiveLength`).
@@ -219,6 +227,7 @@ class DraftGate:
     # mean committed tokens of drafted rounds above which no undrafted round is forced: a drafted round
     # costs at most ~2.5 plain steps (fp32 on CPUs), so such a drafter wins wherever it was measured
     _SURE_WIN = 3.0
+    _MARGIN = 0.1  # how much slower accepted drafting must run before the gate closes
 
     def __init__(self, config: DraftConfig, catches_up: bool = False) -> None:
         self.config = config
@@ -230,6 +239,8 @@ class DraftGate:
         self._probing = False
         # the next drafted round also reads tokens the drafter has not seen (a prompt, a closed stretch)
         self._catching_up = True
+        # rows whose first round is still to come: that round also runs the target's prefill of the prompt
+        self._prefill_rounds = 0
         self._confirming = False  # the closed gate's probe is in its judged (second) round
         #: whether the last round's time was a sample of what its drafting costs (not a catching-up round)
         self.last_round_timed = True
@@ -257,8 +268,10 @@ class DraftGate:
 
     def begin_sequence(self) -> None:
         """A new sequence starts (the loop calls this for each `generate` call's rows): its first drafted
-        round reads the prompt, so its time is not a sample of what drafting costs."""
-        self._catching_up = True
+        round reads the prompt, so its time is not a sample of what drafting costs; and the target reads the
+        prompt in the sequence's first round, drafted or not, so that round is a sample of neither rate."""
+        self._catching_up = self.catches_up
+        self._prefill_rounds += 1
 
     def tree_round(self) -> bool:
         """A tree round ran (the gate judges chain rounds only): whether its time was a sample of what its
@@ -282,12 +295,17 @@ class DraftGate:
         """Learn from a finished chain round: `drafted` tokens proposed, `committed` tokens appended."""
         self.rounds += 1
         seconds = self._round_time(drafted, round_time_s)
-        self.last_round_timed = not (drafted > 0 and self._catching_up)
-        if drafted > 0 and self._catching_up:
-            # this round's drafter also read what it had not seen: a probe goes on to its judged round
+        prefill = self._prefill_rounds > 0
+        self._prefill_rounds = max(self._prefill_rounds - 1, 0)
+        self.last_round_timed = not (prefill or (drafted > 0 and self._catching_up))
+        if drafted > 0 and (self._catching_up or prefill):
+            # this round's drafter also read what it had not seen, or the target its prompt: a probe goes on
+            # to its judged round
             self._catching_up = False
             self._confirming = not self.open and self._probing
             return
+        if prefill:
+            return  # an undrafted round that also ran the prefill (a head waits for the first hidden state)
         if not self.open and self._probing and drafted > 0:
             self._confirming = False
             self._judge_probe(committed, seconds)
@@ -297,7 +315,12 @@ class DraftGate:
         stats[:] = [stats[0] * decay + 1.0, stats[1] * decay + committed, stats[2] * decay + seconds]
         if self._drafted[0] < self._MIN_EVIDENCE or self._plain[0] == 0.0:
             return
-        drafting_pays = self._drafted[1] / self._drafted[2] >= self._plain[1] / self._plain[2]
+        weight, committed_sum, seconds_sum = self._drafted
+        # a drafter that gets drafts accepted closes only on a clear loss: a few noisy rounds of one that
+        # barely pays would close a gate whose one-token probes seldom reopen it; one that gets nothing
+        # accepted (prompt lookup on text that never repeats) closes on any loss
+        margin = self._MARGIN if committed_sum / weight > 1.05 else 0.0
+        drafting_pays = committed_sum / seconds_sum >= (1.0 - margin) * self._plain[1] / self._plain[2]
         if self.open and not drafting_pays:
             self.open, self._closed_for, self._catching_up = False, 0, self.catches_up
             # closing soon after a probe reopened it: that probe was lucky, so probe less often

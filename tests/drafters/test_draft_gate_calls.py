@@ -94,3 +94,25 @@ def test_the_bandit_is_not_rewarded_for_a_round_that_read_the_prompt():
         assert stats.tree_rounds[0], "each call's first round drafts a tree"
         tree_rounds += sum(stats.tree_rounds)
     assert len(policy.history) == tree_rounds - 3
+
+
+def test_a_heads_first_round_of_each_call_is_neither_rate(gate_rounds):
+    """A one-beam ReDrafter head kept over three calls: it cannot draft in a call's first round (the target
+    has handed over no hidden state yet), and that round also runs the target's prefill, so the gate takes
+    it for neither rate (it was timed as a plain step); every later round of the call is timed, probes
+    included (a head reads nothing but the hidden state it is handed)."""
+    from hf_specssm.drafters.redrafter import ReDrafterDrafter
+
+    from tests.drafters.test_redrafter_decoding import target_and_head
+
+    target, head = target_and_head("llama", 0)
+    config = hf_specssm.DraftConfig(num_draft_tokens=3, schedule="constant", draft_cost_ratio=0.05)
+    drafter = ReDrafterDrafter(head, target, beam_width=1, config=config)
+    generator = torch.Generator().manual_seed(0)
+    _calls(target, drafter, [torch.randint(3, 60, (1, 9), generator=generator) for _ in range(3)])
+    rounds = gate_rounds[id(drafter.draft_gate)]
+    starts = [i for i, (_, _, new) in enumerate(rounds) if new]
+    assert len(starts) == 3
+    for first, end in zip(starts, [*starts[1:], len(rounds)]):
+        assert rounds[first][:2] == (0, False), "the prefill round: undrafted, not timed"
+        assert all(timed for _, timed, _ in rounds[first + 1 : end]), "a head reads nothing more later"

@@ -13,12 +13,7 @@ import hf_specssm
 from hf_specssm.drafters.base import Drafter
 
 from tests.helpers.models import align, build
-
-
-def _no_eos(model):
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+from tests.helpers.sampling import no_eos
 
 
 @pytest.fixture
@@ -36,8 +31,8 @@ def policy_updates(monkeypatch):
 
 
 def _pair():
-    target = _no_eos(build("llama", seed=0))
-    small = _no_eos(build("mamba", seed=1))
+    target = no_eos(build("llama", seed=0))
+    small = no_eos(build("mamba", seed=1))
     align(target, small, head_noise=0.3)
     hf_specssm.enable(target)
     return target, small
@@ -65,7 +60,7 @@ def test_calls_with_one_assistant_share_what_they_learned(policy_updates):
     assert per_call[0] == per_call[1] == per_call[2], "the calls share it"
     shared = next(iter(per_call[0]))
 
-    other = _no_eos(build("mamba", seed=2))
+    other = no_eos(build("mamba", seed=2))
     start = len(policy_updates)
     _call(target, prompts[0], assistant_model=other)
     assert shared not in policy_updates[start:]

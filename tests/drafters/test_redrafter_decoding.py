@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hf_specssm
+from hf_specssm import DraftConfig
 from hf_specssm.drafters.redrafter import ReDrafterConfig, ReDrafterDrafter, ReDrafterHead
 from hf_specssm.training.redrafter.training import (
     TrainingConfig,
@@ -82,7 +83,9 @@ def prompts(count: int = 3, length: int = 7) -> list[torch.Tensor]:
 def test_greedy_output_is_the_targets(kind, verification, rounds, longest):
     # (random Mamba2 and Bamba targets continue chaotically: 150 steps teach their heads little)
     target, head = target_and_head(kind, 150)
-    drafter = ReDrafterDrafter(head, target)
+    # chain rounds are gated: a fixed cost ratio keeps the gate's decisions off this machine's timings
+    config = DraftConfig(num_draft_tokens=BEAM_LENGTH, schedule="constant", draft_cost_ratio=0.01)
+    drafter = ReDrafterDrafter(head, target, config=config)
     accepted = []
     for prompt in prompts():
         reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
@@ -111,15 +114,21 @@ def test_one_beam_drafts_chains_and_copies_from_the_context(kind):
     copies prompt-lookup matches instead in some rounds, or (`chain_rounds="both"`) verifies its chain and
     the copy as one tree; greedy output stays the target's."""
     target, head = target_and_head(kind, 150)
-    chain = ReDrafterDrafter(head, target, beam_width=1)
-    assert not chain.shapes_own_trees
-    copying = hf_specssm.ContextCopyDrafter(ReDrafterDrafter(head, target, beam_width=1))
-    both = hf_specssm.ContextCopyDrafter(ReDrafterDrafter(head, target, beam_width=1), chain_rounds="both")
+    assert not ReDrafterDrafter(head, target, beam_width=1).shapes_own_trees
+    # chain rounds are gated (a fixed cost ratio: the gate does not read this machine's timings); new drafters
+    # each call, since this weak head's chains lose and a kept drafter's gate would stay closed from the
+    # first call on
+    fixed = DraftConfig(num_draft_tokens=BEAM_LENGTH, schedule="constant", draft_cost_ratio=0.01)
     # a prompt that repeats itself: the target's greedy continuation of random models falls into loops
     repeating = torch.tensor([[5, 9, 3, 7, 5, 9, 3, 7, 5, 9]]) % VOCAB
-    two_branch_rounds = 0
+    copied_rounds, both_copied_rounds, two_branch_rounds = 0, 0, 0
     for prompt in [*prompts(2), repeating]:
         reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
+        chain = ReDrafterDrafter(head, target, beam_width=1, config=fixed)
+        copying = hf_specssm.ContextCopyDrafter(ReDrafterDrafter(head, target, beam_width=1, config=fixed))
+        both = hf_specssm.ContextCopyDrafter(
+            ReDrafterDrafter(head, target, beam_width=1, config=fixed), chain_rounds="both"
+        )
         for drafter in (chain, copying, both):
             output = target.generate(prompt, assistant_model=drafter, max_new_tokens=30, do_sample=False)
             assert torch.equal(output, reference)
@@ -132,8 +141,10 @@ def test_one_beam_drafts_chains_and_copies_from_the_context(kind):
                 # chains of C, shorter only where the room runs out
                 assert set(stats.draft_lengths[1:]) <= set(range(0, BEAM_LENGTH + 1))
                 assert BEAM_LENGTH in stats.draft_lengths
-    assert copying.copied_rounds > 0
-    assert both.copied_rounds > 0 and two_branch_rounds > 0
+        copied_rounds += copying.copied_rounds
+        both_copied_rounds += both.copied_rounds
+    assert copied_rounds > 0
+    assert both_copied_rounds > 0 and two_branch_rounds > 0
 
 
 def test_tree_rounds_keep_beams_and_logits_processors_exact():
@@ -253,3 +264,20 @@ def test_a_head_passed_as_assistant_model_drafts_its_beams(tmp_path):
     drafted = [length for length in target.last_speculation_stats.draft_lengths if length]
     assert drafted and max(drafted) <= BEAM_WIDTH * BEAM_LENGTH
     assert max(target.last_speculation_stats.accepted_lengths) >= 2
+
+
+def test_chains_that_lose_are_switched_off():
+    """A one-beam head whose chains lose (this weak head on Llama, at a fixed cost ratio so that the decision
+    does not read this machine's timings) stops drafting after a few rounds and probes now and then; the
+    output stays the target's. Before, its constant schedule had no draft gate and drafted every round."""
+    target, head = target_and_head("llama", 150)
+    config = DraftConfig(num_draft_tokens=BEAM_LENGTH, schedule="constant", draft_cost_ratio=0.01)
+    drafter = ReDrafterDrafter(head, target, beam_width=1, config=config)
+    assert drafter.draft_gate is not None
+    prompt = prompts(3)[1]  # (on the first, one draft in two passes: that pays at this ratio, and it drafts)
+    output = target.generate(prompt, assistant_model=drafter, max_new_tokens=60, do_sample=False)
+    assert torch.equal(output, target.generate(prompt, max_new_tokens=60, do_sample=False))
+    lengths = target.last_speculation_stats.draft_lengths
+    assert BEAM_LENGTH in lengths[:5], "it drafted chains of C before the gate judged them"
+    assert not drafter.draft_gate.open
+    assert sum(1 for length in lengths[15:] if length) <= 3, "probes only, once closed"

@@ -63,7 +63,7 @@ def test_gate_with_a_fixed_cost_ratio_ignores_measured_times():
 
 def _drifting_run(gate: DraftGate, rounds: int, slow: range, seed: int = 0) -> list[tuple[int, int]]:
     """A drafter whose first draft is accepted 40% of the time (chains of 2, a round costs 1.05 steps), on a
-    clock that runs drafted rounds 1.6× slower during `slow`: returns `(drafted, accepted)` per round."""
+    clock that runs drafted rounds 2× slower during `slow`: returns `(drafted, accepted)` per round."""
     generator = random.Random(seed)
     record = []
     for index in range(rounds):
@@ -73,7 +73,7 @@ def _drifting_run(gate: DraftGate, rounds: int, slow: range, seed: int = 0) -> l
         accepted = 0
         while accepted < drafted and generator.random() < 0.4:
             accepted += 1
-        seconds = (1.0 + 0.025 * drafted) * (1.6 if drafted and index in slow else 1.0)
+        seconds = (1.0 + 0.025 * drafted) * (2.0 if drafted and index in slow else 1.0)
         gate.update(drafted, 1 + accepted, seconds)
         record.append((drafted, accepted))
     return record
@@ -85,10 +85,10 @@ def test_a_drifting_clock_does_not_keep_a_useful_drafter_off(seed):
     gate closes; once the clock is steady again, every probe whose draft is accepted reopens it (judged
     against the undrafted rounds just before it), and it ends open."""
     gate = DraftGate(DraftConfig())
-    record = _drifting_run(gate, 300, slow=range(20, 35), seed=seed)
+    record = _drifting_run(gate, 600, slow=range(20, 35), seed=seed)
     drafted = [count for count, _ in record]
     assert 0 in drafted[20:45], "the slow stretch closed the gate"
-    probes = [i for i in range(45, len(record) - 1) if record[i] == (1, 1)]
+    probes = [i for i in range(35, len(record) - 1) if record[i] == (1, 1)]
     assert probes, "an accepted probe after the slow stretch"
     assert all(drafted[i + 1] == 2 for i in probes), "an accepted probe reopens the gate"
     assert gate.open
@@ -211,3 +211,24 @@ def test_a_drafter_that_surely_pays_is_never_held_back_to_measure():
     gate = DraftGate(DraftConfig())
     assert _fixed_rounds(gate, 60, committed=4, round_cost=1.2).count(0) == 0
     assert gate.open
+
+
+def test_a_heads_prefill_round_is_not_taken_for_a_plain_step():
+    """A draft head cannot draft in a sequence's first round (no hidden state yet), which also runs the
+    target's prefill (6 steps here); its chains then commit 1.4 tokens for 2 steps and lose. The gate must
+    not take that round for a plain step (it did: plain steps looked 6× slower, and the head drafted every
+    round of every call); it measures a real undrafted round and closes."""
+    gate = DraftGate(DraftConfig())
+    drafted = []
+    for _ in range(3):  # three calls with a kept drafter
+        gate.begin_sequence()
+        gate.allows_drafting()
+        gate.update(0, 1, 6.0)
+        for index in range(30):
+            count = 6 if gate.allows_drafting() else 0
+            if gate.probing:
+                count = 1
+            gate.update(count, (1 + (index % 5 < 2)) if count else 1, 2.0 if count else 1.0)
+            drafted.append(count)
+    assert not gate.open
+    assert sum(1 for count in drafted[30:] if count) <= 6, "probes only after the first call"
