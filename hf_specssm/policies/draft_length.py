@@ -196,8 +196,7 @@ class DraftGate:
     Before it has measured an undrafted round, the gate forces one as soon as drafted rounds have given
     enough evidence, unless they commit `_SURE_WIN` tokens or more on average: a round that verifies drafts
     costs 1–1.3 plain steps where the matrix units are bf16-capable or on GPUs, but 2–2.5 in fp32 on CPUs,
-    so a drafter committing 1.5–2.5 tokens a round may win or lose, and only the measured alternative
-    tells.
+    so a drafter committing 1.5–3 tokens a round may win or lose, and only the measured alternative tells.
 
     A drafter whose drafts are accepted at all closes the gate only when its rounds run 10% below the
     undrafted ones: on text where it barely pays, noise over a few rounds would otherwise close it (seen in
@@ -275,10 +274,18 @@ class DraftGate:
 
     def tree_round(self) -> bool:
         """A tree round ran (the gate judges chain rounds only): whether its time was a sample of what its
-        drafting costs — not so for the first drafted round of a sequence, which also read the prompt."""
-        self.last_round_timed = not self._catching_up
+        drafting costs — not so for a sequence's first round (it also ran the target's prefill) or a catch-up
+        drafter's first drafted round (it also read the prompt)."""
+        prefill = self._prefill_round()
+        self.last_round_timed = not (prefill or self._catching_up)
         self._catching_up = False
         return self.last_round_timed
+
+    def _prefill_round(self) -> bool:
+        """Whether the round being recorded is a row's first, which also ran the target's prefill."""
+        prefill = self._prefill_rounds > 0
+        self._prefill_rounds = max(self._prefill_rounds - 1, 0)
+        return prefill
 
     def _may_lose(self) -> bool:
         """Whether the drafted rounds commit too few tokens to win however much a round costs."""
@@ -295,8 +302,7 @@ class DraftGate:
         """Learn from a finished chain round: `drafted` tokens proposed, `committed` tokens appended."""
         self.rounds += 1
         seconds = self._round_time(drafted, round_time_s)
-        prefill = self._prefill_rounds > 0
-        self._prefill_rounds = max(self._prefill_rounds - 1, 0)
+        prefill = self._prefill_round()
         self.last_round_timed = not (prefill or (drafted > 0 and self._catching_up))
         if drafted > 0 and (self._catching_up or prefill):
             # this round's drafter also read what it had not seen, or the target its prompt: a probe goes on

@@ -232,3 +232,18 @@ def test_a_heads_prefill_round_is_not_taken_for_a_plain_step():
             drafted.append(count)
     assert not gate.open
     assert sum(1 for count in drafted[30:] if count) <= 6, "probes only after the first call"
+
+
+@pytest.mark.parametrize("catches_up", [False, True])
+def test_tree_rounds_take_each_calls_prefill_round_too(catches_up):
+    """A drafter that drafts trees only: each call's first tree round ran the target's prefill and is not a
+    sample for the tree bandit, whatever the drafter; the later ones are. Its calls leave nothing pending, so
+    a chain round after many calls is timed (the prefill rounds are counted per row and consumed by tree
+    rounds as by chain rounds)."""
+    gate = DraftGate(DraftConfig(), catches_up=catches_up)
+    for _ in range(5):
+        gate.begin_sequence()
+        assert [gate.tree_round() for _ in range(4)] == [False, True, True, True]
+    gate.allows_drafting()
+    gate.update(4, 3, 1.2)
+    assert gate.last_round_timed
