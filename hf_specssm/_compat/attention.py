@@ -238,3 +238,43 @@ def keep_attention_positions(cache: Cache, positions: torch.Tensor) -> None:
         if isinstance(layer, DynamicSlidingWindowLayer):
             # the layer counts every token it has seen (it sizes the mask from that count)
             layer.cumulative_length = int(positions.numel())
+
+
+def is_plain_attention_cache(cache: Cache) -> bool:
+    """Whether every layer of `cache` is a plain `DynamicLayer` (full attention, no window, no recurrent
+    part): the caches whose rows and columns `map_attention_tensors` and `concat_attention_rows` may edit."""
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def map_attention_tensors(cache: Cache, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace the keys and values `[B, H_kv, S, D]` of every initialised layer of a plain attention cache
+    by `function(tensor)` (select rows, drop leading columns, pad columns on the left)."""
+    for layer in cache.layers:
+        if attention_holds_tokens(layer):
+            layer.keys = function(layer.keys)
+            layer.values = function(layer.values)
+
+
+def concat_attention_rows(cache: Cache, other: Cache) -> None:
+    """Append the rows of `other` to `cache`, both plain attention caches of the same model, aligned on
+    their last column: the shorter one is padded with zero columns on the left (the caller masks them).
+
+    `cache` holds `[B, H_kv, S, D]` per layer, `other` `[B', H_kv, S', D]`; afterwards `cache` holds
+    `[B + B', H_kv, max(S, S'), D]`.
+    """
+    for layer, extra in zip(cache.layers, other.layers, strict=True):
+        if not attention_holds_tokens(extra):
+            continue
+        if not attention_holds_tokens(layer):
+            set_attention_tensors(layer, extra.keys, extra.values)
+            continue
+        width = max(layer.keys.shape[2], extra.keys.shape[2])
+        layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(extra.keys, width)])
+        layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(extra.values, width)])
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - tensor.shape[2]
+    if missing <= 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, 0, missing, 0))

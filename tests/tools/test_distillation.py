@@ -318,7 +318,7 @@ def test_an_interrupted_run_records_the_batches_it_stored(tmp_path, corpus, monk
     monkeypatch.setattr(generate, "answer_batch", interrupted_after_one)
     argv = ["distill", "generate", "--target", str(tmp_path / "model"), "--store", str(tmp_path / "store"),
             "--corpus-root", str(root), "--batch-size", "4", "--max-new-tokens", "6", "--count", "10",
-            "--quiet"]  # fmt: skip
+            "--batching", "static", "--quiet"]  # fmt: skip
     assert main(argv) == 130
     store = DistillStore(tmp_path / "store")
     run = store.manifest["runs"][-1]

@@ -2,8 +2,8 @@
 
     generate  the target answers a broad, built instruction set (greedy, and sampled at T = 0.7 for a
               share of it), then follow-up turns after its own answers; with top-k soft labels and
-              last hidden states kept beside the answers. Stops cleanly at --hours; run it again
-              (with the same or a larger --count) to continue.
+              last hidden states kept beside the answers; a refilling batch by default (`refill.py`).
+              Stops cleanly at --hours; run it again (with the same or a larger --count) to continue.
     status    what the store holds (records by domain and mode, answer tokens, runs and their speed)
     pack      the store's token ids → a compact, committable dataset (`pack.py`)
     unpack    a pack's chats → the store (without extras), so a later session continues after them
@@ -166,8 +166,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_specssm.hardware import resolve_dtype
-    from hf_specssm.training.distillation.generate import run_tasks
     from hf_specssm.training.distillation.instructions import build_broad_instructions
+    from hf_specssm.training.distillation.refill import refill_problem
     from hf_specssm.training.distillation.store import DistillStore
     from hf_specssm.training.mamba_drafter.command import _resolve_model_path
 
@@ -189,42 +189,19 @@ def run_generate(args: argparse.Namespace) -> int:
     # counted per stored batch, so that an interrupted pass still records what it added
     added = {"answers": 0, "tokens": 0}
     bar = tqdm(desc="distill", unit="answer", disable=args.quiet)
+    batching = args.batching
+    if batching == "refill" and (problem := refill_problem(target)) is not None:
+        say(f"--batching static: {type(target).__name__} cannot decode with a refilling batch ({problem})")
+        batching = "static"
     try:
-        # in passes of a few batches: each pass sees the follow-ups that the first turns answered so far allow
-        while deadline is None or time.monotonic() < deadline:
-            tasks, too_long = _tasks(args, tokenizer, store, instructions)
-            if not tasks:
-                break
-            if bar.total is None:
-                bar.total = len(tasks)
-                if too_long:
-                    say(
-                        f"skipping {too_long} prompts longer than --max-prompt-tokens {args.max_prompt_tokens}"
-                    )
-            pass_started = time.monotonic()
-
-            def on_batch(count: int, produced: int, seconds: float, before: int = added["tokens"]) -> None:
-                added["answers"] += count
-                added["tokens"] = before + produced
-                bar.update(count)
-                bar.set_postfix(tok_s=f"{added['tokens'] / max(time.monotonic() - started, 1e-9):.1f}")
-
-            done, _, _ = run_tasks(
-                target,
-                tokenizer,
-                tasks[: args.batch_size * PASS_BATCHES],
-                store,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                shard_records=args.shard_records,
-                deadline=deadline,
-                top_k=args.top_k,
-                hidden=not args.no_hidden,
-                dtype_name=choice.name,
-                on_batch=on_batch,
+        if batching == "refill":
+            _generate_refilling(
+                args, target, tokenizer, store, instructions, choice.name, deadline, added, bar, say
             )
-            if done == 0 and time.monotonic() - pass_started < 1:
-                break
+        else:
+            _generate_static(
+                args, target, tokenizer, store, instructions, choice.name, deadline, added, bar, say
+            )
     finally:
         bar.close()
         seconds = time.monotonic() - started
@@ -240,6 +217,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 "dtype": choice.name,
                 "device": str(args.device),
                 "batch_size": args.batch_size,
+                "batching": batching,
                 "threads": torch.get_num_threads(),
                 "count": args.count,
             }
@@ -251,6 +229,90 @@ def run_generate(args: argparse.Namespace) -> int:
         + (": run the same command again to continue" if left else "")
     )
     return 0
+
+
+def _generate_static(
+    args, target, tokenizer, store, instructions, dtype_name, deadline, added, bar, say
+) -> None:
+    """`--batching static`: one `generate` call per batch, in passes of `PASS_BATCHES` batches; each pass
+    sees the follow-ups that the first turns answered so far allow."""
+    from hf_specssm.training.distillation.generate import run_tasks
+
+    started = time.monotonic()
+    while deadline is None or time.monotonic() < deadline:
+        tasks, too_long = _tasks(args, tokenizer, store, instructions)
+        if not tasks:
+            break
+        _start_bar(bar, len(tasks), too_long, args, say)
+        pass_started = time.monotonic()
+
+        def on_batch(count: int, produced: int, seconds: float, before: int = added["tokens"]) -> None:
+            added["answers"] += count
+            added["tokens"] = before + produced
+            bar.update(count)
+            bar.set_postfix(tok_s=f"{added['tokens'] / max(time.monotonic() - started, 1e-9):.1f}")
+
+        done, _, _ = run_tasks(
+            target,
+            tokenizer,
+            tasks[: args.batch_size * PASS_BATCHES],
+            store,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            shard_records=args.shard_records,
+            deadline=deadline,
+            top_k=args.top_k,
+            hidden=not args.no_hidden,
+            dtype_name=dtype_name,
+            on_batch=on_batch,
+        )
+        if done == 0 and time.monotonic() - pass_started < 1:
+            break
+
+
+def _generate_refilling(
+    args, target, tokenizer, store, instructions, dtype_name, deadline, added, bar, say
+) -> None:
+    """`--batching refill`: one refilling batch (`refill.py`) for the whole run; whenever its queue runs dry
+    the task list is rebuilt (new follow-ups included) and the next `PASS_BATCHES` batches' worth join."""
+    from hf_specssm.training.distillation.refill import run_tasks_refill
+
+    started = time.monotonic()
+
+    def supply(busy: set[str]) -> list:
+        tasks, too_long = _tasks(args, tokenizer, store, instructions)
+        _start_bar(bar, len(tasks), too_long, args, say)
+        return [task for task in tasks if task.id not in busy][: args.batch_size * PASS_BATCHES]
+
+    def on_batch(count: int, produced: int, seconds: float) -> None:
+        added["answers"] += count
+        added["tokens"] = produced
+        bar.update(count)
+        bar.set_postfix(tok_s=f"{added['tokens'] / max(time.monotonic() - started, 1e-9):.1f}")
+
+    run_tasks_refill(
+        target,
+        tokenizer,
+        supply,
+        store,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        shard_records=args.shard_records,
+        deadline=deadline,
+        top_k=args.top_k,
+        hidden=not args.no_hidden,
+        dtype_name=dtype_name,
+        on_batch=on_batch,
+    )
+
+
+def _start_bar(bar, total: int, too_long: int, args, say) -> None:
+    """Size the progress bar by the first task list (and say how many prompts were too long)."""
+    if bar.total is not None:
+        return
+    bar.total = total
+    if too_long:
+        say(f"skipping {too_long} prompts longer than --max-prompt-tokens {args.max_prompt_tokens}")
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -441,7 +503,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=0.3,
         help="share of finished first answers given a second turn",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="rows decoded together (prompts per generate call when static)",
+    )
+    parser.add_argument(
+        "--batching",
+        choices=["refill", "static"],
+        default="refill",
+        help="refill: a finished answer's row takes the next task at once (plain-attention targets); static: "
+        "one generate call per batch, which decodes until its longest answer ends",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are skipped")
     parser.add_argument("--shard-records", type=int, default=512, help="records per sealed shard")
@@ -456,7 +530,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="label: at most this many chats")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU exists")
-    parser.add_argument("--hours", type=float, default=None, help="stop after the batch that crosses this")
+    parser.add_argument(
+        "--hours",
+        type=float,
+        default=None,
+        help="time budget: generate admits no task past it (answers in flight finish); label and static "
+        "batches stop after the batch that crosses it",
+    )
     parser.add_argument(
         "--corpus-root",
         type=Path,
