@@ -340,6 +340,12 @@ def test_a_pack_round_trips_the_chats_and_refuses_damage_and_size(tmp_path):
     with pytest.raises(ValueError, match="over the limit"):
         pack_store(store, tmp_path / "pack", max_bytes=100)
     assert list(read_pack(folder))  # the old pack is intact
+    # a folder holding anything else (the packs' parent, say) is never replaced
+    (tmp_path / "parent" / "other-target").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds other-target, not a pack"):
+        pack_store(store, tmp_path / "parent")
+    assert (tmp_path / "parent" / "other-target").is_dir()
+    assert pack_store(store, folder) == folder  # a pack's own folder is replaced
     data = bytearray((folder / "answers.npz").read_bytes())
     data[-5] ^= 1
     (folder / "answers.npz").write_bytes(bytes(data))

@@ -1,7 +1,8 @@
 """The target answers instructions in batches; its answers, top-k log-probabilities and hidden states are kept.
 
-One `generate` call per batch (left padding, KV cache). Two forward hooks read what the target computes
-anyway, so the soft labels and features cost no second pass:
+One `generate` call per batch (left padding, KV cache): `distill generate --batching static`, and the
+fallback for targets whose cache `refill.py` cannot edit (its refilling batch is the default). Two
+forward hooks read what the target computes anyway, so the soft labels and features cost no second pass:
 
 - on the output head: the top-k log-probabilities (temperature 1) of the distribution each answer token
   was chosen from — the soft labels of distillation;

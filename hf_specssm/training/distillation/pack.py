@@ -39,6 +39,10 @@ LICENSE_NOTES = """\
 """
 
 
+# what a pack folder holds; packing replaces such a folder whole
+PACK_FILES = ("README.md", "answers.npz", "manifest.json", "records.json")
+
+
 def pack_store(store: DistillStore, folder: str | Path, max_bytes: int = 25 * 2**20) -> Path:
     """Write the store's chats the target wrote to `folder` as a pack (replacing it crash-safe).
 
@@ -46,9 +50,17 @@ def pack_store(store: DistillStore, folder: str | Path, max_bytes: int = 25 * 2*
     this machine's files, and `hf-specssm distill teach` rebuilds them from any machine's files.
 
     Raises:
-        ValueError: the store holds no chat the target wrote, or the pack would exceed `max_bytes`
-            (nothing is replaced).
+        ValueError: the store holds no chat the target wrote, the pack would exceed `max_bytes`, or
+            `folder` exists and holds anything but a pack's files (nothing is replaced).
     """
+    folder = Path(folder)
+    if folder.exists():
+        foreign = sorted(path.name for path in folder.iterdir() if path.name not in PACK_FILES)
+        if foreign or not folder.is_dir():
+            raise ValueError(
+                f"--pack-out {folder} holds {', '.join(foreign[:3]) or 'a file'}, not a pack: packing would "
+                "replace it. Give the pack's own folder (e.g. data/distilled/<target>)."
+            )
     records = [record for record in store.records() if record["mode"] != TEACHER]
     if not records:
         raise ValueError(f"the store {store.root} holds no answers of the target to pack.")
@@ -89,8 +101,9 @@ def pack_store(store: DistillStore, folder: str | Path, max_bytes: int = 25 * 2*
 def _readme(manifest: dict[str, Any]) -> str:
     runs = manifest["runs"]
     speed = "; ".join(
-        f"{run['answer_tokens']:,} answer tokens in {run['seconds'] / 60:.0f} min ({run['dtype']}, batch "
-        f"{run['batch_size']}, {run['threads']} threads on {run['device']}: {run['tokens_per_hour']:,} tokens/hour)"
+        f"{run['answer_tokens']:,} answer tokens in {run['seconds'] / 60:.0f} min ({run['dtype']}, "
+        f"{run.get('batching', 'static')} batch {run['batch_size']}, {run['threads']} threads on {run['device']}: "
+        f"{run['tokens_per_hour']:,} tokens/hour)"
         for run in runs
     )
     return f"""# Self-distillation answers of the target (compact)
