@@ -252,19 +252,9 @@ def _generate_static(
             bar.update(count)
             bar.set_postfix(tok_s=f"{added['tokens'] / max(time.monotonic() - started, 1e-9):.1f}")
 
+        part = tasks[: args.batch_size * PASS_BATCHES]
         done, _, _ = run_tasks(
-            target,
-            tokenizer,
-            tasks[: args.batch_size * PASS_BATCHES],
-            store,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            shard_records=args.shard_records,
-            deadline=deadline,
-            top_k=args.top_k,
-            hidden=not args.no_hidden,
-            dtype_name=dtype_name,
-            on_batch=on_batch,
+            target, tokenizer, part, store, on_batch=on_batch, **_run_options(args, deadline, dtype_name)
         )
         if done == 0 and time.monotonic() - pass_started < 1:
             break
@@ -291,19 +281,21 @@ def _generate_refilling(
         bar.set_postfix(tok_s=f"{added['tokens'] / max(time.monotonic() - started, 1e-9):.1f}")
 
     run_tasks_refill(
-        target,
-        tokenizer,
-        supply,
-        store,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        shard_records=args.shard_records,
-        deadline=deadline,
-        top_k=args.top_k,
-        hidden=not args.no_hidden,
-        dtype_name=dtype_name,
-        on_batch=on_batch,
+        target, tokenizer, supply, store, on_batch=on_batch, **_run_options(args, deadline, dtype_name)
     )
+
+
+def _run_options(args: argparse.Namespace, deadline: float | None, dtype_name: str) -> dict[str, object]:
+    """The keyword arguments both batchings' runners take from the command line."""
+    return {
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "shard_records": args.shard_records,
+        "deadline": deadline,
+        "top_k": args.top_k,
+        "hidden": not args.no_hidden,
+        "dtype_name": dtype_name,
+    }
 
 
 def _start_bar(bar, total: int, too_long: int, args, say) -> None:
