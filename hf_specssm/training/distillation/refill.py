@@ -79,7 +79,7 @@ class RefillDecoder:
 
     Args:
         target: a causal LM whose cache is plain full attention (see `refill_problem`).
-        tokenizer: its tokenizer (pad and end ids).
+        tokenizer: its tokenizer (end ids).
         max_new_tokens: answer tokens per row at most.
         top_k: soft-label entries kept per answer token.
         hidden: keep the last hidden state that chose each answer token.
@@ -95,7 +95,6 @@ class RefillDecoder:
         self.keep_hidden = hidden
         self.device = next(target.parameters()).device
         self.end_ids = _end_ids(target, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids)
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         # [B, S] 1 where a row reads a column of the shared cache
