@@ -158,39 +158,62 @@ def answer_batch(
     topk_ids = torch.stack(capture.ids[:steps], dim=1)  # [B, steps, k]
     topk_logp = torch.stack(capture.logp[:steps], dim=1)
     states = torch.stack(capture.hidden[:steps], dim=1) if hidden else None  # [B, steps, H]
-    records, rows_ids, rows_logp, rows_hidden = [], [], [], []
-    offset = produced = 0
-    name = f"b-{hashlib.sha1('|'.join(task.id for task in tasks).encode()).hexdigest()[:16]}.npz"
-    for row, task in enumerate(tasks):
+    answers, finished, rows_ids, rows_logp, rows_hidden = [], [], [], [], []
+    for row in range(len(tasks)):
         answer = output[row, width:].tolist()
-        finished = False
+        ended = False
         for index, token in enumerate(answer):
             if token in end_ids:
-                answer, finished = answer[: index + 1], True
+                answer, ended = answer[: index + 1], True
                 break
-        length = len(answer)
-        rows_ids.append(topk_ids[row, :length])
-        rows_logp.append(topk_logp[row, :length])
+        answers.append(answer)
+        finished.append(ended)
+        rows_ids.append(topk_ids[row, : len(answer)])
+        rows_logp.append(topk_logp[row, : len(answer)])
         if states is not None:
-            rows_hidden.append(states[row, :length])
+            rows_hidden.append(states[row, : len(answer)])
+    arrays = {"topk_ids": torch.cat(rows_ids).numpy(), "topk_logp": torch.cat(rows_logp).numpy()}
+    if rows_hidden:
+        arrays["hidden"] = torch.cat(rows_hidden).numpy()
+    return store_answers(store, "b", tasks, answers, finished, arrays, dtype_name)
+
+
+def store_answers(
+    store: DistillStore,
+    prefix: str,
+    tasks: Sequence[Task],
+    answers: Sequence[list[int]],
+    finished: Sequence[bool],
+    arrays: dict[str, np.ndarray],
+    dtype_name: str,
+) -> int:
+    """Store a group of answers: their extras file (`arrays`, rows of every answer back to back) written
+    atomically, then their records naming it. Returns the group's answer tokens.
+
+    Args:
+        prefix: the extras file's name prefix (`b` one `generate` batch, `r` a refilling batch's group).
+        answers: each task's answer token ids (its end token included when it ended).
+        finished: whether each answer ended with an end token (else it was cut at the length limit).
+        arrays: `topk_ids` `[A, k]`, `topk_logp` `[A, k]` and optionally `hidden` `[A, H]`, `A` the
+            group's answer tokens.
+    """
+    name = f"{prefix}-{hashlib.sha1('|'.join(task.id for task in tasks).encode()).hexdigest()[:16]}.npz"
+    records, offset = [], 0
+    for task, answer, ended in zip(tasks, answers, finished, strict=True):
         records.append(
             {
                 "id": task.id,
                 "domain": task.instruction.domain,
-                "mode": mode,
-                "input_ids": list(task.prompt_ids) + answer,
+                "mode": task.mode,
+                "input_ids": list(task.prompt_ids) + list(answer),
                 "prompt_length": len(task.prompt_ids),
-                "finished": finished,
+                "finished": ended,
                 "dtype": dtype_name,
                 "extras": name,
                 "offset": offset,
             }
         )
-        offset += length
-        produced += length
-    arrays = {"topk_ids": torch.cat(rows_ids).numpy(), "topk_logp": torch.cat(rows_logp).numpy()}
-    if rows_hidden:
-        arrays["hidden"] = torch.cat(rows_hidden).numpy()
+        offset += len(answer)
 
     def write(temporary: Path) -> None:
         with open(temporary, "wb") as sink:
@@ -198,7 +221,7 @@ def answer_batch(
 
     store.write_extras(name, write)
     store.append(records)
-    return produced
+    return offset
 
 
 def load_extras(store: DistillStore, record: dict, cache: dict | None = None) -> dict[str, np.ndarray]:

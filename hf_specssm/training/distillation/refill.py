@@ -17,12 +17,10 @@ logits). Targets whose cache is not plain full attention (sliding windows, recur
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -31,7 +29,7 @@ from hf_specssm._compat.attention import (
     is_plain_attention_cache,
     map_attention_tensors,
 )
-from hf_specssm.training.distillation.generate import MODES, Task, _end_ids, _seed, final_norm
+from hf_specssm.training.distillation.generate import MODES, Task, _end_ids, _seed, final_norm, store_answers
 from hf_specssm.training.distillation.store import DistillStore
 
 # the next tasks join once this share of the batch's slots is free (one prefill serves several rows)
@@ -225,39 +223,16 @@ def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def write_answers(store: DistillStore, rows: Sequence[_Row], dtype_name: str) -> int:
-    """Store finished rows as one group: their extras file, then their records. Returns answer tokens."""
-    name = f"r-{hashlib.sha1('|'.join(row.task.id for row in rows).encode()).hexdigest()[:16]}.npz"
-    records, offset = [], 0
-    for row in rows:
-        task = row.task
-        records.append(
-            {
-                "id": task.id,
-                "domain": task.instruction.domain,
-                "mode": task.mode,
-                "input_ids": list(task.prompt_ids) + row.tokens,
-                "prompt_length": len(task.prompt_ids),
-                "finished": row.finished,
-                "dtype": dtype_name,
-                "extras": name,
-                "offset": offset,
-            }
-        )
-        offset += len(row.tokens)
+    """Store finished rows as one group (`generate.store_answers`). Returns answer tokens."""
     arrays = {
         "topk_ids": torch.stack([entry for row in rows for entry in row.topk_ids]).numpy(),
         "topk_logp": torch.stack([entry for row in rows for entry in row.topk_logp]).numpy(),
     }
     if rows[0].hidden:
         arrays["hidden"] = torch.stack([entry for row in rows for entry in row.hidden]).numpy()
-
-    def write(temporary) -> None:
-        with open(temporary, "wb") as sink:
-            np.savez(sink, **arrays)
-
-    store.write_extras(name, write)
-    store.append(records)
-    return offset
+    tasks = [row.task for row in rows]
+    answers = [row.tokens for row in rows]
+    return store_answers(store, "r", tasks, answers, [row.finished for row in rows], arrays, dtype_name)
 
 
 def run_tasks_refill(
