@@ -19,17 +19,21 @@ def _no_eos(model):
 
 @pytest.fixture
 def gate_rounds(monkeypatch):
-    """`{id(gate): [(drafted, timed, new sequence?) per update]}` of every gate in the test."""
+    """`{id(gate): [(drafted, timed, new sequence?) per update]}` of every gate in the test (each gate kept
+    alive, so no freed gate's id passes to a later one)."""
     rounds: dict[int, list[tuple[int, bool, bool]]] = {}
     started: set[int] = set()
+    kept: list[DraftGate] = []
     begin, update = DraftGate.begin_sequence, DraftGate.update
 
     def begin_sequence(self):
+        kept.append(self)
         started.add(id(self))
         begin(self)
 
     def counted_update(self, drafted, committed, round_time_s):
         update(self, drafted, committed, round_time_s)
+        kept.append(self)
         rounds.setdefault(id(self), []).append((drafted, self.last_round_timed, id(self) in started))
         started.discard(id(self))
 
