@@ -134,7 +134,7 @@ class FeatureSequenceHead(torch.nn.Module):
             allowed = torch.arange(t)[None, :] <= torch.arange(t)[:, None] - m  # true key j′ ≤ j − m
             scores = scores.masked_fill(~allowed, float("-inf"))
             diagonal = []
-            for index, (key, _) in enumerate(zip(own_keys, own_values, strict=True)):
+            for index, key in enumerate(own_keys):
                 shift = m - 1 - index  # pass index + 1's key at j − shift
                 shifted = torch.roll(key, shifts=shift, dims=2)
                 diagonal.append((q * shifted).sum(-1) * scale)  # [B, nh, T]
