@@ -23,17 +23,17 @@ def gate_rounds(monkeypatch):
     alive, so no freed gate's id passes to a later one)."""
     rounds: dict[int, list[tuple[int, bool, bool]]] = {}
     started: set[int] = set()
-    kept: list[DraftGate] = []
+    kept: dict[int, DraftGate] = {}
     begin, update = DraftGate.begin_sequence, DraftGate.update
 
     def begin_sequence(self):
-        kept.append(self)
+        kept[id(self)] = self
         started.add(id(self))
         begin(self)
 
     def counted_update(self, drafted, committed, round_time_s):
         update(self, drafted, committed, round_time_s)
-        kept.append(self)
+        kept[id(self)] = self
         rounds.setdefault(id(self), []).append((drafted, self.last_round_timed, id(self) in started))
         started.discard(id(self))
 

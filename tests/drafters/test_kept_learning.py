@@ -21,11 +21,11 @@ def policy_updates(monkeypatch):
     """The ids of the drafters' length policies, one entry per round, in order. The policies themselves are
     kept alive too: a policy freed after its call could leave its id to the next call's new one."""
     updated: list[int] = []
-    kept: list[object] = []
+    kept: dict[int, object] = {}
     observe = Drafter.observe_round
 
     def counted(self, plan, outcome):
-        kept.append(self.length_policy)
+        kept[id(self.length_policy)] = self.length_policy
         updated.append(id(self.length_policy))
         observe(self, plan, outcome)
 
