@@ -9,6 +9,12 @@ key and value head (`repeat_kv`, a copy of the whole cache per layer and call) f
 a mask, which is every verification; inside the context it passes `enable_gqa=True` instead, which on CPU
 tensors gives bit-identical outputs without the copy.
 
+Few queries over a cache (`grouped_query_attention` too): inside the same context, transformers' "sdpa"
+attention function runs calls of up to `MAX_QUERIES` queries on CPU tensors as two grouped matrix
+products where a measurement per shape class found them faster than torch's SDPA
+(`hf_specssm.kernels.few_query_attention`); the entry is swapped in transformers' `AttentionInterface`
+registry, which every model's attention layer reads per call.
+
 Static layers (`StaticCache`, `cache_implementation="static"`) preallocate `[B, H, max_cache_len, D]` and
 write at their private token counter `cumulative_length` (a tensor); they have no `crop`, so they are
 rolled back here by zeroing the rejected slots and moving that counter back.
@@ -32,9 +38,11 @@ from transformers.cache_utils import (
     QuantizedLayer,
     StaticLayer,
 )
+from transformers.modeling_utils import AttentionInterface
 
-from hf_specssm._compat.overrides import function_override
+from hf_specssm._compat.overrides import entry_override, function_override
 from hf_specssm._compat.recurrent import is_linear_layer
+from hf_specssm.kernels.few_query_attention import MAX_QUERIES, PATH_CHOICE, attention_mode
 
 # 5.23 puts every quantized layer (quanto, HQQ, fp8) under `BaseQuantizedLayer`; 5.17 has `QuantizedLayer` only
 _QUANTIZED_LAYER = getattr(transformers.cache_utils, "BaseQuantizedLayer", QuantizedLayer)
@@ -75,6 +83,63 @@ def _gqa_decision(original: Callable) -> Callable:
     return use_gqa_in_sdpa
 
 
+# keyword arguments of transformers' attention calls that the grouped products do not implement: a call
+# carrying any of them (not None) keeps SDPA
+_SDPA_ONLY_ARGUMENTS = ("position_bias", "softcap", "cache", "s_aux", "sinks")
+
+
+def _few_query_problem(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
+    """Why a call of transformers' SDPA attention keeps its path rather than the grouped products, or
+    `None` where they may serve it."""
+    batch, heads, queries, dim = query.shape
+    if query.device.type != "cpu" or torch.compiler.is_compiling():
+        return "not a CPU tensor, or under torch.compile"
+    if not 1 <= queries <= MAX_QUERIES:
+        return f"{queries} queries"
+    if key.dim() != 4 or key.shape[1] == 0 or heads % key.shape[1] or key.shape[-1] != dim:
+        return "key heads or sizes the grouping does not cover"
+    if value.shape[:3] != key.shape[:3] or not query.dtype == key.dtype == value.dtype:
+        return "value shape or dtype"
+    if key.shape[0] != batch:
+        return "broadcast batch"
+    if dropout or any(kwargs.get(name) is not None for name in _SDPA_ONLY_ARGUMENTS):
+        return "dropout, a position bias, soft-capping, sinks or a paged cache"
+    if attention_mask is None:
+        # one query sees every key; several without a mask mean transformers' causal shortcut
+        return None if queries == 1 else "several queries without a mask"
+    if (
+        attention_mask.dim() != 4
+        or attention_mask.shape[-2:] != (queries, key.shape[2])
+        or attention_mask.shape[0] not in (1, batch)
+        or attention_mask.shape[1] not in (1, heads)
+        or (attention_mask.dtype != torch.bool and not attention_mask.is_floating_point())
+    ):
+        return "a mask of another shape or kind"
+    return None
+
+
+def _few_query_sdpa(original: Callable) -> Callable:
+    def sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=0.0, scaling=None, *args, **kwargs
+    ):
+        def transformers_path() -> tuple[torch.Tensor, None]:
+            return original(module, query, key, value, attention_mask, dropout, scaling, *args, **kwargs)
+
+        if (
+            args
+            or not _GROUPED_QUERY.get()
+            or _few_query_problem(module, query, key, value, attention_mask, dropout, kwargs) is not None
+        ):
+            return transformers_path()
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        output = PATH_CHOICE.attend(
+            query, key, value, attention_mask, scale, lambda: transformers_path()[0], attention_mode()
+        )
+        return output, None
+
+    return sdpa_attention_forward
+
+
 @contextlib.contextmanager
 def grouped_query_attention() -> Iterator[None]:
     """Inside this context, this thread's calls of transformers' SDPA attention over CPU tensors with a 4D
@@ -88,12 +153,22 @@ def grouped_query_attention() -> Iterator[None]:
     `tests/unit/test_grouped_query_attention.py` checks dtypes, masks, head counts and lengths on the torch
     it runs with). A k = 8 verification of Falcon-H1-0.5B (8 query heads over 2) at 512 tokens of context
     ran 4–6% faster, one of 6 drafts on Qwen2.5-Coder-1.5B 4% at 600 tokens and 7% at 1,500
-    (docs/benchmarks.md). Other threads, other attention implementations and GPU tensors keep
-    transformers' path.
+    (docs/benchmarks.md).
+
+    Calls of up to `kernels.few_query_attention.MAX_QUERIES` queries (verifications, one-token steps) run
+    as two grouped matrix products per layer where a measurement on the first call of each shape class
+    found that faster than torch's SDPA (bf16 on a CPU with bf16 matrix instructions, long caches):
+    equal to SDPA to the dtype's rounding, not bit for bit. `HF_SPECSSM_FEW_QUERY_ATTENTION=sdpa` keeps
+    SDPA, `=grouped` forces the products.
+
+    Other threads, other attention implementations and GPU tensors keep transformers' path.
     """
     token = _GROUPED_QUERY.set(True)
     try:
-        with function_override([sdpa_attention], _GQA_DECISION, _gqa_decision):
+        with (
+            function_override([sdpa_attention], _GQA_DECISION, _gqa_decision),
+            entry_override(AttentionInterface._global_mapping, "sdpa", _few_query_sdpa),
+        ):
             yield
     finally:
         _GROUPED_QUERY.reset(token)

@@ -14,6 +14,7 @@ import transformers.integrations.sdpa_attention as sdpa_attention
 import hf_specssm
 from hf_specssm import _compat
 from hf_specssm._compat import attention
+from hf_specssm.kernels.few_query_attention import ENVIRONMENT_SWITCH
 from hf_specssm.targets import AttentionTarget
 
 from tests.helpers.models import VOCAB, build
@@ -121,7 +122,9 @@ def _verification_logits(model, cache, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_context_skips_the_repeat_with_equal_logits(repeats, dtype):
+def test_context_skips_the_repeat_with_equal_logits(repeats, dtype, monkeypatch):
+    # SDPA for every call: the grouped products (tests/kernels/test_few_query_attention.py) round otherwise
+    monkeypatch.setenv(ENVIRONMENT_SWITCH, "sdpa")
     model = build("llama").to(dtype)  # 4 query heads over 2 key/value heads
     prompt = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
     drafts = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
