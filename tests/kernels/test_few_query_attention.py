@@ -118,6 +118,26 @@ def test_a_wrong_grouping_is_caught():
     assert not torch.allclose(wrong.double(), expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_errs_no_more_than_sdpa(dtype):
+    """Large scores (a trained model's sharp attention): the products' error against float64 stays within
+    SDPA's own in that dtype (bf16 scores before the softmax would err ~9× more, the negative control)."""
+    query, key, value = _inputs(torch.float32, (12, 2), 7, 600, seed=5)
+    query, key, value = (query * 3).to(dtype), (key * 3).to(dtype), value.to(dtype)
+    mask = _causal_mask(1, 1, 7, 600)
+    expected = _sdpa_reference(query, key, value, mask, 128**-0.5)
+    sdpa = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=128**-0.5, enable_gqa=True)
+    sdpa_error = (sdpa.transpose(1, 2).double() - expected).abs().mean()
+    ours = grouped_attention(query, key, value, mask, 128**-0.5)
+    assert ours.dtype == dtype
+    assert (ours.double() - expected).abs().mean() <= 1.2 * sdpa_error
+    # the control: the same products with the scores rounded to the inputs' dtype
+    rounded = torch.matmul(query.reshape(1, 2, 42, 64), key.transpose(-1, -2)).float() * 128**-0.5
+    rounded = rounded.view(1, 2, 6, 7, 600).masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+    rounded = torch.matmul(rounded.view(1, 2, 42, 600), value.float()).view(1, 12, 7, 64).transpose(1, 2)
+    assert (rounded.double() - expected).abs().mean() > 2 * sdpa_error
+
+
 class _Clock:
     """A stopwatch that reads out scripted times."""
 

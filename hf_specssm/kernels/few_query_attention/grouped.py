@@ -33,7 +33,8 @@ def grouped_attention(
 
     The query heads sharing a key/value head (`G = H // H_kv`, consecutive heads, as transformers'
     `repeat_kv` pairs them) are stacked as `G·T` rows against that head's keys, so no key or value is
-    copied: `scores [B, H_kv, G·T, L] = q @ kᵀ`, scaled, masked and soft-maxed in fp32, then `@ v`.
+    copied: `scores [B, H_kv, G·T, L] = q @ kᵀ`, scaled, masked and soft-maxed, then `@ v`, all in fp32
+    (bf16 and fp16 inputs are widened; the output is rounded back to their dtype once).
     Query rows that the mask allows no key get zeros, as torch's SDPA gives them.
 
     Args:
@@ -49,9 +50,12 @@ def grouped_attention(
     batch, heads, queries, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    # the products run in the inputs' dtype (fp32 accumulation inside); scale, mask and softmax in fp32
+    dtype = query.dtype
+    # fp32 throughout, as SDPA's CPU kernels accumulate: torch has no CPU matrix product of bf16 inputs with
+    # an fp32 output, and bf16 scores (transformers' eager rounding) erred ~9× SDPA's on large scores
+    query, key, value = query.float(), key.float(), value.float()
     scores = torch.matmul(query.reshape(batch, kv_heads, group * queries, dim), key.transpose(-1, -2))
-    scores = scores.view(batch, kv_heads, group, queries, length).float().mul_(scale)
+    scores = scores.view(batch, kv_heads, group, queries, length).mul_(scale)
     empty_rows = None
     if mask is not None:
         grouped_mask = (
@@ -67,9 +71,9 @@ def grouped_attention(
     weights = torch.softmax(scores, dim=-1)
     if empty_rows is not None and bool(empty_rows.any()):
         weights = weights.masked_fill(empty_rows, 0.0)
-    weights = weights.to(value.dtype).view(batch, kv_heads, group * queries, length)
+    weights = weights.view(batch, kv_heads, group * queries, length)
     output = torch.matmul(weights, value).view(batch, heads, queries, value.shape[-1])
-    return output.transpose(1, 2).contiguous()
+    return output.transpose(1, 2).to(dtype).contiguous()
 
 
 @dataclass(frozen=True)
