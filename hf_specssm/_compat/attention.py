@@ -88,7 +88,7 @@ def _gqa_decision(original: Callable) -> Callable:
 _SDPA_ONLY_ARGUMENTS = ("position_bias", "softcap", "cache", "s_aux", "sinks")
 
 
-def _few_query_problem(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
+def _few_query_problem(query, key, value, attention_mask, dropout, kwargs) -> str | None:
     """Why a call of transformers' SDPA attention keeps its path rather than the grouped products, or
     `None` where they may serve it."""
     batch, heads, queries, dim = query.shape
@@ -128,7 +128,7 @@ def _few_query_sdpa(original: Callable) -> Callable:
         if (
             args
             or not _GROUPED_QUERY.get()
-            or _few_query_problem(module, query, key, value, attention_mask, dropout, kwargs) is not None
+            or _few_query_problem(query, key, value, attention_mask, dropout, kwargs) is not None
         ):
             return transformers_path()
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -191,6 +191,32 @@ def test_the_measured_path_serves_later_calls_of_the_shape_class(sdpa_s, grouped
     assert len(choice.measurements) == 1
 
 
+def test_a_class_measured_meanwhile_by_another_thread_decides():
+    """Two threads measuring one shape class at once: the first stored measurement decides, and the other
+    thread's call returns that path's output too (every call of a class rounds alike)."""
+    query, key, value = _inputs(torch.float32, (4, 2), 5, 100)
+    mask = _causal_mask(1, 1, 5, 100)
+    shape = shape_class(query, key, value, mask)
+    scripted = _scripted(10.0, 2.0)  # this thread measures the products faster
+
+    def clock() -> float:
+        # the other thread stores its measurement (SDPA faster) while this one is still timing
+        choice.measurements.setdefault(shape, few_query_attention.Measurement(1.0, 5.0))
+        return scripted()
+
+    choice = PathChoice(clock=clock)
+    calls = []
+
+    def sdpa():
+        calls.append("sdpa")
+        return _sdpa_reference(query, key, value, mask, 0.125).float().contiguous()
+
+    output = choice.attend(query, key, value, mask, 0.125, sdpa)
+    assert not choice.measurements[shape].grouped_wins
+    assert torch.equal(output, sdpa())
+    assert len(calls) == 2 + few_query_attention.grouped.MEASURED_CALLS + 1  # warm-up, timed, followed, here
+
+
 def test_shape_classes_split_by_powers_of_two():
     query, key, value = _inputs(torch.float32, (4, 2), 8, 128)
     longer_query, longer_key, longer_value = _inputs(torch.float32, (4, 2), 9, 129)

@@ -142,10 +142,12 @@ class PathChoice:
         shape = shape_class(query, key, value, mask)
         measurement = self.measurements.get(shape)
         if measurement is None:
-            output, measurement = self._measure(query, key, value, mask, scale, sdpa)
+            output, own = self._measure(query, key, value, mask, scale, sdpa)
             with self._lock:
-                self.measurements.setdefault(shape, measurement)
-            return output
+                measurement = self.measurements.setdefault(shape, own)
+            if measurement.grouped_wins == own.grouped_wins:
+                return output
+            # another thread measured this class first and chose the other path: follow it
         if measurement.grouped_wins:
             return grouped_attention(query, key, value, mask, scale)
         return sdpa()
