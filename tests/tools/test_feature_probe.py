@@ -24,16 +24,25 @@ def _probe():
 
 
 @torch.no_grad()
-def _recomputed(model, example, k: int, own: bool = True) -> np.ndarray:
+def _recomputed(model, example, k: int, own: bool = True, prompt: torch.Tensor | None = None) -> np.ndarray:
     """The drafts of every round, each round run as a whole forward per draft (the slow, obvious way),
-    feeding the head's own predicted hidden states (`own`) or, as a control, the true ones."""
+    feeding the head's own predicted hidden states (`own`) or, as a control, the true ones. With `prompt`
+    (`[P, H]`) every forward starts with the prompt's positions: zeros then the prompt's states beside its
+    tokens."""
     answer = example.ids[example.prompt_length :]
     count = answer.numel() - 1
     drafts = np.full((k, count), -1)
+    if prompt is None:
+        lead_features, lead_tokens = torch.zeros(0, example.hidden.shape[1]), answer[:0]
+    else:
+        lead_features = torch.cat([torch.zeros(1, prompt.shape[1]), prompt[:-1]])
+        lead_tokens = example.ids[: example.prompt_length]
     for start in range(count):
         features, tokens = example.hidden[: start + 1].float(), answer[: start + 1]
         for depth in range(min(k, count - start)):
-            predicted, logits = model(features[None], tokens[None])
+            predicted, logits = model(
+                torch.cat([lead_features, features])[None], torch.cat([lead_tokens, tokens])[None]
+            )
             logits[..., 0] = torch.finfo(logits.dtype).min
             drafts[depth, start + depth] = int(logits[0, -1].argmax())
             fed = predicted[0, -1:] if own else example.hidden[start + depth + 1 : start + depth + 2].float()
@@ -70,6 +79,59 @@ def test_batched_chains_equal_recomputed_rounds():
     assert table.shape == (4, 13) and table.dtype == bool
 
 
+@torch.no_grad()
+def test_chains_over_the_prompt_equal_recomputed_rounds():
+    """With the prompt's positions as context (`--context prompt`), the batched chains still draft what
+    rounds recomputed from scratch over prompt + answer so far draft; and the prompt matters: chains
+    without it draft otherwise."""
+    probe = _probe()
+    target = build("qwen2", seed=0)
+    hidden = target.config.hidden_size
+    generator = torch.Generator().manual_seed(2)
+    model = probe.FeatureSequenceHead(target, torch.arange(3, 40)).eval()
+    with torch.no_grad():
+        model.fc.weight.normal_(std=0.5, generator=generator)
+        model.layer.self_attn.o_proj.weight.mul_(30)  # attention, not the residual, decides the argmax
+    ids = torch.randint(3, 60, (7 + 12,), generator=generator)
+    example = SimpleNamespace(ids=ids, prompt_length=7, hidden=torch.randn(12, hidden, generator=generator))
+    prompt = torch.randn(7, hidden, generator=generator)
+    drafts = probe.chain_drafts(model, example, k=4, prompt=prompt).numpy()
+    assert drafts.shape == (4, 11) and (drafts[1:] >= 0).sum() > 15
+    np.testing.assert_array_equal(drafts, _recomputed(model, example, k=4, prompt=prompt))
+    assert (probe.chain_drafts(model, example, k=4).numpy() != drafts).any()
+    features, tokens, offset = probe.sequence(example, prompt)
+    assert offset == 7 and features.shape == (19, hidden) and torch.equal(tokens, ids)
+    assert torch.equal(features[0], torch.zeros(hidden)) and torch.equal(features[7], example.hidden[0])
+    # training-time chains over prompt + answer (`--unroll` with `--context prompt`): at answer position s,
+    # pass m drafts what the round started m tokens earlier drafts
+    passes = model.unrolled(features[None], tokens[None], depth=4)
+    for m, (_, logits) in enumerate(passes):
+        logits[..., 0] = torch.finfo(logits.dtype).min
+        np.testing.assert_array_equal(logits[0, offset + m : offset + 11].argmax(-1).numpy(), drafts[m, m:])
+
+
+@torch.no_grad()
+def test_answer_queries_equal_the_full_forward_at_those_positions():
+    """`answer_forward` (queries only at the answer's positions, a padded row repeating its last one)
+    gives the full causal forward's outputs there, row by row of a right-padded batch."""
+    probe = _probe()
+    target = build("qwen2", seed=0)
+    hidden = target.config.hidden_size
+    generator = torch.Generator().manual_seed(3)
+    model = probe.FeatureSequenceHead(target, torch.arange(3, 40)).eval()
+    with torch.no_grad():
+        model.fc.weight.normal_(std=0.5, generator=generator)
+    features = torch.randn(2, 10, hidden, generator=generator)
+    tokens = torch.randint(3, 60, (2, 10), generator=generator)
+    queries = torch.tensor([[4, 5, 6, 7, 8, 9], [6, 7, 7, 7, 7, 7]])  # row 1: 8 real positions, answer of 2
+    predicted, logits = model.answer_forward(features, tokens, queries)
+    for row, (width, count) in enumerate([(10, 6), (8, 2)]):
+        full_predicted, full_logits = model(features[row : row + 1, :width], tokens[row : row + 1, :width])
+        index = queries[row, :count]
+        torch.testing.assert_close(logits[row, :count], full_logits[0, index], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(predicted[row, :count], full_predicted[0, index], atol=1e-5, rtol=1e-5)
+
+
 def probe_to_draft(vocabulary: torch.Tensor, size: int) -> torch.Tensor:
     to_draft = torch.zeros(size, dtype=torch.long)
     to_draft[vocabulary] = torch.arange(1, vocabulary.numel() + 1)
@@ -93,3 +155,44 @@ def test_the_copied_layer_is_the_targets_last_layer():
     attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     _, logits = model.finish(last_input, attended)
     torch.testing.assert_close(logits[..., 1:], out.logits, atol=1e-4, rtol=1e-4)
+
+
+def _sibling(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompt_keys_name_the_prompt_only():
+    """`prompt_features.py` files a chat's prompt states under a key of its prompt's ids: the answer does
+    not change it, another prompt length or token does; the probe's training order is seeded."""
+    features = _sibling("prompt_features")
+    ids = torch.tensor([5, 6, 7, 8, 9])
+    key = features.prompt_key(ids, 3)
+    assert key == features.prompt_key(torch.tensor([5, 6, 7, 1, 1, 1]), 3)
+    assert key != features.prompt_key(ids, 4) and key != features.prompt_key(torch.tensor([5, 6, 8]), 3)
+    assert features.seeded_order(50) == features.seeded_order(50) and sorted(
+        features.seeded_order(50)
+    ) == list(range(50))
+
+
+@torch.no_grad()
+def test_draft_step_cost_steps_leave_the_cache_as_they_found_it():
+    """`draft_step_cost.py` times the target's decode step by stepping and cropping the step's token off
+    again (a count transformers 5.17 and 5.23 both take), and a chain of the attending layer over a cache."""
+    cost = _sibling("draft_step_cost")
+    probe = _probe()
+    target = build("qwen2", seed=0).eval()
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=target.config)
+    target(torch.randint(3, 60, (1, 9)), past_key_values=cache, use_cache=True)
+    for _ in range(3):
+        cost.target_step(target, cache, torch.tensor([4]))
+        assert cache.get_seq_length() == 9
+    layer = probe.FeatureSequenceHead(target, torch.arange(3, 40)).eval()
+    keys = torch.randn(1, layer.heads, 9, layer.head_dim)
+    cost.layer_chain(
+        layer, keys, torch.randn_like(keys), torch.randn(1, target.config.hidden_size), torch.tensor([4]), 3
+    )

@@ -9,13 +9,26 @@ answer so far, and predicts both the next hidden state `h_{j+1}` (smooth L1) and
 `k` then feed the head's own predicted hidden states, exactly as a drafter would between verifications,
 and are counted by the same `ChainTally` as `hf-specssm finetune-drafter evaluate`, on the store's held-out
 greedy chats and on the benchmark answers (`artifacts/finetune/bench-answers`, written by `evaluate
---bench-sets`). Context is the answer only: the stores keep no hidden state for prompt positions.
+--bench-sets`). By default the context is the answer only: the stores keep no hidden state for prompt
+positions.
 
 `--unroll D` trains the chains themselves (EAGLE-3's "training-time test"): besides the teacher-forced
 pass, passes 2 … D feed the head's own predicted hidden states as a chain does, each with its own
 cross-entropy (`FeatureSequenceHead.unrolled`; the hidden-state loss stays on the first pass).
 
+`--context prompt` gives the head what a drafter would see at run time, the prompt's positions too: the
+target's hidden states over each prompt (computed once by the sibling `prompt_features.py`, since stores
+keep answers' only) become keys that every round attends to; losses stay on answer positions, so the two
+contexts are compared on the same targets. `--train N` trains on the first N chats of a seeded order
+(the chats `prompt_features.py --train N` covers), `--unseen M` also evaluates, per domain, the greedy
+chats among the next M, `--load` evaluates a saved probe, and `--feature-scale channel` divides the
+hidden-state loss by each channel's standard deviation (a few channels of the target's normed states
+are 10× the rest).
+
     .venv/bin/python docs/bench/scripts/feature_sequence_probe.py --epochs 2 --bf16 --unroll 3 --out artifacts/probe-eagle-unroll3
+    .venv/bin/python docs/bench/scripts/prompt_features.py --train 600
+    .venv/bin/python docs/bench/scripts/feature_sequence_probe.py --train 600 --epochs 3 --bf16 \
+        --context prompt --feature-scale channel --out artifacts/probe-ctx-prompt
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,6 +49,9 @@ from transformers import AutoModelForCausalLM
 from hf_specssm.training.distillation.store import DistillStore
 from hf_specssm.training.mamba_drafter.command import _resolve_model_path
 from hf_specssm.training.mamba_drafter.finetune import GREEDY, ChainTally, heldout_greedy, load_examples
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prompt_features import prompt_key, seeded_order  # a sibling script
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,16 +92,22 @@ class FeatureSequenceHead(torch.nn.Module):
         self.kv_heads = target.config.num_key_value_heads
         self.head_dim = hidden // self.heads
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """`x [B, T, H]` (after fc) → rotated `q [B, nh, T, d]`, `k, v [B, nh, T, d]` (kv heads repeated)."""
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, queries: torch.Tensor | None = None):
+        """`x [B, T, H]` (after fc) → rotated `q [B, nh, T, d]`, `k, v [B, nh, T, d]` (kv heads repeated).
+
+        `queries [B, Q]` (indices into `T`): queries only there, `q [B, nh, Q, d]` (the keys of a prompt's
+        positions are all a drafter needs of them)."""
         attention = self.layer.self_attn
         b, t, _ = x.shape
         h = self.layer.input_layernorm(x)
-        q = attention.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = attention.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = attention.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(h, positions)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        k = _rotate(k, cos, sin)
+        if queries is not None:
+            h, cos, sin = gather_rows(h, queries), gather_rows(cos, queries), gather_rows(sin, queries)
+        q = attention.q_proj(h).view(b, h.shape[1], self.heads, self.head_dim).transpose(1, 2)
+        q = _rotate(q, cos, sin)
         groups = self.heads // self.kv_heads
         return q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
 
@@ -104,6 +127,17 @@ class FeatureSequenceHead(torch.nn.Module):
         positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
         q, k, v = self.qkv(x, positions)
         return self.finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def answer_forward(self, features: torch.Tensor, tokens: torch.Tensor, queries: torch.Tensor):
+        """Causal attention over whole sequences, queries only at `queries [B, Q]` (the answer positions;
+        padded rows may repeat an index): `features [B, T, H]`, `tokens [B, T]` → `predicted [B, Q, H]`,
+        `logits [B, Q, V + 1]`. With `queries = arange(T)` this is `forward`."""
+        x = self.inputs(features, tokens)
+        positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
+        q, k, v = self.qkv(x, positions, queries)
+        allowed = torch.arange(x.shape[1])[None, None, None, :] <= queries[:, None, :, None]  # [B, 1, Q, T]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.finish(gather_rows(x, queries), attended)
 
     def unrolled(self, features: torch.Tensor, tokens: torch.Tensor, depth: int):
         """Training-time chains: `depth` passes, pass `m` (0-based) computing at every position `j` what a
@@ -150,41 +184,68 @@ class FeatureSequenceHead(torch.nn.Module):
         return outputs
 
 
-def chain_table(model: FeatureSequenceHead, example, to_draft: torch.Tensor, k: int) -> np.ndarray:
+def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`values [B, T, C]` at `index [B, Q]` → `[B, Q, C]`."""
+    return values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
+
+
+def sequence(example, prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What the head reads of one chat: `features [T, H]` (float), `tokens [T]` and the offset of the
+    answer's first position.
+
+    Position `j` pairs token `x_j` with the hidden state that chose it (the target's at `j − 1`). Without
+    `prompt` the sequence is the answer (`T = A`, offset 0); with `prompt [P, H]` (the target's hidden
+    states over the prompt, `prompt_features.py`) it is the whole chat (`T = P + A`, offset `P`), the
+    first position paired with zeros (no state chose it).
+    """
+    answer_features = example.hidden.float()
+    if prompt is None:
+        return answer_features, example.ids[example.prompt_length :], 0
+    leading = torch.zeros(1, answer_features.shape[1])
+    features = torch.cat([leading, prompt[: example.prompt_length - 1].float(), answer_features])
+    return features, example.ids, example.prompt_length
+
+
+def chain_table(
+    model: FeatureSequenceHead, example, to_draft: torch.Tensor, k: int, prompt=None
+) -> np.ndarray:
     """`[k, A − 1]` bool as `head_chain_table`: `[depth, i]` is whether the draft of answer token `i + 1` is
     the target's in a round that started `depth` tokens before (true hidden states up to the round's start,
-    the head's own predicted ones after it, the true tokens fed); entries with `depth > i` stay false."""
+    the head's own predicted ones after it, the true tokens fed); entries with `depth > i` stay false.
+    `prompt`: as `sequence`'s (the prompt's positions become keys every round attends to)."""
     answer = example.ids[example.prompt_length :]
-    drafts = chain_drafts(model, example, k)
+    drafts = chain_drafts(model, example, k, prompt)
     truth = to_draft[answer[1:]]
     return (drafts == truth[None]).numpy()
 
 
 @torch.no_grad()
-def chain_drafts(model: FeatureSequenceHead, example, k: int) -> torch.Tensor:
+def chain_drafts(
+    model: FeatureSequenceHead, example, k: int, prompt: torch.Tensor | None = None
+) -> torch.Tensor:
     """`[k, A − 1]` draft ids (reduced vocabulary) of `chain_table`'s entries; −1 where `depth > i`."""
-    answer = example.ids[example.prompt_length :]
-    count = answer.numel() - 1
+    features, tokens, offset = sequence(example, prompt)
+    length = tokens.numel()
+    count = length - offset - 1
     table = torch.full((k, count), -1, dtype=torch.long)
-    features = example.hidden.float()[None]
-    x = model.inputs(features, answer[None])  # [1, A, H]
-    positions = torch.arange(answer.numel())[None]
+    x = model.inputs(features[None], tokens[None])  # [1, T, H]
+    positions = torch.arange(length)[None]
     q, k_true, v_true = model.qkv(x, positions)
     scale = 1 / math.sqrt(model.head_dim)
     # depth 0: the teacher-forced pass
     predicted, logits = model.finish(x, F.scaled_dot_product_attention(q, k_true, v_true, is_causal=True))
     logits[..., 0] = torch.finfo(logits.dtype).min
-    table[0] = logits[0, :count].argmax(-1)
-    # rows: round starts s = 0 … count − 1; step m feeds (predicted h_{s+m}, a_{s+m}) at position s + m
-    starts = torch.arange(count)
-    previous = predicted[0, :count]  # [n, H]: the head's h_{s+1}
+    table[0] = logits[0, offset : offset + count].argmax(-1)
+    # rows: round starts s = 0 … count − 1 (position offset + s); step m feeds (predicted h, a_{s+m})
+    rounds = torch.arange(count)
+    starts = offset + rounds
+    previous = predicted[0, offset : offset + count]  # [n, H]: the head's h_{s+1}
     own_k, own_v = [], []
-    mask_true = torch.arange(answer.numel())[None, :] <= starts[:, None]  # [n, A]: true keys 0 … s
+    mask_true = torch.arange(length)[None, :] <= starts[:, None]  # [n, T]: true keys up to the start
     for m in range(1, min(k, count)):
-        position = starts + m
-        valid = position < count  # a prediction of answer token position + 1 exists
-        position = position.clamp(max=answer.numel() - 1)
-        xm = model.inputs(previous[:, None], answer[position][:, None])  # [n, 1, H]
+        valid = rounds + m < count  # a prediction of answer token s + m + 1 exists
+        position = (starts + m).clamp(max=length - 1)
+        xm = model.inputs(previous[:, None], tokens[position][:, None])  # [n, 1, H]
         qm, km, vm = model.qkv(xm, position[:, None])  # [n, nh, 1, d]
         own_k.append(km)
         own_v.append(vm)
@@ -193,8 +254,8 @@ def chain_drafts(model: FeatureSequenceHead, example, k: int) -> torch.Tensor:
         keys, values = torch.cat(own_k, 2), torch.cat(own_v, 2)  # [n, nh, m, d]
         scores_own = torch.einsum("nhd,nhmd->nhm", qm[:, :, 0], keys) * scale
         weights = torch.softmax(torch.cat([scores_true, scores_own], -1), -1)
-        attended = torch.einsum("nht,htd->nhd", weights[..., : answer.numel()], v_true[0]) + torch.einsum(
-            "nhm,nhmd->nhd", weights[..., answer.numel() :], values
+        attended = torch.einsum("nht,htd->nhd", weights[..., :length], v_true[0]) + torch.einsum(
+            "nhm,nhmd->nhd", weights[..., length:], values
         )
         predicted_m, logits_m = model.finish(xm, attended[:, :, None])
         logits_m[..., 0] = torch.finfo(logits_m.dtype).min
@@ -205,7 +266,7 @@ def chain_drafts(model: FeatureSequenceHead, example, k: int) -> torch.Tensor:
     return table
 
 
-def evaluate(model, examples, to_draft, k):
+def evaluate(model, examples, to_draft, k, prompts=lambda example: None):
     model.eval()
     tally = ChainTally(k)
     for example in examples:
@@ -214,7 +275,7 @@ def evaluate(model, examples, to_draft, k):
             and example.hidden is not None
             and example.ids.numel() - example.prompt_length >= 2
         ):
-            tally.add(chain_table(model, example, to_draft, k))
+            tally.add(chain_table(model, example, to_draft, k, prompts(example)))
     model.train()
     estimate = tally.estimate()
     return {"tau": round(estimate.tau, 3), "top1": round(estimate.top1, 3),
@@ -244,6 +305,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--context", choices=("answer", "prompt"), default="answer",
+                        help="what the head attends over: the answer so far, or the prompt's positions too")  # fmt: skip
+    parser.add_argument("--prompt-features", default="artifacts/probe-prompt-features",
+                        help="prompt_features.py's folder (--context prompt)")  # fmt: skip
+    parser.add_argument("--train", type=int, default=0,
+                        help="train on this many chats, in prompt_features.py's seeded order (0: all)")  # fmt: skip
+    parser.add_argument("--feature-scale", choices=("none", "channel"), default="none",
+                        help="the hidden-state loss on raw values, or on values divided by each channel's std")  # fmt: skip
+    parser.add_argument("--unseen", type=int, default=0,
+                        help="also evaluate, per domain, the greedy chats among the next N of --train's order")  # fmt: skip
+    parser.add_argument("--load", default=None, help="a probe.pt to evaluate instead of training one")
     parser.add_argument("--out", default="artifacts/probe-eagle")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -253,6 +325,11 @@ def main() -> None:
 
     store = DistillStore(args.store)
     train = [e for e in load_examples(store, "train", need_hidden=True)]
+    unseen = []
+    if args.train:
+        order = seeded_order(len(train))
+        unseen = [train[i] for i in order[args.train : args.train + args.unseen] if train[i].mode == GREEDY]
+        train = [train[i] for i in order[: args.train]]
     heldout = heldout_greedy(store, need_hidden=True, limit=200)
     bench_all = load_examples(DistillStore(args.bench_store), "all", need_hidden=True)
     bench_ids = [r["id"] for r in DistillStore(args.bench_store).records()]
@@ -269,10 +346,43 @@ def main() -> None:
         f"{len(train)} chats, {tokens_total:,} answer tokens, {len(heldout)} held out; vocabulary covers {covered:.3f}"
     )
 
+    folder = Path(args.prompt_features)
+
+    loaded: dict[str, torch.Tensor] = {}
+
+    def prompts(example) -> torch.Tensor | None:
+        """`[P, H]` the prompt's hidden states (`--context prompt`; float16, kept once read), else None."""
+        if args.context == "answer":
+            return None
+        key = prompt_key(example.ids, example.prompt_length)
+        if key not in loaded:
+            loaded[key] = torch.from_numpy(np.load(folder / f"{key}.npy"))
+        return loaded[key]
+
+    if args.context == "prompt":
+        chats = train + heldout + bench_all + unseen
+        missing = [e for e in chats if not (folder / f"{prompt_key(e.ids, e.prompt_length)}.npy").exists()]
+        if missing:
+            parser.error(f"{len(missing)} of {len(chats)} chats have no prompt features in {folder}: run "
+                         f"prompt_features.py --train {len(train)} (it continues where it stopped)")  # fmt: skip
+    scale = torch.ones(())
+    if args.feature_scale == "channel":
+        total = sum(e.hidden.shape[0] for e in train)
+        mean = sum(e.hidden.double().sum(0) for e in train) / total
+        square = sum((e.hidden.double() ** 2).sum(0) for e in train) / total
+        scale = (square - mean**2).clamp_min(1e-6).sqrt().float()
+        print(f"feature std per channel: median {scale.median():.3f}, max {scale.max():.3f}")
+
     target = AutoModelForCausalLM.from_pretrained(_resolve_model_path(args.target), dtype=torch.float32)
     to_draft = torch.zeros(target.config.vocab_size, dtype=torch.long)
     to_draft[vocabulary] = torch.arange(1, vocabulary.numel() + 1)
     model = FeatureSequenceHead(target, vocabulary)
+    if args.load:
+        saved = torch.load(args.load)
+        if not torch.equal(saved["vocabulary"], vocabulary):
+            raise SystemExit(f"{args.load} was trained with another vocabulary: pass its --train and --vocab")
+        model.load_state_dict(saved["state"])
+        args.epochs = 0
     del target
     trainable = [p for n, p in model.named_parameters() if not n.startswith("embed")]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
@@ -285,33 +395,61 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     log = open(out / "log.jsonl", "a")  # noqa: SIM115 (a probe's log, closed at its end)
     step, started = 0, time.time()
-    results = {"step": 0, "heldout": evaluate(model, heldout, to_draft, args.k)} if args.eval_every else None
+    results = (
+        {"step": 0, "heldout": evaluate(model, heldout, to_draft, args.k, prompts)}
+        if args.eval_every
+        else None
+    )
     if results:
         print(json.dumps(results), flush=True)
     while step < steps:
         for batch in batches(train, args.batch_size, generator):
             if step >= steps:
                 break
-            length = min(max(e.ids.numel() - e.prompt_length for e in batch), args.max_answer)
-            features = torch.zeros(len(batch), length, model.config.hidden_size)
-            tokens = torch.zeros(len(batch), length, dtype=torch.long)
-            valid = torch.zeros(len(batch), length, dtype=torch.bool)
-            for row, example in enumerate(batch):
-                answer = example.ids[example.prompt_length :][:length]
-                features[row, : answer.numel()] = example.hidden[: answer.numel()].float()
-                tokens[row, : answer.numel()] = answer
-                valid[row, : answer.numel() - 1] = True
+            # each row: its sequence (`sequence`), the answer cut at --max-answer; queries at answer positions
+            rows = []
+            for example in batch:
+                features_r, tokens_r, offset = sequence(example, prompts(example))
+                answer_length = min(tokens_r.numel() - offset, args.max_answer)
+                rows.append(
+                    (features_r[: offset + answer_length], tokens_r[: offset + answer_length], offset)
+                )
+            width = max(t.numel() for _, t, _ in rows)
+            answer_width = max(t.numel() - o for _, t, o in rows)
+            features = torch.zeros(len(batch), width, model.config.hidden_size)
+            tokens = torch.zeros(len(batch), width, dtype=torch.long)
+            queries = torch.zeros(len(batch), answer_width, dtype=torch.long)
+            valid = torch.zeros(len(batch), answer_width, dtype=torch.bool)
+            for row, (features_r, tokens_r, offset) in enumerate(rows):
+                features[row, : tokens_r.numel()] = features_r
+                tokens[row, : tokens_r.numel()] = tokens_r
+                answer_length = tokens_r.numel() - offset
+                queries[row] = (offset + torch.arange(answer_width)).clamp(max=tokens_r.numel() - 1)
+                valid[row, : answer_length - 1] = True  # a next answer token exists
+            # what each query predicts: the next token and the next hidden state
+            following = (queries + 1).clamp(max=width - 1)
+            next_tokens = to_draft[tokens.gather(1, following)]
+            next_features = features.gather(1, following[..., None].expand(-1, -1, features.shape[-1]))
             inputs = features + args.noise * torch.randn_like(features) if args.noise else features
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                passes = model.unrolled(inputs, tokens, args.unroll)
-            target_tokens = to_draft[tokens[:, 1:]]
+                if args.context == "answer":
+                    passes = model.unrolled(inputs, tokens, args.unroll)  # queries = every position
+                elif args.unroll == 1:
+                    passes = [model.answer_forward(inputs, tokens, queries)]
+                else:  # every position's passes, then the answer's
+                    passes = [
+                        (gather_rows(predicted, queries), gather_rows(logits, queries))
+                        for predicted, logits in model.unrolled(inputs, tokens, args.unroll)
+                    ]
             token_loss = feature_loss = 0.0
             for m, (predicted, logits) in enumerate(passes):
-                mask = valid[:, :-1].clone()
+                mask = valid.clone()
                 mask[:, :m] = False  # no round started m tokens before these
-                token_loss = token_loss + F.cross_entropy(logits[:, :-1][mask].float(), target_tokens[mask])
+                token_loss = token_loss + F.cross_entropy(logits[mask].float(), next_tokens[mask])
                 if m == 0:
-                    feature_loss = F.smooth_l1_loss(predicted[:, :-1][mask].float(), features[:, 1:][mask])
+                    feature_loss = F.smooth_l1_loss(
+                        predicted[mask].float() / scale, next_features[mask] / scale
+                    )
             token_loss = token_loss / len(passes)
             loss = token_loss + args.feature_weight * feature_loss
             optimizer.zero_grad(set_to_none=True)
@@ -327,20 +465,30 @@ def main() -> None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             if args.eval_every and step % args.eval_every == 0:
-                row = {"step": step, "heldout": evaluate(model, heldout, to_draft, args.k)}
+                row = {"step": step, "heldout": evaluate(model, heldout, to_draft, args.k, prompts)}
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")
     final = {
         "step": step,
         "seconds": round(time.time() - started),
-        "heldout": evaluate(model, heldout, to_draft, args.k),
+        "heldout": evaluate(model, heldout, to_draft, args.k, prompts),
+        "args": vars(args),
     }
     for name, examples in sets.items():
-        final[name] = evaluate(model, examples, to_draft, args.k)
+        final[name] = evaluate(model, examples, to_draft, args.k, prompts)
+    if unseen:
+        final["unseen"] = evaluate(model, unseen, to_draft, args.k, prompts)
+        for domain in sorted({e.domain for e in unseen}):
+            chats = [e for e in unseen if e.domain == domain]
+            final[f"unseen:{domain}"] = {
+                "chats": len(chats),
+                **evaluate(model, chats, to_draft, args.k, prompts),
+            }
     print(json.dumps(final), flush=True)
     log.write(json.dumps(final) + "\n")
     log.close()
-    torch.save({"state": model.state_dict(), "vocabulary": vocabulary}, out / "probe.pt")
+    if not args.load:
+        torch.save({"state": model.state_dict(), "vocabulary": vocabulary}, out / "probe.pt")
 
 
 if __name__ == "__main__":
