@@ -79,19 +79,26 @@ def test_batched_chains_equal_recomputed_rounds():
     assert table.shape == (4, 13) and table.dtype == bool
 
 
+def _random_probe(seed: int, attention_scale: float = 1.0):
+    """The probe module, a probe layer copied from a tiny Qwen2 with a random `fc` (and its attention
+    output scaled by `attention_scale`), the hidden size, and the generator that drew them."""
+    probe = _probe()
+    target = build("qwen2", seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    model = probe.FeatureSequenceHead(target, torch.arange(3, 40)).eval()
+    with torch.no_grad():
+        model.fc.weight.normal_(std=0.5, generator=generator)
+        model.layer.self_attn.o_proj.weight.mul_(attention_scale)
+    return probe, model, target.config.hidden_size, generator
+
+
 @torch.no_grad()
 def test_chains_over_the_prompt_equal_recomputed_rounds():
     """With the prompt's positions as context (`--context prompt`), the batched chains still draft what
     rounds recomputed from scratch over prompt + answer so far draft; and the prompt matters: chains
     without it draft otherwise."""
-    probe = _probe()
-    target = build("qwen2", seed=0)
-    hidden = target.config.hidden_size
-    generator = torch.Generator().manual_seed(2)
-    model = probe.FeatureSequenceHead(target, torch.arange(3, 40)).eval()
-    with torch.no_grad():
-        model.fc.weight.normal_(std=0.5, generator=generator)
-        model.layer.self_attn.o_proj.weight.mul_(30)  # attention, not the residual, decides the argmax
+    # attention, not the residual, decides the argmax
+    probe, model, hidden, generator = _random_probe(seed=2, attention_scale=30.0)
     ids = torch.randint(3, 60, (7 + 12,), generator=generator)
     example = SimpleNamespace(ids=ids, prompt_length=7, hidden=torch.randn(12, hidden, generator=generator))
     prompt = torch.randn(7, hidden, generator=generator)
@@ -114,13 +121,7 @@ def test_chains_over_the_prompt_equal_recomputed_rounds():
 def test_answer_queries_equal_the_full_forward_at_those_positions():
     """`answer_forward` (queries only at the answer's positions, a padded row repeating its last one)
     gives the full causal forward's outputs there, row by row of a right-padded batch."""
-    probe = _probe()
-    target = build("qwen2", seed=0)
-    hidden = target.config.hidden_size
-    generator = torch.Generator().manual_seed(3)
-    model = probe.FeatureSequenceHead(target, torch.arange(3, 40)).eval()
-    with torch.no_grad():
-        model.fc.weight.normal_(std=0.5, generator=generator)
+    _, model, hidden, generator = _random_probe(seed=3)
     features = torch.randn(2, 10, hidden, generator=generator)
     tokens = torch.randint(3, 60, (2, 10), generator=generator)
     queries = torch.tensor([[4, 5, 6, 7, 8, 9], [6, 7, 7, 7, 7, 7]])  # row 1: 8 real positions, answer of 2
