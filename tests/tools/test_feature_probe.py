@@ -197,3 +197,26 @@ def test_draft_step_cost_steps_leave_the_cache_as_they_found_it():
     cost.layer_chain(
         layer, keys, torch.randn_like(keys), torch.randn(1, target.config.hidden_size), torch.tensor([4]), 3
     )
+
+
+@torch.no_grad()
+def test_grouped_evaluation_equals_evaluating_each_group_alone():
+    """`evaluate(..., group=...)` (one chain table per chat, tallied into the whole and its group) gives
+    what evaluating all chats and each group's chats separately gives; chats that are not greedy are left
+    out of both."""
+    probe, model, hidden, generator = _random_probe(seed=4, attention_scale=30.0)
+    to_draft = probe_to_draft(torch.arange(3, 40), 64)
+    chats = []
+    for index, (domain, mode) in enumerate(
+        [("a", "greedy"), ("b", "greedy"), ("a", "greedy"), ("b", "t0.7")]
+    ):
+        ids = torch.randint(3, 40, (4 + 9 + index,), generator=generator)
+        chats.append(
+            SimpleNamespace(ids=ids, prompt_length=4, mode=mode, domain=domain,
+                            hidden=torch.randn(9 + index, hidden, generator=generator))
+        )  # fmt: skip
+    grouped = probe.evaluate(model, chats, to_draft, 4, group=lambda chat: chat.domain)
+    assert grouped["all"] == probe.evaluate(model, chats, to_draft, 4)
+    assert grouped["a"] == {"chats": 2, **probe.evaluate(model, [chats[0], chats[2]], to_draft, 4)}
+    assert grouped["b"] == {"chats": 1, **probe.evaluate(model, [chats[1]], to_draft, 4)}
+    assert grouped["a"] != grouped["b"]

@@ -266,20 +266,37 @@ def chain_drafts(
     return table
 
 
-def evaluate(model, examples, to_draft, k, prompts=lambda example: None):
+def evaluate(model, examples, to_draft, k, prompts=lambda example: None, group=None):
+    """Simulated chains over `examples` (greedy ones with two answer tokens or more): τ, first-draft top-1,
+    acceptance by position. With `group` (example → name), also one summary per name from the same tables
+    (each chat's computed once): `{"all": {…}, name: {"chats", …}, …}`."""
     model.eval()
-    tally = ChainTally(k)
+    tallies: dict[str, ChainTally] = {"all": ChainTally(k)}
+    chats: Counter = Counter()
     for example in examples:
         if (
             example.mode == GREEDY
             and example.hidden is not None
             and example.ids.numel() - example.prompt_length >= 2
         ):
-            tally.add(chain_table(model, example, to_draft, k, prompts(example)))
+            table = chain_table(model, example, to_draft, k, prompts(example))
+            tallies["all"].add(table)
+            if group is not None:
+                name = group(example)
+                chats[name] += 1
+                tallies.setdefault(name, ChainTally(k)).add(table)
     model.train()
-    estimate = tally.estimate()
-    return {"tau": round(estimate.tau, 3), "top1": round(estimate.top1, 3),
-            "by_position": [round(a, 3) for a in estimate.acceptance_by_position], "rounds": estimate.rounds}  # fmt: skip
+
+    def summary(tally: ChainTally) -> dict:
+        estimate = tally.estimate()
+        return {"tau": round(estimate.tau, 3), "top1": round(estimate.top1, 3),
+                "by_position": [round(a, 3) for a in estimate.acceptance_by_position], "rounds": estimate.rounds}  # fmt: skip
+
+    if group is None:
+        return summary(tallies["all"])
+    return {"all": summary(tallies["all"])} | {
+        name: {"chats": chats[name], **summary(tallies[name])} for name in sorted(chats)
+    }
 
 
 def batches(examples, batch_size, generator):
@@ -477,13 +494,9 @@ def main() -> None:
     for name, examples in sets.items():
         final[name] = evaluate(model, examples, to_draft, args.k, prompts)
     if unseen:
-        final["unseen"] = evaluate(model, unseen, to_draft, args.k, prompts)
-        for domain in sorted({e.domain for e in unseen}):
-            chats = [e for e in unseen if e.domain == domain]
-            final[f"unseen:{domain}"] = {
-                "chats": len(chats),
-                **evaluate(model, chats, to_draft, args.k, prompts),
-            }
+        groups = evaluate(model, unseen, to_draft, args.k, prompts, group=lambda example: example.domain)
+        final["unseen"] = groups.pop("all")
+        final.update({f"unseen:{domain}": row for domain, row in groups.items()})
     print(json.dumps(final), flush=True)
     log.write(json.dumps(final) + "\n")
     log.close()
