@@ -21,11 +21,14 @@ target's hidden states over each prompt (computed once by the sibling `prompt_fe
 keep answers' only) become keys that every round attends to; losses stay on answer positions, so the two
 contexts are compared on the same targets. `--train N` trains on the first N chats of a seeded order
 (the chats `prompt_features.py --train N` covers), `--unseen M` also evaluates, per domain, the greedy
-chats among the next M, `--load` evaluates a saved probe, and `--feature-scale channel` divides the
+chats among the next M, `--load` evaluates a saved probe, `--init` continues training one (e.g. a
+teacher-forced probe on chains, `--unroll 3`), and `--feature-scale channel` divides the
 hidden-state loss by each channel's standard deviation (a few channels of the target's normed states
 are 10× the rest).
 
     .venv/bin/python docs/bench/scripts/feature_sequence_probe.py --epochs 2 --bf16 --unroll 3 --out artifacts/probe-eagle-unroll3
+    .venv/bin/python docs/bench/scripts/feature_sequence_probe.py --init artifacts/probe-scale-all/probe.pt --unroll 3 \
+        --epochs 1 --bf16 --feature-scale channel --out artifacts/probe-all-unroll3
     .venv/bin/python docs/bench/scripts/prompt_features.py --train 600
     .venv/bin/python docs/bench/scripts/feature_sequence_probe.py --train 600 --epochs 3 --bf16 \
         --context prompt --feature-scale channel --out artifacts/probe-ctx-prompt
@@ -333,6 +336,7 @@ def main() -> None:
     parser.add_argument("--unseen", type=int, default=0,
                         help="also evaluate, per domain, the greedy chats among the next N of --train's order")  # fmt: skip
     parser.add_argument("--load", default=None, help="a probe.pt to evaluate instead of training one")
+    parser.add_argument("--init", default=None, help="a probe.pt to continue training (e.g. with --unroll)")
     parser.add_argument("--out", default="artifacts/probe-eagle")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -394,11 +398,16 @@ def main() -> None:
     to_draft = torch.zeros(target.config.vocab_size, dtype=torch.long)
     to_draft[vocabulary] = torch.arange(1, vocabulary.numel() + 1)
     model = FeatureSequenceHead(target, vocabulary)
-    if args.load:
-        saved = torch.load(args.load)
+    if args.load and args.init:
+        parser.error("--load evaluates a probe and --init continues training one: pass one of them")
+    if args.load or args.init:
+        saved = torch.load(args.load or args.init)
         if not torch.equal(saved["vocabulary"], vocabulary):
-            raise SystemExit(f"{args.load} was trained with another vocabulary: pass its --train and --vocab")
+            raise SystemExit(
+                f"{args.load or args.init} was trained with another vocabulary: pass its --train and --vocab"
+            )
         model.load_state_dict(saved["state"])
+    if args.load:
         args.epochs = 0
     del target
     trainable = [p for n, p in model.named_parameters() if not n.startswith("embed")]
