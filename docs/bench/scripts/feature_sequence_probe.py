@@ -339,6 +339,8 @@ def main() -> None:
     parser.add_argument("--init", default=None, help="a probe.pt to continue training (e.g. with --unroll)")
     parser.add_argument("--out", default="artifacts/probe-eagle")
     args = parser.parse_args()
+    if args.load and args.init:
+        parser.error("--load evaluates a probe and --init continues training one: pass one of them")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = Path(args.out)
@@ -398,8 +400,6 @@ def main() -> None:
     to_draft = torch.zeros(target.config.vocab_size, dtype=torch.long)
     to_draft[vocabulary] = torch.arange(1, vocabulary.numel() + 1)
     model = FeatureSequenceHead(target, vocabulary)
-    if args.load and args.init:
-        parser.error("--load evaluates a probe and --init continues training one: pass one of them")
     if args.load or args.init:
         saved = torch.load(args.load or args.init)
         if not torch.equal(saved["vocabulary"], vocabulary):
